@@ -1,0 +1,115 @@
+"""The connection table: every rule about remembered flows lives in this file.
+
+- Bounded: at most `capacity` entries; inserting into a full table evicts the least recently used.
+- Idle timeouts per protocol: an entry not seen for its protocol's timeout is gone.
+- An entry names its backend by address. Whether that backend may still be used is the caller's
+  question (it knows the current backend set); a flow whose backend left is simply rewritten.
+- Clock-free: every call takes `now` (seconds, any monotonic origin).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from rusty_rail.core.ipv4 import IpProtocol
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Idle timeouts in seconds."""
+
+    tcp: float = 300.0
+    udp: float = 60.0
+    other: float = 30.0
+
+    def for_protocol(self, protocol: int) -> float:
+        if protocol == IpProtocol.TCP:
+            return self.tcp
+        if protocol == IpProtocol.UDP:
+            return self.udp
+        return self.other
+
+
+DEFAULT_CAPACITY = 1 << 20
+
+
+class ConnectionTable:
+    """Flow key (16 bytes, see flow.py) -> backend address (int), LRU-bounded, with idle timeouts."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, timeouts: Timeouts = Timeouts()) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.timeouts = timeouts
+        # key -> [backend, expires_at]; a list so a hit updates in place without allocating.
+        self._entries: OrderedDict[bytes, list] = OrderedDict()
+        self._timeout_by_proto = {int(IpProtocol.TCP): timeouts.tcp, int(IpProtocol.UDP): timeouts.udp}
+        self.evictions = 0
+        self.expirations = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def _timeout(self, key: bytes) -> float:
+        return self._timeout_by_proto.get(key[12], self.timeouts.other)
+
+    def lookup(self, key: bytes, now: float) -> int | None:
+        """The backend remembered for `key`, refreshing the entry; None when absent or idle too long."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now >= entry[1]:
+            del self._entries[key]
+            self.expirations += 1
+            return None
+        entry[1] = now + self._timeout(key)
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def peek(self, key: bytes, now: float) -> int | None:
+        """Like lookup, without refreshing or reordering (for inspection)."""
+        entry = self._entries.get(key)
+        if entry is None or now >= entry[1]:
+            return None
+        return entry[0]
+
+    def insert(self, key: bytes, backend: int, now: float) -> None:
+        """Remember `backend` for `key`, evicting the least recently used entry when full."""
+        entries = self._entries
+        if key in entries:
+            entry = entries[key]
+            entry[0] = backend
+            entry[1] = now + self._timeout(key)
+            entries.move_to_end(key)
+            return
+        if len(entries) >= self.capacity:
+            entries.popitem(last=False)
+            self.evictions += 1
+        entries[key] = [backend, now + self._timeout(key)]
+
+    def remove(self, key: bytes) -> None:
+        self._entries.pop(key, None)
+
+    def expire(self, now: float, limit: int = 1024) -> int:
+        """Drop up to `limit` idle entries from the least recently used end; returns how many.
+
+        Entries are in recency order, so idle ones gather at the front; an entry with a longer timeout
+        at the front stops the sweep early, and lookup() still refuses anything past its time.
+        """
+        removed = 0
+        entries = self._entries
+        while entries and removed < limit:
+            key, entry = next(iter(entries.items()))
+            if now < entry[1]:
+                break
+            del entries[key]
+            removed += 1
+        self.expirations += removed
+        return removed
+
+    def items(self) -> list[tuple[bytes, int]]:
+        return [(k, v[0]) for k, v in self._entries.items()]

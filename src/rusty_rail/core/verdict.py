@@ -1,0 +1,64 @@
+"""What the balancer decides about a frame: forward it, pass it to the host, or drop it (and why)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class DropReason(IntEnum):
+    """docs/WIRE.md section 9; the numbers index the XDP program's counters too."""
+
+    OUTER_BAD_IHL = 1
+    OUTER_OPTIONS = 2
+    OUTER_BAD_LENGTH = 3
+    OUTER_BAD_CHECKSUM = 4
+    OUTER_FRAGMENT = 5
+    GRE_TRUNCATED = 6
+    GRE_VERSION = 7
+    GRE_RESERVED = 8
+    GRE_CHECKSUM = 9
+    GRE_PROTOCOL = 10
+    INNER_TRUNCATED = 11
+    INNER_VERSION = 12
+    INNER_BAD_IHL = 13
+    INNER_BAD_LENGTH = 14
+    NO_BACKEND = 15
+    NO_NEIGHBOUR = 16
+    NO_SERVICE = 17
+    TX_FAILED = 18
+
+
+class Action(IntEnum):
+    FORWARD = 0
+    PASS = 1
+    DROP = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send `frame` out of the device the input came in on."""
+
+    frame: bytes
+    backend: int
+    action = Action.FORWARD
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """Not ours: the host's stack has the frame and keeps it."""
+
+    action = Action.PASS
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    reason: DropReason
+    backend: int | None = None
+    """Set for NO_NEIGHBOUR, so the engine knows whose next hop to resolve."""
+    action = Action.DROP
+
+
+Verdict = Forward | Pass | Drop
+
+PASS = Pass()

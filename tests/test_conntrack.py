@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rusty_rail.core.conntrack import ConnectionTable, Timeouts
+from tests.oracle import oracle_key
+
+
+def tcp(n: int) -> bytes:
+    return oracle_key("10.0.0.1", "10.1.0.1", 6, n, 80)
+
+
+def udp(n: int) -> bytes:
+    return oracle_key("10.0.0.1", "10.1.0.1", 17, n, 53)
+
+
+def test_lru_eviction_keeps_recently_used() -> None:
+    table = ConnectionTable(capacity=3)
+    for i in range(3):
+        table.insert(tcp(i), 100 + i, now=0)
+    assert table.lookup(tcp(0), now=1) == 100  # 0 is now the most recent
+    table.insert(tcp(3), 103, now=2)
+    assert tcp(1) not in table and tcp(0) in table and len(table) == 3
+    assert table.evictions == 1
+
+
+def test_idle_timeouts_per_protocol() -> None:
+    table = ConnectionTable(timeouts=Timeouts(tcp=100, udp=10, other=5))
+    table.insert(tcp(1), 1, now=0)
+    table.insert(udp(1), 2, now=0)
+    assert table.lookup(udp(1), now=9.9) == 2  # refreshes to 19.9
+    assert table.lookup(udp(1), now=19.9) is None
+    assert table.lookup(tcp(1), now=99) == 1
+    assert table.lookup(tcp(1), now=198) == 1
+    assert table.lookup(tcp(1), now=298.5) is None
+    assert table.expirations == 2
+
+
+def test_expire_sweeps_idle_entries() -> None:
+    table = ConnectionTable(timeouts=Timeouts(tcp=10, udp=10, other=10))
+    for i in range(50):
+        table.insert(tcp(i), i, now=i)
+    assert table.expire(now=30) == 21
+    assert len(table) == 29
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 5)), max_size=300), st.integers(1, 20))
+def test_never_exceeds_capacity_and_returns_what_was_inserted(ops, capacity: int) -> None:
+    table = ConnectionTable(capacity=capacity)
+    model: dict[bytes, int] = {}
+    for now, (flow, backend) in enumerate(ops):
+        key = tcp(flow)
+        got = table.lookup(key, now)
+        assert got is None or got == model[key]
+        table.insert(key, backend, now)
+        model[key] = backend
+        assert len(table) <= capacity
