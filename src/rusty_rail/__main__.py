@@ -1,0 +1,5 @@
+import sys
+
+from rusty_rail.cli import main
+
+sys.exit(main())

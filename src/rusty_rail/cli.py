@@ -1,0 +1,80 @@
+"""The `rusty-rail` command. With no subcommand it runs the balancer configured from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from rusty_rail import __version__
+
+log = logging.getLogger("rusty_rail")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rusty-rail",
+        description="A Maglev-style L4 load balancer for GRE-encapsulated traffic. "
+        'With no command: RR_DEVICE=eth0 RR_TARGET_IPS="10.2.0.1;10.2.0.2" rusty-rail',
+    )
+    parser.add_argument("--version", action="version", version=f"rusty-rail {__version__}")
+    parser.add_argument("--workers", type=int, default=None, help="packet worker processes (AF_PACKET engine; default RR_WORKERS or 1)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("lab", help="the namespace lab: lab up --topology N | down | status", add_help=False)
+    sub.add_parser("decap", help="GRE decapsulation for servers without a GRE module", add_help=False)
+    demo = sub.add_parser("demo", help="topology 4 with real HTTP traffic, a table per backend, torn down after")
+    demo.add_argument("--requests", type=int, default=400, help="HTTP requests per client")
+    demo.add_argument("--engine", default="afpacket")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "lab":
+        from rusty_rail.lab.cli import main as lab_main
+
+        return lab_main(rest)
+    if args.command == "decap":
+        from rusty_rail.lab.decap import main as decap_main
+
+        return decap_main(rest)
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if args.command == "demo":
+        from rusty_rail.lab.demo import run_demo
+
+        return run_demo(requests_per_client=args.requests, engine=args.engine)
+    return run_from_environment(args.workers)
+
+
+def run_from_environment(workers: int | None) -> int:
+    from rusty_rail.config import ConfigError, from_environment
+
+    try:
+        config = from_environment()
+    except ConfigError as exc:
+        print(f"rusty-rail: {exc}", file=sys.stderr)
+        return 2
+    if workers is not None:
+        if workers < 1:
+            print("rusty-rail: --workers must be at least 1", file=sys.stderr)
+            return 2
+        config = type(config)(config.device, config.targets, config.engine, workers, config.table_size)
+    if os.geteuid() != 0:
+        print("rusty-rail: the balancer needs root (raw packet sockets on the device)", file=sys.stderr)
+        return 2
+    from rusty_rail.daemon import run_balancer
+
+    return run_balancer(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

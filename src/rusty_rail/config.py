@@ -1,0 +1,95 @@
+"""Configuration from the environment, as the original took it: RR_DEVICE and RR_TARGET_IPS.
+
+    RR_DEVICE=eth0 RR_TARGET_IPS="10.2.0.1;10.2.0.2" rusty-rail
+
+Every error names the variable, so a mistyped deployment fails with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from ipaddress import AddressValueError, IPv4Address
+
+from rusty_rail.core.maglev import DEFAULT_TABLE_SIZE, is_prime
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the variable or key."""
+
+
+class EngineKind(str, Enum):
+    AUTO = "auto"
+    AFPACKET = "afpacket"
+    XDP = "xdp"
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    device: str
+    """RR_DEVICE: the interface GRE arrives on and leaves by."""
+    targets: tuple[IPv4Address, ...]
+    """RR_TARGET_IPS: the backends, separated by ';' (',' and spaces are accepted too)."""
+    engine: EngineKind = EngineKind.AUTO
+    """RR_ENGINE: auto, afpacket (xdp arrives with the XDP engine)."""
+    workers: int = 1
+    """RR_WORKERS: packet worker processes on the AF_PACKET engine."""
+    table_size: int = DEFAULT_TABLE_SIZE
+    """RR_TABLE_SIZE: Maglev table size, a prime."""
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{name} is not set")
+    return value
+
+
+def parse_targets(value: str, name: str = "RR_TARGET_IPS") -> tuple[IPv4Address, ...]:
+    parts = [p for p in re.split(r"[;,\s]+", value) if p]
+    if not parts:
+        raise ConfigError(f"{name} lists no addresses")
+    targets = []
+    for part in parts:
+        try:
+            targets.append(IPv4Address(part))
+        except AddressValueError:
+            raise ConfigError(f"{name}: {part!r} is not an IPv4 address") from None
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"{name}: an address is listed twice")
+    return tuple(targets)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: {value} is below {minimum}")
+    return value
+
+
+def from_environment(env: Mapping[str, str] | None = None) -> EnvConfig:
+    env = os.environ if env is None else env
+    device = _required(env, "RR_DEVICE")
+    if not _IFNAME.match(device):
+        raise ConfigError(f"RR_DEVICE: {device!r} is not an interface name")
+    targets = parse_targets(_required(env, "RR_TARGET_IPS"))
+    raw_engine = env.get("RR_ENGINE", "auto").strip() or "auto"
+    try:
+        engine = EngineKind(raw_engine)
+    except ValueError:
+        raise ConfigError(f"RR_ENGINE: {raw_engine!r} is not one of auto, afpacket, xdp") from None
+    table_size = _int(env, "RR_TABLE_SIZE", DEFAULT_TABLE_SIZE, 3)
+    if not is_prime(table_size):
+        raise ConfigError(f"RR_TABLE_SIZE: {table_size} is not prime")
+    return EnvConfig(device, targets, engine, _int(env, "RR_WORKERS", 1, 1), table_size)
