@@ -1,0 +1,463 @@
+// SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0)
+/* Rusty Rail: the XDP data plane. docs/WIRE.md is the contract, section by section:
+ * frames that are not GRE over IPv4 go to the host (XDP_PASS); GRE frames are validated, hashed on
+ * their inner flow, given a backend (connection table, then Maglev table) and sent back out of the
+ * same device re-encapsulated (XDP_TX), or dropped with a counted reason.
+ *
+ * The Maglev table is built in Python (rusty_rail/core/maglev.py) and written into rr_maglev; this
+ * program only indexes it. Maps and structs: rr_maps.h, rr_structs.h.
+ *
+ * Verifier notes (kernel 6.18, clang 14):
+ * - Every logical length check is made against the outer/inner total length (the contract's notion
+ *   of "the packet"); every read is additionally guarded by a data_end check, which the logic already
+ *   implies, because the verifier cannot know that.
+ * - The GRE checksum loop is a plain bounded loop (unrolling disabled) over 32-bit words; only the
+ *   loop counter is precise, so the states after the loop prune against each other.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "rr_maps.h"
+
+#define ETH_LEN 14
+#define IP4_LEN 20
+#define GRE_OFF (ETH_LEN + IP4_LEN)     /* the outer header has no options, or the frame is dropped */
+#define OUT_GRE_LEN 4
+#define OUT_HDR_LEN (ETH_LEN + IP4_LEN + OUT_GRE_LEN)
+
+#define GRE_F_CSUM 0x8000
+#define GRE_F_KEY 0x2000
+#define GRE_F_SEQ 0x1000
+#define GRE_F_RESERVED 0x4C00           /* routing, strict source route: RFC 2784 2.3 says discard */
+#define GRE_F_VERSION 0x0007
+
+#define IP_MF_OFFSET 0x3FFF             /* MF flag and fragment offset */
+#define OUT_TTL 64
+#define OUT_DF 0x4000
+
+/* Longest GRE header + payload whose checksum we verify. A non-multi-buffer XDP frame lives in one
+ * page, so no real frame reaches this; a longer one is dropped as GRE_CHECKSUM (not verifiable). */
+#define RR_MAX_CSUM_LEN 4096
+
+/* The outer IPv4 header as written on the way out (no bitfields: their order depends on headers). */
+struct rr_ipv4 {
+	__u8 ver_ihl;
+	__u8 tos;
+	__be16 tot_len;
+	__be16 id;
+	__be16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__u16 check;
+	__be32 saddr;
+	__be32 daddr;
+};
+
+static __always_inline void count(__u32 index)
+{
+	__u64 *counter = bpf_map_lookup_elem(&rr_stats, &index);
+
+	if (counter)
+		*counter += 1;          /* per-CPU: no atomics needed */
+}
+
+static __always_inline int drop(__u32 reason)
+{
+	count(reason);
+	return XDP_DROP;
+}
+
+static __always_inline __u16 be16_at(const __u8 *p)
+{
+	return ((__u16)p[0] << 8) | p[1];
+}
+
+/* RFC 1071 end-around-carry fold of a sum of 16- or 32-bit words to 16 bits. A sum of words read in
+ * host order folds to the byte-swapped network-order sum; 0xFFFF (a correct checksum) is the same
+ * either way, and a complemented host-order sum stored in host order is the right checksum field. */
+static __always_inline __u16 csum_fold(__u64 sum)
+{
+	sum = (sum & 0xFFFFFFFF) + (sum >> 32);
+	sum = (sum & 0xFFFFFFFF) + (sum >> 32);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* Ones' complement sum of `len` bytes at `start` (len <= RR_MAX_CSUM_LEN, checked by the caller; the
+ * bytes are within the frame, also checked by the caller). An odd tail is padded with zeros, as RFC
+ * 1071 says. Returns 0 (never a valid sum of a GRE header, whose protocol field is non-zero) if the
+ * verifier-only bounds checks fail, which the caller's length checks rule out. */
+static __always_inline __u64 csum_bytes(void *start, void *data_end, __u32 len)
+{
+	__u32 words = len >> 2;
+	__u64 sum = 0;
+	__u32 i;
+
+#pragma clang loop unroll(disable)
+	for (i = 0; i < RR_MAX_CSUM_LEN / 4; i++) {
+		__u32 *p = start + (i << 2);
+
+		if (i >= words)
+			break;
+		if ((void *)(p + 1) > data_end)
+			return 0;
+		sum += *p;
+	}
+
+	__u32 rest = len & 3;
+	__u8 *t = start + (len & (RR_MAX_CSUM_LEN - 4));   /* == len & ~3, bounded for the verifier */
+
+	if (rest) {
+		__u32 w;
+
+		/* The tail as the first bytes of a zero-padded word, in the same order as the loads above. */
+		if ((void *)(t + 1) > data_end)
+			return 0;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+		w = t[0];
+		if (rest >= 2) {
+			if ((void *)(t + 2) > data_end)
+				return 0;
+			w |= (__u32)t[1] << 8;
+		}
+		if (rest == 3) {
+			if ((void *)(t + 3) > data_end)
+				return 0;
+			w |= (__u32)t[2] << 16;
+		}
+#else
+		w = (__u32)t[0] << 24;
+		if (rest >= 2) {
+			if ((void *)(t + 2) > data_end)
+				return 0;
+			w |= (__u32)t[1] << 16;
+		}
+		if (rest == 3) {
+			if ((void *)(t + 3) > data_end)
+				return 0;
+			w |= (__u32)t[2] << 8;
+		}
+#endif
+		sum += w;
+	}
+	return sum;
+}
+
+static __always_inline __u32 rotl32(__u32 x, int r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+/* murmur3 x86_32 (Appleby) of the 16-byte key, read as four little-endian 32-bit blocks: the same
+ * function as rusty_rail.core.flowhash.flow_hash (docs/WIRE.md section 6). */
+static __always_inline __u32 flow_hash(const struct rr_flow_key *key, __u32 seed)
+{
+	const __u32 *block = (const __u32 *)key;
+	__u32 h = seed;
+	int i;
+
+#pragma clang loop unroll(full)
+	for (i = 0; i < 4; i++) {
+		__u32 k = block[i];
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+		k = __builtin_bswap32(k);
+#endif
+		k *= 0xCC9E2D51;
+		k = rotl32(k, 15);
+		k *= 0x1B873593;
+		h ^= k;
+		h = rotl32(h, 13);
+		h = h * 5 + 0xE6546B64;
+	}
+	h ^= 16;
+	h ^= h >> 16;
+	h *= 0x85EBCA6B;
+	h ^= h >> 13;
+	h *= 0xC2B2AE35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline int is_icmp_error(__u8 type)
+{
+	/* unreachable (incl. fragmentation needed), time exceeded, parameter problem */
+	return type == 3 || type == 11 || type == 12;
+}
+
+/* docs/WIRE.md section 5 for an inner packet whose version, IHL and total length were checked.
+ * `inner` points at it, `inner_len` is its total length, `ihl4` its header length in bytes.
+ * Returns 0, or RR_DROP_INNER_TRUNCATED (TCP/UDP without its 4 port bytes). */
+static __always_inline int inner_flow_key(__u8 *inner, void *data_end, __u32 inner_len, __u32 ihl4,
+					  struct rr_flow_key *key)
+{
+	__u8 proto = inner[9];
+	__u8 *l4;
+
+	__builtin_memcpy(&key->src, inner + 12, 4);
+	__builtin_memcpy(&key->dst, inner + 16, 4);
+	key->proto = proto;
+
+	/* Fragments: the 3-tuple, so every fragment of a datagram goes where its first one went. */
+	if (be16_at(inner + 6) & IP_MF_OFFSET)
+		return 0;
+
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		if (inner_len < ihl4 + 4)
+			return RR_DROP_INNER_TRUNCATED;
+		l4 = inner + ihl4;
+		if ((void *)(l4 + 4) > data_end)
+			return RR_DROP_INNER_TRUNCATED;
+		__builtin_memcpy(&key->sport, l4, 2);
+		__builtin_memcpy(&key->dport, l4 + 2, 2);
+		return 0;
+	}
+
+	/* ICMP errors follow the flow they are about (its tuple reversed: it travelled the other way),
+	 * so "fragmentation needed" reaches the backend that sent the too-big packet (as in Katran). */
+	if (proto != IPPROTO_ICMP || inner_len < ihl4 + 8 + IP4_LEN)
+		return 0;
+	l4 = inner + ihl4;
+	if ((void *)(l4 + 8 + IP4_LEN) > data_end || !is_icmp_error(l4[0]))
+		return 0;
+
+	__u8 *emb = l4 + 8;
+	__u32 emb_ihl4 = (emb[0] & 0x0F) << 2;
+
+	if ((emb[0] >> 4) != 4 || emb_ihl4 < IP4_LEN || inner_len < ihl4 + 8 + emb_ihl4)
+		return 0;       /* no complete embedded header: the plain 3-tuple */
+
+	__u8 emb_proto = emb[9];
+
+	__builtin_memcpy(&key->src, emb + 16, 4);
+	__builtin_memcpy(&key->dst, emb + 12, 4);
+	key->proto = emb_proto;
+	if ((emb_proto == IPPROTO_TCP || emb_proto == IPPROTO_UDP) && !(be16_at(emb + 6) & IP_MF_OFFSET) &&
+	    inner_len >= ihl4 + 8 + emb_ihl4 + 4) {
+		__u8 *ports = emb + emb_ihl4;
+
+		if ((void *)(ports + 4) > data_end)
+			return 0;
+		__builtin_memcpy(&key->sport, ports + 2, 2);
+		__builtin_memcpy(&key->dport, ports, 2);
+	}
+	return 0;
+}
+
+static __always_inline __u64 conn_timeout(const struct rr_config *cfg, __u8 proto)
+{
+	if (proto == IPPROTO_TCP)
+		return cfg->conn_timeout_ns[RR_TIMEOUT_TCP];
+	if (proto == IPPROTO_UDP)
+		return cfg->conn_timeout_ns[RR_TIMEOUT_UDP];
+	return cfg->conn_timeout_ns[RR_TIMEOUT_OTHER];
+}
+
+SEC("xdp")
+int rr_balance(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 frame_len = data_end - data;
+
+	/* -- 1. Is the frame ours? -------------------------------------------------------------- */
+	if (data + GRE_OFF > data_end)
+		goto pass;
+	__u8 *eth = data;
+	__u8 *ip = data + ETH_LEN;
+
+	if (eth[12] != 0x08 || eth[13] != 0x00 || (ip[0] >> 4) != 4 || ip[9] != IPPROTO_GRE)
+		goto pass;
+
+	/* -- 2. Outer IPv4 ------------------------------------------------------------------------ */
+	__u32 ihl = ip[0] & 0x0F;
+
+	if (ihl < 5)
+		return drop(RR_DROP_OUTER_BAD_IHL);
+	if (ihl > 5)
+		return drop(RR_DROP_OUTER_OPTIONS);
+	__u32 total = be16_at(ip + 2);
+
+	if (total < IP4_LEN || total > frame_len - ETH_LEN)
+		return drop(RR_DROP_OUTER_BAD_LENGTH);
+	{
+		const __u32 *w = (const __u32 *)ip;
+		__u64 sum = (__u64)w[0] + w[1] + w[2] + w[3] + w[4];
+
+		if (csum_fold(sum) != 0xFFFF)
+			return drop(RR_DROP_OUTER_BAD_CHECKSUM);
+	}
+	if (be16_at(ip + 6) & IP_MF_OFFSET)
+		return drop(RR_DROP_OUTER_FRAGMENT);
+
+	/* -- 3. GRE ------------------------------------------------------------------------------- */
+	__u32 gre_avail = total - IP4_LEN;      /* GRE header + payload, to the outer total length */
+	__u8 *gre = data + GRE_OFF;
+
+	if (gre_avail < 4 || (void *)(gre + 4) > data_end)
+		return drop(RR_DROP_GRE_TRUNCATED);
+	__u32 flags = be16_at(gre);
+
+	if (flags & GRE_F_VERSION)
+		return drop(RR_DROP_GRE_VERSION);
+	if (flags & GRE_F_RESERVED)
+		return drop(RR_DROP_GRE_RESERVED);
+	/* 4 bytes, plus 4 for each of checksum(+reserved1), key, sequence number (RFC 2890). */
+	__u32 gre_len = 4 + ((flags >> 13) & 4) + ((flags >> 11) & 4) + ((flags >> 10) & 4);
+
+	if (gre_avail < gre_len)
+		return drop(RR_DROP_GRE_TRUNCATED);
+	if (flags & GRE_F_CSUM) {
+		if (gre_avail > RR_MAX_CSUM_LEN ||
+		    csum_fold(csum_bytes(gre, data_end, gre_avail)) != 0xFFFF)
+			return drop(RR_DROP_GRE_CHECKSUM);
+	}
+	if (gre[2] != 0x08 || gre[3] != 0x00)
+		return drop(RR_DROP_GRE_PROTOCOL);
+	/* The key and sequence number are parsed (gre_len) and not used. */
+
+	/* -- 4. Inner IPv4 ------------------------------------------------------------------------ */
+	__u32 inner_avail = gre_avail - gre_len;
+	__u8 *inner = data + GRE_OFF + gre_len;
+
+	if (inner_avail < IP4_LEN || (void *)(inner + IP4_LEN) > data_end)
+		return drop(RR_DROP_INNER_TRUNCATED);
+	if ((inner[0] >> 4) != 4)
+		return drop(RR_DROP_INNER_VERSION);
+	__u32 ihl4 = (inner[0] & 0x0F) << 2;
+
+	if (ihl4 < IP4_LEN)
+		return drop(RR_DROP_INNER_BAD_IHL);
+	__u32 inner_len = be16_at(inner + 2);
+
+	if (inner_len < ihl4 || inner_len > inner_avail)
+		return drop(RR_DROP_INNER_BAD_LENGTH);
+
+	/* -- 5, 6. Flow key and hash -------------------------------------------------------------- */
+	struct rr_flow_key key = {};
+	int reason = inner_flow_key(inner, data_end, inner_len, ihl4, &key);
+
+	if (reason)
+		return drop(reason);
+	__u8 tos = inner[1];
+
+	/* -- 7. Backend choice -------------------------------------------------------------------- */
+	__u32 zero = 0;
+	struct rr_config *cfg = bpf_map_lookup_elem(&rr_config, &zero);
+
+	if (!cfg)
+		return drop(RR_DROP_NO_BACKEND);
+	__u64 now = bpf_ktime_get_ns();
+	struct rr_backend *backend = NULL;
+	struct rr_conn *conn = bpf_map_lookup_elem(&rr_conns, &key);
+
+	if (conn) {
+		__u32 index = conn->backend_index;
+		struct rr_backend *b = bpf_map_lookup_elem(&rr_backends, &index);
+		__u64 last = conn->last_seen_ns;
+
+		/* Another CPU may have stamped the entry a little later than our `now`: that is fresh. */
+		if (b && b->in_use && b->addr == conn->backend_addr &&
+		    (now <= last || now - last < conn_timeout(cfg, key.proto))) {
+			backend = b;
+			conn->last_seen_ns = now;
+			count(RR_STAT_CONN_HIT);
+		}
+	}
+	if (!backend) {
+		__u32 table_size = cfg->table_size;
+
+		if (cfg->backend_count == 0 || table_size == 0)
+			return drop(RR_DROP_NO_BACKEND);
+		__u32 slot = flow_hash(&key, cfg->hash_seed) % table_size;
+		__u32 *index = bpf_map_lookup_elem(&rr_maglev, &slot);
+
+		if (!index)
+			return drop(RR_DROP_NO_BACKEND);
+		__u32 backend_index = *index;
+
+		backend = bpf_map_lookup_elem(&rr_backends, &backend_index);
+		if (!backend || !backend->in_use)
+			return drop(RR_DROP_NO_BACKEND);
+		/* Written before the neighbour check, as core/balancer.py does: the flow belongs to this
+		 * backend even while its next hop is being resolved. */
+		struct rr_conn fresh = {
+			.backend_addr = backend->addr,
+			.backend_index = backend_index,
+			.last_seen_ns = now,
+		};
+
+		bpf_map_update_elem(&rr_conns, &key, &fresh, BPF_ANY);
+		count(RR_STAT_CONN_NEW);
+	}
+	if (!backend->has_mac)
+		return drop(RR_DROP_NO_NEIGHBOUR);
+
+	/* -- 8. Output frame ---------------------------------------------------------------------- */
+	struct rr_ipv4 out_ip = {
+		.ver_ihl = 0x45,
+		.tos = tos,
+		.tot_len = bpf_htons(IP4_LEN + OUT_GRE_LEN + inner_len),
+		.id = 0,
+		.frag_off = bpf_htons(OUT_DF),
+		.ttl = OUT_TTL,
+		.protocol = IPPROTO_GRE,
+		.check = 0,
+		.saddr = cfg->local_addr,
+		.daddr = backend->addr,
+	};
+	{
+		const __u16 *w = (const __u16 *)&out_ip;
+		__u64 sum = 0;
+		int i;
+
+#pragma clang loop unroll(full)
+		for (i = 0; i < IP4_LEN / 2; i++)
+			sum += w[i];
+		out_ip.check = ~csum_fold(sum);
+	}
+	__u8 dst_mac[6], src_mac[6];
+
+	__builtin_memcpy(dst_mac, backend->mac, 6);
+	__builtin_memcpy(src_mac, cfg->local_mac, 6);
+
+	/* Cut what follows the inner packet (outer padding, bytes past either total length), then move
+	 * the start so exactly 38 bytes of new headers precede the inner packet, which stays in place. */
+	int tail = (int)frame_len - (GRE_OFF + gre_len + inner_len);
+	int head = (int)gre_len - OUT_GRE_LEN;
+
+	if (tail > 0 && bpf_xdp_adjust_tail(ctx, -tail))
+		return drop(RR_DROP_TX_FAILED);
+	if (head > 0 && bpf_xdp_adjust_head(ctx, head))
+		return drop(RR_DROP_TX_FAILED);
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + OUT_HDR_LEN > data_end)
+		return drop(RR_DROP_TX_FAILED);
+
+	__u8 *out = data;
+
+	__builtin_memcpy(out, dst_mac, 6);
+	__builtin_memcpy(out + 6, src_mac, 6);
+	out[12] = 0x08;
+	out[13] = 0x00;
+	__builtin_memcpy(out + ETH_LEN, &out_ip, IP4_LEN);
+	/* GRE: no checksum, key or sequence number; protocol IPv4. */
+	out[ETH_LEN + IP4_LEN + 0] = 0x00;
+	out[ETH_LEN + IP4_LEN + 1] = 0x00;
+	out[ETH_LEN + IP4_LEN + 2] = 0x08;
+	out[ETH_LEN + IP4_LEN + 3] = 0x00;
+	count(RR_STAT_FORWARDED);
+	return XDP_TX;
+
+pass:
+	count(RR_STAT_PASSED);
+	return XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,393 @@
+"""The XDP engine: loads src/rusty_rail/bpf/xdp_balancer.o through libbpf and writes its maps.
+
+The program (docs/WIRE.md sections 1-9) decides per packet in the kernel; this class is its control
+plane: configuration, backends, the Maglev table (built in Python by core/maglev.py), counters, the
+connection table, BPF_PROG_TEST_RUN for tests and benchmarks, and attaching to an interface.
+
+Backends keep their index in rr_backends for as long as they stay in the set (`sync_table`), because
+connection entries name their backend by index (checked against its address): a table rebuild that
+only removes other backends must not move a remaining backend's flows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from rusty_rail.bpf import libbpf
+from rusty_rail.core.flowhash import RR_HASH_SEED
+from rusty_rail.engines import xdp_maps as m
+
+__all__ = ["XdpAction", "XdpBalancer", "XdpConnection", "default_object_path"]
+
+_NS = 1_000_000_000
+
+
+class XdpAction(IntEnum):
+    ABORTED = 0
+    DROP = 1
+    PASS = 2
+    TX = 3
+    REDIRECT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class XdpConnection:
+    key: bytes
+    backend: IPv4Address
+    backend_index: int
+    last_seen_ns: int
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"setns: {os.strerror(code)}")
+
+
+@contextlib.contextmanager
+def _in_netns(fd: int) -> Iterator[None]:
+    """Run the block in the network namespace `fd` refers to (this thread only), then come back."""
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(here).st_ino == os.fstat(fd).st_ino:
+            yield
+            return
+        _setns(fd)
+        try:
+            yield
+        finally:
+            _setns(here)
+    finally:
+        os.close(here)
+
+
+def default_object_path() -> Path:
+    """The compiled program next to its source (`make bpf`)."""
+    return Path(__file__).resolve().parent.parent / "bpf" / "xdp_balancer.o"
+
+
+class XdpBalancer:
+    """One loaded instance of the XDP program and its maps. Close it (or use `with`) to release it.
+
+    `table_size` is the largest Maglev table this instance accepts (rr_maglev's max_entries);
+    `conn_capacity` bounds the LRU connection table.
+    """
+
+    def __init__(
+        self,
+        object_path: str | os.PathLike | None = None,
+        *,
+        table_size: int = m.DEFAULT_TABLE_SIZE,
+        conn_capacity: int = m.DEFAULT_CONNS,
+        pin_dir: str | None = None,
+    ) -> None:
+        path = Path(object_path) if object_path is not None else default_object_path()
+        if not path.exists():
+            raise FileNotFoundError(f"{path} (run `make bpf`)")
+        self._obj = libbpf.BpfObject(str(path))
+        try:
+            self._obj.map(m.MAP_MAGLEV).set_max_entries(table_size)
+            self._obj.map(m.MAP_CONNS).set_max_entries(conn_capacity)
+            program = self._obj.program(m.PROGRAM)
+            program.capture_log(size=1 << 20, level=0)  # level 0: the log is filled only on failure
+            try:
+                self._obj.load()
+            except libbpf.LibbpfError as exc:
+                raise libbpf.LibbpfError(exc.errno, f"{exc.strerror}\n{program.log[-4000:]}") from None
+            self.prog_fd = program.fd
+            self._maps = {name: self._obj.map(name) for name in (m.MAP_CONFIG, m.MAP_BACKENDS, m.MAP_MAGLEV,
+                                                                  m.MAP_CONNS, m.MAP_STATS)}
+            self._fd = {name: mp.fd for name, mp in self._maps.items()}
+            self.max_table_size = table_size
+            self.conn_capacity = conn_capacity
+            self.ncpus = libbpf.num_possible_cpus()
+            self._pinned: list[tuple[libbpf.BpfMap, str]] = []
+            if pin_dir is not None:
+                self.pin_maps(pin_dir)
+        except BaseException:
+            self._obj.close()
+            raise
+        self._config = m.make_config("0.0.0.0", b"\x00" * 6, 0, 0, RR_HASH_SEED, (300 * _NS, 60 * _NS, 30 * _NS))
+        self._index_of: dict[int, int] = {}        # backend address (int) -> rr_backends index
+        self._macs: dict[int, bytes | None] = {}
+        self._free: list[int] = []
+        self._next_index = 0
+        self._attached: tuple[int, int] | None = None  # (ifindex, mode flags)
+        self.replaced_program_id = 0                   # a leftover program attach() removed
+        self._netns_fd: int | None = None              # the namespace of the attached interface
+
+    # -- lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._attached is not None:
+            self.detach()
+        for mp, path in self._pinned:
+            try:
+                mp.unpin(path)
+            except OSError:
+                pass
+        self._pinned = []
+        self._obj.close()
+
+    def __enter__(self) -> XdpBalancer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def pin_maps(self, pin_dir: str) -> None:
+        """Pin every map as pin_dir/<map name> (bpffs), e.g. for another process's control plane."""
+        os.makedirs(pin_dir, exist_ok=True)
+        for name, mp in self._maps.items():
+            path = os.path.join(pin_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
+            mp.pin(path)
+            self._pinned.append((mp, path))
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    def configure(
+        self,
+        local_addr: IPv4Address | str | int,
+        local_mac: bytes,
+        *,
+        hash_seed: int = RR_HASH_SEED,
+        timeouts: tuple[float, float, float] | object | None = None,
+    ) -> None:
+        """The device's address and MAC (outer source of forwarded frames), the flow hash seed, and
+        the idle timeouts in seconds: a (tcp, udp, other) tuple or core.conntrack.Timeouts."""
+        cfg = self._config
+        cfg.local_addr = (ctypes.c_uint8 * 4)(*IPv4Address(local_addr).packed)
+        if len(local_mac) != 6:
+            raise ValueError("local_mac must be 6 bytes")
+        cfg.local_mac = (ctypes.c_uint8 * 6)(*local_mac)
+        cfg.hash_seed = hash_seed & 0xFFFFFFFF
+        if timeouts is not None:
+            if not isinstance(timeouts, tuple):
+                timeouts = (timeouts.tcp, timeouts.udp, timeouts.other)
+            cfg.conn_timeout_ns = (ctypes.c_uint64 * 3)(*(int(t * _NS) for t in timeouts))
+        self.write_config()
+
+    def write_config(self, config: m.RrConfig | None = None) -> None:
+        if config is not None:
+            self._config = config
+        libbpf.map_update(self._fd[m.MAP_CONFIG], ctypes.c_uint32(0), self._config)
+
+    def read_config(self) -> m.RrConfig:
+        raw = libbpf.map_lookup(self._fd[m.MAP_CONFIG], ctypes.c_uint32(0), ctypes.sizeof(m.RrConfig))
+        return m.RrConfig.from_buffer_copy(raw)
+
+    # -- backends and the Maglev table: raw access ------------------------------------------------
+
+    def write_backend(self, index: int, addr: IPv4Address | str | int, mac: bytes | None, in_use: bool = True) -> None:
+        if not 0 <= index < m.MAX_BACKENDS:
+            raise ValueError(f"backend index {index} out of range")
+        libbpf.map_update(self._fd[m.MAP_BACKENDS], ctypes.c_uint32(index), m.make_backend(addr, mac, in_use))
+
+    def read_backend(self, index: int) -> m.RrBackend:
+        raw = libbpf.map_lookup(self._fd[m.MAP_BACKENDS], ctypes.c_uint32(index), ctypes.sizeof(m.RrBackend))
+        return m.RrBackend.from_buffer_copy(raw)
+
+    def write_table(self, slots: Sequence[int]) -> None:
+        """The whole Maglev table: slot -> rr_backends index. Sets the table size in the config."""
+        n = len(slots)
+        if n > self.max_table_size:
+            raise ValueError(f"table of {n} slots exceeds rr_maglev's {self.max_table_size}")
+        if n:
+            keys = libbpf.pack_u32s(range(n))
+            values = libbpf.pack_u32s(slots)
+            try:
+                libbpf.map_update_batch(self._fd[m.MAP_MAGLEV], keys, values, n)
+            except libbpf.LibbpfError:  # kernels without batch ops on arrays: one by one
+                fd = self._fd[m.MAP_MAGLEV]
+                for i, s in enumerate(slots):
+                    libbpf.map_update(fd, ctypes.c_uint32(i), ctypes.c_uint32(s))
+        self._config.table_size = n
+        self.write_config()
+
+    def read_table(self, size: int | None = None) -> list[int]:
+        n = self._config.table_size if size is None else size
+        fd = self._fd[m.MAP_MAGLEV]
+        return [struct.unpack("=I", libbpf.map_lookup(fd, ctypes.c_uint32(i), 4))[0] for i in range(n)]
+
+    def set_backend_count(self, count: int) -> None:
+        self._config.backend_count = count
+        self.write_config()
+
+    # -- backends and the Maglev table: from core's objects ---------------------------------------
+
+    def sync_table(self, table, macs: Mapping[int, bytes | None] | None = None) -> None:
+        """Make the maps hold `table` (a core.maglev.MaglevTable) with stable backend indices.
+
+        Order matters while the program runs: new backends are written before the table names them,
+        and departed ones are retired only after the table stops naming them.
+        """
+        addresses = [int(b) for b in table.backends]
+        if macs is not None:
+            for addr, mac in macs.items():
+                self._macs[int(addr)] = mac
+        wanted = set(addresses)
+        for addr in addresses:
+            index = self._index_of.get(addr)
+            if index is None:
+                index = self._allocate()
+                self._index_of[addr] = index
+            self.write_backend(index, addr, self._macs.get(addr))
+        self.write_table([self._index_of[addresses[s]] for s in table.slots])
+        self.set_backend_count(len(addresses))
+        for addr in [a for a in self._index_of if a not in wanted]:
+            index = self._index_of.pop(addr)
+            self.write_backend(index, addr, None, in_use=False)
+            self._free.append(index)
+
+    def set_neighbour(self, backend: IPv4Address | str | int, mac: bytes | None) -> None:
+        """The MAC of `backend`'s next hop (None: unknown, NO_NEIGHBOUR)."""
+        addr = int(IPv4Address(backend))
+        self._macs[addr] = mac
+        index = self._index_of.get(addr)
+        if index is not None:
+            self.write_backend(index, addr, mac)
+
+    def backend_index(self, backend: IPv4Address | str | int) -> int | None:
+        return self._index_of.get(int(IPv4Address(backend)))
+
+    def sync_from_balancer(self, balancer) -> None:
+        """Mirror a core.balancer.Balancer's configuration, table and neighbours into the maps."""
+        self.configure(balancer.local_address, balancer.local_mac, hash_seed=balancer.hash_seed,
+                       timeouts=balancer.connections.timeouts)
+        macs = {int(b): balancer.neighbour(b) for b in balancer.table.backends}
+        self.sync_table(balancer.table, macs)
+
+    def _allocate(self) -> int:
+        if self._free:
+            return self._free.pop(0)
+        if self._next_index >= m.MAX_BACKENDS:
+            raise ValueError(f"more than {m.MAX_BACKENDS} backends")
+        self._next_index += 1
+        return self._next_index - 1
+
+    # -- counters ---------------------------------------------------------------------------------
+
+    def stats(self) -> list[int]:
+        """rr_stats summed over CPUs, by index (rr_structs.h)."""
+        fd = self._fd[m.MAP_STATS]
+        size = 8 * self.ncpus
+        out = []
+        for i in range(m.STAT_MAX):
+            raw = libbpf.map_lookup(fd, ctypes.c_uint32(i), size)
+            out.append(sum(struct.unpack(f"={self.ncpus}Q", raw)))
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """Named counters: forwarded, passed, conn_hit, conn_new, drop_<reason> (as Balancer.counters)."""
+        values = self.stats()
+        return {name: values[i] for i, name in sorted(m.stat_names().items())}
+
+    def reset_stats(self) -> None:
+        fd = self._fd[m.MAP_STATS]
+        zero = bytes(8 * self.ncpus)
+        for i in range(m.STAT_MAX):
+            libbpf.map_update(fd, ctypes.c_uint32(i), zero)
+
+    # -- connection table -------------------------------------------------------------------------
+
+    def connection(self, key: bytes) -> XdpConnection | None:
+        raw = libbpf.map_lookup(self._fd[m.MAP_CONNS], key, ctypes.sizeof(m.RrConn))
+        if raw is None:
+            return None
+        conn = m.RrConn.from_buffer_copy(raw)
+        return XdpConnection(key, IPv4Address(bytes(conn.backend_addr)), conn.backend_index, conn.last_seen_ns)
+
+    def connections(self) -> list[XdpConnection]:
+        keys = libbpf.map_keys(self._fd[m.MAP_CONNS], ctypes.sizeof(m.RrFlowKey))
+        return [c for c in (self.connection(k) for k in keys) if c is not None]
+
+    def write_connection(self, key: bytes, backend: IPv4Address | str | int, last_seen_ns: int) -> None:
+        """Insert an entry by hand (tests: stickiness, timeouts). The backend must be in the set."""
+        index = self._index_of[int(IPv4Address(backend))]
+        conn = m.RrConn(backend_index=index, last_seen_ns=last_seen_ns)
+        conn.backend_addr = (ctypes.c_uint8 * 4)(*IPv4Address(backend).packed)
+        libbpf.map_update(self._fd[m.MAP_CONNS], key, conn)
+
+    def clear_connections(self) -> int:
+        fd = self._fd[m.MAP_CONNS]
+        keys = libbpf.map_keys(fd, ctypes.sizeof(m.RrFlowKey))
+        return sum(libbpf.map_delete(fd, k) for k in keys)
+
+    # -- running the program ----------------------------------------------------------------------
+
+    def test_run(self, frame: bytes) -> tuple[XdpAction, bytes]:
+        """Run the program once on `frame` (BPF_PROG_TEST_RUN): (action, the frame as it left).
+
+        The kernel refuses frames shorter than an Ethernet header (14 bytes) with EINVAL.
+        """
+        action, out, _ = libbpf.prog_test_run(self.prog_fd, frame, repeat=1)
+        return XdpAction(action), out
+
+    def test_run_timed(self, frame: bytes, repeat: int) -> tuple[XdpAction, bytes, int]:
+        """Run `repeat` times in the kernel; returns (action, output, average ns per run).
+
+        Caveat for benchmarks: the kernel does not restore the frame between repetitions, so after a
+        forward (XDP_TX) every later run processes the previous output, itself a plain GRE frame
+        (no GRE options or checksum, connection-table hit). Drops and passes are unaffected.
+        """
+        action, out, duration = libbpf.prog_test_run(self.prog_fd, frame, repeat=repeat)
+        return XdpAction(action), out, duration
+
+    # -- attaching --------------------------------------------------------------------------------
+
+    def attach(self, interface: str | int, mode: str = "native") -> None:
+        """Attach to `interface` (name or ifindex) in "native" (driver; veth supports it) or "skb"
+        mode. A program left there by an earlier run (ours or not) is replaced and reported."""
+        ifindex = interface if isinstance(interface, int) else socket.if_nametoindex(interface)
+        flags = {"native": libbpf.XDP_FLAGS_DRV_MODE, "skb": libbpf.XDP_FLAGS_SKB_MODE}[mode]
+        leftover = libbpf.xdp_query_id(ifindex, 0)
+        if leftover:
+            # Detach in every mode: a leftover generic program would block a native one and vice versa.
+            for f in (libbpf.XDP_FLAGS_DRV_MODE, libbpf.XDP_FLAGS_SKB_MODE):
+                try:
+                    libbpf.xdp_detach(ifindex, f)
+                except OSError:
+                    pass
+            self.replaced_program_id = leftover
+        libbpf.xdp_attach(ifindex, self.prog_fd, flags)
+        self._attached = (ifindex, flags)
+        # An ifindex means something only in its namespace: remember which one, so that detach()
+        # never acts on an interface of another namespace (e.g. the host's) with the same number.
+        self._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def detach(self) -> None:
+        """Remove the program from the interface it was attached to, from any network namespace."""
+        if self._attached is None:
+            return
+        ifindex, flags = self._attached
+        self._attached = None
+        netns_fd, self._netns_fd = self._netns_fd, None
+        try:
+            with _in_netns(netns_fd):
+                libbpf.xdp_detach(ifindex, flags)
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:  # the interface is already gone: nothing to detach
+                raise
+        finally:
+            os.close(netns_fd)
+
+    @property
+    def attached_ifindex(self) -> int | None:
+        return self._attached[0] if self._attached else None
+

@@ -1,0 +1,88 @@
+"""The ctypes mirrors in engines/xdp_maps.py against the C layout of bpf/rr_structs.h.
+
+The header is compiled with the host C compiler (x86-64, the same ABI as the BPF target for these
+fixed-width fields) into a program that prints every sizeof and offsetof, and the constants.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rusty_rail.core.verdict import DropReason
+from rusty_rail.engines import xdp_maps as m
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "src" / "rusty_rail" / "bpf"
+
+CONSTANTS = {
+    "RR_STAT_FORWARDED": m.STAT_FORWARDED,
+    "RR_STAT_PASSED": m.STAT_PASSED,
+    "RR_STAT_CONN_HIT": m.STAT_CONN_HIT,
+    "RR_STAT_CONN_NEW": m.STAT_CONN_NEW,
+    "RR_STAT_MAX": m.STAT_MAX,
+    "RR_MAX_BACKENDS": m.MAX_BACKENDS,
+    "RR_DEFAULT_TABLE_SIZE": m.DEFAULT_TABLE_SIZE,
+    "RR_DEFAULT_CONNS": m.DEFAULT_CONNS,
+    "RR_TIMEOUT_TCP": m.TIMEOUT_TCP,
+    "RR_TIMEOUT_UDP": m.TIMEOUT_UDP,
+    "RR_TIMEOUT_OTHER": m.TIMEOUT_OTHER,
+    **{f"RR_DROP_{reason.name}": int(reason) for reason in DropReason},
+}
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory) -> dict[str, int]:
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "rr_structs.h"', "int main(void) {"]
+    for cname, mirror in m.STRUCTS.items():
+        lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
+        for field, _ in mirror._fields_:
+            lines.append(f'printf("{cname}.{field} %zu\\n", offsetof(struct {cname}, {field}));')
+            lines.append(f'printf("{cname}.{field}.size %zu\\n", sizeof(((struct {cname} *)0)->{field}));')
+    for name in CONSTANTS:
+        lines.append(f'printf("{name} %lld\\n", (long long)({name}));')
+    lines += ["return 0; }"]
+    work = tmp_path_factory.mktemp("layout")
+    src = work / "layout.c"
+    src.write_text("\n".join(lines) + "\n")
+    exe = work / "layout"
+    subprocess.run([cc, f"-I{BPF_DIR}", "-o", str(exe), str(src)], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.parametrize("cname", list(m.STRUCTS))
+def test_struct_size_and_offsets(c_layout, cname) -> None:
+    mirror = m.STRUCTS[cname]
+    assert ctypes.sizeof(mirror) == c_layout[cname]
+    for field, ctype in mirror._fields_:
+        assert getattr(mirror, field).offset == c_layout[f"{cname}.{field}"], field
+        assert ctypes.sizeof(ctype) == c_layout[f"{cname}.{field}.size"], field
+
+
+@pytest.mark.parametrize("name", list(CONSTANTS))
+def test_constants_match_header(c_layout, name) -> None:
+    assert CONSTANTS[name] == c_layout[name]
+
+
+def test_mirrors_cover_every_c_field(c_layout) -> None:
+    """No C field is missing from a mirror: the fields' sizes add up to the struct (no padding)."""
+    for cname, mirror in m.STRUCTS.items():
+        assert sum(c_layout[f"{cname}.{f}.size"] for f, _ in mirror._fields_) == c_layout[cname], cname
+
+
+def test_flow_key_bytes_are_the_wire_key() -> None:
+    from tests.oracle import oracle_key
+
+    key = oracle_key("10.0.0.1", "10.1.0.1", 6, 40000, 80)
+    mirror = m.flow_key_from_bytes(key)
+    assert bytes(mirror.src) == bytes([10, 0, 0, 1])
+    assert bytes(mirror.sport) == (40000).to_bytes(2, "big")
+    assert mirror.proto == 6
+    assert bytes(mirror) == key
