@@ -112,6 +112,10 @@ class Balancer:
         self.drops[reason] += 1
         return _DROPS[reason]
 
+    def count_drop(self, reason: DropReason) -> None:
+        """Count a drop the engine made after the decision (e.g. TX_FAILED)."""
+        self.drops[reason] += 1
+
     def decide(self, frame: bytes, now: float) -> Verdict:
         """The verdict for one Ethernet frame (docs/WIRE.md sections 1-8). Hot path."""
         n = len(frame)

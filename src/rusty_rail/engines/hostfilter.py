@@ -1,0 +1,65 @@
+"""Keep the balanced GRE away from the host's own stack with an nftables netdev ingress rule.
+
+AF_PACKET taps run before netdev ingress in __netif_receive_skb_core, so the engine's socket still gets
+every GRE frame while the host stack does not (it would otherwise answer "protocol unreachable", or
+duplicate the packet if anything on the host handles GRE). Everything else — ARP, ICMP, SSH — reaches the
+host untouched. `ether type ip` (not `meta protocol`) so a VLAN-tagged frame, whose tag the kernel keeps
+as metadata, is not matched: docs/WIRE.md passes those to the host.
+
+The table is named after the device, so two engines on two devices do not collide, and a leftover from a
+crashed run is replaced atomically (`add` + `delete` + define in one transaction).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+_NAME_OK = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
+
+
+def table_name(device: str) -> str:
+    return "rusty_rail_" + re.sub(r"[^A-Za-z0-9_]", "_", device)
+
+
+def _nft(script: str) -> subprocess.CompletedProcess[str]:
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    return subprocess.run([nft, "-f", "-"], input=script, capture_output=True, text=True)
+
+
+def install(device: str) -> str:
+    """Drop IPv4 GRE on `device`'s ingress before the host stack sees it. Returns the table name."""
+    if not _NAME_OK.fullmatch(device):
+        raise ValueError(f"unexpected device name {device!r}")
+    table = table_name(device)
+    script = f"""
+table netdev {table}
+delete table netdev {table}
+table netdev {table} {{
+    chain gre_to_engine {{
+        type filter hook ingress device "{device}" priority -500; policy accept;
+        ether type ip ip protocol gre counter drop comment "balanced by rusty-rail's AF_PACKET engine"
+    }}
+}}
+"""
+    result = _nft(script)
+    if result.returncode != 0:
+        raise RuntimeError(f"nft could not install {table}: {result.stderr.strip()}")
+    return table
+
+
+def remove(device: str) -> bool:
+    """Remove the table if it exists. True if it was there."""
+    table = table_name(device)
+    return _nft(f"delete table netdev {table}\n").returncode == 0
+
+
+def dropped(device: str) -> int | None:
+    """Packets the rule has kept from the host (its counter), or None if the table is not there."""
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    result = subprocess.run([nft, "list", "table", "netdev", table_name(device)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    m = re.search(r"counter packets (\d+)", result.stdout)
+    return int(m.group(1)) if m else 0

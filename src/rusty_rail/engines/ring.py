@@ -1,0 +1,346 @@
+"""TPACKET_V3 RX and TX rings on one AF_PACKET socket, from pure Python (socket + mmap + struct).
+
+Layouts mirror <linux/if_packet.h>; tests/test_engine_ring.py checks the offsets we rely on against the
+kernel's behaviour. One socket owns both rings; the mmap holds the RX ring first, then the TX ring.
+
+RX (TPACKET_V3): the kernel fills whole blocks; a block belongs to us while its block_status has
+TP_STATUS_USER, and goes back when we write TP_STATUS_KERNEL. TX: V3 has no block mode for TX, so the TX
+ring is frames of `tx_frame_size`; we write a tpacket3_hdr (tp_len, status SEND_REQUEST) and the frame at
+offset 48, then one send() kicks everything pending.
+
+Why "half the TX ring": the kernel walks the TX ring from its own head index and stops at the first frame
+that is not SEND_REQUEST. If we filled all of it in one go, a frame we lapped could still be in flight and
+the two indices disagree from then on (measured on this kernel, see docs/DESIGN.md). So `tx_put` refuses a
+frame that is not AVAILABLE, and `tx_pending >= tx_kick_at` (half the ring at most) tells the caller to kick.
+
+Frames we hand to send() are attached to skbs zero-copy (page frags of the ring), so a frame only becomes
+AVAILABLE again when the skb is freed, possibly by a slow receiver; callers must not block on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import socket
+import struct
+from collections.abc import Sequence
+
+# <linux/if_packet.h>, <linux/if_ether.h>, <linux/filter.h>
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_TX_RING = 13
+PACKET_FANOUT = 18
+PACKET_QDISC_BYPASS = 20
+PACKET_FANOUT_DATA = 22
+PACKET_IGNORE_OUTGOING = 23
+TPACKET_V3 = 2
+ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_CBPF = 6
+PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
+PACKET_FANOUT_FLAG_DEFRAG = 0x8000
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_AVAILABLE = 0
+TP_STATUS_SEND_REQUEST = 1
+TP_STATUS_SENDING = 2
+TP_STATUS_WRONG_FORMAT = 4
+
+# struct tpacket_req3: block_size, block_nr, frame_size, frame_nr, retire_blk_tov, sizeof_priv, feature_req_word
+TPACKET_REQ3 = struct.Struct("=7I")
+# struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1: block_status, num_pkts,
+# offset_to_first_pkt (we read these three only)
+BLOCK_DESC = struct.Struct("=8xIII")
+BLOCK_STATUS_OFF = 8
+# struct tpacket3_hdr: tp_next_offset @0, tp_snaplen @12, tp_status @20, tp_mac @24 (sizeof 48)
+TPACKET3_HDR = struct.Struct("=I8xI4xIH")
+TPACKET3_HDRLEN = 48  # TPACKET_ALIGN(sizeof(struct tpacket3_hdr)); TX data starts here
+# TX header fields written in one go: tp_snaplen @12, tp_len @16, tp_status @20
+TX_FIELDS = struct.Struct("=III")
+TX_FIELDS_OFF = 12
+TX_STATUS = struct.Struct("=I")
+TX_STATUS_OFF = 20
+# struct tpacket_stats_v3: tp_packets, tp_drops, tp_freeze_q_cnt
+TPACKET_STATS_V3 = struct.Struct("=III")
+
+# Classic BPF (struct sock_filter: u16 code, u8 jt, u8 jf, u32 k)
+SOCK_FILTER = struct.Struct("=HBBI")
+BPF_LD, BPF_LDX, BPF_ST, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = 0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x07
+BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
+BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0xA0
+BPF_ADD, BPF_MUL, BPF_RSH, BPF_XOR = 0x00, 0x20, 0x70, 0xA0
+BPF_JEQ, BPF_JSET = 0x10, 0x40
+BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
+BPF_TAX, BPF_TXA = 0x00, 0x80
+SKF_AD_OFF = -0x1000
+SKF_AD_VLAN_TAG_PRESENT = 48
+SKF_NET_OFF = -0x100000
+
+Insn = tuple[int, int, int, int]
+
+
+def _u32(k: int) -> int:
+    return k & 0xFFFFFFFF
+
+
+class BpfProgram:
+    """A classic BPF program and the `struct sock_fprog` pointing at it (kept alive with this object)."""
+
+    def __init__(self, insns: Sequence[Insn]) -> None:
+        raw = b"".join(SOCK_FILTER.pack(code, jt, jf, _u32(k)) for code, jt, jf, k in insns)
+        self._buf = ctypes.create_string_buffer(raw, len(raw))
+        # struct sock_fprog { unsigned short len; struct sock_filter *filter; } (pointer 8-aligned)
+        self.fprog = struct.pack("HL", len(insns), ctypes.addressof(self._buf))
+
+
+def gre_only_filter() -> BpfProgram:
+    """Socket filter: keep untagged IPv4 frames of protocol 47 only.
+
+    Everything else is PASS by docs/WIRE.md section 1, which needs no action from the engine: the host
+    stack has its own copy. Filtering in the kernel keeps ARP, SSH and the like out of the ring.
+    Offsets are from the Ethernet header (packet sockets see the frame from the MAC header).
+    """
+    return BpfProgram(
+        [
+            (BPF_LD | BPF_W | BPF_ABS, 0, 0, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT),
+            (BPF_JMP | BPF_JEQ | BPF_K, 0, 4, 0),  # tag in metadata: VLAN frame, not ours
+            (BPF_LD | BPF_H | BPF_ABS, 0, 0, 12),
+            (BPF_JMP | BPF_JEQ | BPF_K, 0, 2, 0x0800),
+            (BPF_LD | BPF_B | BPF_ABS, 0, 0, 23),
+            (BPF_JMP | BPF_JEQ | BPF_K, 1, 0, 47),
+            (BPF_RET | BPF_K, 0, 0, 0),
+            (BPF_RET | BPF_K, 0, 0, 0x40000),
+        ]
+    )
+
+
+def inner_flow_fanout_program() -> BpfProgram:
+    """PACKET_FANOUT_CBPF program: a hash of the INNER IPv4 src and dst of a GRE packet.
+
+    The kernel takes `return value % workers`. Hashing only inner addresses keeps every packet of a flow
+    (fragments, ICMP errors about it excepted) on one worker, and spreads clients over workers, while one
+    router's tunnel (a single outer src/dst pair) would put everything on one worker with an outer hash.
+    Non-GRE and outer fragments go to worker 0 (they are passed or dropped, no state involved).
+    Loads use SKF_NET_OFF so they are relative to the IP header whatever skb->data points at.
+    GRE header length = 4 + 4 for each of C (0x80), K (0x20), S (0x10) in the first flags byte.
+    """
+    n = SKF_NET_OFF
+    prog: list[Insn] = [
+        (BPF_LD | BPF_B | BPF_ABS, 0, 0, n + 9),  # 0: A = outer protocol
+        (BPF_JMP | BPF_JEQ | BPF_K, 0, 34, 47),  # 1: not GRE -> 36
+        (BPF_LD | BPF_H | BPF_ABS, 0, 0, n + 6),  # 2: A = flags/fragment offset
+        (BPF_JMP | BPF_JSET | BPF_K, 32, 0, 0x3FFF),  # 3: outer fragment -> 36
+        (BPF_LDX | BPF_B | BPF_MSH, 0, 0, n + 0),  # 4: X = outer IHL * 4
+        (BPF_LD | BPF_B | BPF_IND, 0, 0, n + 0),  # 5: A = GRE flags, first byte
+        (BPF_ST, 0, 0, 0),  # 6: M[0] = flags
+        (BPF_MISC | BPF_TXA, 0, 0, 0),  # 7: A = X
+        (BPF_ALU | BPF_ADD | BPF_K, 0, 0, 4),  # 8: + base GRE header
+        (BPF_ST, 0, 0, 1),  # 9: M[1] = offset of the inner header, so far
+    ]
+    for bit in (0x80, 0x20, 0x10):  # C, K, S: 10-14, 15-19, 20-24
+        prog += [
+            (BPF_LD | BPF_MEM, 0, 0, 0),
+            (BPF_JMP | BPF_JSET | BPF_K, 0, 3, bit),
+            (BPF_LD | BPF_MEM, 0, 0, 1),
+            (BPF_ALU | BPF_ADD | BPF_K, 0, 0, 4),
+            (BPF_ST, 0, 0, 1),
+        ]
+    prog += [
+        (BPF_LDX | BPF_MEM, 0, 0, 1),  # 25: X = inner header offset
+        (BPF_LD | BPF_W | BPF_IND, 0, 0, n + 12),  # 26: A = inner src
+        (BPF_ST, 0, 0, 2),  # 27: M[2] = src
+        (BPF_LD | BPF_W | BPF_IND, 0, 0, n + 16),  # 28: A = inner dst
+        (BPF_LDX | BPF_MEM, 0, 0, 2),  # 29: X = src
+        (BPF_ALU | BPF_XOR | BPF_X, 0, 0, 0),  # 30: A = src ^ dst
+        (BPF_ALU | BPF_MUL | BPF_K, 0, 0, 0x9E3779B1),  # 31: spread bits upwards
+        (BPF_MISC | BPF_TAX, 0, 0, 0),  # 32: X = A
+        (BPF_ALU | BPF_RSH | BPF_K, 0, 0, 16),  # 33
+        (BPF_ALU | BPF_XOR | BPF_X, 0, 0, 0),  # 34: fold the high half down (the kernel takes % n)
+        (BPF_RET | BPF_A, 0, 0, 0),  # 35
+        (BPF_RET | BPF_K, 0, 0, 0),  # 36: not GRE / fragment -> worker 0
+    ]
+    assert len(prog) == 37
+    return BpfProgram(prog)
+
+
+class PacketRing:
+    """An AF_PACKET socket bound to one interface, with a TPACKET_V3 RX ring and a TX ring.
+
+    Sizes: RX `rx_block_size * rx_blocks` (blocks of whole packets, retired after `rx_block_tov_ms` even
+    when not full so latency stays bounded at low rates); TX `tx_frames` slots of `tx_frame_size`, which
+    must hold the device's MTU + 14 + 48. Defaults: 32 MiB RX, 2 MiB TX.
+
+    Many small blocks rather than a few big ones: at low rates every block is retired by the timeout
+    nearly empty, so the ring buffers `rx_blocks * rx_block_tov_ms` of traffic, not its byte size.
+    32 blocks x 2 ms (64 ms) lost 15-40% at 60 kpps behind a 3 us decide(); 256 x 2 ms loses nothing.
+    """
+
+    def __init__(
+        self,
+        ifindex: int,
+        *,
+        rx_block_size: int = 1 << 17,
+        rx_blocks: int = 256,
+        rx_block_tov_ms: int = 2,
+        tx_frame_size: int = 2048,
+        tx_frames: int = 1024,
+        gre_only: bool = True,
+        qdisc_bypass: bool = True,
+    ) -> None:
+        if rx_block_size % mmap.PAGESIZE or tx_frame_size % 16 or (tx_frame_size * tx_frames) % mmap.PAGESIZE:
+            raise ValueError("ring sizes must be page multiples (frames: multiples of 16)")
+        self.ifindex = ifindex
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            self._setup(rx_block_size, rx_blocks, rx_block_tov_ms, tx_frame_size, tx_frames, gre_only, qdisc_bypass)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _setup(
+        self,
+        rx_block_size: int,
+        rx_blocks: int,
+        tov_ms: int,
+        tx_frame_size: int,
+        tx_frames: int,
+        gre_only: bool,
+        qdisc_bypass: bool,
+    ) -> None:
+        s = self.sock
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        # We must not see our own forwards coming back as RX (a fanout group needs its own flag too).
+        s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        if gre_only:
+            # Attached before the ring and bind, so nothing else is ever queued.
+            self._filter = gre_only_filter()
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, self._filter.fprog)
+        if qdisc_bypass:
+            s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        # The rings are the buffers; these only matter for the skbs accounted to the socket (TX in flight).
+        # *FORCE works inside a netns where net.core.[rw]mem_max cannot be raised.
+        for opt in (SO_RCVBUFFORCE, SO_SNDBUFFORCE):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, opt, 16 << 20)
+            except PermissionError:
+                pass
+        rx_frame = 2048  # only used for the kernel's frame count arithmetic in V3
+        s.setsockopt(
+            SOL_PACKET,
+            PACKET_RX_RING,
+            TPACKET_REQ3.pack(
+                rx_block_size, rx_blocks, rx_frame, rx_block_size // rx_frame * rx_blocks, tov_ms, 0, 0
+            ),
+        )
+        s.setsockopt(
+            SOL_PACKET,
+            PACKET_TX_RING,
+            TPACKET_REQ3.pack(tx_frame_size * tx_frames, 1, tx_frame_size, tx_frames, 0, 0, 0),
+        )
+        self.rx_size = rx_block_size * rx_blocks
+        self.tx_size = tx_frame_size * tx_frames
+        self.map = mmap.mmap(s.fileno(), self.rx_size + self.tx_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.rx_block_size = rx_block_size
+        self.rx_blocks = rx_blocks
+        self.rx_index = 0
+        self.tx_frame_size = tx_frame_size
+        self.tx_frames = tx_frames
+        self.tx_base = self.rx_size
+        self.tx_max_len = tx_frame_size - TPACKET3_HDRLEN
+        self.tx_index = 0
+        self.tx_pending = 0
+        self.tx_kick_at = max(1, tx_frames // 2)
+        s.bind((socket.if_indextoname(self.ifindex), ETH_P_ALL))
+        s.setblocking(False)
+
+    # -- fanout -----------------------------------------------------------------------------------
+
+    def join_fanout(self, group: int, program: BpfProgram | None = None) -> None:
+        """Join fanout `group` (16 bits): CBPF with `program`, else the kernel's flow hash."""
+        flags = PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+        mode = PACKET_FANOUT_CBPF if program is not None else PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
+        arg = (group & 0xFFFF) | ((mode | flags) << 16)
+        try:
+            self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, arg)
+        except OSError:
+            # Kernels before 6.9 lack FLAG_IGNORE_OUTGOING; our own forwards are skipped by the group anyway.
+            self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, arg & ~(flags << 16))
+        if program is not None:
+            self._fanout_prog = program
+            self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, program.fprog)
+
+    # -- RX ---------------------------------------------------------------------------------------
+
+    def rx_block(self) -> tuple[int, int, int] | None:
+        """(block offset, packet count, offset of the first packet) of the next block we own, else None."""
+        base = self.rx_index * self.rx_block_size
+        status, num, first = BLOCK_DESC.unpack_from(self.map, base)
+        if not status & TP_STATUS_USER:
+            return None
+        return base, num, first
+
+    def rx_release(self, base: int) -> None:
+        """Give the block back to the kernel and move on (blocks are handed out strictly in order)."""
+        TX_STATUS.pack_into(self.map, base + BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+        self.rx_index = (self.rx_index + 1) % self.rx_blocks
+
+    # -- TX ---------------------------------------------------------------------------------------
+
+    def tx_put(self, frame: bytes) -> bool:
+        """Queue one frame; False if the next slot is still in flight or the frame does not fit."""
+        n = len(frame)
+        if n > self.tx_max_len:
+            return False
+        off = self.tx_base + self.tx_index * self.tx_frame_size
+        m = self.map
+        status = TX_STATUS.unpack_from(m, off + TX_STATUS_OFF)[0]
+        if status != TP_STATUS_AVAILABLE:
+            if status != TP_STATUS_WRONG_FORMAT:
+                return False
+        data = off + TPACKET3_HDRLEN
+        m[data : data + n] = frame
+        TX_FIELDS.pack_into(m, off + TX_FIELDS_OFF, n, n, TP_STATUS_SEND_REQUEST)
+        self.tx_index = (self.tx_index + 1) % self.tx_frames
+        self.tx_pending += 1
+        return True
+
+    def tx_kick(self) -> None:
+        """Ask the kernel to send every SEND_REQUEST frame. Never blocks (frames may stay SENDING)."""
+        if not self.tx_pending:
+            return
+        self.tx_pending = 0
+        try:
+            self.sock.send(b"", socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            pass  # frames stay SEND_REQUEST and go out with the next kick
+
+    # -- misc -------------------------------------------------------------------------------------
+
+    def statistics(self) -> tuple[int, int, int]:
+        """(packets, drops, freeze_q_cnt) since the last call (the kernel resets them on read)."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, TPACKET_STATS_V3.size)
+        return TPACKET_STATS_V3.unpack(raw)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except (BufferError, ValueError):
+            pass
+        self.sock.close()
+
+    def __enter__(self) -> PacketRing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,91 @@
+"""Next-hop resolution from the kernel's tables, in a namespace pair of our own."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+
+from tests.engine_netns import VethPair, wait_for
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def veth() -> Iterator[VethPair]:
+    pair = VethPair()
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+def as_int(ip: str) -> int:
+    return int(ipaddress.IPv4Address(ip))
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bytes | None]] = []
+
+    def set_neighbour(self, backend: int, mac: bytes | None) -> None:
+        self.calls.append((backend, mac))
+
+
+def test_resolves_a_peer_never_contacted_directly_and_through_a_gateway(veth: VethPair) -> None:
+    from rusty_rail.engines.neighbours import NeighbourResolver
+
+    v = veth
+    v.ip(v.lb_ns, "route", "add", "10.9.0.0/24", "via", v.peer_ip)
+    assert v.peer_ip not in v.ip(v.lb_ns, "neigh", "show", "dev", v.lb_dev)
+    with v.inside(v.lb_ns):
+        resolver = NeighbourResolver(v.lb_dev)
+    try:
+        # 10.9.0.5 is behind the gateway (the peer); the first answer may be None while the kernel probes.
+        assert wait_for(lambda: resolver.resolve(as_int("10.9.0.5"))) == v.peer_mac
+        assert resolver.resolve(as_int(v.peer_ip)) == v.peer_mac
+        # No route out of our device: unresolvable, and said so.
+        assert resolver.resolve(as_int("192.0.2.1")) is None
+        assert as_int("192.0.2.1") in resolver.unroutable
+
+        sink = Sink()
+        assert resolver.refresh([as_int(v.peer_ip)], sink) == 1
+        assert sink.calls == [(as_int(v.peer_ip), v.peer_mac)]
+        assert resolver.refresh([as_int(v.peer_ip)], sink) == 0, "unchanged answers are not repeated"
+    finally:
+        resolver.close()
+
+
+def test_unanswered_neighbour_stays_unknown(veth: VethPair) -> None:
+    from rusty_rail.engines.neighbours import NUD_FAILED, NUD_INCOMPLETE, NeighbourResolver
+
+    v = veth
+    with v.inside(v.lb_ns):
+        resolver = NeighbourResolver(v.lb_dev)
+    try:
+        absent = as_int("10.77.0.99")
+        assert resolver.resolve(absent) is None
+        # The kernel took up the request: an entry exists and is being (or failed being) resolved.
+        state = wait_for(lambda: resolver._lookup(absent)[1])
+        assert state & (NUD_INCOMPLETE | NUD_FAILED)
+        assert resolver.resolve(absent) is None
+    finally:
+        resolver.close()
+
+
+def test_device_info(veth: VethPair) -> None:
+    from rusty_rail.engines.neighbours import DeviceError, device_info
+
+    v = veth
+    with v.inside(v.lb_ns):
+        assert device_info(v.lb_dev) == (v.lb_ifindex, v.lb_mac, as_int(v.lb_ip))
+        with pytest.raises(DeviceError, match="does not exist"):
+            device_info("nosuchdev")
+        with pytest.raises(DeviceError, match="no IPv4 address"):
+            device_info(_no_ipv4(v))
+
+
+def _no_ipv4(v: VethPair) -> str:
+    v.ip(v.lb_ns, "link", "add", "bare0", "type", "veth", "peer", "bare1")  # no dummy module here
+    return "bare0"
