@@ -16,7 +16,8 @@ from rusty_rail.core.checksum import ones_complement_sum
 from rusty_rail.core.conntrack import ConnectionTable
 from rusty_rail.core.flow import FlowKey, inner_flow_key
 from rusty_rail.core.flowhash import RR_HASH_SEED, flow_hash
-from rusty_rail.core.maglev import DEFAULT_TABLE_SIZE, BackendLike, MaglevTable, build_table
+from rusty_rail.core.maglev import DEFAULT_TABLE_SIZE, BackendLike, MaglevTable
+from rusty_rail.core.service import Pool, ServiceKey
 from rusty_rail.core.verdict import PASS, Drop, DropReason, Forward, Verdict
 
 _GRE = 47
@@ -25,6 +26,7 @@ _OUT_DF = 0x4000
 _GRE_OUT = b"\x00\x00\x08\x00"
 _IP_FIXED = struct.Struct("!BBHHHBBH")
 _DROPS = {reason: Drop(reason) for reason in DropReason}
+_TCP_UDP = (6, 17)
 
 
 def _as_int(address: BackendLike) -> int:
@@ -32,7 +34,12 @@ def _as_int(address: BackendLike) -> int:
 
 
 class Balancer:
-    """One balancer's data-plane state: the Maglev table, the connection table, next-hop MACs."""
+    """One balancer's data-plane state: Maglev tables, the connection table, next-hop MACs.
+
+    Two modes. Open (the environment form of the original): one pool, `set_backends()`, and every GRE
+    packet is balanced. Services (a config file): `set_service()` per (VIP, protocol, port), and a
+    packet that matches no service is dropped as NO_SERVICE, so the balancer is not an open relay.
+    """
 
     def __init__(
         self,
@@ -43,6 +50,7 @@ class Balancer:
         table_size: int = DEFAULT_TABLE_SIZE,
         connections: ConnectionTable | None = None,
         hash_seed: int = RR_HASH_SEED,
+        services: bool = False,
     ) -> None:
         if len(local_mac) != 6:
             raise ValueError("local_mac must be 6 bytes")
@@ -56,10 +64,17 @@ class Balancer:
         self.forwarded = 0
         self.passed = 0
         self.drops = [0] * (max(DropReason) + 1)
-        self.backend_packets: dict[int, int] = {}
-        self.backend_bytes: dict[int, int] = {}
         self.table_rebuilds = 0
-        self.set_backends(backends, weights)
+        self._default: Pool | None = None
+        self._services: dict[ServiceKey, Pool] = {}
+        self._by_match: dict[bytes, Pool] = {}
+        self._fragment_pool: dict[bytes, Pool] = {}
+        self._all_backends: frozenset[int] = frozenset()
+        if services:
+            if backends or weights:
+                raise ValueError("with services=True, give backends per service with set_service()")
+        else:
+            self.set_backends(backends, weights)
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -68,21 +83,77 @@ class Balancer:
         backends: Iterable[BackendLike],
         weights: Mapping[BackendLike, int] | Sequence[int] | None = None,
     ) -> MaglevTable:
-        """Rebuild the Maglev table. Flows of backends that stay keep their backend."""
-        table = build_table(backends, self.table_size, weights)
-        self.table = table
-        self._backend_set = frozenset(int(b) for b in table.backends)
-        addresses = [int(b) for b in table.backends]
-        self._slot_backend = [addresses[i] for i in table.slots]
-        for backend in self._backend_set:
-            self.backend_packets.setdefault(backend, 0)
-            self.backend_bytes.setdefault(backend, 0)
+        """Open mode: rebuild the one table. Flows of backends that stay keep their backend."""
+        if self._services:
+            raise ValueError("this balancer has services; use set_service()")
+        self._default = Pool.build(backends, self.table_size, weights, self._default)
+        self._changed()
+        return self._default.table
+
+    def set_service(
+        self,
+        service: ServiceKey,
+        backends: Iterable[BackendLike],
+        weights: Mapping[BackendLike, int] | Sequence[int] | None = None,
+    ) -> MaglevTable:
+        """Services mode: add or rebuild one service's table. Weight 0 drains a backend."""
+        if self._default is not None:
+            raise ValueError("this balancer is in open mode; use set_backends()")
+        pool = Pool.build(backends, self.table_size, weights, self._services.get(service))
+        self._services[service] = pool
+        self._changed()
+        return pool.table
+
+    def remove_service(self, service: ServiceKey) -> None:
+        if self._services.pop(service, None) is not None:
+            self._changed()
+
+    def _changed(self) -> None:
         self.table_rebuilds += 1
-        return table
+        self._by_match = {key.match_key: pool for key, pool in self._services.items()}
+        fragment: dict[bytes, Pool] = {}
+        for key in sorted(self._services, key=lambda k: k.port, reverse=True):
+            if key.protocol:
+                fragment[key.vip.packed + bytes((key.protocol,))] = self._services[key]
+        self._fragment_pool = fragment
+        pools = [self._default] if self._default is not None else list(self._services.values())
+        self._all_backends = frozenset().union(*(p.backend_set for p in pools)) if pools else frozenset()
+
+    @property
+    def services(self) -> dict[ServiceKey, Pool]:
+        return dict(self._services)
+
+    @property
+    def pool(self) -> Pool | None:
+        """The open-mode pool (None in services mode)."""
+        return self._default
+
+    @property
+    def table(self) -> MaglevTable:
+        """The open-mode table."""
+        if self._default is None:
+            raise ValueError("this balancer has services; see .services")
+        return self._default.table
 
     @property
     def backends(self) -> frozenset[int]:
-        return self._backend_set
+        """Every backend of every pool (the engines resolve their next hops)."""
+        return self._all_backends
+
+    def _pool_for(self, key: bytes) -> Pool | None:
+        """The service a flow key belongs to (see service.py for the order)."""
+        if self._default is not None:
+            return self._default
+        by_match = self._by_match
+        vip = key[4:8]
+        port = key[10:12]
+        proto = key[12:13]
+        pool = by_match.get(vip + port + proto) or by_match.get(vip + b"\x00\x00" + proto)
+        if pool is None:
+            pool = by_match.get(vip + port + b"\x00") or by_match.get(vip + b"\x00\x00\x00")
+        if pool is None and key[12] in _TCP_UDP and key[8:12] == b"\x00\x00\x00\x00":
+            pool = self._fragment_pool.get(vip + proto)
+        return pool
 
     def set_neighbour(self, backend: BackendLike, mac: bytes | None) -> None:
         """The Ethernet address of `backend`'s next hop, or None while it is unknown."""
@@ -167,9 +238,12 @@ class Balancer:
         if key is None:
             return self._drop(DropReason.INNER_TRUNCATED)
 
+        pool = self._default or self._pool_for(key)
+        if pool is None:
+            return self._drop(DropReason.NO_SERVICE)
         backend = self.connections.lookup(key, now)
-        if backend is None or backend not in self._backend_set:
-            slots = self._slot_backend
+        if backend is None or backend not in pool.backend_set:
+            slots = pool.slot_backend
             if not slots:
                 return self._drop(DropReason.NO_BACKEND)
             backend = slots[flow_hash(key, self.hash_seed) % len(slots)]
@@ -187,8 +261,8 @@ class Balancer:
         s = (s & 0xFFFF) + (s >> 16)
         header = _IP_FIXED.pack(0x45, tos, out_total, 0, _OUT_DF, _OUT_TTL, _GRE, ~s & 0xFFFF)
         self.forwarded += 1
-        self.backend_packets[backend] += 1
-        self.backend_bytes[backend] += inner_total
+        pool.packets[backend] += 1
+        pool.bytes[backend] += inner_total
         return Forward(ethernet + header + addresses + _GRE_OUT + inner, backend)
 
     # -- inspection -------------------------------------------------------------------------------
@@ -196,13 +270,16 @@ class Balancer:
     def explain(self, key: FlowKey, now: float) -> tuple[IPv4Address | None, str]:
         """Where a flow goes and why: ('connection entry' or 'table slot N'), without changing state."""
         packed = key.packed
+        pool = self._pool_for(packed)
+        if pool is None:
+            return None, "no service matches"
         remembered = self.connections.peek(packed, now)
-        if remembered is not None and remembered in self._backend_set:
+        if remembered is not None and remembered in pool.backend_set:
             return IPv4Address(remembered), "connection entry"
-        if not self._slot_backend:
+        if not pool.slot_backend:
             return None, "no backends"
-        slot = flow_hash(packed, self.hash_seed) % len(self._slot_backend)
-        return IPv4Address(self._slot_backend[slot]), f"table slot {slot}"
+        slot = flow_hash(packed, self.hash_seed) % len(pool.slot_backend)
+        return IPv4Address(pool.slot_backend[slot]), f"table slot {slot}"
 
     def counters(self) -> dict[str, int]:
         out = {"forwarded": self.forwarded, "passed": self.passed}

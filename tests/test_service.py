@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.packet import Raw
+
+from rusty_rail.core.balancer import Balancer
+from rusty_rail.core.flow import FlowKey
+from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.core.verdict import Action, DropReason
+from tests.fixtures.golden import LB_ADDRESS, wrapped
+
+WEB = ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.TCP, 80)
+DNS = ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.UDP, 53)
+ALL = ServiceKey(IPv4Address("10.1.0.2"))
+
+
+def balancer() -> Balancer:
+    b = Balancer(LB_ADDRESS, b"\x02" * 6, services=True, table_size=251)
+    b.set_service(WEB, ["10.2.0.1", "10.2.0.2"])
+    b.set_service(DNS, ["10.2.0.3"])
+    b.set_service(ALL, ["10.2.0.4"])
+    for last in range(1, 5):
+        b.set_neighbour(f"10.2.0.{last}", bytes([2, 0, 0, 0, 2, last]))
+    return b
+
+
+def backend_of(b: Balancer, inner) -> str | DropReason:
+    verdict = b.decide(wrapped(inner), now=0)
+    if verdict.action == Action.DROP:
+        return verdict.reason
+    return str(IPv4Address(verdict.backend))
+
+
+def test_packets_go_to_their_service() -> None:
+    b = balancer()
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=1, dport=80)) in ("10.2.0.1", "10.2.0.2")
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=53)) == "10.2.0.3"
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.2") / TCP(sport=1, dport=22)) == "10.2.0.4"
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.2") / ICMP()) == "10.2.0.4"
+
+
+def test_unconfigured_vip_port_or_protocol_is_no_service() -> None:
+    b = balancer()
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=1, dport=443)) == DropReason.NO_SERVICE
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=80)) == DropReason.NO_SERVICE
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.9") / TCP(sport=1, dport=80)) == DropReason.NO_SERVICE
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / ICMP()) == DropReason.NO_SERVICE
+    assert b.drops[DropReason.NO_SERVICE] == 4
+
+
+def test_icmp_error_and_fragments_find_the_service() -> None:
+    b = balancer()
+    flow = backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=999, dport=80))
+    error = IP(src="10.9.9.9", dst="10.1.0.1") / ICMP(type=3, code=4) / IP(src="10.1.0.1", dst="10.0.0.1") / TCP(sport=80, dport=999)
+    assert backend_of(b, error) == flow
+    fragment = IP(src="10.0.0.1", dst="10.1.0.1", frag=8, proto=17) / Raw(b"z" * 8)
+    assert backend_of(b, fragment) == "10.2.0.3"
+
+
+def test_drained_backend_keeps_flows_and_gets_no_new_ones() -> None:
+    b = balancer()
+    flows = {sport: backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=sport, dport=80)) for sport in range(200)}
+    b.set_service(WEB, ["10.2.0.1", "10.2.0.2"], weights={"10.2.0.1": 0, "10.2.0.2": 1})
+    for sport, backend in flows.items():
+        assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=sport, dport=80)) == backend
+    fresh = {backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=sport, dport=80)) for sport in range(1000, 1200)}
+    assert fresh == {"10.2.0.2"}
+
+
+def test_modes_do_not_mix_and_explain_knows_services() -> None:
+    b = balancer()
+    with pytest.raises(ValueError):
+        b.set_backends(["10.2.0.1"])
+    with pytest.raises(ValueError):
+        Balancer(LB_ADDRESS, b"\x02" * 6, ["10.2.0.1"]).set_service(WEB, ["10.2.0.1"])
+    assert b.explain(FlowKey(IPv4Address("10.0.0.1"), IPv4Address("10.1.0.1"), 6, 1, 443), now=0) == (None, "no service matches")
+    b.remove_service(DNS)
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=53)) == DropReason.NO_SERVICE
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("10.1.0.1:80", ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.TCP, 80)),
+        ("10.1.0.1:53/udp", ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.UDP, 53)),
+        ("10.1.0.1", ServiceKey(IPv4Address("10.1.0.1"))),
+    ],
+)
+def test_parse_service_key(text: str, expected: ServiceKey) -> None:
+    assert ServiceKey.parse(text) == expected
+    with pytest.raises(ValueError):
+        ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.ANY, 80)
