@@ -148,9 +148,7 @@ class Balancer:
         vip = key[4:8]
         port = key[10:12]
         proto = key[12:13]
-        pool = by_match.get(vip + port + proto) or by_match.get(vip + b"\x00\x00" + proto)
-        if pool is None:
-            pool = by_match.get(vip + port + b"\x00") or by_match.get(vip + b"\x00\x00\x00")
+        pool = by_match.get(vip + port + proto) or by_match.get(vip + b"\x00\x00" + proto) or by_match.get(vip + b"\x00\x00\x00")
         if pool is None and key[12] in _TCP_UDP and key[8:12] == b"\x00\x00\x00\x00":
             pool = self._fragment_pool.get(vip + proto)
         return pool

@@ -1,7 +1,8 @@
 """Services: which inner packets a balancer serves, and the backend pool of each.
 
 A service is (VIP, protocol, port); protocol ANY and port 0 are wildcards. A packet is matched most
-specific first: (port, protocol), (any port, protocol), (port, any protocol), (any port, any protocol).
+specific first: (port, protocol), (any port, protocol), (any port, any protocol). A port always
+comes with a protocol.
 A TCP/UDP fragment has no ports in its key (docs/WIRE.md section 5), so it goes to the service of that
 VIP and protocol with the lowest port: deterministic, so every balancer agrees.
 """
