@@ -36,7 +36,7 @@ class EnvConfig:
     targets: tuple[IPv4Address, ...]
     """RR_TARGET_IPS: the backends, separated by ';' (',' and spaces are accepted too)."""
     engine: EngineKind = EngineKind.AUTO
-    """RR_ENGINE: auto, afpacket (xdp arrives with the XDP engine)."""
+    """RR_ENGINE: auto (XDP where it loads, else AF_PACKET), afpacket, xdp."""
     workers: int = 1
     """RR_WORKERS: packet worker processes on the AF_PACKET engine."""
     table_size: int = DEFAULT_TABLE_SIZE

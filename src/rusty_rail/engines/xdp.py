@@ -324,6 +324,10 @@ class XdpBalancer:
         conn.backend_addr = (ctypes.c_uint8 * 4)(*IPv4Address(backend).packed)
         libbpf.map_update(self._fd[m.MAP_CONNS], key, conn)
 
+    def delete_connection(self, key: bytes) -> bool:
+        """Forget one flow (benchmarks: force the next packet of it to miss). True if it was there."""
+        return libbpf.map_delete(self._fd[m.MAP_CONNS], key)
+
     def clear_connections(self) -> int:
         fd = self._fd[m.MAP_CONNS]
         keys = libbpf.map_keys(fd, ctypes.sizeof(m.RrFlowKey))
@@ -391,3 +395,47 @@ class XdpBalancer:
     def attached_ifindex(self) -> int | None:
         return self._attached[0] if self._attached else None
 
+
+
+# -- a pass-everything program for veth peers ------------------------------------------------------------
+
+
+def xdp_pass_object_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "bpf" / "xdp_pass.o"
+
+
+def _ifindex(interface: str | int) -> int:
+    return interface if isinstance(interface, int) else socket.if_nametoindex(interface)
+
+
+def detach_xdp(interface: str | int) -> int:
+    """Remove any XDP program (native or generic) from `interface` in this thread's namespace.
+    Returns the id of the program that was there (0: none)."""
+    ifindex = _ifindex(interface)
+    previous = libbpf.xdp_query_id(ifindex, 0)
+    if previous:
+        for flags in (libbpf.XDP_FLAGS_DRV_MODE, libbpf.XDP_FLAGS_SKB_MODE):
+            try:
+                libbpf.xdp_detach(ifindex, flags)
+            except OSError:
+                pass  # nothing in that mode
+    return previous
+
+
+def attach_xdp_pass(interface: str | int, mode: str = "native") -> int:
+    """Attach bpf/xdp_pass.o (XDP_PASS for every frame) to `interface` in this thread's namespace,
+    replacing whatever XDP program is there. Returns the attached program's id.
+
+    Why: XDP_TX from a veth reaches its peer only when the peer runs an XDP program too. The program
+    stays attached after this returns (the interface holds it) until detach_xdp() or the veth goes.
+    """
+    path = xdp_pass_object_path()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} (run `make bpf`)")
+    ifindex = _ifindex(interface)
+    flags = {"native": libbpf.XDP_FLAGS_DRV_MODE, "skb": libbpf.XDP_FLAGS_SKB_MODE}[mode]
+    with libbpf.BpfObject(str(path)) as obj:
+        obj.load()
+        detach_xdp(ifindex)
+        libbpf.xdp_attach(ifindex, obj.program("rr_pass").fd, flags)
+    return libbpf.xdp_query_id(ifindex, 0)
