@@ -1,0 +1,6 @@
+"""The lab: the original's four test topologies in network namespaces, with real TCP and GRE endpoints."""
+
+from .lab import Lab
+from .topology import TOPOLOGIES, Host, Plan, plan
+
+__all__ = ["TOPOLOGIES", "Host", "Lab", "Plan", "plan"]

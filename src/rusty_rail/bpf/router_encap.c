@@ -1,0 +1,173 @@
+// SPDX-License-Identifier: Apache-2.0
+/* The lab's router: GRE encapsulation toward the balancers on tc clsact egress (direct action).
+ *
+ * There is no GRE module in the kernel, so the router cannot have a gre device; instead packets routed
+ * to a service address leave through network V and this program wraps them on the way out:
+ * Ethernet | IPv4 (20, proto 47) | GRE (4, proto 0x0800) | inner packet, like the original's router.
+ * The target (a balancer, or a server in the lab's direct mode) is chosen by a hash of the inner
+ * 5-tuple, so one flow always goes to one target (ECMP). Python writes the targets (router.py).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "router_encap.h"
+
+#define AF_INET 2
+#define GRE_HLEN 4
+#define ENCAP_LEN (sizeof(struct iphdr) + GRE_HLEN)
+#define IP_MF_OFFSET 0x3FFF
+#define HEADERS_MAX (14 + 20 + 4) /* Ethernet, IPv4 (options: no ports used), ports */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rr_encap_cfg);
+} rr_encap_cfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RR_ENCAP_MAX_TARGETS);
+	__type(key, __u32);
+	__type(value, __u32);
+} rr_encap_tgts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RR_ENCAP_STATS);
+	__type(key, __u32);
+	__type(value, __u64);
+} rr_encap_stats SEC(".maps");
+
+static __always_inline void count(__u32 what)
+{
+	__u64 *c = bpf_map_lookup_elem(&rr_encap_stats, &what);
+
+	if (c)
+		__sync_fetch_and_add(c, 1);
+}
+
+/* murmur3's finaliser over the mixed tuple: cheap, deterministic, and the same in router.py. */
+static __always_inline __u32 mix(__u32 h)
+{
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/* Tuple words are taken as the host reads them from the wire (big-endian values). */
+static __always_inline __u32 flow_hash(__u32 src, __u32 dst, __u32 ports, __u32 proto)
+{
+	__u32 h = mix(src ^ 0x52525f31);
+
+	h = mix(h ^ dst);
+	h = mix(h ^ ports);
+	return mix(h ^ proto);
+}
+
+SEC("tc")
+int rr_router_encap(struct __sk_buff *skb)
+{
+	void *data, *end;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct bpf_fib_lookup fib = {};
+	struct rr_encap_cfg *cfg;
+	struct iphdr outer = {};
+	__u32 zero = 0, ports = 0, slot, *target, tot_len, csum, want;
+	__u8 tos;
+	__u16 gre[2] = {0, bpf_htons(ETH_P_IP)};
+	int rc;
+
+	/* Headers in page fragments (e.g. sent from a TX ring) must be pulled before we can read them. */
+	want = skb->len < HEADERS_MAX ? skb->len : HEADERS_MAX;
+	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, want);
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	eth = data;
+	ip = data + sizeof(*eth);
+	if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->version != 4)
+		return TC_ACT_OK;
+	cfg = bpf_map_lookup_elem(&rr_encap_cfg, &zero);
+	if (!cfg || (ip->daddr & cfg->service_mask) != cfg->service_net || ip->protocol == IPPROTO_GRE)
+		return TC_ACT_OK;
+	if (cfg->count == 0 || cfg->count > RR_ENCAP_MAX_TARGETS) {
+		count(RR_ENCAP_NO_TARGET);
+		return TC_ACT_SHOT;
+	}
+	/* Ports for unfragmented TCP/UDP; fragments and everything else hash on the 3-tuple. */
+	if ((ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) && ip->ihl == 5 &&
+	    !(ip->frag_off & bpf_htons(IP_MF_OFFSET))) {
+		__u32 *p = (void *)(ip + 1);
+
+		if ((void *)(p + 1) <= end)
+			ports = *p;
+	}
+	slot = flow_hash(bpf_ntohl(ip->saddr), bpf_ntohl(ip->daddr), bpf_ntohl(ports), ip->protocol) %
+	       cfg->count;
+	target = bpf_map_lookup_elem(&rr_encap_tgts, &slot);
+	if (!target)
+		return TC_ACT_SHOT;
+
+	tos = ip->tos;
+	tot_len = bpf_ntohs(ip->tot_len) + ENCAP_LEN;
+	outer.version = 4;
+	outer.ihl = 5;
+	outer.tos = tos;
+	outer.tot_len = bpf_htons(tot_len);
+	outer.frag_off = bpf_htons(0x4000); /* DF, ID 0 */
+	outer.ttl = 64;
+	outer.protocol = IPPROTO_GRE;
+	outer.saddr = cfg->src;
+	outer.daddr = *target;
+	csum = bpf_csum_diff(0, 0, (__be32 *)&outer, sizeof(outer), 0);
+	csum = (csum & 0xffff) + (csum >> 16);
+	csum = (csum & 0xffff) + (csum >> 16);
+	outer.check = ~csum & 0xffff;
+
+	fib.family = AF_INET;
+	fib.ipv4_src = outer.saddr;
+	fib.ipv4_dst = outer.daddr;
+	/* tot_len 0: let the kernel check the MTU itself, which knows GSO packets are segmented later
+	 * (a GSO packet's own length would fail the check). */
+	fib.tot_len = 0;
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+		count(RR_ENCAP_FIB_FAIL);
+		return TC_ACT_SHOT;
+	}
+
+	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_GRE)) {
+		count(RR_ENCAP_ROOM_FAIL);
+		return TC_ACT_SHOT;
+	}
+	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &outer, sizeof(outer), 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(struct ethhdr) + sizeof(outer), gre, sizeof(gre), 0))
+		return TC_ACT_SHOT;
+
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		/* The kernel resolves the target's MAC (ARP) and sends the frame. */
+		count(RR_ENCAP_NO_NEIGH);
+		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+	}
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	count(RR_ENCAP_OK);
+	if (fib.ifindex != skb->ifindex)
+		return bpf_redirect(fib.ifindex, 0);
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "GPL";

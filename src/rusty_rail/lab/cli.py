@@ -1,0 +1,63 @@
+"""`rusty-rail lab up --topology N | down | status | traffic | targets`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+from .lab import Lab
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rusty-rail lab", description="the original's test topologies in namespaces")
+    p.add_argument("--prefix", default="rr-", help="namespace name prefix (default rr-)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="build a topology (replacing one with the same prefix)")
+    up.add_argument("--topology", type=int, choices=[1, 2, 3, 4], default=1)
+    up.add_argument("--direct", action="store_true", help="router GRE straight to the servers (no balancer)")
+    up.add_argument("--balancers", action="store_true", help="also start `python -m rusty_rail` in each LB")
+    sub.add_parser("down", help="remove every namespace with the prefix")
+    sub.add_parser("status", help="what is up, as JSON")
+    tr = sub.add_parser("traffic", help="HTTP GETs from a client to the VIP")
+    tr.add_argument("-n", type=int, default=10)
+    tr.add_argument("--client", default="client1")
+    tr.add_argument("--path", default="/")
+    tg = sub.add_parser("targets", help="where the router sends GRE")
+    tg.add_argument("to", choices=["balancers", "servers"])
+    a = p.parse_args(argv)
+
+    if a.cmd == "up":
+        lab = Lab(a.topology, a.prefix, direct=a.direct).up()
+        if a.balancers:
+            # Own session: they keep running after this command; `lab down` stops them.
+            lab.start_balancers(start_new_session=True)
+        print(f"topology {a.topology} up: namespaces {', '.join(lab.plan.namespaces)}; VIP {lab.vip}")
+        return 0
+    if a.cmd == "down":
+        Lab(1, a.prefix).down()  # removes everything with the prefix, whatever the topology
+        return 0
+    try:
+        lab = Lab.existing(a.prefix)
+    except LookupError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if a.cmd == "status":
+        print(json.dumps(lab.status(), indent=2))
+    elif a.cmd == "targets":
+        lab.route_to_servers() if a.to == "servers" else lab.route_to_balancers()
+        print("router targets:", ", ".join(lab.maps.config()[2]))
+    elif a.cmd == "traffic":
+        results = lab.traffic(a.n, lab.plan.host(a.client), a.path)
+        for r in results:
+            print(f"{'ok ' if r.ok else 'ERR'} sport {r.sport} server {r.server} {r.seconds * 1000:.1f} ms"
+                  + (f" {r.error}" if r.error else ""))
+        print(dict(Counter(r.server or "failed" for r in results)))
+        return 0 if all(r.ok for r in results) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""`Lab`: one of the four test topologies, built in network namespaces, with real TCP through it.
+
+    with Lab(topology=2, prefix="rr-") as lab:     # up() on entry, down() on exit
+        lab.start_balancers()                      # `python -m rusty_rail` in each balancer namespace
+        results = lab.traffic(n=20)                # real HTTP GETs client -> VIP
+
+Everything lives in namespaces whose names start with the prefix; nothing is created in the host's
+namespace (veth pairs are created in the lab's net namespace with the peer placed directly in the
+host's namespace). `down()` deletes every namespace with the prefix, so it also cleans up after a
+crashed run.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as _pynetns
+
+from . import decap, netns
+from .bpfobj import bpf_object
+from . import router as _router
+from .topology import (
+    C_BRIDGE,
+    C_PREFIXLEN,
+    C_NET,
+    ROUTER_C,
+    ROUTER_T,
+    S_NET,
+    T_PREFIXLEN,
+    TOPOLOGIES,
+    TUNNEL_GATEWAY,
+    TUNNEL_GATEWAY_MAC,
+    TUNNEL_MTU,
+    V_BRIDGE,
+    V_PREFIXLEN,
+    Host,
+    Plan,
+    plan,
+)
+
+if TYPE_CHECKING:
+    from . import traffic as _traffic
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,15}$")
+
+
+def _check_prefix(prefix: str) -> str:
+    # down() deletes every namespace starting with prefix: an empty or odd one would be dangerous.
+    if not _PREFIX_RE.match(prefix):
+        raise ValueError(f"bad lab prefix {prefix!r} (1-16 of [A-Za-z0-9_.-], not starting with a symbol)")
+    return prefix
+
+
+class Lab:
+    """Namespaces, links and GRE endpoints of one topology. Attributes come from the `Plan`."""
+
+    def __init__(self, topology: int = 1, prefix: str = "rr-", *, direct: bool = False,
+                 python: str = sys.executable) -> None:
+        """direct=True points the router's GRE straight at the servers (no balancer): a test mode."""
+        self.plan: Plan = plan(topology, _check_prefix(prefix))
+        self.direct = direct
+        self.python = python
+        self.maps = _router.RouterMaps(_router.pin_dir(prefix))
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    # The hosts, straight from the plan.
+    topology = property(lambda self: self.plan.topology)
+    prefix = property(lambda self: self.plan.prefix)
+    clients = property(lambda self: self.plan.clients)
+    router = property(lambda self: self.plan.router)
+    balancers = property(lambda self: self.plan.balancers)
+    servers = property(lambda self: self.plan.servers)
+    vip = property(lambda self: self.plan.vip)
+
+    @classmethod
+    def existing(cls, prefix: str = "rr-") -> Lab:
+        """The lab currently up under prefix (e.g. from another process's `lab up`)."""
+        present = set(netns.with_prefix(_check_prefix(prefix)))
+        for topo in sorted(TOPOLOGIES, reverse=True):  # the largest whose namespaces all exist
+            p = plan(topo, prefix)
+            if set(p.namespaces) <= present:
+                lab = cls(topo, prefix)
+                if _pins_exist(lab):
+                    targets = set(lab.maps.config()[2])
+                    lab.direct = bool(targets) and targets <= {s.address for s in p.servers}
+                return lab
+        raise LookupError(f"no lab is up with prefix {prefix!r}")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def up(self) -> Lab:
+        self.down()  # leftovers of a crashed run with the same prefix
+        try:
+            for ns in self.plan.namespaces:
+                netns.create(ns)
+            self._links()
+            self._addresses_and_routes()
+            self._sysctls()
+            netns.offloads_off(self.router.namespace, self.router.device)
+            _router.attach(self.router.namespace, self.router.device, self.maps.pins)
+            self.route_to_servers() if self.direct else self.route_to_balancers()
+            for s in self.servers:
+                decap.attach(s.device, s.namespace)
+                self._start_httpd(s)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        """Stop everything and delete all namespaces with the prefix. Idempotent."""
+        for p in self._procs:
+            if p.poll() is None:
+                p.terminate()
+        # Host namespaces first (their processes are stopped there), the bridges' namespace last.
+        names = netns.with_prefix(self.prefix)
+        for ns in sorted(names, key=lambda n: n == self.plan.net_ns):
+            netns.remove(ns)
+        for p in self._procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._procs.clear()
+        _router.remove_pins(self.prefix)
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # -- running things in the lab -----------------------------------------------------------
+
+    def run(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        return netns.run(ns, argv, **kw)
+
+    def popen(self, ns: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+              host_bpffs: bool = False, **kw: Any) -> subprocess.Popen[bytes]:
+        """Start argv in ns; the lab stops it in down() (it is in a lab namespace).
+
+        host_bpffs=True enters only the network namespace (nsenter --net) so the process sees the
+        host's /sys/fs/bpf (pins); `ip netns exec`, the default, remounts /sys for the namespace's
+        /sys/class/net and so hides it."""
+        p = netns.popen(ns, argv, env=env, host_bpffs=host_bpffs, **kw)
+        self._procs.append(p)
+        return p
+
+    def balancer_env(self, lb: Host) -> dict[str, str]:
+        """The environment `python -m rusty_rail` expects in a balancer namespace."""
+        return {"RR_DEVICE": lb.device, "RR_TARGET_IPS": ";".join(s.address for s in self.servers)}
+
+    def start_balancers(self, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+                        **kw: Any) -> list[subprocess.Popen[bytes]]:
+        """Start the balancer in each balancer namespace and point the router at the balancers.
+
+        argv defaults to `<python> -m rusty_rail`; env is added to balancer_env(lb)."""
+        self.route_to_balancers()
+        cmd = list(argv) if argv else [self.python, "-m", "rusty_rail"]
+        return [self.popen(lb.namespace, cmd, env={**self.balancer_env(lb), **(env or {})}, **kw)
+                for lb in self.balancers]
+
+    def route_to_balancers(self) -> None:
+        self.set_targets([lb.address for lb in self.balancers])
+        self.direct = False
+
+    def route_to_servers(self) -> None:
+        """Test mode: router -> server GRE, no balancer in between."""
+        self.set_targets([s.address for s in self.servers])
+        self.direct = True
+
+    def set_targets(self, addresses: Sequence[str]) -> None:
+        """The router's ECMP set: GRE goes to addresses[flow_slot(...)]."""
+        self.maps.configure(S_NET, self.router.address, addresses)
+
+    def traffic(self, n: int = 10, client: Host | None = None, path: str = "/",
+                timeout: float = 5.0, upload: int = 0) -> list[_traffic.Result]:
+        """n real HTTP GETs (new connection each) from client (default the first) to the VIP;
+        POSTs of `upload` bytes instead when upload > 0."""
+        from . import traffic as _traffic  # lazily: `-m rusty_rail.lab.traffic` must not be pre-imported
+
+        c = client or self.clients[0]
+        out = self.run(c.namespace, [self.python, "-m", "rusty_rail.lab.traffic", "--host", self.vip,
+                                     "-n", str(n), "--path", path, "--timeout", str(timeout),
+                                     "--upload", str(upload)],
+                       timeout=n * timeout + 30)
+        return _traffic.parse(out.stdout)
+
+    def status(self) -> dict[str, Any]:
+        present = set(netns.with_prefix(self.prefix))
+        st: dict[str, Any] = {
+            "prefix": self.prefix,
+            "topology": self.topology,
+            "namespaces": {ns: {"exists": ns in present, "pids": netns.pids(ns) if ns in present else []}
+                           for ns in self.plan.namespaces},
+            "others_with_prefix": sorted(present - set(self.plan.namespaces)),
+        }
+        if _pins_exist(self):
+            service, src, targets = self.maps.config()
+            st["router"] = {"service": service, "src": src, "targets": targets, "stats": self.maps.stats()}
+        st["decap"] = {s.name: decap.status(s.device, s.namespace).attached
+                       for s in self.servers if s.namespace in present}
+        return st
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _links(self) -> None:
+        p = self.plan
+        bridged = [(V_BRIDGE, h) for h in (p.router, *p.balancers, *p.servers)]
+        bridged += [(C_BRIDGE, h) for h in (*p.clients, p.router_c)]
+        with IPRoute(netns=p.net_ns) as ipr:
+            for br in (V_BRIDGE, C_BRIDGE):
+                ipr.link("add", ifname=br, kind="bridge")
+                ipr.link("set", index=ipr.link_lookup(ifname=br)[0], state="up")
+            for br, h in bridged:
+                # The peer is created directly in the host's namespace: no link ever exists in ours.
+                ipr.link("add", ifname=h.bridge_port, kind="veth",
+                         peer={"ifname": h.device, "net_ns_fd": h.namespace, "address": h.mac})
+                ipr.link("set", index=ipr.link_lookup(ifname=h.bridge_port)[0],
+                         master=ipr.link_lookup(ifname=br)[0], state="up")
+        # A veth delivers what an XDP program sends with XDP_TX only when its peer runs XDP too:
+        # give the balancers' bridge ports an XDP_PASS program, so an XDP balancer works here.
+        xdp_pass = str(bpf_object("xdp_pass"))
+        for lb in p.balancers:
+            netns.run(p.net_ns, ["ip", "link", "set", "dev", lb.bridge_port, "xdpdrv", "obj", xdp_pass, "sec", "xdp"])
+
+    def _addresses_and_routes(self) -> None:
+        p = self.plan
+        v_hosts = (p.router, *p.balancers, *p.servers)
+        for h in (*p.clients, p.router_c, *v_hosts):
+            plen = C_PREFIXLEN if h in (*p.clients, p.router_c) else V_PREFIXLEN
+            with IPRoute(netns=h.namespace) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                idx = ipr.link_lookup(ifname=h.device)[0]
+                ipr.link("set", index=idx, state="up")
+                ipr.addr("add", index=idx, address=h.address, prefixlen=plen)
+        for c in p.clients:
+            with IPRoute(netns=c.namespace) as ipr:
+                # MTU 1476 so the client's segments still fit after the router adds 24 bytes of GRE.
+                ipr.route("add", dst="0.0.0.0/0", gateway=ROUTER_C, metrics={"mtu": TUNNEL_MTU})
+        with IPRoute(netns=p.router.namespace) as ipr:
+            idx = ipr.link_lookup(ifname=p.router.device)[0]
+            ipr.addr("add", index=idx, address=ROUTER_T, prefixlen=T_PREFIXLEN)
+            # S goes "via the tunnel gateway": a permanent fake neighbour, so the kernel needs no
+            # ARP before the egress program, which rewrites the frame toward the chosen target.
+            ipr.neigh("add", dst=TUNNEL_GATEWAY, lladdr=TUNNEL_GATEWAY_MAC, ifindex=idx, state="permanent")
+            ipr.route("add", dst=S_NET, gateway=TUNNEL_GATEWAY, oif=idx, metrics={"mtu": TUNNEL_MTU})
+        # Permanent neighbours on network V: the encap program's fib lookup and the balancers'
+        # next-hop lookup find every MAC from the first packet, with no ARP race.
+        for h in v_hosts:
+            with IPRoute(netns=h.namespace) as ipr:
+                idx = ipr.link_lookup(ifname=h.device)[0]
+                for other in v_hosts:
+                    if other is not h:
+                        ipr.neigh("add", dst=other.address, lladdr=other.mac, ifindex=idx, state="permanent")
+                if h is not p.router:
+                    # Replies to clients go to the router as plain IP (DSR), never into a tunnel.
+                    ipr.route("add", dst=C_NET, gateway=p.router.address)
+        for s in p.servers:
+            with IPRoute(netns=s.namespace) as ipr:
+                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=p.vip, prefixlen=32)
+
+    def _sysctls(self) -> None:
+        p = self.plan
+        no_rpf = {"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
+        for c in p.clients:
+            netns.sysctl(c.namespace, {**no_rpf, f"net.ipv4.conf.{c.device}.rp_filter": 0})
+        netns.sysctl(p.router.namespace, {**no_rpf, "net.ipv4.ip_forward": 1,
+                                          "net.ipv4.conf.eth0.rp_filter": 0, "net.ipv4.conf.eth1.rp_filter": 0})
+        for lb in p.balancers:
+            netns.sysctl(lb.namespace, {**no_rpf, f"net.ipv4.conf.{lb.device}.rp_filter": 0})
+        for s in p.servers:
+            # arp_ignore/announce: the VIP is on lo; the server must not answer ARP for it on V.
+            netns.sysctl(s.namespace, {**no_rpf, f"net.ipv4.conf.{s.device}.rp_filter": 0,
+                                       "net.ipv4.conf.all.arp_ignore": 1, "net.ipv4.conf.all.arp_announce": 2})
+
+    def _start_httpd(self, s: Host) -> None:
+        # Listen before the server process starts: connections queue in the backlog, so the
+        # server is "ready" the moment up() returns, with no polling at all.
+        sock = _pynetns.create_socket(s.namespace, socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.vip, 80))
+            sock.listen(128)
+            self.popen(s.namespace, [self.python, "-m", "rusty_rail.lab.httpd", "--name", s.name,
+                                     "--fd", str(sock.fileno())],
+                       pass_fds=[sock.fileno()], start_new_session=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            sock.close()
+
+
+def _pins_exist(lab: Lab) -> bool:
+    return (lab.maps.pins / "rr_encap_cfg").exists()

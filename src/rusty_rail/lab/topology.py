@@ -1,0 +1,101 @@
+"""The addressing plan of the original's four test topologies, as data (no I/O here).
+
+    clients --C-- router --V-- balancers
+                         \\--V-- servers (VIP on lo, GRE decap, replies straight back: DSR)
+
+V 192.168.137.0/24 is a bridge joining router, balancers and servers; C 10.0.0.0/24 is a second
+bridge joining the clients and the router (so two clients share one subnet); S 10.1.0.0/24 holds the
+VIP 10.1.0.1; T 172.16.0.0/22 is the tunnel subnet: the router's route to S points at a fixed
+"tunnel gateway" 172.16.0.2 with a permanent neighbour entry, so the kernel hands packets to S to
+the router's V device without ARPing, and the encap program rewrites them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# (clients, servers, balancers) of topologies 1-4.
+TOPOLOGIES: dict[int, tuple[int, int, int]] = {1: (1, 1, 1), 2: (1, 2, 1), 3: (1, 2, 2), 4: (2, 2, 2)}
+
+V_NET = "192.168.137.0/24"
+V_PREFIXLEN = 24
+C_NET = "10.0.0.0/24"
+C_PREFIXLEN = 24
+S_NET = "10.1.0.0/24"
+VIP = "10.1.0.1"
+T_NET = "172.16.0.0/22"
+T_PREFIXLEN = 22
+ROUTER_V = "192.168.137.1"
+ROUTER_C = "10.0.0.254"
+ROUTER_T = "172.16.0.1"
+TUNNEL_GATEWAY = "172.16.0.2"
+TUNNEL_GATEWAY_MAC = "02:72:72:ff:00:02"  # no such host: the encap program rewrites this MAC
+TUNNEL_MTU = 1476  # 1500 - 20 (outer IPv4) - 4 (GRE)
+V_BRIDGE = "brv"
+C_BRIDGE = "brc"
+
+
+def _mac(net: int, last_octet: int) -> str:
+    # Fixed MACs make the permanent neighbour entries (and packet captures) predictable.
+    return f"02:72:72:{net:02x}:00:{last_octet:02x}"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One end of a link: the namespace, the device inside it, its address and MAC."""
+
+    name: str  # "client1", "router", "lb1", "server2"
+    namespace: str
+    device: str
+    address: str
+    mac: str
+    bridge_port: str  # the veth peer's name on the bridge, in the net namespace
+
+
+@dataclass(frozen=True)
+class Plan:
+    topology: int
+    prefix: str
+    net_ns: str  # holds the two bridges
+    clients: tuple[Host, ...]
+    router_c: Host  # the router's leg on C (eth1)
+    router: Host  # the router's leg on V (eth0): GRE source address, encap program
+    balancers: tuple[Host, ...]
+    servers: tuple[Host, ...]
+    vip: str = VIP
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        hosts = (*self.clients, self.router, *self.balancers, *self.servers)
+        return (self.net_ns, *(h.namespace for h in hosts))
+
+    def host(self, name: str) -> Host:
+        for h in (*self.clients, self.router, *self.balancers, *self.servers):
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+
+def plan(topology: int, prefix: str = "rr-") -> Plan:
+    """The namespaces, devices and addresses of a topology; all namespace names start with prefix."""
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)}, not {topology}")
+    n_clients, n_servers, n_balancers = TOPOLOGIES[topology]
+
+    def v_host(name: str, octet: int, device: str = "eth0", ns: str | None = None) -> Host:
+        return Host(name, ns or prefix + name, device, f"192.168.137.{octet}", _mac(0, octet), f"v-{name}")
+
+    clients = tuple(
+        Host(f"client{i}", f"{prefix}client{i}", "eth0", f"10.0.0.{i}", _mac(1, i), f"c-client{i}")
+        for i in range(1, n_clients + 1)
+    )
+    return Plan(
+        topology=topology,
+        prefix=prefix,
+        net_ns=f"{prefix}net",
+        clients=clients,
+        router_c=Host("router", f"{prefix}router", "eth1", ROUTER_C, _mac(1, 254), "c-router"),
+        router=v_host("router", 1),
+        balancers=tuple(v_host(f"lb{i}", 10 + i) for i in range(1, n_balancers + 1)),
+        servers=tuple(v_host(f"server{i}", 20 + i) for i in range(1, n_servers + 1)),
+    )
