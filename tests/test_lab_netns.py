@@ -6,7 +6,7 @@ leaves nothing behind. Nothing sleeps: servers listen before up() returns, sniff
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import itertools
 import os
 import subprocess
@@ -169,18 +169,52 @@ def _wait_until_served(lab: Lab, deadline_s: float) -> None:
     pytest.fail("the balancers did not start forwarding before the deadline")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("rusty_rail.daemon") is None, reason="no balancer daemon yet")
+def stop_balancers(procs: list[subprocess.Popen]) -> list[dict]:
+    """SIGTERM each balancer and return the one JSON line each prints when it stops."""
+    for p in procs:
+        p.terminate()
+    reports = []
+    for p in procs:
+        out, _ = p.communicate(timeout=20)
+        assert p.returncode == 0, f"balancer exited {p.returncode}"
+        lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+        reports.append(next(r for r in lines if r.get("event") == "stopped"))
+    return reports
+
+
 @pytest.mark.parametrize("engine", ["afpacket", "xdp"])
 @pytest.mark.parametrize("topology", [1, 2, 3, 4])
-def test_through_balancers(prefix: str, topology: int, engine: str) -> None:
+def test_through_balancers(prefix: str, topology: int, engine: str, tmp_path) -> None:
+    log = (tmp_path / "balancers.log").open("w+")
     with Lab(topology, prefix) as lab:
-        procs = lab.start_balancers(env={"RR_ENGINE": engine}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_until_served(lab, 15)
+        procs = lab.start_balancers(env={"RR_ENGINE": engine}, stdout=subprocess.PIPE, stderr=log)
+        try:
+            _wait_until_served(lab, 15)
+        except BaseException:
+            log.seek(0)
+            print(log.read()[-3000:])  # shown by pytest with the failure
+            raise
+        wrapped_before = lab.maps.stats()["encapsulated"]  # a first SYN may beat the balancer's start
+        # The balancer's own host stays reachable while it balances: ping, and TCP to a local service.
+        lb = lab.balancers[0]
+        listener = lab.popen(lb.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "listen", "2222"], stdout=subprocess.PIPE)
+        assert listener.stdout is not None and listener.stdout.readline() == b"listening\n"
         for client in lab.clients:
             results = lab.traffic(n=20, client=client)
             assert [r.error for r in results if not r.ok] == []
             assert {r.server for r in results} == {s.name for s in lab.servers}
+            lab.run(lab.router.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "ping", lb.address])
+            lab.run(lab.router.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "tcp", lb.address, "2222"])
         assert all(p.poll() is None for p in procs), "a balancer exited"
+        encapsulated = lab.maps.stats()["encapsulated"]
+        reports = stop_balancers(procs)
+        forwarded = [r["counters"]["forwarded"] for r in reports]
+        # Every packet the router wrapped once the balancers were up was forwarded, and nothing else
+        # was: the servers' replies (as many packets as the requests) never passed a balancer (DSR).
+        assert encapsulated - wrapped_before <= sum(forwarded) <= encapsulated
+        assert all(r["engine"] == engine for r in reports)
+        if len(procs) > 1:
+            assert all(f > 0 for f in forwarded), "ECMP should use both balancers"
 
 
 def test_encap_resolves_unknown_neighbours(prefix: str) -> None:

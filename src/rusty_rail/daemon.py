@@ -55,20 +55,15 @@ def run_balancer(config: EnvConfig) -> int:
     if kind == EngineKind.XDP:
         from rusty_rail.engines.xdp_engine import XdpEngine
 
-        stats = XdpEngine(config.device, factory).serve_forever()
+        counters = XdpEngine(config.device, factory).serve_forever()
+        engine_stats: dict[str, object] = {}
     else:
         from rusty_rail.engines.afpacket import AfPacketEngine
 
         engine = AfPacketEngine(config.device, None if config.workers > 1 else factory(), config.workers, factory=factory)
         stats = engine.serve_forever()
-    # One line a supervisor or test can parse: what this run did.
-    print(json.dumps({"event": "stopped", "engine": kind.value, "stats": _plain(stats)}), flush=True)
+        counters = stats.balancer
+        engine_stats = {k: v for k, v in vars(stats).items() if k != "balancer"}
+    # One line a supervisor or test can parse: what this run did, in the same words for both engines.
+    print(json.dumps({"event": "stopped", "engine": kind.value, "counters": counters, "engine_stats": engine_stats}), flush=True)
     return 0
-
-
-def _plain(stats: object) -> object:
-    if hasattr(stats, "__dataclass_fields__"):
-        return {k: _plain(getattr(stats, k)) for k in stats.__dataclass_fields__}  # type: ignore[attr-defined]
-    if isinstance(stats, dict):
-        return {str(k): _plain(v) for k, v in stats.items()}
-    return stats
