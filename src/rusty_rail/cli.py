@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("decap", help="GRE decapsulation for servers without a GRE module", add_help=False)
     demo = sub.add_parser("demo", help="topology 4 with real HTTP traffic, a table per backend, torn down after")
     demo.add_argument("--requests", type=int, default=400, help="HTTP requests per client")
-    demo.add_argument("--engine", default="afpacket")
+    demo.add_argument("--engine", default="auto", choices=["auto", "afpacket", "xdp"])
     return parser
 
 
