@@ -224,3 +224,20 @@ def test_encap_resolves_unknown_neighbours(prefix: str) -> None:
         results = lab.traffic(n=10)
         assert [r.error for r in results if not r.ok] == []
         assert lab.maps.stats()["no_neigh"] > 0
+
+
+def test_two_workers_keep_each_flow_on_one_worker(prefix: str) -> None:
+    """--workers 2: real TCP still works (a flow split across workers would still be served by the
+    same Maglev slot, but its connection entry would live twice; the fanout test in
+    test_engine_afpacket.py checks placement), and both workers' counters add up in the report."""
+    with Lab(2, prefix) as lab:
+        procs = lab.start_balancers(env={"RR_ENGINE": "afpacket", "RR_WORKERS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        _wait_until_served(lab, 15)
+        results = lab.traffic(n=40)
+        assert [r.error for r in results if not r.ok] == []
+        assert {r.server for r in results} == {s.name for s in lab.servers}
+        encapsulated = lab.maps.stats()["encapsulated"]
+        (report,) = stop_balancers(procs)
+        assert report["engine_stats"]["workers"] == 2
+        assert report["counters"]["forwarded"] <= encapsulated
+        assert report["counters"]["forwarded"] >= len(results) * 5  # SYN, ACK, request, ACKs, FIN per request
