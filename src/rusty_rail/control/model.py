@@ -13,6 +13,7 @@ from enum import Enum
 from ipaddress import IPv4Address
 from typing import Protocol
 
+from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
 
 
@@ -78,4 +79,9 @@ class Dataplane(Protocol):
 
     def counters(self) -> dict[str, object]:
         """Summed over workers/CPUs: 'forwarded', 'passed', 'drop_<reason>', 'connections',
-        'connection_evictions', 'table_rebuilds', and 'backends': {(service or None, backend): (packets, bytes)}."""
+        'connection_evictions', 'table_rebuilds', and 'backends': {(service or None, backend): (packets, bytes)}.
+        Optional: 'flows': {backend: connection entries naming it} (status shows it when present)."""
+
+    def explain(self, key: FlowKey) -> tuple[IPv4Address | None, str]:
+        """Where a flow would go now and why ('connection entry', 'table slot N', 'no service matches'),
+        without changing any state."""

@@ -1,0 +1,200 @@
+"""`rusty-rail ctl`: talk to a running daemon over its control socket.
+
+    rusty-rail ctl [--socket PATH] status [--json]
+    rusty-rail ctl add|remove|drain|undrain VIP:PORT BACKEND
+    rusty-rail ctl weight VIP:PORT BACKEND N
+    rusty-rail ctl explain CLIENT:PORT VIP:PORT [tcp|udp]
+    rusty-rail ctl reload
+
+VIP:PORT is TCP unless written VIP:PORT/udp; a bare VIP is the every-port service; `open` is the
+single pool of the environment form. Errors are one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from typing import Any
+
+from rusty_rail.control.model import Config
+
+DEFAULT_SOCKET = Config.control_socket
+
+
+class CtlError(Exception):
+    """Anything that stops a ctl command; the message is printed as is."""
+
+
+class ControlClient:
+    """One connection to the daemon; request() may be called many times (top does)."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            hint = " (is `rusty-rail run --config FILE` running? ctl needs root)"
+            raise CtlError(f"cannot reach the daemon at {self.path}: {exc.strerror or exc}{hint}") from None
+        self._sock, self._file = sock, sock.makefile("rwb")
+
+    def request(self, request: dict[str, Any]) -> Any:
+        if self._sock is None:
+            self._connect()
+        try:
+            self._file.write(json.dumps(request).encode() + b"\n")
+            self._file.flush()
+            line = self._file.readline()
+        except OSError as exc:
+            self.close()
+            raise CtlError(f"the daemon at {self.path} did not answer: {exc}") from None
+        if not line:
+            self.close()
+            raise CtlError(f"the daemon at {self.path} closed the connection")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise CtlError(str(answer.get("error", "failed")))
+        return answer.get("result")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._file.close()
+            self._sock.close()
+        self._sock = self._file = None
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _human(n: int | float | None) -> str:
+    """ipvsadm --stats style: 1234 -> 1234, 12345678 -> 12.3M."""
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e4)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if unit != "K" else f"{n / 1e3:.0f}K"
+    return str(int(n))
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """An ipvsadm -L --stats-like table: a service line, then one `->` line per backend."""
+    lines = [
+        f"rusty-rail on {status['device']} ({status['engine']}), {status['mode']} mode, table size {status['table_size']}",
+        f"{'Prot LocalAddress:Port':<30} {'Check':<16} {'Packets':>9} {'Bytes':>9}",
+        f"{'  -> RemoteAddress':<30} {'Weight':>6} {'State':<9} {'Health':<9} {'Flows':>7} {'Packets':>9} {'Bytes':>9}",
+    ]
+    for svc in status["services"]:
+        if svc["vip"] is None:
+            head = "OPEN *"
+        else:
+            head = f"{svc['protocol'].upper():<4} {svc['vip']}:{svc['port'] or '*'}"
+        health = svc["health"]
+        check = health["type"] if health["type"] == "none" else f"{health['type']}:{health['port'] or svc['port']}"
+        lines.append(f"{head:<30} {check:<16} {_human(svc['packets']):>9} {_human(svc['bytes']):>9}")
+        for b in svc["backends"]:
+            lines.append(
+                f"{'  -> ' + b['address']:<30} {b['weight']:>6} {b['state']:<9} {b['health']:<9} "
+                f"{_human(b['flows']):>7} {_human(b['packets']):>9} {_human(b['bytes']):>9}"
+            )
+    c = status["counters"]
+    lines.append(
+        f"forwarded {c['forwarded']}  passed {c['passed']}  connections {c['connections']}  "
+        f"evictions {c['connection_evictions']}  table rebuilds {c['table_rebuilds']}"
+    )
+    drops = {k: v for k, v in c["drops"].items() if v}
+    lines.append("drops " + ("  ".join(f"{k} {v}" for k, v in sorted(drops.items())) if drops else "none"))
+    control = status.get("control", {})
+    if control.get("last_reload_error"):
+        lines.append(f"last reload failed: {control['last_reload_error']}")
+    return "\n".join(lines)
+
+
+def format_explain(result: dict[str, Any]) -> str:
+    if result["backend"] is None:
+        return f"{result['flow']}: dropped ({result['reason']})"
+    return f"{result['flow']}: service {result['service']}, backend {result['backend']} ({result['reason']})"
+
+
+def add_socket_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the daemon's control socket (default {DEFAULT_SOCKET})")
+
+
+def explain_request(client: str, service: str, protocol: str | None) -> dict[str, Any]:
+    return {"cmd": "explain", "client": client, "service": service, "protocol": protocol or "tcp"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rusty-rail ctl", description="Control a running rusty-rail daemon.")
+    add_socket_argument(parser)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    status = sub.add_parser("status", help="services, backends, health, weights, drain state, flows, packets")
+    status.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
+    for name, what in (("add", "add a backend"), ("remove", "remove a backend (its flows are re-hashed)"),
+                       ("drain", "no new flows; established flows stay"), ("undrain", "take new flows again")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("service", metavar="VIP:PORT")
+        p.add_argument("backend", metavar="BACKEND")
+        if name == "add":
+            p.add_argument("--weight", type=int, default=1)
+    weight = sub.add_parser("weight", help="set a backend's weight (rebuilds the table)")
+    weight.add_argument("service", metavar="VIP:PORT")
+    weight.add_argument("backend", metavar="BACKEND")
+    weight.add_argument("weight", metavar="N", type=int)
+    explain = sub.add_parser("explain", help="which backend a flow goes to, and why")
+    explain.add_argument("client", metavar="CLIENT:PORT")
+    explain.add_argument("service", metavar="VIP:PORT")
+    explain.add_argument("protocol", nargs="?", choices=("tcp", "udp"), default="tcp")
+    sub.add_parser("reload", help="reload the configuration file (as SIGHUP)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.cmd == "status":
+        request: dict[str, Any] = {"cmd": "status"}
+    elif args.cmd == "explain":
+        request = explain_request(args.client, args.service, args.protocol)
+    elif args.cmd == "reload":
+        request = {"cmd": "reload"}
+    else:
+        request = {"cmd": args.cmd, "service": args.service, "backend": args.backend}
+        if args.cmd in ("add", "weight"):
+            request["weight"] = args.weight
+    try:
+        with ControlClient(args.socket) as client:
+            result = client.request(request)
+    except CtlError as exc:
+        print(f"rusty-rail ctl: {exc}", file=sys.stderr)
+        return 1
+    if args.cmd == "status":
+        print(json.dumps(result, indent=2) if args.json else format_status(result))
+    elif args.cmd == "explain":
+        print(format_explain(result))
+    elif args.cmd == "reload":
+        for note in result.get("notes", []):
+            print(f"note: {note}")
+        print("reloaded")
+    return 0
+
+
+def explain_main(argv: list[str] | None = None) -> int:
+    """`rusty-rail explain [--socket PATH] CLIENT:PORT VIP:PORT [tcp|udp]` (the same as `ctl explain`)."""
+    parser = argparse.ArgumentParser(prog="rusty-rail explain", description="Which backend a flow goes to, and why.")
+    add_socket_argument(parser)
+    parser.add_argument("client", metavar="CLIENT:PORT")
+    parser.add_argument("service", metavar="VIP:PORT")
+    parser.add_argument("protocol", nargs="?", choices=("tcp", "udp"), default="tcp")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return main(["--socket", args.socket, "explain", args.client, args.service, args.protocol])

@@ -1,0 +1,421 @@
+"""The control plane: configuration + health + runtime changes -> what the data plane serves.
+
+`ControlPlane` owns the runtime state (services, their backends, weights, drain flags, health) and turns
+it into a `DataplaneState`, handed to the data plane only when it differs from the last one:
+
+- a backend that is down (health) or removed is left out: its flows are re-hashed, Maglev moves no other;
+- a drained backend is listed at weight 0: no new flows, its established flows stay until they end;
+- a weight change rebuilds that service's table.
+
+Policies (chosen, so written down):
+- Health: backends start up (see health.py). With every backend of a service down the service has none
+  and its packets are dropped as NO_BACKEND, as IPVS does with no real servers: visible in the drop
+  counters, rather than sending traffic to backends the checks say are dead.
+- Reload: the file is the truth for services, backends and weights, so runtime add/remove/weight changes
+  not written into the file are gone after a reload. Drains are kept for backends that stay: a drain is
+  an operator's maintenance action, and an unrelated reload must not send new flows to a machine being
+  worked on. Health state is kept for backends whose check did not change. Fields that need a restart
+  (device, engine, table_size, control_socket, metrics, workers) are reported, not applied.
+
+Every public method takes the lock, so the socket server, the health checker and SIGHUP may call at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import AddressValueError, IPv4Address
+from typing import Any
+
+from rusty_rail.control.config_file import MAX_WEIGHT
+from rusty_rail.control.health import Target
+from rusty_rail.control.model import Config, Dataplane, DataplaneState, HealthSpec, HealthType
+from rusty_rail.core.flow import FlowKey
+from rusty_rail.core.service import ServiceKey, ServiceProtocol
+
+log = logging.getLogger("rusty_rail.control")
+
+OPEN = "open"
+"""How the single pool of open mode (the environment form) is named in status and ctl."""
+_RESTART_FIELDS = ("device", "engine", "table_size", "control_socket", "metrics", "workers")
+
+
+class ControlError(Exception):
+    """A request that cannot be done; the message is meant for the operator as is."""
+
+
+@dataclass
+class BackendState:
+    address: IPv4Address
+    weight: int
+    drained: bool = False
+    healthy: bool = True
+    health_reason: str = ""
+
+    @property
+    def served_weight(self) -> int | None:
+        """The weight the data plane gets, or None when the backend is left out."""
+        if not self.healthy:
+            return None
+        return 0 if self.drained else self.weight
+
+
+@dataclass
+class ServiceState:
+    key: ServiceKey | None
+    """None: the open-mode pool."""
+    health: HealthSpec
+    backends: dict[IPv4Address, BackendState] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return OPEN if self.key is None else str(self.key)
+
+
+def parse_service(text: str) -> ServiceKey | None:
+    """'10.1.0.1:80', '10.1.0.1:80/udp', '10.1.0.1' (every port), or 'open' (the environment form)."""
+    if text.strip() == OPEN:
+        return None
+    try:
+        return ServiceKey.parse(text.strip())
+    except (ValueError, KeyError):
+        raise ControlError(f"{text!r} is not a service (VIP:PORT, VIP:PORT/udp, VIP or {OPEN})") from None
+
+
+def parse_backend(text: str) -> IPv4Address:
+    try:
+        return IPv4Address(text.strip())
+    except AddressValueError:
+        raise ControlError(f"{text!r} is not an IPv4 address") from None
+
+
+def _services_from(config: Config) -> dict[ServiceKey | None, ServiceState]:
+    if config.open_mode_backends is not None:
+        pool = ServiceState(None, HealthSpec())
+        pool.backends = {b: BackendState(b, 1) for b in config.open_mode_backends}
+        return {None: pool}
+    services: dict[ServiceKey | None, ServiceState] = {}
+    for spec in config.services:
+        state = ServiceState(spec.key, spec.health)
+        state.backends = {b.address: BackendState(b.address, b.weight) for b in spec.backends}
+        services[spec.key] = state
+    return services
+
+
+def _match(services: dict[ServiceKey | None, ServiceState], flow: FlowKey) -> ServiceState | None:
+    """The service a flow belongs to, most specific first (docs/WIRE.md section 10)."""
+    if None in services:
+        return services[None]
+    for key in (
+        (flow.dst, flow.protocol, flow.dport),
+        (flow.dst, flow.protocol, 0),
+        (flow.dst, ServiceProtocol.ANY, 0),
+    ):
+        try:
+            found = services.get(ServiceKey(key[0], ServiceProtocol(key[1]), key[2]))
+        except ValueError:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        config: Config,
+        dataplane: Dataplane,
+        on_targets: Callable[[list[Target]], None] | None = None,
+    ) -> None:
+        """Applies the configuration at once. `on_targets` hears the health-check targets on each change."""
+        self.config = config
+        self.dataplane = dataplane
+        self.on_targets = on_targets
+        self._lock = threading.RLock()
+        self._services = _services_from(config)
+        self._applied: DataplaneState | None = None
+        self.applies = 0
+        self.reloads = 0
+        self.reload_failures = 0
+        self.last_reload_error: str | None = None
+        self.health_transitions = 0
+        self._push()
+
+    # -- the data plane's view ---------------------------------------------------------------------
+
+    @property
+    def open_mode(self) -> bool:
+        return None in self._services
+
+    def dataplane_state(self) -> DataplaneState:
+        with self._lock:
+            return self._state_of(self._services)
+
+    @staticmethod
+    def _state_of(services: dict[ServiceKey | None, ServiceState]) -> DataplaneState:
+        def weights(service: ServiceState) -> dict[IPv4Address, int]:
+            return {b.address: w for b in service.backends.values() if (w := b.served_weight) is not None}
+
+        if None in services:
+            return DataplaneState(None, weights(services[None]))
+        return DataplaneState({key: weights(s) for key, s in services.items() if key is not None})
+
+    def _push(self) -> None:
+        """Apply the current state if it changed (caller holds the lock)."""
+        state = self._state_of(self._services)
+        if self._applied is not None and _same(state, self._applied):
+            return
+        self.dataplane.apply(state)
+        self._applied = state
+        self.applies += 1
+
+    def _commit(self, services: dict[ServiceKey | None, ServiceState], targets_changed: bool) -> None:
+        """Make `services` current, or leave everything as it was if the data plane refuses it."""
+        old = self._services
+        self._services = services
+        try:
+            self._push()
+        except Exception as exc:
+            self._services = old
+            try:
+                self._applied = None
+                self._push()
+            except Exception:
+                log.exception("restoring the previous data-plane state failed")
+            raise ControlError(f"the data plane refused the change: {exc}") from exc
+        if targets_changed and self.on_targets is not None:
+            self.on_targets(self.targets())
+
+    def targets(self) -> list[Target]:
+        """What the health checker should check: every backend of every service with a check."""
+        with self._lock:
+            return [
+                Target(s.key, b, s.health)
+                for s in self._services.values()
+                if s.key is not None and s.health.type != HealthType.NONE
+                for b in s.backends
+            ]
+
+    # -- runtime changes (ctl) ---------------------------------------------------------------------
+
+    def _copy(self) -> dict[ServiceKey | None, ServiceState]:
+        return {
+            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()})
+            for k, s in self._services.items()
+        }
+
+    def _find(self, services: dict[ServiceKey | None, ServiceState], service: ServiceKey | None) -> ServiceState:
+        found = services.get(service)
+        if found is None:
+            known = ", ".join(s.name for s in services.values())
+            raise ControlError(f"no service {OPEN if service is None else service} (services: {known})")
+        return found
+
+    def _backend(self, state: ServiceState, backend: IPv4Address) -> BackendState:
+        found = state.backends.get(backend)
+        if found is None:
+            raise ControlError(f"{backend} is not a backend of {state.name}")
+        return found
+
+    def add(self, service: ServiceKey | None, backend: IPv4Address, weight: int = 1) -> None:
+        _check_weight(weight)
+        with self._lock:
+            services = self._copy()
+            state = self._find(services, service)
+            if backend in state.backends:
+                raise ControlError(f"{backend} is already a backend of {state.name}")
+            state.backends[backend] = BackendState(backend, weight)
+            self._commit(services, targets_changed=True)
+        log.info("added backend %s to %s (weight %d)", backend, state.name, weight,
+                 extra={"service": state.name, "backend": str(backend)})
+
+    def remove(self, service: ServiceKey | None, backend: IPv4Address) -> None:
+        with self._lock:
+            services = self._copy()
+            state = self._find(services, service)
+            self._backend(state, backend)
+            del state.backends[backend]
+            self._commit(services, targets_changed=True)
+        log.info("removed backend %s from %s", backend, state.name, extra={"service": state.name, "backend": str(backend)})
+
+    def drain(self, service: ServiceKey | None, backend: IPv4Address, drained: bool = True) -> None:
+        with self._lock:
+            services = self._copy()
+            state = self._find(services, service)
+            self._backend(state, backend).drained = drained
+            self._commit(services, targets_changed=False)
+        log.info("%s backend %s of %s", "drained" if drained else "undrained", backend, state.name,
+                 extra={"service": state.name, "backend": str(backend)})
+
+    def undrain(self, service: ServiceKey | None, backend: IPv4Address) -> None:
+        self.drain(service, backend, drained=False)
+
+    def set_weight(self, service: ServiceKey | None, backend: IPv4Address, weight: int) -> None:
+        _check_weight(weight)
+        with self._lock:
+            services = self._copy()
+            state = self._find(services, service)
+            self._backend(state, backend).weight = weight
+            self._commit(services, targets_changed=False)
+        log.info("weight of %s in %s is %d", backend, state.name, weight, extra={"service": state.name, "backend": str(backend)})
+
+    def set_health(self, service: ServiceKey, backend: IPv4Address, up: bool, reason: str = "") -> None:
+        """From the health checker. A report for a backend removed meanwhile is ignored."""
+        with self._lock:
+            current = self._services.get(service)
+            if current is None or backend not in current.backends:
+                return
+            if current.backends[backend].healthy == up:
+                current.backends[backend].health_reason = reason
+                return
+            services = self._copy()
+            b = services[service].backends[backend]
+            b.healthy, b.health_reason = up, reason
+            self.health_transitions += 1
+            self._commit(services, targets_changed=False)
+
+    # -- reload ------------------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> list[str]:
+        """Serve the services of `config` (already checked by load_config). Returns notes on fields
+        that need a restart. On any failure the running state stays, and ControlError says why."""
+        notes = [
+            f"{name} changed from {getattr(self.config, name)!r} to {getattr(config, name)!r}: takes effect after a restart"
+            for name in _RESTART_FIELDS
+            if getattr(self.config, name) != getattr(config, name)
+        ]
+        with self._lock:
+            try:
+                if (config.open_mode_backends is None) != (self.config.open_mode_backends is None):
+                    raise ControlError("cannot switch between open mode and services without a restart")
+                services = _services_from(config)
+                for key, state in services.items():
+                    before = self._services.get(key)
+                    if before is None:
+                        continue
+                    for address, backend in state.backends.items():
+                        old = before.backends.get(address)
+                        if old is None:
+                            continue
+                        backend.drained = old.drained
+                        if before.health == state.health:
+                            backend.healthy, backend.health_reason = old.healthy, old.health_reason
+                self._commit(services, targets_changed=True)
+            except ControlError as exc:
+                self.reload_failures += 1
+                self.last_reload_error = str(exc)
+                raise
+            self.config = dataclasses.replace(self.config, services=config.services)
+            self.reloads += 1
+            self.last_reload_error = None
+        return notes
+
+    def note_reload_failure(self, reason: str) -> None:
+        """A reload that failed before reaching the plane (the file did not load)."""
+        with self._lock:
+            self.reload_failures += 1
+            self.last_reload_error = reason
+
+    # -- inspection --------------------------------------------------------------------------------
+
+    def explain(self, flow: FlowKey) -> dict[str, Any]:
+        with self._lock:
+            matched = _match(self._services, flow)
+        backend, reason = self.dataplane.explain(flow)
+        return {
+            "flow": f"{flow.src}:{flow.sport} -> {flow.dst}:{flow.dport} {_proto_name(flow.protocol)}",
+            "service": None if matched is None else matched.name,
+            "backend": None if backend is None else str(backend),
+            "reason": reason,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Everything ctl status, top and the metrics show, JSON-able."""
+        with self._lock:
+            services = self._copy()
+            control = {
+                "applies": self.applies,
+                "reloads": self.reloads,
+                "reload_failures": self.reload_failures,
+                "last_reload_error": self.last_reload_error,
+                "health_transitions": self.health_transitions,
+            }
+        counters = self.dataplane.counters()
+        per_backend = _per_backend(counters.get("backends", {}))
+        flows = {IPv4Address(k): int(v) for k, v in dict(counters.get("flows", {}) or {}).items()}  # type: ignore[call-overload]
+        out_services = []
+        for state in services.values():
+            checked = state.key is not None and state.health.type != HealthType.NONE
+            backends: list[dict[str, Any]] = []
+            for b in state.backends.values():
+                packets, nbytes = per_backend.get((state.key, b.address), (0, 0))
+                backends.append({
+                    "address": str(b.address),
+                    "weight": b.weight,
+                    "drained": b.drained,
+                    "health": ("up" if b.healthy else "down") if checked else "unchecked",
+                    "health_reason": b.health_reason,
+                    "served_weight": b.served_weight,
+                    "state": "down" if not b.healthy else "drained" if b.drained or b.weight == 0 else "active",
+                    "packets": packets,
+                    "bytes": nbytes,
+                    "flows": flows.get(b.address) if flows else None,
+                })
+            out_services.append({
+                "service": state.name,
+                "vip": None if state.key is None else str(state.key.vip),
+                "protocol": None if state.key is None else state.key.protocol.name.lower(),
+                "port": None if state.key is None else state.key.port,
+                "health": {"type": state.health.type.value, **(
+                    {k: getattr(state.health, k) for k in ("port", "path", "interval", "timeout", "rise", "fall")}
+                    if checked else {})},
+                "packets": sum(b["packets"] for b in backends),
+                "bytes": sum(b["bytes"] for b in backends),
+                "backends": backends,
+            })
+        drops = {k[len("drop_"):]: int(v) for k, v in counters.items() if k.startswith("drop_")}  # type: ignore[call-overload]
+        return {
+            "mode": "open" if None in services else "services",
+            "device": self.config.device,
+            "engine": self.config.engine,
+            "table_size": self.config.table_size,
+            "services": out_services,
+            "counters": {
+                "forwarded": int(counters.get("forwarded", 0)),  # type: ignore[call-overload]
+                "passed": int(counters.get("passed", 0)),  # type: ignore[call-overload]
+                "drops": drops,
+                "connections": int(counters.get("connections", 0)),  # type: ignore[call-overload]
+                "connection_evictions": int(counters.get("connection_evictions", 0)),  # type: ignore[call-overload]
+                "table_rebuilds": int(counters.get("table_rebuilds", 0)),  # type: ignore[call-overload]
+            },
+            "control": control,
+        }
+
+
+def _check_weight(weight: int) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise ControlError(f"weight {weight!r} is not a whole number in 0..{MAX_WEIGHT}")
+
+
+def _same(a: DataplaneState, b: DataplaneState) -> bool:
+    def plain(s: DataplaneState) -> object:
+        services = None if s.services is None else {k: dict(v) for k, v in s.services.items()}
+        return services, dict(s.open_backends)
+
+    return plain(a) == plain(b)
+
+
+def _per_backend(raw: object) -> dict[tuple[ServiceKey | None, IPv4Address], tuple[int, int]]:
+    out: dict[tuple[ServiceKey | None, IPv4Address], tuple[int, int]] = {}
+    for (service, backend), (packets, nbytes) in dict(raw).items():  # type: ignore[call-overload]
+        key = (service, IPv4Address(backend))
+        p, b = out.get(key, (0, 0))
+        out[key] = (p + int(packets), b + int(nbytes))
+    return out
+
+
+def _proto_name(protocol: int) -> str:
+    return {6: "tcp", 17: "udp", 1: "icmp"}.get(protocol, f"proto {protocol}")

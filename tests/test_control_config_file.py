@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from rusty_rail.config import ConfigError, EngineKind, EnvConfig
+from rusty_rail.control.config_file import config_from_env, load_config, loads_config
+from rusty_rail.control.model import BackendSpec, HealthType
+from rusty_rail.core.service import ServiceKey, ServiceProtocol
+
+REPO = Path(__file__).resolve().parent.parent
+
+ISSUE_EXAMPLE = """
+device = "eth0"
+engine = "auto"                 # auto | xdp | afpacket
+table_size = 65537              # prime
+control_socket = "/run/rusty-rail/control.sock"
+metrics = "127.0.0.1:9100"      # Prometheus endpoint; absent = off
+[[services]]
+vip = "10.1.0.1"
+protocol = "tcp"                # tcp | udp | any
+port = 80                       # 0 = every port
+backends = ["10.2.0.1", { address = "10.2.0.2", weight = 2 }]
+[services.health]
+type = "tcp"                    # tcp | http | none
+port = 8080
+interval = 1.0
+timeout = 0.5
+rise = 2
+fall = 2
+"""
+
+MINIMAL = 'device = "eth0"\n[[services]]\nvip = "10.1.0.1"\nport = 80\nbackends = ["10.2.0.1"]\n'
+
+
+def test_the_issue_example() -> None:
+    config = loads_config(ISSUE_EXAMPLE)
+    assert config.device == "eth0" and config.engine == "auto" and config.table_size == 65537
+    assert config.metrics == "127.0.0.1:9100" and config.open_mode_backends is None
+    (service,) = config.services
+    assert service.key == ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.TCP, 80)
+    assert service.backends == (BackendSpec(IPv4Address("10.2.0.1"), 1), BackendSpec(IPv4Address("10.2.0.2"), 2))
+    assert service.health.type == HealthType.TCP and service.health.port == 8080
+    assert (service.health.rise, service.health.fall, service.health.timeout) == (2, 2, 0.5)
+
+
+def test_defaults() -> None:
+    config = loads_config(MINIMAL)
+    assert config.metrics is None and config.control_socket == "/run/rusty-rail/control.sock"
+    assert config.services[0].key.protocol == ServiceProtocol.TCP
+    assert config.services[0].health.type == HealthType.NONE
+    every_port = loads_config('device = "eth0"\n[[services]]\nvip = "10.1.0.1"\nbackends = []\n')
+    assert every_port.services[0].key == ServiceKey(IPv4Address("10.1.0.1"))
+
+
+def test_http_check_and_udp() -> None:
+    text = MINIMAL + '[services.health]\ntype = "http"\npath = "/healthz"\n' + \
+        '[[services]]\nvip = "10.1.0.1"\nprotocol = "udp"\nport = 53\nbackends = ["10.2.0.1"]\n'
+    config = loads_config(text)
+    assert config.services[0].health.path == "/healthz"
+    assert config.services[1].key == ServiceKey.parse("10.1.0.1:53/udp")
+
+
+def _svc(extra: str = "", backends: str = '["10.2.0.1"]', health: str = "") -> str:
+    text = f'device = "eth0"\n[[services]]\nvip = "10.1.0.1"\nport = 80\nbackends = {backends}\n{extra}'
+    return text + (f"[services.health]\n{health}" if health else "")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('engine = "dpdk"\n' + MINIMAL, 'engine: "dpdk" is not one of auto, afpacket, xdp'),
+        ("table_size = 65536\n" + MINIMAL, "table_size: 65536 is not prime"),
+        ("table_size = true\n" + MINIMAL, "table_size: true is not a whole number"),
+        ('colour = "red"\n' + MINIMAL, "colour: unknown key"),
+        ('metrics = "9100"\n' + MINIMAL, 'metrics: "9100" is not host:port'),
+        ('metrics = "127.0.0.1:99999"\n' + MINIMAL, "port 99999 is not in 1..65535"),
+        ('control_socket = "rel/ctl.sock"\n' + MINIMAL, "control_socket: \"rel/ctl.sock\" is not an absolute path"),
+        ('device = "eth0"\n', "services: none configured"),
+        ('[[services]]\nvip = "10.1.0.1"\n', "device: missing"),
+        ('device = "eth 0"\n' + MINIMAL.split("\n", 1)[1], 'device: "eth 0" is not an interface name'),
+        (_svc(backends='["10.2.0.1", { address = "10.2.0.2", weight = -1 }]'), "services[0].backends[1].weight: -1 is not >= 0"),
+        (_svc(backends='["10.2.0.1", "10.2.0.300"]'), 'services[0].backends[1]: "10.2.0.300" is not an IPv4 address'),
+        (_svc(backends='["10.2.0.1", "10.2.0.1"]'), "services[0].backends[1]: 10.2.0.1 is already backends[0]"),
+        (_svc(backends='[{ address = "10.2.0.1", wieght = 2 }]'), "services[0].backends[0].wieght: unknown key"),
+        (_svc(backends='[{ weight = 2 }]'), "services[0].backends[0].address: missing"),
+        (_svc(backends='"10.2.0.1"'), 'services[0].backends: "10.2.0.1" is not a list'),
+        (_svc('protocol = "sctp"\n'), 'services[0].protocol: "sctp" is not one of tcp, udp, any'),
+        (_svc('protocol = "any"\n'), "services[0].port: 80 needs protocol"),
+        ('device = "eth0"\n[[services]]\nvip = "10.1.0.1"\nport = 70000\n', "services[0].port: 70000 is not <= 65535"),
+        ('device = "eth0"\n[[services]]\nvip = "nope"\n', 'services[0].vip: "nope" is not an IPv4 address'),
+        ('device = "eth0"\n[[services]]\nport = 80\n', "services[0].vip: missing"),
+        (MINIMAL + MINIMAL.split("\n", 1)[1], "services[1]: 10.1.0.1:80/tcp is already services[0]"),
+        (_svc(health='type = "icmp"\n'), 'services[0].health.type: "icmp" is not one of tcp, http, none'),
+        (_svc(health='type = "tcp"\nintervall = 2\n'), "services[0].health.intervall: unknown key"),
+        (_svc(health='type = "tcp"\ninterval = 0\n'), "services[0].health.interval: 0 is not > 0"),
+        (_svc(health='type = "tcp"\ninterval = 1.0\ntimeout = 2.0\n'), "services[0].health.timeout: 2.0 is not <= interval (1.0)"),
+        (_svc(health='type = "tcp"\nrise = 0\n'), "services[0].health.rise: 0 is not >= 1"),
+        (_svc(health='type = "tcp"\npath = "/x"\n'), 'services[0].health.path: "/x" is only for type "http"'),
+        (_svc(health='type = "http"\npath = "x"\n'), 'services[0].health.path: "x" is not an absolute URL path'),
+        ('device = "eth0"\n[[services]]\nvip = "10.1.0.1"\n[services.health]\ntype = "tcp"\n', "services[0].health.port: 0"),
+        ("device = \n", "not valid TOML"),
+    ],
+)
+def test_errors_name_key_and_value(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads_config(text)
+    assert message in str(info.value)
+
+
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("device = [")
+    with pytest.raises(ConfigError, match=f"{bad}: not valid TOML"):
+        load_config(bad)
+
+
+def test_the_example_in_deploy_loads() -> None:
+    config = load_config(REPO / "deploy" / "config.example.toml")
+    assert config.services and config.metrics
+
+
+def test_config_from_env_is_open_mode() -> None:
+    env = EnvConfig("eth0", (IPv4Address("10.2.0.1"), IPv4Address("10.2.0.2")), EngineKind.XDP, 2, 251)
+    config = config_from_env(env)
+    assert config.open_mode_backends == env.targets and config.services == ()
+    assert (config.engine, config.workers, config.table_size) == ("xdp", 2, 251)

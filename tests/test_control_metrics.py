@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from rusty_rail.control.metrics import MetricsServer
+from rusty_rail.control.plane import ControlPlane
+from tests.control_fakes import B2, WEB, FakeDataplane, two_services
+
+
+def _samples(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_scrape_over_http() -> None:
+    plane = ControlPlane(two_services(), FakeDataplane())
+    plane.set_health(WEB, B2, False)
+    server = MetricsServer(plane, "127.0.0.1", 0)
+    server.start()
+    try:
+        samples = _samples(server.port)
+    finally:
+        server.stop()
+    web_b1 = (("backend", "10.2.0.1"), ("service", "10.1.0.1:80/tcp"))
+    web_b2 = (("backend", "10.2.0.2"), ("service", "10.1.0.1:80/tcp"))
+    assert samples[("rusty_rail_backend_packets_total", web_b1)] == 7
+    assert samples[("rusty_rail_backend_bytes_total", web_b2)] == 300
+    assert samples[("rusty_rail_backend_up", web_b1)] == 1
+    assert samples[("rusty_rail_backend_up", web_b2)] == 0
+    assert samples[("rusty_rail_backend_weight", web_b2)] == 2
+    assert samples[("rusty_rail_drops_total", (("reason", "no_service"),))] == 2
+    assert samples[("rusty_rail_connections", ())] == 5
+    assert samples[("rusty_rail_connection_evictions_total", ())] == 1
+    assert samples[("rusty_rail_table_rebuilds_total", ())] == 4
+    assert samples[("rusty_rail_health_transitions_total", ())] == 1
+    assert samples[("rusty_rail_backend_flows", (("backend", "10.2.0.1"),))] == 4
+    # our own registry: no process or Python collector metrics from the global one
+    assert not any(name.startswith(("process_", "python_")) for name, _ in samples)
+
+
+def test_from_address() -> None:
+    server = MetricsServer.from_address("127.0.0.1:9100", ControlPlane(two_services(), FakeDataplane()))
+    assert (server.host, server.port) == ("127.0.0.1", 9100)
