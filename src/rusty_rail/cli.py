@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -24,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("lab", help="the namespace lab: lab up --topology N | down | status", add_help=False)
     sub.add_parser("decap", help="GRE decapsulation for servers without a GRE module", add_help=False)
+    run = sub.add_parser("run", help="run the balancer from a configuration file")
+    run.add_argument("--config", required=True, help="TOML file (see deploy/config.example.toml)")
+    sub.add_parser("ctl", help="status and changes of a running balancer", add_help=False)
+    sub.add_parser("top", help="live view of a running balancer", add_help=False)
+    sub.add_parser("explain", help="which backend a flow goes to, and why", add_help=False)
     demo = sub.add_parser("demo", help="topology 4 with real HTTP traffic, a table per backend, torn down after")
     demo.add_argument("--requests", type=int, default=400, help="HTTP requests per client")
     demo.add_argument("--engine", default="auto", choices=["auto", "afpacket", "xdp"])
@@ -34,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from rusty_rail.control.logs import setup_logging
+
+    setup_logging(args.verbose)
     if args.command == "lab":
         from rusty_rail.lab.cli import main as lab_main
 
@@ -46,13 +51,51 @@ def main(argv: list[str] | None = None) -> int:
         from rusty_rail.lab.decap import main as decap_main
 
         return decap_main(rest)
+    if args.command in ("ctl", "explain"):
+        from rusty_rail.control import ctl
+
+        return ctl.main(rest) if args.command == "ctl" else ctl.explain_main(rest)
+    if args.command == "top":
+        from rusty_rail.control.top import main as top_main
+
+        return top_main(rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "demo":
         from rusty_rail.lab.demo import run_demo
 
         return run_demo(requests_per_client=args.requests, engine=args.engine)
+    if args.command == "run":
+        return run_from_file(args.config, args.workers)
     return run_from_environment(args.workers)
+
+
+def _need_root() -> bool:
+    if os.geteuid() != 0:
+        print("rusty-rail: the balancer needs root (raw packet sockets and BPF on the device)", file=sys.stderr)
+        return True
+    return False
+
+
+def run_from_file(path: str, workers: int | None) -> int:
+    from rusty_rail.config import ConfigError
+    from rusty_rail.control.config_file import load_config
+
+    try:
+        config = load_config(path)  # every error before anything is attached
+    except ConfigError as exc:
+        print(f"rusty-rail: {path}: {exc}", file=sys.stderr)
+        return 1
+    if workers is not None:
+        if workers < 1:
+            print("rusty-rail: --workers must be at least 1", file=sys.stderr)
+            return 2
+        config = dataclasses.replace(config, workers=workers)
+    if _need_root():
+        return 2
+    from rusty_rail.daemon import run_with_config
+
+    return run_with_config(config, path)
 
 
 def run_from_environment(workers: int | None) -> int:
@@ -67,13 +110,13 @@ def run_from_environment(workers: int | None) -> int:
         if workers < 1:
             print("rusty-rail: --workers must be at least 1", file=sys.stderr)
             return 2
-        config = type(config)(config.device, config.targets, config.engine, workers, config.table_size)
-    if os.geteuid() != 0:
-        print("rusty-rail: the balancer needs root (raw packet sockets on the device)", file=sys.stderr)
+        config = dataclasses.replace(config, workers=workers)
+    if _need_root():
         return 2
-    from rusty_rail.daemon import run_balancer
+    from rusty_rail.control.config_file import config_from_env
+    from rusty_rail.daemon import run_with_config
 
-    return run_balancer(config)
+    return run_with_config(config_from_env(config))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ class EnvConfig:
     """RR_WORKERS: packet worker processes on the AF_PACKET engine."""
     table_size: int = DEFAULT_TABLE_SIZE
     """RR_TABLE_SIZE: Maglev table size, a prime."""
+    control_socket: str | None = None
+    """RR_CONTROL_SOCKET: path of the control socket (`rusty-rail ctl`); unset: none."""
+    metrics: str | None = None
+    """RR_METRICS: host:port of the Prometheus endpoint; unset: none."""
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -92,4 +96,12 @@ def from_environment(env: Mapping[str, str] | None = None) -> EnvConfig:
     table_size = _int(env, "RR_TABLE_SIZE", DEFAULT_TABLE_SIZE, 3)
     if not is_prime(table_size):
         raise ConfigError(f"RR_TABLE_SIZE: {table_size} is not prime")
-    return EnvConfig(device, targets, engine, _int(env, "RR_WORKERS", 1, 1), table_size)
+    control_socket = env.get("RR_CONTROL_SOCKET", "").strip() or None
+    if control_socket is not None and not control_socket.startswith("/"):
+        raise ConfigError(f"RR_CONTROL_SOCKET: {control_socket!r} is not an absolute path")
+    metrics = env.get("RR_METRICS", "").strip() or None
+    if metrics is not None:
+        host, _, port = metrics.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"RR_METRICS: {metrics!r} is not host:port")
+    return EnvConfig(device, targets, engine, _int(env, "RR_WORKERS", 1, 1), table_size, control_socket, metrics)

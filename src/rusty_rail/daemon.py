@@ -1,12 +1,18 @@
-"""Runs one balancer: picks the engine, builds the balancer, serves until SIGTERM/SIGINT."""
+"""Runs one balancer: picks the engine, builds the balancer, runs the control plane around it.
+
+Both configuration forms end here as a `Config`: the environment form (RR_DEVICE, RR_TARGET_IPS) is
+open mode, every GRE packet balanced; a config file lists services and nothing else is balanced.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
-from rusty_rail.config import EngineKind, EnvConfig
+from rusty_rail.config import EngineKind
+from rusty_rail.control.model import Config
 from rusty_rail.core.balancer import Balancer
 
 log = logging.getLogger("rusty_rail.daemon")
@@ -24,46 +30,61 @@ def choose_engine(requested: EngineKind) -> tuple[EngineKind, str]:
         available, why = xdp_available()
     if requested == EngineKind.XDP:
         if not available:
-            raise RuntimeError(f"RR_ENGINE=xdp but XDP cannot run here: {why}")
-        return EngineKind.XDP, "RR_ENGINE=xdp"
+            raise RuntimeError(f"engine xdp was asked for but XDP cannot run here: {why}")
+        return EngineKind.XDP, "engine xdp asked for"
     if available:
         return EngineKind.XDP, f"auto: XDP loads here ({why})"
     return EngineKind.AFPACKET, f"auto: XDP unavailable ({why}), using AF_PACKET rings"
 
 
-def balancer_factory(config: EnvConfig) -> Callable[[], Balancer]:
+def balancer_factory(config: Config) -> Callable[[], Balancer]:
+    """Builds an empty balancer for the device; the control plane gives it its backends."""
     from rusty_rail.engines.neighbours import device_info
 
     _, mac, address = device_info(config.device)
+    services = config.open_mode_backends is None
 
     def make() -> Balancer:
-        return Balancer(address, mac, config.targets, table_size=config.table_size)
+        return Balancer(address, mac, table_size=config.table_size, services=services)
 
     return make
 
 
-def run_balancer(config: EnvConfig) -> int:
+def run_with_config(config: Config, config_path: str | None = None) -> int:
+    from rusty_rail.control.daemon_runner import run_config
     from rusty_rail.engines.neighbours import DeviceError
 
     try:
         factory = balancer_factory(config)
-        kind, why = choose_engine(config.engine)
+        kind, why = choose_engine(EngineKind(config.engine))
     except (DeviceError, RuntimeError) as exc:
         log.error("%s", exc)
         return 1
-    log.info("engine %s on %s: %s; backends %s", kind.value, config.device, why, ", ".join(map(str, config.targets)))
+    log.info("engine %s on %s: %s", kind.value, config.device, why, extra={"event": "engine", "engine": kind.value})
+    engine: Any
     if kind == EngineKind.XDP:
-        from rusty_rail.engines.xdp_engine import XdpEngine
+        from rusty_rail.engines.xdp_dataplane import XdpDataplane
 
-        counters = XdpEngine(config.device, factory).serve_forever()
-        engine_stats: dict[str, object] = {}
+        engine = XdpDataplane(config.device, factory)
+        serve = engine.serve
     else:
         from rusty_rail.engines.afpacket import AfPacketEngine
 
-        engine = AfPacketEngine(config.device, None if config.workers > 1 else factory(), config.workers, factory=factory)
-        stats = engine.serve_forever()
-        counters = stats.balancer
-        engine_stats = {k: v for k, v in vars(stats).items() if k != "balancer"}
+        if config.workers == 1:  # the balancer lives in this process; the control plane changes it directly
+            engine = AfPacketEngine(config.device, factory(), 1)
+        else:  # each forked worker builds its own; the control plane reaches them over pipes
+            engine = AfPacketEngine(config.device, None, config.workers, factory=factory)
+        serve = engine.run
+    try:
+        result = run_config(config, engine, serve, config_path=config_path)
+    except OSError as exc:  # the control socket in use, the metrics port taken, ...
+        log.error("%s", exc)
+        return 1
+    if kind == EngineKind.XDP:
+        counters, engine_stats = result, {}
+    else:
+        counters = result.balancer
+        engine_stats = {k: v for k, v in vars(result).items() if k != "balancer"}
     # One line a supervisor or test can parse: what this run did, in the same words for both engines.
     print(json.dumps({"event": "stopped", "engine": kind.value, "counters": counters, "engine_stats": engine_stats}), flush=True)
     return 0

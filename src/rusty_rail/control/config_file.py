@@ -269,6 +269,8 @@ def config_from_env(env: EnvConfig) -> Config:
         device=env.device,
         engine=env.engine.value,
         table_size=env.table_size,
+        control_socket=env.control_socket,
+        metrics=env.metrics,
         open_mode_backends=tuple(env.targets),
         workers=env.workers,
     )

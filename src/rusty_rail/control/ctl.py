@@ -20,7 +20,7 @@ from typing import Any
 
 from rusty_rail.control.model import Config
 
-DEFAULT_SOCKET = Config.control_socket
+DEFAULT_SOCKET = str(Config.control_socket)
 
 
 class CtlError(Exception):

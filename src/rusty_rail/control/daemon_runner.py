@@ -45,7 +45,11 @@ class Daemon:
         self.config_path = config_path
         self.checker = checker if checker is not None else HealthChecker(on_change=self._health_changed, clock=clock)
         self.plane = ControlPlane(config, dataplane, on_targets=self.checker.set_targets)
-        self.server = ControlServer(config.control_socket, Commands(self.plane, self.reload if config_path else None))
+        self.server = (
+            ControlServer(config.control_socket, Commands(self.plane, self.reload if config_path else None))
+            if config.control_socket
+            else None
+        )
         self.metrics = MetricsServer.from_address(config.metrics, self.plane) if config.metrics else None
         self._reload_lock = threading.Lock()
         self._reload_wanted = threading.Event()
@@ -59,7 +63,8 @@ class Daemon:
         self.checker.set_targets(self.plane.targets())
         self.checker.start()
         try:
-            self.server.start()
+            if self.server is not None:
+                self.server.start()
             if self.metrics is not None:
                 self.metrics.start()
         except BaseException:
@@ -72,7 +77,8 @@ class Daemon:
         self._closing.set()
         self._reload_wanted.set()
         self.checker.stop()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
         if self.metrics is not None:
             self.metrics.stop()
         if self._reloader is not None:

@@ -53,7 +53,8 @@ class Config:
     device: str
     engine: str = "auto"
     table_size: int = 65537
-    control_socket: str = "/run/rusty-rail/control.sock"
+    control_socket: str | None = "/run/rusty-rail/control.sock"
+    """None: no control socket (the environment form without RR_CONTROL_SOCKET)."""
     metrics: str | None = None
     """host:port of the Prometheus endpoint; None: off."""
     services: tuple[ServiceSpec, ...] = ()

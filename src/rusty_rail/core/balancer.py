@@ -140,7 +140,7 @@ class Balancer:
         """Every backend of every pool (the engines resolve their next hops)."""
         return self._all_backends
 
-    def _pool_for(self, key: bytes) -> Pool | None:
+    def pool_for(self, key: bytes) -> Pool | None:
         """The service a flow key belongs to (see service.py for the order)."""
         if self._default is not None:
             return self._default
@@ -236,7 +236,7 @@ class Balancer:
         if key is None:
             return self._drop(DropReason.INNER_TRUNCATED)
 
-        pool = self._default or self._pool_for(key)
+        pool = self._default or self.pool_for(key)
         if pool is None:
             return self._drop(DropReason.NO_SERVICE)
         backend = self.connections.lookup(key, now)
@@ -268,7 +268,7 @@ class Balancer:
     def explain(self, key: FlowKey, now: float) -> tuple[IPv4Address | None, str]:
         """Where a flow goes and why: ('connection entry' or 'table slot N'), without changing state."""
         packed = key.packed
-        pool = self._pool_for(packed)
+        pool = self.pool_for(packed)
         if pool is None:
             return None, "no service matches"
         remembered = self.connections.peek(packed, now)

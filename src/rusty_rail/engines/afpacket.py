@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from rusty_rail.engines import hostfilter
@@ -122,8 +123,12 @@ class Worker:
         ring_options: dict[str, Any] | None = None,
         neighbour_interval: float = 1.0,
         poll_ms: int = 100,
+        control: Connection | None = None,
     ) -> None:
         self.device = device
+        self.control = control
+        """A pipe to the supervisor (forked workers): apply / counters / explain requests."""
+        self._dataplane: Any = None
         self.ifindex, self.mac, self.address = device_info(device)
         self.balancer = balancer
         self.decide: Decide = balancer.decide if hasattr(balancer, "decide") else balancer  # type: ignore[union-attr]
@@ -183,6 +188,10 @@ class Worker:
         monotonic = time.monotonic
         poller = select.poll()
         poller.register(ring.sock, select.POLLIN | select.POLLERR)
+        control = self.control
+        if control is not None:
+            poller.register(control.fileno(), select.POLLIN)  # a control request wakes an idle worker
+        next_control = 0.0
 
         self.refresh_neighbours()
         now = monotonic()
@@ -197,6 +206,8 @@ class Worker:
                 if now >= next_house:
                     next_house = now + self.neighbour_interval
                     self._housekeeping()
+                if control is not None and control.poll():
+                    self.serve_control()
                 poller.poll(self.poll_ms)
                 continue
 
@@ -257,10 +268,38 @@ class Worker:
             if now >= next_house:
                 next_house = now + self.neighbour_interval
                 self._housekeeping()
+            if control is not None and now >= next_control:  # busy: look at most every 50 ms
+                next_control = now + 0.05
+                if control.poll():
+                    self.serve_control()
         ring.tx_kick()
         self._housekeeping()
         stats.balancer = _balancer_counters(self.balancer)
         return stats
+
+    def serve_control(self) -> None:
+        """Answer the supervisor's requests: ("apply", DataplaneState), ("counters",), ("explain", key)."""
+        from rusty_rail.control.balancer_dataplane import BalancerDataplane
+
+        assert self.control is not None
+        if self._dataplane is None:
+            self._dataplane = BalancerDataplane(self.balancer)  # type: ignore[arg-type]
+        while self.control.poll():
+            request = self.control.recv()
+            try:
+                if request[0] == "apply":
+                    self._dataplane.apply(request[1])
+                    reply: Any = None
+                elif request[0] == "counters":
+                    reply = self._dataplane.counters()
+                elif request[0] == "explain":
+                    reply = self._dataplane.explain(request[1])
+                else:
+                    raise ValueError(f"unknown request {request[0]!r}")
+            except Exception as exc:  # the supervisor reports it; the worker keeps forwarding
+                self.control.send(("error", f"{type(exc).__name__}: {exc}"))
+            else:
+                self.control.send(("ok", reply))
 
     def _housekeeping(self) -> None:
         self.refresh_neighbours()
@@ -310,10 +349,14 @@ class AfPacketEngine:
         self.stats = EngineStats(workers=workers)
         self.ready = threading.Event()
         """Set once every worker listens and the host filter is in place."""
+        self._state: Any = None
+        self._controls: list[Connection] = []
+        self._control_lock = threading.Lock()
+        self._local: Any = None
 
     # -- one worker, in this process ----------------------------------------------------------------
 
-    def _make_worker(self, fanout: bool) -> Worker:
+    def _make_worker(self, fanout: bool, control: Connection | None = None) -> Worker:
         balancer = self.factory() if self.factory is not None else self.balancer
         assert balancer is not None
         worker = Worker(
@@ -322,6 +365,7 @@ class AfPacketEngine:
             ring_options=self.ring_options,
             neighbour_interval=self.neighbour_interval,
             poll_ms=self.poll_ms,
+            control=control,
         )
         if fanout:
             try:
@@ -355,13 +399,13 @@ class AfPacketEngine:
 
     # -- several workers, forked --------------------------------------------------------------------
 
-    def _child(self, index: int, child_stop: Any, results: Any) -> None:
+    def _child(self, index: int, child_stop: Any, results: Any, control: Connection) -> None:
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
         terminated = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: terminated.set())
         try:
-            worker = self._make_worker(fanout=True)
+            worker = self._make_worker(fanout=True, control=control)
         except BaseException as e:  # report, don't hang the supervisor
             results.put(("error", index, f"{type(e).__name__}: {e}"))
             return
@@ -376,7 +420,8 @@ class AfPacketEngine:
         ctx = multiprocessing.get_context("fork")
         child_stop = ctx.Event()
         results = ctx.Queue()
-        procs = [ctx.Process(target=self._child, args=(i, child_stop, results), name=f"rusty-rail-w{i}")
+        pipes = [ctx.Pipe(duplex=True) for _ in range(self.workers)]
+        procs = [ctx.Process(target=self._child, args=(i, child_stop, results, pipes[i][1]), name=f"rusty-rail-w{i}")
                  for i in range(self.workers)]
         total = EngineStats(workers=self.workers)
         installed = False
@@ -393,6 +438,10 @@ class AfPacketEngine:
                 if kind == "error":
                     raise RuntimeError(f"worker {index} failed to start: {detail}")
                 ready += 1
+            with self._control_lock:
+                self._controls = [parent for parent, _ in pipes]
+            if self._state is not None:  # what the control plane asked for before the workers existed
+                self._ask_all(("apply", self._state))
             if self.host_filter:
                 hostfilter.install(self.device)
                 installed = True
@@ -402,6 +451,8 @@ class AfPacketEngine:
                     raise RuntimeError("a worker died; stopping the others")
                 _wait(stop, 0.2)
         finally:
+            with self._control_lock:
+                self._controls = []
             child_stop.set()
             if installed:
                 hostfilter.remove(self.device)
@@ -427,6 +478,59 @@ class AfPacketEngine:
         self.stats = total
         return total
 
+    # -- the Dataplane protocol (rusty_rail.control.model) -------------------------------------------
+    # One worker: its balancer lives in this process and is changed directly. Several: every worker
+    # gets each request over its pipe, and the answers are merged.
+
+    def _local_dataplane(self) -> Any:
+        from rusty_rail.control.balancer_dataplane import BalancerDataplane
+
+        if self._local is None:
+            if self.workers != 1 or self.balancer is None or callable(self.balancer) and not hasattr(self.balancer, "decide"):
+                return None
+            self._local = BalancerDataplane(self.balancer)  # type: ignore[arg-type]
+        return self._local
+
+    def _ask_all(self, request: tuple, timeout: float = 5.0) -> list[Any]:
+        with self._control_lock:
+            controls = list(self._controls)
+            for conn in controls:
+                conn.send(request)
+            replies = []
+            for index, conn in enumerate(controls):
+                if not conn.poll(timeout):
+                    raise TimeoutError(f"worker {index} did not answer {request[0]!r} within {timeout}s")
+                status, value = conn.recv()
+                if status != "ok":
+                    raise RuntimeError(f"worker {index}: {value}")
+                replies.append(value)
+            return replies
+
+    def apply(self, state: Any) -> None:
+        self._state = state
+        local = self._local_dataplane()
+        if local is not None:
+            local.apply(state)
+        elif self._controls:
+            self._ask_all(("apply", state))
+
+    def counters(self) -> dict[str, object]:
+        local = self._local_dataplane()
+        if local is not None:
+            return local.counters()
+        return merge_counters(self._ask_all(("counters",)) if self._controls else [])
+
+    def explain(self, key: Any) -> Any:
+        local = self._local_dataplane()
+        if local is not None:
+            return local.explain(key)
+        answers = self._ask_all(("explain", key)) if self._controls else []
+        # Only the worker that owns the flow has its connection entry; the table slot is the same in all.
+        for answer in answers:
+            if answer[1] == "connection entry":
+                return answer
+        return answers[0] if answers else (None, "no workers running")
+
     # -- signals ------------------------------------------------------------------------------------
 
     def serve_forever(self) -> EngineStats:
@@ -446,3 +550,24 @@ def _wait(stop: Stop, timeout: float) -> None:
         wait(timeout)
     else:
         time.sleep(timeout)
+
+
+def merge_counters(parts: list[dict[str, Any]]) -> dict[str, object]:
+    """Workers' counters added up; each worker builds the same tables, so rebuilds are not added."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "table_rebuilds":
+                out[key] = max(out.get(key, 0), value)
+            elif key == "backends":
+                merged = out.setdefault(key, {})
+                for k, (packets, nbytes) in value.items():
+                    p0, b0 = merged.get(k, (0, 0))
+                    merged[k] = (p0 + packets, b0 + nbytes)
+            elif key == "flows":
+                merged = out.setdefault(key, {})
+                for k, n in value.items():
+                    merged[k] = merged.get(k, 0) + n
+            elif isinstance(value, int):
+                out[key] = out.get(key, 0) + value
+    return out
