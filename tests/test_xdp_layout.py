@@ -27,6 +27,8 @@ CONSTANTS = {
     "RR_MAX_BACKENDS": m.MAX_BACKENDS,
     "RR_DEFAULT_TABLE_SIZE": m.DEFAULT_TABLE_SIZE,
     "RR_DEFAULT_CONNS": m.DEFAULT_CONNS,
+    "RR_DEFAULT_MAX_SERVICES": m.DEFAULT_MAX_SERVICES,
+    "RR_MEMBER_WORDS": m.MEMBER_WORDS,
     "RR_TIMEOUT_TCP": m.TIMEOUT_TCP,
     "RR_TIMEOUT_UDP": m.TIMEOUT_UDP,
     "RR_TIMEOUT_OTHER": m.TIMEOUT_OTHER,
@@ -86,3 +88,10 @@ def test_flow_key_bytes_are_the_wire_key() -> None:
     assert bytes(mirror.sport) == (40000).to_bytes(2, "big")
     assert mirror.proto == 6
     assert bytes(mirror) == key
+
+
+def test_service_key_bytes_are_the_c_key() -> None:
+    key = m.RrServiceKey.from_buffer_copy(m.service_key_bytes("10.1.0.1", 80, 6, fragment=True))
+    assert bytes(key.vip) == bytes([10, 1, 0, 1])
+    assert bytes(key.port) == (80).to_bytes(2, "big")
+    assert key.proto == 6 and key.fragment == 1

@@ -1,5 +1,6 @@
 /* Rusty Rail: the XDP program's maps. Names are the contract with rusty_rail/engines/xdp.py, which
- * finds them with bpf_object__find_map_by_name and may resize rr_maglev and rr_conns before load. */
+ * finds them with bpf_object__find_map_by_name and may resize rr_maglev, rr_conns, rr_services and
+ * rr_members before load (max_services * table size, max_services * RR_MEMBER_WORDS, ...). */
 #ifndef RR_MAPS_H
 #define RR_MAPS_H
 
@@ -21,14 +22,38 @@ struct {
 	__type(value, struct rr_backend);
 } rr_backends SEC(".maps");
 
-/* slot -> index into rr_backends. max_entries is the largest table the loader allows; the table in
- * use has rr_config.table_size slots. */
+/* slot -> index into rr_backends. Open mode: one table of rr_config.table_size slots at 0. Services
+ * mode: service i's table of rr_service.table_size slots at i * rr_config.table_stride. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, RR_DEFAULT_TABLE_SIZE);
 	__type(key, __u32);
 	__type(value, __u32);
 } rr_maglev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rr_clock);
+} rr_clock SEC(".maps");
+
+/* Services mode only (rr_config.services): which service a flow belongs to (docs/WIRE.md section 10). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * RR_DEFAULT_MAX_SERVICES);   /* each service + each (VIP, protocol) fallback */
+	__type(key, struct rr_service_key);
+	__type(value, struct rr_service);
+} rr_services SEC(".maps");
+
+/* Services mode only: word index * RR_MEMBER_WORDS + b / 64, bit b % 64: backend b is listed in the
+ * service with that index. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RR_DEFAULT_MAX_SERVICES * RR_MEMBER_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} rr_members SEC(".maps");
 
 /* Bounded: the kernel evicts the least recently used entry when full, like core/conntrack.py. */
 struct {

@@ -14,10 +14,13 @@ struct rr_config {
 	__be32 local_addr;          /* outer source address of forwarded frames (network order) */
 	__u8 local_mac[6];          /* Ethernet source of forwarded frames */
 	__u16 pad;
-	__u32 table_size;           /* Maglev slots in use (M, prime); 0 = no table: NO_BACKEND */
-	__u32 backend_count;        /* 0 = no backends: NO_BACKEND for every new flow */
+	__u32 table_size;           /* open mode: Maglev slots in use (M, prime); 0 = no table: NO_BACKEND */
+	__u32 backend_count;        /* open mode: 0 = no backends: NO_BACKEND for every new flow */
 	__u32 hash_seed;            /* murmur3 seed, docs/WIRE.md section 6 */
-	__u64 conn_timeout_ns[3];   /* at offset 24: 8-aligned without padding */   /* idle timeouts, indexed by RR_TIMEOUT_* */
+	__u32 services;             /* 0: open mode (one table at rr_maglev[0..table_size)); 1: services
+				     * mode (docs/WIRE.md section 10): rr_services finds the table, or NO_SERVICE */
+	__u32 table_stride;         /* services mode: service i's table starts at rr_maglev[i * table_stride] */
+	__u64 conn_timeout_ns[3];   /* at offset 32: 8-aligned without padding; idle timeouts, by RR_TIMEOUT_* */
 };
 
 #define RR_TIMEOUT_TCP 0
@@ -48,7 +51,33 @@ struct rr_flow_key {
 struct rr_conn {
 	__be32 backend_addr;
 	__u32 backend_index;
-	__u64 last_seen_ns;         /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 last_seen_ns;         /* CLOCK_MONOTONIC, tick resolution (struct rr_clock) */
+};
+
+/* rr_clock[0], per CPU: the time of this CPU's first packet in the current jiffy. The hit path reads
+ * it instead of calling bpf_ktime_get_ns() per packet (a third of the hit path's cost): connection
+ * timestamps are CLOCK_MONOTONIC at tick resolution (never ahead of it, at most about a jiffy
+ * behind), against idle timeouts of seconds. */
+struct rr_clock {
+	__u64 jiffies;              /* bpf_jiffies64() when `ns` was read */
+	__u64 ns;                   /* bpf_ktime_get_ns() then */
+};
+
+/* rr_services key: (VIP, port, protocol) as core/service.py's ServiceKey, port 0 = any port, proto 0 =
+ * any protocol. `fragment` 1 marks the entry a TCP/UDP flow key without ports (a fragment) falls back
+ * to: the service of that VIP and protocol with the lowest port (port 0 in the key). */
+struct rr_service_key {
+	__be32 vip;
+	__be16 port;
+	__u8 proto;
+	__u8 fragment;
+};
+
+/* rr_services value. A service's index names its Maglev table (rr_maglev[index * table_stride ...])
+ * and its member bitmap (rr_members[index * RR_MEMBER_WORDS ...]). */
+struct rr_service {
+	__u32 index;
+	__u32 table_size;           /* slots of its table (0: no backend with a weight: NO_BACKEND) */
 };
 
 /* rr_stats indexes. 1..18 are the drop reasons of docs/WIRE.md section 9, numbered as there. */
@@ -69,7 +98,7 @@ struct rr_conn {
 #define RR_DROP_INNER_BAD_LENGTH 14
 #define RR_DROP_NO_BACKEND 15
 #define RR_DROP_NO_NEIGHBOUR 16
-#define RR_DROP_NO_SERVICE 17       /* reserved: this program has no service map yet */
+#define RR_DROP_NO_SERVICE 17       /* services mode: no rr_services entry matches */
 #define RR_DROP_TX_FAILED 18        /* bpf_xdp_adjust_head/tail refused */
 #define RR_STAT_PASSED 19           /* not GRE over IPv4: XDP_PASS */
 #define RR_STAT_CONN_HIT 20         /* forwarded frames whose backend came from rr_conns */
@@ -79,5 +108,9 @@ struct rr_conn {
 #define RR_MAX_BACKENDS 4096
 #define RR_DEFAULT_TABLE_SIZE 65537
 #define RR_DEFAULT_CONNS (1 << 20)
+#define RR_DEFAULT_MAX_SERVICES 64  /* the loader may set another number before load */
+/* rr_members: per service, one bit per rr_backends index: the backends listed in that service
+ * (drained ones included), which a connection entry must name to be used. */
+#define RR_MEMBER_WORDS (RR_MAX_BACKENDS / 64)
 
 #endif

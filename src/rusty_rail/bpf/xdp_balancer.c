@@ -4,8 +4,8 @@
  * their inner flow, given a backend (connection table, then Maglev table) and sent back out of the
  * same device re-encapsulated (XDP_TX), or dropped with a counted reason.
  *
- * The Maglev table is built in Python (rusty_rail/core/maglev.py) and written into rr_maglev; this
- * program only indexes it. Maps and structs: rr_maps.h, rr_structs.h.
+ * The Maglev tables are built in Python (rusty_rail/core/maglev.py) and written into rr_maglev; this
+ * program only indexes them: one table in open mode, one per service in services mode (section 10). Maps and structs: rr_maps.h, rr_structs.h.
  *
  * Verifier notes (kernel 6.18, clang 14):
  * - Every logical length check is made against the outer/inner total length (the contract's notion
@@ -249,6 +249,66 @@ static __always_inline int inner_flow_key(__u8 *inner, void *data_end, __u32 inn
 	return 0;
 }
 
+/* docs/WIRE.md section 10, in core/balancer.py's order: (VIP, port, protocol), (VIP, any port,
+ * protocol), (VIP, any port, any protocol); then, for a TCP/UDP key without ports, the (VIP, protocol)
+ * fallback entry (the lowest-port service). NULL: NO_SERVICE. */
+static __always_inline struct rr_service *find_service(const struct rr_flow_key *key)
+{
+	struct rr_service_key sk = {
+		.vip = key->dst,
+		.port = key->dport,
+		.proto = key->proto,
+		.fragment = 0,
+	};
+	struct rr_service *svc;
+
+	if (sk.port) {          /* with port 0 the first two keys are the same */
+		svc = bpf_map_lookup_elem(&rr_services, &sk);
+		if (svc)
+			return svc;
+		sk.port = 0;
+	}
+	svc = bpf_map_lookup_elem(&rr_services, &sk);
+	if (svc)
+		return svc;
+	sk.proto = 0;
+	svc = bpf_map_lookup_elem(&rr_services, &sk);
+	if (svc)
+		return svc;
+	if ((key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP) && !key->sport && !key->dport) {
+		sk.proto = key->proto;
+		sk.fragment = 1;
+		return bpf_map_lookup_elem(&rr_services, &sk);
+	}
+	return NULL;
+}
+
+/* Is rr_backends[index] (index < RR_MAX_BACKENDS) listed in the service `svc_index`? */
+static __always_inline int is_member(__u32 svc_index, __u32 index)
+{
+	__u32 word = svc_index * RR_MEMBER_WORDS + (index >> 6);
+	__u64 *bits = bpf_map_lookup_elem(&rr_members, &word);
+
+	return bits && ((*bits >> (index & 63)) & 1);
+}
+
+/* CLOCK_MONOTONIC at tick resolution: bpf_ktime_get_ns() once per jiffy per CPU (rr_clock), so a
+ * packet costs an inlined jiffies load and per-CPU array lookup instead of a clock read. */
+static __always_inline __u64 clock_ns(void)
+{
+	__u32 zero = 0;
+	struct rr_clock *clock = bpf_map_lookup_elem(&rr_clock, &zero);
+	__u64 jiffies = bpf_jiffies64();
+
+	if (!clock)
+		return bpf_ktime_get_ns();
+	if (clock->jiffies != jiffies || !clock->ns) {
+		clock->ns = bpf_ktime_get_ns();
+		clock->jiffies = jiffies;
+	}
+	return clock->ns;
+}
+
 static __always_inline __u64 conn_timeout(const struct rr_config *cfg, __u8 proto)
 {
 	if (proto == IPPROTO_TCP)
@@ -352,7 +412,21 @@ int rr_balance(struct xdp_md *ctx)
 
 	if (!cfg)
 		return drop(RR_DROP_NO_BACKEND);
-	__u64 now = bpf_ktime_get_ns();
+	/* Open mode: one table at 0, and "still in the backend set" is in_use. Services mode: the
+	 * flow's service gives the table and the member bitmap (section 10). */
+	__u32 services = cfg->services;
+	__u32 svc_index = 0;
+	__u32 table_size = cfg->backend_count ? cfg->table_size : 0;
+
+	if (services) {
+		struct rr_service *svc = find_service(&key);
+
+		if (!svc)
+			return drop(RR_DROP_NO_SERVICE);
+		svc_index = svc->index;
+		table_size = svc->table_size;
+	}
+	__u64 now = clock_ns();
 	struct rr_backend *backend = NULL;
 	struct rr_conn *conn = bpf_map_lookup_elem(&rr_conns, &key);
 
@@ -361,20 +435,20 @@ int rr_balance(struct xdp_md *ctx)
 		struct rr_backend *b = bpf_map_lookup_elem(&rr_backends, &index);
 		__u64 last = conn->last_seen_ns;
 
-		/* Another CPU may have stamped the entry a little later than our `now`: that is fresh. */
+		/* Fresh while now < last + timeout, as core/conntrack.py. Signed: another CPU may have
+		 * stamped the entry a little later than our `now`, which is fresh too. */
 		if (b && b->in_use && b->addr == conn->backend_addr &&
-		    (now <= last || now - last < conn_timeout(cfg, key.proto))) {
+		    (__s64)(now - last) < (__s64)conn_timeout(cfg, key.proto) &&
+		    (!services || is_member(svc_index, index))) {
 			backend = b;
 			conn->last_seen_ns = now;
 			count(RR_STAT_CONN_HIT);
 		}
 	}
 	if (!backend) {
-		__u32 table_size = cfg->table_size;
-
-		if (cfg->backend_count == 0 || table_size == 0)
+		if (table_size == 0)
 			return drop(RR_DROP_NO_BACKEND);
-		__u32 slot = flow_hash(&key, cfg->hash_seed) % table_size;
+		__u32 slot = flow_hash(&key, cfg->hash_seed) % table_size + svc_index * cfg->table_stride;
 		__u32 *index = bpf_map_lookup_elem(&rr_maglev, &slot);
 
 		if (!index)

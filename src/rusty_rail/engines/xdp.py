@@ -7,6 +7,14 @@ connection table, BPF_PROG_TEST_RUN for tests and benchmarks, and attaching to a
 Backends keep their index in rr_backends for as long as they stay in the set (`sync_table`), because
 connection entries name their backend by index (checked against its address): a table rebuild that
 only removes other backends must not move a remaining backend's flows.
+
+Two modes, as core/balancer.py (docs/WIRE.md section 10). Open mode (`sync_table`): one Maglev table at
+rr_maglev[0..M). Services mode (`sync_services`): rr_config.services = 1; rr_services maps (VIP, port,
+protocol) to a service index and its table size; service i's table is rr_maglev[i * stride ...] (stride =
+the largest table, so rr_maglev holds max_services tables); rr_members holds, per service, a bitmap of
+the rr_backends indices it lists (drained ones included), which a connection entry must name to be
+used. Backend indices are global per address (one rr_backends entry per backend, whatever the number
+of services listing it), so a next hop is written once and indices stay stable across changes.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 
 from rusty_rail.bpf import libbpf
 from rusty_rail.core.flowhash import RR_HASH_SEED
+from rusty_rail.core.service import ServiceKey
 from rusty_rail.engines import xdp_maps as m
 
 __all__ = ["XdpAction", "XdpBalancer", "XdpConnection", "default_object_path"]
@@ -83,8 +92,10 @@ def default_object_path() -> Path:
 class XdpBalancer:
     """One loaded instance of the XDP program and its maps. Close it (or use `with`) to release it.
 
-    `table_size` is the largest Maglev table this instance accepts (rr_maglev's max_entries);
-    `conn_capacity` bounds the LRU connection table.
+    `table_size` is the largest Maglev table this instance accepts; `max_services` how many services
+    it holds in services mode (rr_maglev has max_services * table_size entries: 64 * 65537 * 4 bytes
+    = 16 MiB by default; 1 for an open-mode-only instance); `conn_capacity` bounds the LRU connection
+    table.
     """
 
     def __init__(
@@ -94,14 +105,19 @@ class XdpBalancer:
         table_size: int = m.DEFAULT_TABLE_SIZE,
         conn_capacity: int = m.DEFAULT_CONNS,
         pin_dir: str | None = None,
+        max_services: int = m.DEFAULT_MAX_SERVICES,
     ) -> None:
+        if max_services < 1:
+            raise ValueError("max_services must be at least 1")
         path = Path(object_path) if object_path is not None else default_object_path()
         if not path.exists():
             raise FileNotFoundError(f"{path} (run `make bpf`)")
         self._obj = libbpf.BpfObject(str(path))
         try:
-            self._obj.map(m.MAP_MAGLEV).set_max_entries(table_size)
+            self._obj.map(m.MAP_MAGLEV).set_max_entries(table_size * max_services)
             self._obj.map(m.MAP_CONNS).set_max_entries(conn_capacity)
+            self._obj.map(m.MAP_SERVICES).set_max_entries(2 * max_services)
+            self._obj.map(m.MAP_MEMBERS).set_max_entries(m.MEMBER_WORDS * max_services)
             program = self._obj.program(m.PROGRAM)
             program.capture_log(size=1 << 20, level=0)  # level 0: the log is filled only on failure
             try:
@@ -110,9 +126,11 @@ class XdpBalancer:
                 raise libbpf.LibbpfError(exc.errno, f"{exc.strerror}\n{program.log[-4000:]}") from None
             self.prog_fd = program.fd
             self._maps = {name: self._obj.map(name) for name in (m.MAP_CONFIG, m.MAP_BACKENDS, m.MAP_MAGLEV,
-                                                                  m.MAP_CONNS, m.MAP_STATS)}
+                                                                  m.MAP_CONNS, m.MAP_STATS, m.MAP_SERVICES,
+                                                                  m.MAP_MEMBERS)}
             self._fd = {name: mp.fd for name, mp in self._maps.items()}
             self.max_table_size = table_size
+            self.max_services = max_services
             self.conn_capacity = conn_capacity
             self.ncpus = libbpf.num_possible_cpus()
             self._pinned: list[tuple[libbpf.BpfMap, str]] = []
@@ -122,10 +140,18 @@ class XdpBalancer:
             self._obj.close()
             raise
         self._config = m.make_config("0.0.0.0", b"\x00" * 6, 0, 0, RR_HASH_SEED, (300 * _NS, 60 * _NS, 30 * _NS))
+        self._config.table_stride = table_size
         self._index_of: dict[int, int] = {}        # backend address (int) -> rr_backends index
         self._macs: dict[int, bytes | None] = {}
         self._free: list[int] = []
         self._next_index = 0
+        # Services mode: what the maps hold, so a sync writes only what changed.
+        self._svc_index: dict[ServiceKey, int] = {}
+        self._svc_free: list[int] = []
+        self._svc_next = 0
+        self._svc_tables: dict[int, list[int]] = {}          # service index -> slots written
+        self._svc_members: dict[int, frozenset[int]] = {}    # service index -> member bits written
+        self._svc_entries: dict[bytes, tuple[int, int]] = {} # rr_services key -> (index, table size)
         self._attached: tuple[int, int] | None = None  # (ifindex, mode flags)
         self.replaced_program_id = 0                   # a leftover program attach() removed
         self._netns_fd: int | None = None              # the namespace of the attached interface
@@ -203,27 +229,45 @@ class XdpBalancer:
         raw = libbpf.map_lookup(self._fd[m.MAP_BACKENDS], ctypes.c_uint32(index), ctypes.sizeof(m.RrBackend))
         return m.RrBackend.from_buffer_copy(raw)
 
-    def write_table(self, slots: Sequence[int]) -> None:
-        """The whole Maglev table: slot -> rr_backends index. Sets the table size in the config."""
+    def _write_array(self, name: str, start: int, values: Sequence[int], fmt: type = ctypes.c_uint32) -> None:
+        """values[i] -> array map `name` at start + i, in one syscall where the kernel can."""
+        n = len(values)
+        if not n:
+            return
+        fd = self._fd[name]
+        keys = libbpf.pack_u32s(range(start, start + n))
+        packed = bytes((fmt * n)(*values))
+        try:
+            libbpf.map_update_batch(fd, keys, packed, n)
+        except libbpf.LibbpfError:  # kernels without batch ops on arrays: one by one
+            for i, v in enumerate(values):
+                libbpf.map_update(fd, ctypes.c_uint32(start + i), fmt(v))
+
+    def _write_slots(self, service_index: int, slots: Sequence[int]) -> None:
         n = len(slots)
         if n > self.max_table_size:
-            raise ValueError(f"table of {n} slots exceeds rr_maglev's {self.max_table_size}")
-        if n:
-            keys = libbpf.pack_u32s(range(n))
-            values = libbpf.pack_u32s(slots)
-            try:
-                libbpf.map_update_batch(self._fd[m.MAP_MAGLEV], keys, values, n)
-            except libbpf.LibbpfError:  # kernels without batch ops on arrays: one by one
-                fd = self._fd[m.MAP_MAGLEV]
-                for i, s in enumerate(slots):
-                    libbpf.map_update(fd, ctypes.c_uint32(i), ctypes.c_uint32(s))
-        self._config.table_size = n
+            raise ValueError(f"table of {n} slots exceeds rr_maglev's {self.max_table_size} per table")
+        self._write_array(m.MAP_MAGLEV, service_index * self.max_table_size, slots)
+
+    def write_table(self, slots: Sequence[int]) -> None:
+        """The whole open-mode Maglev table: slot -> rr_backends index. Sets the table size in the config."""
+        self._write_slots(0, slots)
+        self._svc_tables.pop(0, None)  # service 0's table (services mode) is overwritten
+        self._config.table_size = len(slots)
         self.write_config()
 
-    def read_table(self, size: int | None = None) -> list[int]:
-        n = self._config.table_size if size is None else size
+    def read_table(self, size: int | None = None, service: ServiceKey | None = None) -> list[int]:
+        """The open-mode table, or (services mode) the table of `service`."""
+        start = 0
+        if service is not None:
+            start = self._svc_index[service] * self.max_table_size
+            n = self._svc_entries[m.service_key_bytes(service.vip, service.port, service.protocol)][1]
+        else:
+            n = self._config.table_size
+        if size is not None:
+            n = size
         fd = self._fd[m.MAP_MAGLEV]
-        return [struct.unpack("=I", libbpf.map_lookup(fd, ctypes.c_uint32(i), 4))[0] for i in range(n)]
+        return [struct.unpack("=I", libbpf.map_lookup(fd, ctypes.c_uint32(start + i), 4))[0] for i in range(n)]
 
     def set_backend_count(self, count: int) -> None:
         self._config.backend_count = count
@@ -232,28 +276,137 @@ class XdpBalancer:
     # -- backends and the Maglev table: from core's objects ---------------------------------------
 
     def sync_table(self, table, macs: Mapping[int, bytes | None] | None = None) -> None:
-        """Make the maps hold `table` (a core.maglev.MaglevTable) with stable backend indices.
+        """Open mode: make the maps hold `table` (a core.maglev.MaglevTable) with stable backend indices.
 
         Order matters while the program runs: new backends are written before the table names them,
         and departed ones are retired only after the table stops naming them.
         """
         addresses = [int(b) for b in table.backends]
+        self._write_backends(addresses, macs)
+        self._config.services = 0  # written by write_table below
+        self.write_table([self._index_of[addresses[s]] for s in table.slots])
+        self.set_backend_count(len(addresses))
+        self._retire_services(set())
+        self._retire_backends(set(addresses))
+
+    def sync_services(self, tables: Mapping[ServiceKey, object], macs: Mapping[int, bytes | None] | None = None) -> None:
+        """Services mode: make the maps hold one table (core.maglev.MaglevTable) per service.
+
+        Order matters while the program runs: backends, member bits (old and new listed while the table
+        changes) and tables are written before rr_services names them; services that left are removed
+        from rr_services before their index is freed, and backends are retired last.
+        """
+        if len(tables) > self.max_services:
+            raise ValueError(f"{len(tables)} services: more than max_services = {self.max_services}")
+        listed = {key: [int(b) for b in table.backends] for key, table in tables.items()}
+        wanted: set[int] = set().union(*listed.values()) if listed else set()
+        if len(wanted) > m.MAX_BACKENDS:
+            raise ValueError(f"more than {m.MAX_BACKENDS} backends")
+        self._write_backends(sorted(wanted), macs)
+        leaving = [k for k in self._svc_index if k not in tables]
+        for key in tables:
+            if key not in self._svc_index:
+                if not self._svc_free and self._svc_next >= self.max_services:
+                    # Every index is taken, some by services that are leaving: retire one now.
+                    gone = self._svc_index[leaving.pop()]
+                    self._write_service_entries({k: v for k, v in self._svc_entries.items() if v[0] != gone})
+                    self._retire_services(set(self._svc_index) - {k for k, i in self._svc_index.items() if i == gone})
+                self._svc_index[key] = self._allocate_service()
+        entries: dict[bytes, tuple[int, int]] = {}
+        new_members: dict[int, frozenset[int]] = {}
+        for key, table in tables.items():
+            i = self._svc_index[key]
+            members = frozenset(self._index_of[a] for a in listed[key])
+            old = self._svc_members.get(i, frozenset())
+            if members != old:
+                self._write_members(i, members | old)
+            new_members[i] = members
+            slots = [self._index_of[listed[key][s]] for s in table.slots]
+            if self._svc_tables.get(i) != slots:
+                self._write_slots(i, slots)
+                self._svc_tables[i] = slots
+            entries[m.service_key_bytes(key.vip, key.port, key.protocol)] = (i, len(slots))
+        # A TCP/UDP key without ports: the lowest-port service of its VIP and protocol (service.py).
+        for key in sorted(tables, key=lambda k: k.port, reverse=True):
+            if key.protocol:
+                entries[m.service_key_bytes(key.vip, 0, key.protocol, fragment=True)] = entries[
+                    m.service_key_bytes(key.vip, key.port, key.protocol)]
+        cfg = self._config
+        cfg.services, cfg.table_stride, cfg.table_size, cfg.backend_count = 1, self.max_table_size, 0, len(wanted)
+        self.write_config()
+        self._write_service_entries(entries)
+        for i, members in new_members.items():
+            if self._svc_members.get(i) != members:
+                self._write_members(i, members)
+        self._retire_services(set(tables))
+        self._retire_backends(wanted)
+
+    def _write_backends(self, addresses: Sequence[int], macs: Mapping[int, bytes | None] | None) -> None:
         if macs is not None:
             for addr, mac in macs.items():
                 self._macs[int(addr)] = mac
-        wanted = set(addresses)
         for addr in addresses:
             index = self._index_of.get(addr)
             if index is None:
                 index = self._allocate()
                 self._index_of[addr] = index
             self.write_backend(index, addr, self._macs.get(addr))
-        self.write_table([self._index_of[addresses[s]] for s in table.slots])
-        self.set_backend_count(len(addresses))
+
+    def _retire_backends(self, wanted: set[int]) -> None:
         for addr in [a for a in self._index_of if a not in wanted]:
             index = self._index_of.pop(addr)
             self.write_backend(index, addr, None, in_use=False)
             self._free.append(index)
+
+    def _write_members(self, service_index: int, members: frozenset[int]) -> None:
+        words = [0] * m.MEMBER_WORDS
+        for b in members:
+            words[b >> 6] |= 1 << (b & 63)
+        self._write_array(m.MAP_MEMBERS, service_index * m.MEMBER_WORDS, words, ctypes.c_uint64)
+        self._svc_members[service_index] = members
+
+    def _write_service_entries(self, entries: dict[bytes, tuple[int, int]]) -> None:
+        fd = self._fd[m.MAP_SERVICES]
+        for key, (index, size) in entries.items():
+            if self._svc_entries.get(key) != (index, size):
+                libbpf.map_update(fd, key, m.RrService(index=index, table_size=size))
+        for key in [k for k in self._svc_entries if k not in entries]:
+            libbpf.map_delete(fd, key)
+        self._svc_entries = dict(entries)
+
+    def _retire_services(self, wanted: set[ServiceKey]) -> None:
+        """Forget the services not in `wanted` (all of them when switching to open mode)."""
+        if not wanted:
+            self._write_service_entries({})
+        for key in [k for k in self._svc_index if k not in wanted]:
+            i = self._svc_index.pop(key)
+            if self._svc_members.get(i):
+                self._write_members(i, frozenset())
+            self._svc_members.pop(i, None)
+            self._svc_tables.pop(i, None)
+            self._svc_free.append(i)
+
+    def _allocate_service(self) -> int:
+        if self._svc_free:
+            return self._svc_free.pop(0)
+        if self._svc_next >= self.max_services:
+            raise ValueError(f"more than {self.max_services} services (max_services)")
+        self._svc_next += 1
+        return self._svc_next - 1
+
+    def service_index(self, service: ServiceKey) -> int | None:
+        return self._svc_index.get(service)
+
+    def service_entries(self) -> dict[bytes, tuple[int, int]]:
+        """rr_services as the kernel holds it: key bytes (service_key_bytes) -> (index, table size)."""
+        fd = self._fd[m.MAP_SERVICES]
+        out = {}
+        for key in libbpf.map_keys(fd, ctypes.sizeof(m.RrServiceKey)):
+            raw = libbpf.map_lookup(fd, key, ctypes.sizeof(m.RrService))
+            if raw is not None:
+                value = m.RrService.from_buffer_copy(raw)
+                out[key] = (value.index, value.table_size)
+        return out
 
     def set_neighbour(self, backend: IPv4Address | str | int, mac: bytes | None) -> None:
         """The MAC of `backend`'s next hop (None: unknown, NO_NEIGHBOUR)."""
@@ -267,11 +420,15 @@ class XdpBalancer:
         return self._index_of.get(int(IPv4Address(backend)))
 
     def sync_from_balancer(self, balancer) -> None:
-        """Mirror a core.balancer.Balancer's configuration, table and neighbours into the maps."""
+        """Mirror a core.balancer.Balancer's configuration, tables and neighbours into the maps, in
+        either mode (open: `balancer.pool`; services: `balancer.services`)."""
         self.configure(balancer.local_address, balancer.local_mac, hash_seed=balancer.hash_seed,
                        timeouts=balancer.connections.timeouts)
-        macs = {int(b): balancer.neighbour(b) for b in balancer.table.backends}
-        self.sync_table(balancer.table, macs)
+        macs = {int(b): balancer.neighbour(b) for b in balancer.backends}
+        if balancer.pool is not None:
+            self.sync_table(balancer.table, macs)
+        else:
+            self.sync_services({key: pool.table for key, pool in balancer.services.items()}, macs)
 
     def _allocate(self) -> int:
         if self._free:

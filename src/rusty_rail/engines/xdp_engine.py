@@ -24,6 +24,7 @@ from pathlib import Path
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.engines.neighbours import NeighbourResolver
 from rusty_rail.engines.xdp import XdpBalancer, default_object_path
+from rusty_rail.engines.xdp_maps import DEFAULT_MAX_SERVICES
 
 __all__ = ["XdpEngine", "xdp_available"]
 
@@ -82,6 +83,7 @@ class XdpEngine:
         pin_dir: str | None = None,
         neighbour_interval: float = 1.0,
         resolving_interval: float = 0.1,
+        max_services: int | None = None,
     ) -> None:
         self.device = device
         self.balancer_factory = balancer_factory
@@ -91,6 +93,9 @@ class XdpEngine:
         self.pin_dir = pin_dir
         self.neighbour_interval = neighbour_interval
         self.resolving_interval = resolving_interval
+        self.max_services = max_services
+        """Services the program can hold (services mode); None: 1 for an open-mode balancer (its mode
+        is fixed when it is built), else xdp_maps.DEFAULT_MAX_SERVICES."""
         self.balancer: Balancer | None = None
         self.xdp: XdpBalancer | None = None
         self.replaced_program_id = 0
@@ -126,8 +131,9 @@ class XdpEngine:
         capacity = self.conn_capacity or balancer.connections.capacity
         resolver = NeighbourResolver(self.device)
         try:
+            max_services = self.max_services or (1 if balancer.pool is not None else DEFAULT_MAX_SERVICES)
             xdp = XdpBalancer(self.object_path, table_size=balancer.table_size, conn_capacity=capacity,
-                              pin_dir=self.pin_dir)
+                              pin_dir=self.pin_dir, max_services=max_services)
         except BaseException:
             resolver.close()
             raise
@@ -143,8 +149,12 @@ class XdpEngine:
             if self.replaced_program_id:
                 log.warning("replaced XDP program id %d left on %s by an earlier run",
                             self.replaced_program_id, self.device)
-            log.info("XDP engine attached (%s) on %s: %d backends, table of %d slots", self.mode, self.device,
-                     len(balancer.table.backends), len(balancer.table.slots))
+            if balancer.pool is not None:
+                log.info("XDP engine attached (%s) on %s: %d backends, table of %d slots", self.mode,
+                         self.device, len(balancer.table.backends), len(balancer.table.slots))
+            else:
+                log.info("XDP engine attached (%s) on %s: %d services, %d backends", self.mode, self.device,
+                         len(balancer.services), len(balancer.backends))
             self.ready.set()
             while not stop.is_set():
                 unresolved = self._refresh(resolver, sink)
@@ -183,7 +193,8 @@ class XdpEngine:
     # -- control plane ----------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Copy the balancer's current table and backends into the maps (after balancer.set_backends)."""
+        """Copy the balancer's current tables and backends into the maps (after balancer.set_backends,
+        set_service or remove_service)."""
         with self._lock:
             if self.balancer is not None and self.xdp is not None:
                 self.xdp.sync_from_balancer(self.balancer)

@@ -17,11 +17,15 @@ MAP_BACKENDS = "rr_backends"
 MAP_MAGLEV = "rr_maglev"
 MAP_CONNS = "rr_conns"
 MAP_STATS = "rr_stats"
+MAP_SERVICES = "rr_services"
+MAP_MEMBERS = "rr_members"
 PROGRAM = "rr_balance"
 
 MAX_BACKENDS = 4096
 DEFAULT_TABLE_SIZE = 65537
 DEFAULT_CONNS = 1 << 20
+DEFAULT_MAX_SERVICES = 64
+MEMBER_WORDS = MAX_BACKENDS // 64
 
 TIMEOUT_TCP, TIMEOUT_UDP, TIMEOUT_OTHER = 0, 1, 2
 
@@ -48,6 +52,8 @@ class RrConfig(ctypes.Structure):
         ("table_size", ctypes.c_uint32),
         ("backend_count", ctypes.c_uint32),
         ("hash_seed", ctypes.c_uint32),
+        ("services", ctypes.c_uint32),
+        ("table_stride", ctypes.c_uint32),
         ("conn_timeout_ns", ctypes.c_uint64 * 3),
     ]
 
@@ -82,12 +88,38 @@ class RrConn(ctypes.Structure):
     ]
 
 
+class RrServiceKey(ctypes.Structure):
+    _fields_ = [
+        ("vip", ctypes.c_uint8 * 4),
+        ("port", ctypes.c_uint8 * 2),
+        ("proto", ctypes.c_uint8),
+        ("fragment", ctypes.c_uint8),
+    ]
+
+
+class RrService(ctypes.Structure):
+    _fields_ = [
+        ("index", ctypes.c_uint32),
+        ("table_size", ctypes.c_uint32),
+    ]
+
+
+class RrClock(ctypes.Structure):
+    _fields_ = [
+        ("jiffies", ctypes.c_uint64),
+        ("ns", ctypes.c_uint64),
+    ]
+
+
 # Name -> mirror, for the layout test.
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "rr_config": RrConfig,
     "rr_backend": RrBackend,
     "rr_flow_key": RrFlowKey,
     "rr_conn": RrConn,
+    "rr_service_key": RrServiceKey,
+    "rr_service": RrService,
+    "rr_clock": RrClock,
 }
 
 
@@ -129,3 +161,8 @@ def flow_key_from_bytes(key: bytes) -> RrFlowKey:
     if len(key) != ctypes.sizeof(RrFlowKey):
         raise ValueError("a flow key is 16 bytes")
     return RrFlowKey.from_buffer_copy(key)
+
+
+def service_key_bytes(vip: IPv4Address | str | int, port: int, proto: int, fragment: bool = False) -> bytes:
+    """The 8 bytes of an rr_services key: vip | port (network order) | proto | fragment flag."""
+    return IPv4Address(vip).packed + port.to_bytes(2, "big") + bytes((proto, 1 if fragment else 0))
