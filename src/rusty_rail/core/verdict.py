@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class DropReason(IntEnum):
@@ -35,13 +36,16 @@ class Action(IntEnum):
     DROP = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """Send `frame` out of the device the input came in on."""
+class Forward(NamedTuple):
+    """Send `frame` out of the device the input came in on.
+
+    A NamedTuple, not a frozen dataclass like the others: one is built per forwarded packet, and a
+    frozen dataclass's __init__ costs half a microsecond more on the AF_PACKET hot path.
+    """
 
     frame: bytes
     backend: int
-    action = Action.FORWARD
+    action = Action.FORWARD  # not annotated: a class attribute, not a field
 
 
 @dataclass(frozen=True, slots=True)
