@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.engine_netns import VethPair
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -16,3 +21,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "netns" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def veth() -> Iterator[VethPair]:
+    """A veth pair between two fresh namespaces, removed afterwards, also when the test fails."""
+    from tests.engine_netns import VethPair  # lazily: it needs pyroute2 and root
+
+    pair = VethPair()
+    try:
+        yield pair
+    finally:
+        pair.close()

@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -34,15 +34,6 @@ from rusty_rail.engines import hostfilter
 pytestmark = pytest.mark.netns
 
 CTX = multiprocessing.get_context("fork")
-
-
-@pytest.fixture
-def veth() -> Iterator[VethPair]:
-    pair = VethPair()
-    try:
-        yield pair
-    finally:
-        pair.close()
 
 
 class RunningEngine:

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
 
 import pytest
 
 from tests.engine_netns import VethPair, wait_for
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def veth() -> Iterator[VethPair]:
-    pair = VethPair()
-    try:
-        yield pair
-    finally:
-        pair.close()
 
 
 def as_int(ip: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
 
 import pytest
 
@@ -47,15 +46,6 @@ def test_struct_mirrors_match_the_kernel_headers() -> None:
     assert R.BLOCK_STATUS_OFF == TpacketBlockDesc.hdr.offset
     assert R.TPACKET_REQ3.size == 28
     assert len(R.inner_flow_fanout_program().fprog) == 16
-
-
-@pytest.fixture
-def veth() -> Iterator[VethPair]:
-    pair = VethPair()
-    try:
-        yield pair
-    finally:
-        pair.close()
 
 
 def read_block(r: R.PacketRing) -> list[tuple[int, bytes]]:

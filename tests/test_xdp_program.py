@@ -20,8 +20,7 @@ from scapy.packet import Raw
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.ethernet import mac_to_bytes
 from rusty_rail.core.maglev import build_table
-from rusty_rail.core.verdict import Action, DropReason
-from rusty_rail.engines import xdp_maps as m
+from rusty_rail.core.verdict import Action
 from rusty_rail.engines.xdp import XdpAction, XdpBalancer, default_object_path
 from tests.fixtures.golden import (
     BACKENDS,
@@ -34,7 +33,6 @@ from tests.fixtures.golden import (
     fixtures,
     forwarded,
     golden_balancer,
-    outer,
     wrapped,
 )
 from tests.oracle import oracle_hash, oracle_key, oracle_maglev

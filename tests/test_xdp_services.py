@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.service import ServiceKey, ServiceProtocol
-from rusty_rail.core.verdict import Action, DropReason
+from rusty_rail.core.verdict import Action
 from rusty_rail.engines import xdp_maps as m
 from rusty_rail.engines.xdp import XdpAction, XdpBalancer, default_object_path
 from tests.test_xdp_differential import LB_ADDRESS, LB_MAC, POOL, VERDICT, addr, ipv4, malformed, python_counters

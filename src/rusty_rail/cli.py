@@ -77,6 +77,20 @@ def _need_root() -> bool:
     return False
 
 
+def _start(config: object, workers: int | None, config_path: str | None) -> int:
+    """Apply --workers, check for root, and run the daemon (both configuration forms end here)."""
+    if workers is not None:
+        if workers < 1:
+            print("rusty-rail: --workers must be at least 1", file=sys.stderr)
+            return 2
+        config = dataclasses.replace(config, workers=workers)  # type: ignore[type-var]
+    if _need_root():
+        return 2
+    from rusty_rail.daemon import run_with_config
+
+    return run_with_config(config, config_path)  # type: ignore[arg-type]
+
+
 def run_from_file(path: str, workers: int | None) -> int:
     from rusty_rail.config import ConfigError
     from rusty_rail.control.config_file import load_config
@@ -86,37 +100,19 @@ def run_from_file(path: str, workers: int | None) -> int:
     except ConfigError as exc:
         print(f"rusty-rail: {path}: {exc}", file=sys.stderr)
         return 1
-    if workers is not None:
-        if workers < 1:
-            print("rusty-rail: --workers must be at least 1", file=sys.stderr)
-            return 2
-        config = dataclasses.replace(config, workers=workers)
-    if _need_root():
-        return 2
-    from rusty_rail.daemon import run_with_config
-
-    return run_with_config(config, path)
+    return _start(config, workers, path)
 
 
 def run_from_environment(workers: int | None) -> int:
     from rusty_rail.config import ConfigError, from_environment
+    from rusty_rail.control.config_file import config_from_env
 
     try:
-        config = from_environment()
+        config = config_from_env(from_environment())
     except ConfigError as exc:
         print(f"rusty-rail: {exc}", file=sys.stderr)
         return 2
-    if workers is not None:
-        if workers < 1:
-            print("rusty-rail: --workers must be at least 1", file=sys.stderr)
-            return 2
-        config = dataclasses.replace(config, workers=workers)
-    if _need_root():
-        return 2
-    from rusty_rail.control.config_file import config_from_env
-    from rusty_rail.daemon import run_with_config
-
-    return run_with_config(config_from_env(config))
+    return _start(config, workers, None)
 
 
 if __name__ == "__main__":
