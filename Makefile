@@ -39,6 +39,7 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: venv
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/run.py
 
 clean:

@@ -1,11 +1,12 @@
 """`make bench`: every benchmark in sequence, each one's summary at the end.
 
-    sudo .venv/bin/python bench/run.py [--quick] [--only xdp_test_run,afpacket_costs,engine_rates,engine_afpacket]
+    sudo .venv/bin/python bench/run.py [--quick] [--only xdp_test_run,afpacket_costs,engine_rates,fuzz,engine_afpacket]
 
 - xdp_test_run.py: the XDP program's ns/packet through BPF_PROG_TEST_RUN (hit, miss) vs a baseline.
 - afpacket_costs.py: the Balancer's decide() and its parts, ns/packet, no I/O (where Python time goes).
 - engine_rates.py: both engines on a veth pair, trafgen random flows: delivered/offered at 100 kpps and
   at the sender's maximum, CPU us/packet, against an XDP MAC-swap baseline.
+- fuzz.py: atheris over the parsers and both engines, a million inputs (no disagreement, no crash).
 - engine_afpacket.py (not by default: its figures are a subset of engine_rates'): the AF_PACKET engine
   with a trivial decide() vs a plain recv/send loop, one flow.
 Each writes its JSON to bench/results/. --quick: shorter runs (smoke test, not figures).
@@ -28,8 +29,9 @@ BENCHES = {
     "afpacket_costs": ([], ["50000"], False, None),
     "engine_rates": ([], ["--seconds-paced", "2", "--packets-max", "300000"], True, "engine "),
     "engine_afpacket": ([], ["200000"], True, None),
+    "fuzz": (["-runs=1000000"], ["-runs=20000"], True, "fuzz: "),
 }
-DEFAULT = ["xdp_test_run", "afpacket_costs", "engine_rates"]
+DEFAULT = ["xdp_test_run", "afpacket_costs", "engine_rates", "fuzz"]
 
 
 def summary(name: str, out: str, marker: str | None) -> str:
