@@ -8,6 +8,10 @@
 Every reply carries `X-Served-By: <name>`. Started inside a server namespace, either binding itself
 or (from the lab) with an already listening socket passed as --fd, so the lab knows it is ready as
 soon as the process starts: connections queue in the listen backlog.
+
+HTTP/1.1: a client may keep its connection and send more requests on it (keep-alive), so tests can
+hold one real TCP connection through the balancer across drains and backend changes. The lab binds
+0.0.0.0:80, so the server answers on the VIP (through GRE) and on its own address (health checks).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def payload(n: int) -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     server_name_: str = "?"
-    protocol_version = "HTTP/1.0"
+    protocol_version = "HTTP/1.1"  # keep-alive; every reply has a Content-Length
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.startswith("/bytes/"):

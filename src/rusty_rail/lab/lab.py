@@ -45,6 +45,7 @@ from .topology import (
 )
 
 if TYPE_CHECKING:
+    from . import keepalive as _keepalive
     from . import traffic as _traffic
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,15}$")
@@ -68,6 +69,7 @@ class Lab:
         self.python = python
         self.maps = _router.RouterMaps(_router.pin_dir(prefix))
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._httpd: dict[str, subprocess.Popen[bytes]] = {}  # server name -> its running httpd
 
     # The hosts, straight from the plan.
     topology = property(lambda self: self.plan.topology)
@@ -128,6 +130,7 @@ class Lab:
             except subprocess.TimeoutExpired:
                 p.kill()
         self._procs.clear()
+        self._httpd.clear()
         _router.remove_pins(self.prefix)
 
     def __enter__(self) -> Lab:
@@ -166,6 +169,32 @@ class Lab:
         return [self.popen(lb.namespace, cmd, env={**self.balancer_env(lb), **(env or {})}, **kw)
                 for lb in self.balancers]
 
+    def start_balancers_with_config(self, config_path: str, extra_args: Sequence[str] = (),
+                                    **kw: Any) -> list[subprocess.Popen[bytes]]:
+        """`<python> -m rusty_rail run --config config_path` in each balancer namespace (all
+        namespaces share the filesystem, so one file serves every balancer)."""
+        return self.start_balancers(argv=[self.python, "-m", "rusty_rail", "run", "--config", config_path,
+                                          *extra_args], **kw)
+
+    def stop_httpd(self, server: Host, timeout: float = 5.0) -> None:
+        """Stop a server's HTTP server: its listening socket closes, so connections to port 80 on
+        the server (through the VIP or to its own address) are refused until start_httpd()."""
+        p = self._httpd.pop(server.name, None)
+        if p is None:
+            raise LookupError(f"{server.name} has no running httpd")
+        p.terminate()
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=timeout)
+
+    def start_httpd(self, server: Host) -> None:
+        """Start (again) a server's HTTP server; it accepts connections when this returns."""
+        if server.name in self._httpd and self._httpd[server.name].poll() is None:
+            raise RuntimeError(f"{server.name} already runs an httpd")
+        self._start_httpd(server)
+
     def route_to_balancers(self) -> None:
         self.set_targets([lb.address for lb in self.balancers])
         self.direct = False
@@ -191,6 +220,18 @@ class Lab:
                                      "--upload", str(upload)],
                        timeout=n * timeout + 30)
         return _traffic.parse(out.stdout)
+
+    def keepalive(self, client: Host | None = None, port: int = 80,
+                  timeout: float = 5.0) -> _keepalive.KeepAlive:
+        """One real TCP connection from client (default the first) to VIP:port, kept open: requests
+        are sent on it with .get() until .close() (see keepalive.py)."""
+        from . import keepalive as _keepalive
+
+        c = client or self.clients[0]
+        return _keepalive.KeepAlive(self.popen(
+            c.namespace, [self.python, "-m", "rusty_rail.lab.keepalive", "--host", self.vip, "--port", str(port),
+                          "--timeout", str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE), timeout + 10)
 
     def status(self) -> dict[str, Any]:
         present = set(netns.with_prefix(self.prefix))
@@ -282,16 +323,17 @@ class Lab:
 
     def _start_httpd(self, s: Host) -> None:
         # Listen before the server process starts: connections queue in the backlog, so the
-        # server is "ready" the moment up() returns, with no polling at all.
+        # server is "ready" the moment up() returns, with no polling at all. Every address: the
+        # VIP (client traffic, decapsulated) and the server's own (the balancers' health checks).
         sock = _pynetns.create_socket(s.namespace, socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.vip, 80))
+            sock.bind(("0.0.0.0", 80))
             sock.listen(128)
-            self.popen(s.namespace, [self.python, "-m", "rusty_rail.lab.httpd", "--name", s.name,
-                                     "--fd", str(sock.fileno())],
-                       pass_fds=[sock.fileno()], start_new_session=True,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            self._httpd[s.name] = self.popen(
+                s.namespace, [self.python, "-m", "rusty_rail.lab.httpd", "--name", s.name, "--fd", str(sock.fileno())],
+                pass_fds=[sock.fileno()], start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         finally:
             sock.close()
 

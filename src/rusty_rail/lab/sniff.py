@@ -26,6 +26,7 @@ class Frame:
     src: str
     dst: str
     inner: tuple[int, str, str] | None  # (proto, src, dst) inside GRE
+    inner_ports: tuple[int, int] | None = None  # (sport, dport) of inner TCP/UDP, when present
 
 
 def _parse(frame: bytes, pkttype: int) -> Frame | None:
@@ -34,13 +35,16 @@ def _parse(frame: bytes, pkttype: int) -> Frame | None:
     ihl = (frame[14] & 0x0F) * 4
     proto = frame[23]
     src, dst = socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34])
-    inner = None
+    inner = ports = None
     if proto == 47:
         flags = struct.unpack("!H", frame[14 + ihl:16 + ihl])[0]
         at = 14 + ihl + 4 + 4 * bin(flags & 0xB000).count("1")
         if len(frame) >= at + 20:
             inner = (frame[at + 9], socket.inet_ntoa(frame[at + 12:at + 16]), socket.inet_ntoa(frame[at + 16:at + 20]))
-    return Frame(pkttype == PACKET_OUTGOING, proto, src, dst, inner)
+            l4 = at + (frame[at] & 0x0F) * 4
+            if inner[0] in (6, 17) and len(frame) >= l4 + 4:
+                ports = struct.unpack("!HH", frame[l4:l4 + 4])
+    return Frame(pkttype == PACKET_OUTGOING, proto, src, dst, inner, ports)
 
 
 class Sniffer:
