@@ -12,7 +12,7 @@ import ctypes
 import ctypes.util
 import errno as _errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 __all__ = [
     "LibbpfError",
@@ -132,6 +132,10 @@ def _load() -> ctypes.CDLL:
             _c_int,
             [_c_int, _c_void_p, _c_void_p, ctypes.POINTER(_c_uint32), ctypes.POINTER(MapBatchOpts)],
         ),
+        "bpf_map_lookup_batch": (
+            _c_int,
+            [_c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, ctypes.POINTER(_c_uint32), ctypes.POINTER(MapBatchOpts)],
+        ),
         "bpf_prog_test_run_opts": (_c_int, [_c_int, ctypes.POINTER(TestRunOpts)]),
         "bpf_xdp_attach": (_c_int, [_c_int, _c_int, _c_uint32, ctypes.POINTER(XdpAttachOpts)]),
         "bpf_xdp_detach": (_c_int, [_c_int, _c_uint32, ctypes.POINTER(XdpAttachOpts)]),
@@ -249,6 +253,39 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int, flags: int
     _check(lib.bpf_map_update_batch(fd, kb, vb, ctypes.byref(n), ctypes.byref(opts)), "bpf_map_update_batch")
     if n.value != count:
         raise LibbpfError(_errno.EIO, f"bpf_map_update_batch: {n.value} of {count} written")
+
+
+def map_lookup_batches(fd: int, key_size: int, value_size: int, chunk: int = 4096) -> Iterator[tuple[int, bytes, bytes]]:
+    """Walk a hash map with BPF_MAP_LOOKUP_BATCH: yields (count, packed keys, packed values) per chunk of
+    at most `chunk` elements. A hash
+    map's batch token is a bucket number; a bucket holding more than `chunk` elements (ENOSPC) doubles
+    the chunk. Entries added or removed during the walk may or may not be seen; none is seen twice."""
+    opts = MapBatchOpts(sz=ctypes.sizeof(MapBatchOpts), elem_flags=0, flags=0)
+    token_in = ctypes.create_string_buffer(max(key_size, 8))
+    token_out = ctypes.create_string_buffer(max(key_size, 8))
+    first = True
+    keys = ctypes.create_string_buffer(key_size * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    while True:
+        n = _c_uint32(chunk)
+        ret = lib.bpf_map_lookup_batch(fd, None if first else token_in, token_out, keys, values,
+                                       ctypes.byref(n), ctypes.byref(opts))
+        code = 0
+        if ret < 0:
+            code = -ret if ret != -1 else ctypes.get_errno()
+            if code == _errno.ENOSPC and n.value == 0:
+                chunk *= 2
+                keys = ctypes.create_string_buffer(key_size * chunk)
+                values = ctypes.create_string_buffer(value_size * chunk)
+                continue
+            if code != _errno.ENOENT:
+                _check(ret, "bpf_map_lookup_batch")
+        if n.value:
+            yield n.value, keys.raw[: key_size * n.value], values.raw[: value_size * n.value]
+        if code == _errno.ENOENT:
+            return
+        ctypes.memmove(token_in, token_out, len(token_out))
+        first = False
 
 
 def prog_test_run(

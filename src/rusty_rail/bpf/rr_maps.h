@@ -1,6 +1,7 @@
 /* Rusty Rail: the XDP program's maps. Names are the contract with rusty_rail/engines/xdp.py, which
- * finds them with bpf_object__find_map_by_name and may resize rr_maglev, rr_conns, rr_services and
- * rr_members before load (max_services * table size, max_services * RR_MEMBER_WORDS, ...). */
+ * finds them with bpf_object__find_map_by_name and may resize rr_maglev, rr_conns, rr_services,
+ * rr_members and rr_backend_stats before load (max_services * table size, max_services *
+ * RR_MEMBER_WORDS, max_services * RR_MAX_BACKENDS, ...). */
 #ifndef RR_MAPS_H
 #define RR_MAPS_H
 
@@ -69,5 +70,15 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } rr_stats SEC(".maps");
+
+/* Per (service, backend): packets and inner bytes forwarded, at service index * RR_MAX_BACKENDS +
+ * rr_backends index (open mode: service 0). Per CPU, so the forward path adds without atomics; the
+ * control plane sums the CPUs' values. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RR_DEFAULT_MAX_SERVICES * RR_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct rr_backend_stats);
+} rr_backend_stats SEC(".maps");
 
 #endif

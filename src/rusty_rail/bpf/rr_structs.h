@@ -80,6 +80,15 @@ struct rr_service {
 	__u32 table_size;           /* slots of its table (0: no backend with a weight: NO_BACKEND) */
 };
 
+/* rr_backend_stats value, per CPU: what was forwarded to backend b for the service with index s, at
+ * rr_backend_stats[s * RR_MAX_BACKENDS + b] (open mode: s = 0). Counted as core/balancer.py counts a
+ * pool's packets and bytes: on XDP_TX only, bytes = the inner packet's total length. The control plane
+ * zeroes a slot before its (service, backend index) pair starts naming another address or rejoins. */
+struct rr_backend_stats {
+	__u64 packets;
+	__u64 bytes;
+};
+
 /* rr_stats indexes. 1..18 are the drop reasons of docs/WIRE.md section 9, numbered as there. */
 #define RR_STAT_FORWARDED 0
 #define RR_DROP_OUTER_BAD_IHL 1

@@ -428,6 +428,7 @@ int rr_balance(struct xdp_md *ctx)
 	}
 	__u64 now = clock_ns();
 	struct rr_backend *backend = NULL;
+	__u32 backend_index = 0;
 	struct rr_conn *conn = bpf_map_lookup_elem(&rr_conns, &key);
 
 	if (conn) {
@@ -441,6 +442,7 @@ int rr_balance(struct xdp_md *ctx)
 		    (__s64)(now - last) < (__s64)conn_timeout(cfg, key.proto) &&
 		    (!services || is_member(svc_index, index))) {
 			backend = b;
+			backend_index = index;
 			conn->last_seen_ns = now;
 			count(RR_STAT_CONN_HIT);
 		}
@@ -453,8 +455,7 @@ int rr_balance(struct xdp_md *ctx)
 
 		if (!index)
 			return drop(RR_DROP_NO_BACKEND);
-		__u32 backend_index = *index;
-
+		backend_index = *index;
 		backend = bpf_map_lookup_elem(&rr_backends, &backend_index);
 		if (!backend || !backend->in_use)
 			return drop(RR_DROP_NO_BACKEND);
@@ -527,6 +528,16 @@ int rr_balance(struct xdp_md *ctx)
 	out[ETH_LEN + IP4_LEN + 2] = 0x08;
 	out[ETH_LEN + IP4_LEN + 3] = 0x00;
 	count(RR_STAT_FORWARDED);
+	{
+		/* What went to this backend for this service (core/balancer.py: pool.packets, pool.bytes). */
+		__u32 slot = svc_index * RR_MAX_BACKENDS + backend_index;
+		struct rr_backend_stats *bs = bpf_map_lookup_elem(&rr_backend_stats, &slot);
+
+		if (bs) {
+			bs->packets += 1;       /* per-CPU: no atomics needed */
+			bs->bytes += inner_len;
+		}
+	}
 	return XDP_TX;
 
 pass:

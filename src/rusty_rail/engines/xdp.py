@@ -15,6 +15,12 @@ the largest table, so rr_maglev holds max_services tables); rr_members holds, pe
 the rr_backends indices it lists (drained ones included), which a connection entry must name to be
 used. Backend indices are global per address (one rr_backends entry per backend, whatever the number
 of services listing it), so a next hop is written once and indices stay stable across changes.
+
+Per-backend figures (`backend_stats`): the program adds every forward's packet and inner bytes to
+rr_backend_stats[service index * MAX_BACKENDS + backend index] (open mode: service 0), per CPU. A slot is
+zeroed before its (service, backend index) pair is listed again (a backend joins or rejoins a service,
+an index or a service index is reused), so figures start from zero as core/service.py's Pool does and a
+reused index never inherits another address's counts.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import errno
 import os
 import socket
 import struct
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -94,8 +101,9 @@ class XdpBalancer:
 
     `table_size` is the largest Maglev table this instance accepts; `max_services` how many services
     it holds in services mode (rr_maglev has max_services * table_size entries: 64 * 65537 * 4 bytes
-    = 16 MiB by default; 1 for an open-mode-only instance); `conn_capacity` bounds the LRU connection
-    table.
+    = 16 MiB by default; 1 for an open-mode-only instance; rr_backend_stats has max_services * 4096
+    per-CPU slots of 16 bytes: 4 MiB per CPU by default, 64 KiB per CPU for one); `conn_capacity`
+    bounds the LRU connection table.
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class XdpBalancer:
             self._obj.map(m.MAP_CONNS).set_max_entries(conn_capacity)
             self._obj.map(m.MAP_SERVICES).set_max_entries(2 * max_services)
             self._obj.map(m.MAP_MEMBERS).set_max_entries(m.MEMBER_WORDS * max_services)
+            self._obj.map(m.MAP_BACKEND_STATS).set_max_entries(m.MAX_BACKENDS * max_services)
             program = self._obj.program(m.PROGRAM)
             program.capture_log(size=1 << 20, level=0)  # level 0: the log is filled only on failure
             try:
@@ -127,7 +136,7 @@ class XdpBalancer:
             self.prog_fd = program.fd
             self._maps = {name: self._obj.map(name) for name in (m.MAP_CONFIG, m.MAP_BACKENDS, m.MAP_MAGLEV,
                                                                   m.MAP_CONNS, m.MAP_STATS, m.MAP_SERVICES,
-                                                                  m.MAP_MEMBERS)}
+                                                                  m.MAP_MEMBERS, m.MAP_BACKEND_STATS)}
             self._fd = {name: mp.fd for name, mp in self._maps.items()}
             self.max_table_size = table_size
             self.max_services = max_services
@@ -152,6 +161,9 @@ class XdpBalancer:
         self._svc_tables: dict[int, list[int]] = {}          # service index -> slots written
         self._svc_members: dict[int, frozenset[int]] = {}    # service index -> member bits written
         self._svc_entries: dict[bytes, tuple[int, int]] = {} # rr_services key -> (index, table size)
+        # rr_backend_stats slots in use: (service index, backend index) -> (service or None in open
+        # mode, backend address as int): what the slot's figures belong to.
+        self._stat_slots: dict[tuple[int, int], tuple[ServiceKey | None, int]] = {}
         self._attached: tuple[int, int] | None = None  # (ifindex, mode flags)
         self.replaced_program_id = 0                   # a leftover program attach() removed
         self._netns_fd: int | None = None              # the namespace of the attached interface
@@ -283,6 +295,7 @@ class XdpBalancer:
         """
         addresses = [int(b) for b in table.backends]
         self._write_backends(addresses, macs)
+        self._claim_stat_slots({(0, self._index_of[a]): (None, a) for a in addresses})
         self._config.services = 0  # written by write_table below
         self.write_table([self._index_of[addresses[s]] for s in table.slots])
         self.set_backend_count(len(addresses))
@@ -312,6 +325,8 @@ class XdpBalancer:
                     self._write_service_entries({k: v for k, v in self._svc_entries.items() if v[0] != gone})
                     self._retire_services(set(self._svc_index) - {k for k, i in self._svc_index.items() if i == gone})
                 self._svc_index[key] = self._allocate_service()
+        self._claim_stat_slots({(self._svc_index[key], self._index_of[a]): (key, a)
+                                for key, addresses in listed.items() for a in addresses})
         entries: dict[bytes, tuple[int, int]] = {}
         new_members: dict[int, frozenset[int]] = {}
         for key, table in tables.items():
@@ -357,6 +372,22 @@ class XdpBalancer:
             index = self._index_of.pop(addr)
             self.write_backend(index, addr, None, in_use=False)
             self._free.append(index)
+
+    def _claim_stat_slots(self, wanted: dict[tuple[int, int], tuple[ServiceKey | None, int]]) -> None:
+        """Make `wanted` the rr_backend_stats slots in use, zeroing those that were not in use for the
+        same (service, address). Called before any table or member bit names a new pair, so the
+        program cannot have counted into such a slot since it was last in use (or ever)."""
+        fresh = [slot for slot, owner in wanted.items() if self._stat_slots.get(slot) != owner]
+        if fresh:
+            keys = [m.backend_stats_slot(s, b) for s, b in fresh]
+            zero = bytes(ctypes.sizeof(m.RrBackendStats) * self.ncpus)
+            fd = self._fd[m.MAP_BACKEND_STATS]
+            try:
+                libbpf.map_update_batch(fd, libbpf.pack_u32s(keys), zero * len(keys), len(keys))
+            except libbpf.LibbpfError:  # kernels without batch ops on arrays: one by one
+                for k in keys:
+                    libbpf.map_update(fd, ctypes.c_uint32(k), zero)
+        self._stat_slots = dict(wanted)
 
     def _write_members(self, service_index: int, members: frozenset[int]) -> None:
         words = [0] * m.MEMBER_WORDS
@@ -456,10 +487,25 @@ class XdpBalancer:
         return {name: values[i] for i, name in sorted(m.stat_names().items())}
 
     def reset_stats(self) -> None:
+        """Zero rr_stats and the rr_backend_stats slots in use."""
         fd = self._fd[m.MAP_STATS]
         zero = bytes(8 * self.ncpus)
         for i in range(m.STAT_MAX):
             libbpf.map_update(fd, ctypes.c_uint32(i), zero)
+        slots, self._stat_slots = self._stat_slots, {}
+        self._claim_stat_slots(slots)
+
+    def backend_stats(self) -> dict[tuple[ServiceKey | None, IPv4Address], tuple[int, int]]:
+        """(packets, inner bytes) forwarded per (service, backend) listed now, summed over CPUs; the
+        service is None in open mode. The shape of BalancerDataplane.counters()['backends']."""
+        fd = self._fd[m.MAP_BACKEND_STATS]
+        size = ctypes.sizeof(m.RrBackendStats)
+        out: dict[tuple[ServiceKey | None, IPv4Address], tuple[int, int]] = {}
+        for (s, b), (service, addr) in self._stat_slots.items():
+            raw = libbpf.map_lookup(fd, ctypes.c_uint32(m.backend_stats_slot(s, b)), size * self.ncpus)
+            values = struct.unpack(f"={2 * self.ncpus}Q", raw) if raw is not None else (0, 0)
+            out[(service, IPv4Address(addr))] = (sum(values[0::2]), sum(values[1::2]))
+        return out
 
     # -- connection table -------------------------------------------------------------------------
 
@@ -469,6 +515,29 @@ class XdpBalancer:
             return None
         conn = m.RrConn.from_buffer_copy(raw)
         return XdpConnection(key, IPv4Address(bytes(conn.backend_addr)), conn.backend_index, conn.last_seen_ns)
+
+    def connection_summary(self, flow_limit: int | None = None) -> tuple[int, dict[IPv4Address, int] | None]:
+        """(entries in rr_conns, entries naming each backend address), in one BPF_MAP_LOOKUP_BATCH walk.
+
+        As core's ConnectionTable: every entry the table holds counts, including idle ones the program
+        has not yet rewritten (the LRU map forgets entries only by eviction). The per-backend counts are
+        None when there are more than `flow_limit` entries (the walk goes on for the total; counting
+        per backend is the Python-side cost). Under traffic, entries added or evicted during the walk
+        may or may not be counted."""
+        key_size, value_size = ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)
+        words = value_size // 4  # rr_conn: backend_addr is its first 32-bit word
+        total = 0
+        counts: Counter[int] | None = Counter()
+        for n, _, values in libbpf.map_lookup_batches(self._fd[m.MAP_CONNS], key_size, value_size):
+            total += n
+            if counts is not None:
+                if flow_limit is not None and total > flow_limit:
+                    counts = None
+                else:
+                    counts.update(memoryview(values).cast("I")[0::words])
+        if counts is None:
+            return total, None
+        return total, {IPv4Address(struct.pack("=I", a)): c for a, c in counts.items()}
 
     def connections(self) -> list[XdpConnection]:
         keys = libbpf.map_keys(self._fd[m.MAP_CONNS], ctypes.sizeof(m.RrFlowKey))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, cast
 
-from rusty_rail.control.balancer_dataplane import BalancerDataplane
+from rusty_rail.control.balancer_dataplane import FLOW_COUNT_LIMIT, BalancerDataplane
 from rusty_rail.control.model import DataplaneState
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.flow import FlowKey
@@ -47,15 +47,33 @@ class XdpDataplane:
         self.engine.sync()
 
     def counters(self) -> dict[str, object]:
-        """The kernel's per-CPU counters, summed. Per-backend packet counts are not kept by the
-        program yet, so 'backends' lists the backends with zeros rather than inventing figures."""
+        """The kernel's figures, summed over CPUs, in BalancerDataplane's shape:
+
+        - the rr_stats counters (forwarded, passed, drop_<reason>, conn_hit, conn_new);
+        - 'backends': {(service or None, backend): (packets, inner bytes)} from rr_backend_stats, for
+          every backend the balancer lists (a backend listed since the last sync shows (0, 0));
+        - 'connections': entries in rr_conns, and 'flows': entries per backend address, from one
+          BPF_MAP_LOOKUP_BATCH walk (flows left out above FLOW_COUNT_LIMIT entries, as
+          BalancerDataplane does; the walk itself runs in the kernel, off the packet path);
+        - 'table_rebuilds' from the Python balancer, which builds the tables.
+
+        'connection_evictions' is not reported: the kernel's LRU map evicts without telling anyone,
+        and deriving it (inserts - entries - deletions) would race with traffic during the walk, so
+        the figure would not be exact. The control plane shows 0 for it."""
         out: dict[str, object] = dict(self.engine.counters())
         with self._lock:
             inner = self._inner
         if inner is not None:
             python_side = inner.counters()
             out["table_rebuilds"] = python_side["table_rebuilds"]
-            out["backends"] = {key: (0, 0) for key in python_side["backends"]}  # type: ignore[union-attr]
+            kernel = self.engine.backend_stats()
+            listed = cast(dict, python_side["backends"])
+            out["backends"] = {key: kernel.get(key, (0, 0)) for key in listed}
+        if self.engine.xdp is not None:
+            connections, flows = self.engine.connection_summary(FLOW_COUNT_LIMIT)
+            out["connections"] = connections
+            if flows is not None:
+                out["flows"] = flows
         return out
 
     def explain(self, key: FlowKey) -> tuple[IPv4Address | None, str]:

@@ -43,7 +43,7 @@ def xdp_available(object_path: str | os.PathLike | None = None) -> tuple[bool, s
         return False, f"{path.name} is not built (run `make bpf`)"
     try:
         # Small maps: this is a probe, it must not allocate the production connection table.
-        with XdpBalancer(path, table_size=251, conn_capacity=64):
+        with XdpBalancer(path, table_size=251, conn_capacity=64, max_services=1):
             pass
     except OSError as exc:  # LibbpfError is an OSError; EPERM without privileges
         first = (exc.strerror or str(exc)).splitlines()[0]
@@ -201,3 +201,13 @@ class XdpEngine:
 
     def counters(self) -> dict[str, int]:
         return self.xdp.counters() if self.xdp is not None else {}
+
+    def backend_stats(self) -> dict:
+        """XdpBalancer.backend_stats(), consistent with the last sync ({} before the program loads)."""
+        with self._lock:
+            return self.xdp.backend_stats() if self.xdp is not None else {}
+
+    def connection_summary(self, flow_limit: int | None = None) -> tuple[int, dict | None]:
+        """XdpBalancer.connection_summary() ((0, {}) before the program loads)."""
+        xdp = self.xdp
+        return xdp.connection_summary(flow_limit) if xdp is not None else (0, {})

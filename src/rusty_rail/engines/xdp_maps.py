@@ -19,6 +19,7 @@ MAP_CONNS = "rr_conns"
 MAP_STATS = "rr_stats"
 MAP_SERVICES = "rr_services"
 MAP_MEMBERS = "rr_members"
+MAP_BACKEND_STATS = "rr_backend_stats"
 PROGRAM = "rr_balance"
 
 MAX_BACKENDS = 4096
@@ -104,6 +105,21 @@ class RrService(ctypes.Structure):
     ]
 
 
+class RrBackendStats(ctypes.Structure):
+    """One CPU's rr_backend_stats value; the slot of (service index s, backend index b) is
+    `backend_stats_slot(s, b)`."""
+
+    _fields_ = [
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+    ]
+
+
+def backend_stats_slot(service_index: int, backend_index: int) -> int:
+    """rr_backend_stats index of (service, backend); open mode is service 0 (rr_maps.h)."""
+    return service_index * MAX_BACKENDS + backend_index
+
+
 class RrClock(ctypes.Structure):
     _fields_ = [
         ("jiffies", ctypes.c_uint64),
@@ -120,6 +136,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "rr_service_key": RrServiceKey,
     "rr_service": RrService,
     "rr_clock": RrClock,
+    "rr_backend_stats": RrBackendStats,
 }
 
 
