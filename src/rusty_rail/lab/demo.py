@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -36,13 +37,17 @@ def run_demo(requests_per_client: int = 400, engine: str = "auto", prefix: str =
     if os.geteuid() != 0:
         print("rusty-rail demo: needs root (it creates network namespaces); run: sudo make demo", file=sys.stderr)
         return 1
+    log = tempfile.NamedTemporaryFile("w+", prefix="rusty-rail-demo-", suffix=".log", delete=False)
     with Lab(4, prefix) as lab:
         print(f"topology 4 up: {', '.join(lab.plan.namespaces)}")
-        procs = lab.start_balancers(env={"RR_ENGINE": engine}, stdout=subprocess.PIPE)
+        procs = lab.start_balancers(env={"RR_ENGINE": engine}, stdout=subprocess.PIPE, stderr=log)
+        print(f"balancers started (engine {engine}); their logs: {log.name}")
         deadline = time.monotonic() + READY_DEADLINE_S
         while not lab.traffic(n=1, timeout=0.5)[0].ok:  # poll: the balancers need a moment to start
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                print("the balancers did not start forwarding")
+                print("the balancers did not start forwarding; the end of their log:")
+                log.seek(0)
+                print(log.read()[-2000:])
                 _stop(procs)
                 return 1
         targets = lab.maps.config()[2]
