@@ -141,8 +141,13 @@ def run_config(
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: stop.set())
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: stop.set())
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+        what = (
+            f"every GRE packet over {len(config.open_mode_backends)} backends"
+            if config.open_mode_backends is not None
+            else f"{len(config.services)} services"
+        )
         log.info(
-            "serving %d services on %s (pid %d)", len(config.services), config.device, os.getpid(),
+            "serving %s on %s (pid %d)", what, config.device, os.getpid(),
             extra={"event": "started", "device": config.device, "engine": config.engine},
         )
         return serve(stop)
