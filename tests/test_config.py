@@ -35,3 +35,12 @@ def test_single_target_and_separators() -> None:
 def test_errors_name_the_variable(env: dict, names: str) -> None:
     with pytest.raises(ConfigError, match=names):
         from_environment(env)
+
+
+def test_connection_capacity() -> None:
+    base = {"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1"}
+    assert from_environment(base).connection_capacity is None  # the default, 1 << 20
+    assert from_environment({**base, "RR_CONN_CAPACITY": "65536"}).connection_capacity == 65536
+    for bad, words in (("0", "below 1"), ("lots", "not a whole number"), (str(1 << 27), "above")):
+        with pytest.raises(ConfigError, match=f"RR_CONN_CAPACITY.*{words}"):
+            from_environment({**base, "RR_CONN_CAPACITY": bad})

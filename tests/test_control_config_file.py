@@ -129,3 +129,14 @@ def test_config_from_env_is_open_mode() -> None:
     config = config_from_env(env)
     assert config.open_mode_backends == env.targets and config.services == ()
     assert (config.engine, config.workers, config.table_size) == ("xdp", 2, 251)
+
+
+def test_connection_capacity() -> None:
+    assert loads_config(MINIMAL).connection_capacity is None
+    assert loads_config("connection_capacity = 65536\n" + MINIMAL).connection_capacity == 65536
+    for value, words in (("0", "0 is not >= 1"), ('"big"', '"big" is not a whole number'),
+                         (str(1 << 27), "134217728 is not <= 67108864")):
+        with pytest.raises(ConfigError, match=f"^connection_capacity: {words}"):
+            loads_config(f"connection_capacity = {value}\n" + MINIMAL)
+    env = EnvConfig("eth0", (IPv4Address("10.2.0.1"),), connection_capacity=4096)
+    assert config_from_env(env).connection_capacity == 4096

@@ -27,6 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("decap", help="GRE decapsulation for servers without a GRE module", add_help=False)
     run = sub.add_parser("run", help="run the balancer from a configuration file")
     run.add_argument("--config", required=True, help="TOML file (see deploy/config.example.toml)")
+    restart = sub.add_parser(
+        "restart", help="hitless restart: the running daemon hands over (XDP stays attached), then this one runs",
+        description="Tell the running daemon on this device to hand over (SIGUSR2: it exits leaving its XDP "
+        "program attached and its connection table pinned), wait for it to exit, then run the new daemon in "
+        "the foreground with this configuration (--config FILE, or the environment form), which takes over "
+        "the connection table and replaces the program atomically. The running daemon is found with --pid, "
+        "or through its control socket (--socket, else the file's control_socket, else RR_CONTROL_SOCKET).")
+    restart.add_argument("--config", help="TOML file (default: the environment form)")
+    restart.add_argument("--pid", type=int, help="the running daemon's process id")
+    restart.add_argument("--socket", help="the running daemon's control socket")
+    restart.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to exit (default 30)")
     sub.add_parser("ctl", help="status and changes of a running balancer", add_help=False)
     sub.add_parser("top", help="live view of a running balancer", add_help=False)
     sub.add_parser("explain", help="which backend a flow goes to, and why", add_help=False)
@@ -67,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(requests_per_client=args.requests, engine=args.engine)
     if args.command == "run":
         return run_from_file(args.config, args.workers)
+    if args.command == "restart":
+        return restart(args)
     return run_from_environment(args.workers)
 
 
@@ -113,6 +126,70 @@ def run_from_environment(workers: int | None) -> int:
         print(f"rusty-rail: {exc}", file=sys.stderr)
         return 2
     return _start(config, workers, None)
+
+
+def _daemon_pid(socket_path: str) -> int:
+    """The pid of the process serving the control socket (SO_PEERCRED: the kernel says who it is)."""
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(socket_path)
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid
+
+
+def _exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has exited
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def restart(args: argparse.Namespace) -> int:
+    """`rusty-rail restart`: hand over from the running daemon, then run this one (see _parser)."""
+    import signal
+    import time
+
+    from rusty_rail.config import ConfigError, from_environment
+    from rusty_rail.control.config_file import load_config
+
+    if _need_root():
+        return 2
+    try:  # the new configuration must be good before the running daemon is asked to leave
+        config = load_config(args.config) if args.config else None
+        socket_path = args.socket or (config.control_socket if config else from_environment().control_socket)
+    except ConfigError as exc:
+        print(f"rusty-rail: {exc}", file=sys.stderr)
+        return 1
+    pid = args.pid
+    if pid is None:
+        if not socket_path:
+            print("rusty-rail: restart: give --pid, or a control socket (--socket, control_socket, RR_CONTROL_SOCKET)",
+                  file=sys.stderr)
+            return 2
+        try:
+            pid = _daemon_pid(socket_path)
+        except OSError as exc:
+            print(f"rusty-rail: restart: no daemon answers at {socket_path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    try:
+        os.kill(pid, signal.SIGUSR2)
+    except ProcessLookupError:
+        print(f"rusty-rail: restart: no process {pid}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.timeout
+    while not _exited(pid):
+        if time.monotonic() > deadline:
+            print(f"rusty-rail: restart: daemon {pid} did not exit within {args.timeout}s", file=sys.stderr)
+            return 1
+        time.sleep(0.01)  # polling another process's exit
+    log.info("daemon %d handed over; starting", pid, extra={"event": "restart", "predecessor": pid})
+    if args.config:
+        return run_from_file(args.config, args.workers)
+    return run_from_environment(args.workers)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from ipaddress import AddressValueError, IPv4Address
 from rusty_rail.core.maglev import DEFAULT_TABLE_SIZE, is_prime
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+MAX_CONN_CAPACITY = 1 << 26
+"""64 Mi entries: the XDP map alone would take several GiB beyond this."""
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,8 @@ class EnvConfig:
     """RR_CONTROL_SOCKET: path of the control socket (`rusty-rail ctl`); unset: none."""
     metrics: str | None = None
     """RR_METRICS: host:port of the Prometheus endpoint; unset: none."""
+    connection_capacity: int | None = None
+    """RR_CONN_CAPACITY: entries the connection table holds at most (LRU beyond); unset: 1 << 20."""
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -104,4 +108,8 @@ def from_environment(env: Mapping[str, str] | None = None) -> EnvConfig:
         host, _, port = metrics.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"RR_METRICS: {metrics!r} is not host:port")
-    return EnvConfig(device, targets, engine, _int(env, "RR_WORKERS", 1, 1), table_size, control_socket, metrics)
+    capacity = _int(env, "RR_CONN_CAPACITY", 0, 1) or None
+    if capacity is not None and capacity > MAX_CONN_CAPACITY:
+        raise ConfigError(f"RR_CONN_CAPACITY: {capacity} is above {MAX_CONN_CAPACITY}")
+    return EnvConfig(device, targets, engine, _int(env, "RR_WORKERS", 1, 1), table_size, control_socket, metrics,
+                     capacity)

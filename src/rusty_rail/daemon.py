@@ -84,7 +84,6 @@ def run_with_config(config: Config, config_path: str | None = None) -> int:
     log.info("engine %s on %s: %s", kind.value, config.device, why, extra={"event": "engine", "engine": kind.value})
     engine: Any
     stop = threading.Event()
-    handover: Callable[[], None] = stop.set
     if kind == EngineKind.XDP:
         from rusty_rail.engines.xdp_dataplane import XdpDataplane
         from rusty_rail.engines.xdp_engine import handover_dir
@@ -103,6 +102,10 @@ def run_with_config(config: Config, config_path: str | None = None) -> int:
         else:  # each forked worker builds its own; the control plane reaches them over pipes
             engine = AfPacketEngine(config.device, None, config.workers, factory=factory)
         serve = engine.run
+
+        def handover() -> None:  # nothing to leave running: a plain stop
+            log.warning("SIGUSR2: a handover needs the XDP engine; stopping")
+            stop.set()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGUSR2, lambda *_: handover()) if main_thread else None
     try:

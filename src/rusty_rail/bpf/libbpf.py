@@ -34,6 +34,9 @@ __all__ = [
     "xdp_detach",
     "xdp_query_id",
     "prog_load",
+    "prog_get_fd_by_id",
+    "prog_id",
+    "map_info",
     "XDP_PASS_INSNS",
     "BPF_PROG_TYPE_XDP",
     "BPF_ANY",
@@ -119,6 +122,9 @@ def _load() -> ctypes.CDLL:
         "bpf_map__pin": (_c_int, [_c_void_p, _c_char_p]),
         "bpf_map__unpin": (_c_int, [_c_void_p, _c_char_p]),
         "bpf_map__set_pin_path": (_c_int, [_c_void_p, _c_char_p]),
+        "bpf_map__reuse_fd": (_c_int, [_c_void_p, _c_int]),
+        "bpf_prog_get_fd_by_id": (_c_int, [_c_uint32]),
+        "bpf_obj_get_info_by_fd": (_c_int, [_c_int, _c_void_p, ctypes.POINTER(_c_uint32)]),
         "bpf_program__fd": (_c_int, [_c_void_p]),
         "bpf_program__set_log_level": (_c_int, [_c_void_p, _c_uint32]),
         "bpf_program__set_log_buf": (_c_int, [_c_void_p, _c_char_p, _c_size_t]),
@@ -326,8 +332,46 @@ def prog_load(prog_type: int, insns: bytes, license: str = "GPL", name: str = ""
 XDP_PASS_INSNS = bytes.fromhex("b700000002000000" "9500000000000000")
 
 
-def xdp_attach(ifindex: int, prog_fd: int, flags: int = 0) -> None:
-    _check(lib.bpf_xdp_attach(ifindex, prog_fd, flags, None), f"bpf_xdp_attach(ifindex {ifindex})")
+def xdp_attach(ifindex: int, prog_fd: int, flags: int = 0, old_prog_fd: int | None = None) -> None:
+    """Attach `prog_fd`. With `old_prog_fd`: atomically replace that program (XDP_FLAGS_REPLACE; the
+    kernel refuses with EEXIST if another program is attached), so the device is never without one."""
+    opts = None
+    if old_prog_fd is not None:
+        opts = ctypes.byref(XdpAttachOpts(sz=ctypes.sizeof(XdpAttachOpts), old_prog_fd=old_prog_fd))
+        flags |= XDP_FLAGS_REPLACE
+    _check(lib.bpf_xdp_attach(ifindex, prog_fd, flags, opts), f"bpf_xdp_attach(ifindex {ifindex})")
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    """An fd for the loaded program with this id (e.g. the one xdp_query_id names). The caller closes it."""
+    return _check(lib.bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id({prog_id})")
+
+
+class MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info (the kernel fills as much as info_len asks for)."""
+
+    _fields_ = [("type", _c_uint32), ("id", _c_uint32), ("key_size", _c_uint32), ("value_size", _c_uint32),
+                ("max_entries", _c_uint32), ("map_flags", _c_uint32), ("name", ctypes.c_char * 16)]
+
+
+class ProgInfo(ctypes.Structure):
+    """The head of struct bpf_prog_info."""
+
+    _fields_ = [("type", _c_uint32), ("id", _c_uint32)]
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    n = _c_uint32(ctypes.sizeof(info))
+    _check(lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)), "bpf_obj_get_info_by_fd")
+    return info
+
+
+def prog_id(fd: int) -> int:
+    info = ProgInfo()
+    n = _c_uint32(ctypes.sizeof(info))
+    _check(lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)), "bpf_obj_get_info_by_fd")
+    return info.id
 
 
 def xdp_detach(ifindex: int, flags: int = 0) -> None:
@@ -369,6 +413,11 @@ class BpfMap:
     @property
     def fd(self) -> int:
         return _check(lib.bpf_map__fd(self._ptr), f"bpf_map__fd({self.name})")
+
+    def reuse_fd(self, fd: int) -> None:
+        """Before BpfObject.load(): use the existing map `fd` (e.g. a pinned one) instead of creating
+        this map. libbpf dups the fd and takes the map's definition (sizes, max_entries) from it."""
+        _check(lib.bpf_map__reuse_fd(self._ptr, fd), f"bpf_map__reuse_fd({self.name})")
 
     def pin(self, path: str) -> None:
         _check(lib.bpf_map__pin(self._ptr, path.encode()), f"bpf_map__pin({path})")

@@ -10,6 +10,7 @@ a misspelt `intervall` silently ignored would be a health check that never does 
     control_socket = "/run/rusty-rail/control.sock"
     metrics = "127.0.0.1:9100"      # absent = off
     workers = 1                     # AF_PACKET worker processes (as RR_WORKERS)
+    connection_capacity = 1048576   # connection table entries, LRU beyond (as RR_CONN_CAPACITY)
     [[services]]
     vip = "10.1.0.1"
     protocol = "tcp"                # tcp | udp | any; default tcp with a port, any without
@@ -31,7 +32,7 @@ from collections.abc import Mapping
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
-from rusty_rail.config import ConfigError, EngineKind, EnvConfig
+from rusty_rail.config import MAX_CONN_CAPACITY, ConfigError, EngineKind, EnvConfig
 from rusty_rail.control.model import BackendSpec, Config, HealthSpec, HealthType, ServiceSpec
 from rusty_rail.core.maglev import is_prime
 from rusty_rail.core.service import ServiceKey, ServiceProtocol
@@ -45,7 +46,8 @@ MAX_WEIGHT = 1000
 MAX_TABLE_SIZE = 4_000_037
 """Tables are built in Python on every change; much larger ones make a change take seconds."""
 
-_TOP_KEYS = {"device", "engine", "table_size", "control_socket", "metrics", "workers", "services"}
+_TOP_KEYS = {"device", "engine", "table_size", "control_socket", "metrics", "workers", "connection_capacity",
+             "services"}
 _SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health"}
 _BACKEND_KEYS = {"address", "weight"}
 _HEALTH_KEYS = {"type", "port", "path", "interval", "timeout", "rise", "fall"}
@@ -224,6 +226,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         parse_metrics_address(table["metrics"])
         metrics = table["metrics"]
     workers = _int(table.get("workers", 1), "workers", 1, 256)
+    capacity = None
+    if "connection_capacity" in table:
+        capacity = _int(table["connection_capacity"], "connection_capacity", 1, MAX_CONN_CAPACITY)
     raw_services = table.get("services", [])
     if not isinstance(raw_services, list):
         raise _fail("services", f"{_show(raw_services)} is not a list of tables ([[services]])")
@@ -238,7 +243,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not services:
         # Without services the balancer would drop everything (NO_SERVICE); that is never what was meant.
         raise _fail("services", "none configured (a config file needs at least one [[services]])")
-    return Config(device, engine, table_size, socket_path, metrics, tuple(services), None, workers)
+    return Config(device, engine, table_size, socket_path, metrics, tuple(services), None, workers, capacity)
 
 
 def loads_config(text: str, source: str = "<string>") -> Config:
@@ -273,4 +278,5 @@ def config_from_env(env: EnvConfig) -> Config:
         metrics=env.metrics,
         open_mode_backends=tuple(env.targets),
         workers=env.workers,
+        connection_capacity=env.connection_capacity,
     )

@@ -61,6 +61,9 @@ class Config:
     open_mode_backends: tuple[IPv4Address, ...] | None = None
     """The environment form (RR_TARGET_IPS): no services, every GRE packet balanced over these."""
     workers: int = 1
+    connection_capacity: int | None = None
+    """Entries the connection table holds at most (LRU beyond); None: the default, 1 << 20. Per worker
+    process on the AF_PACKET engine."""
 
 
 @dataclass(frozen=True)

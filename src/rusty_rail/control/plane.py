@@ -40,7 +40,7 @@ log = logging.getLogger("rusty_rail.control")
 
 OPEN = "open"
 """How the single pool of open mode (the environment form) is named in status and ctl."""
-_RESTART_FIELDS = ("device", "engine", "table_size", "control_socket", "metrics", "workers")
+_RESTART_FIELDS = ("device", "engine", "table_size", "control_socket", "metrics", "workers", "connection_capacity")
 
 
 class ControlError(Exception):

@@ -114,7 +114,10 @@ class XdpBalancer:
         conn_capacity: int = m.DEFAULT_CONNS,
         pin_dir: str | None = None,
         max_services: int = m.DEFAULT_MAX_SERVICES,
+        reuse_conns_fd: int | None = None,
     ) -> None:
+        """`reuse_conns_fd`: an existing rr_conns map (a handover's pin) to use instead of a new one;
+        its max_entries must equal `conn_capacity` (checked: ValueError)."""
         if max_services < 1:
             raise ValueError("max_services must be at least 1")
         path = Path(object_path) if object_path is not None else default_object_path()
@@ -124,6 +127,14 @@ class XdpBalancer:
         try:
             self._obj.map(m.MAP_MAGLEV).set_max_entries(table_size * max_services)
             self._obj.map(m.MAP_CONNS).set_max_entries(conn_capacity)
+            if reuse_conns_fd is not None:
+                info = libbpf.map_info(reuse_conns_fd)
+                if (info.key_size, info.value_size) != (ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)):
+                    raise ValueError(f"the rr_conns to reuse has keys of {info.key_size} and values of "
+                                     f"{info.value_size} bytes, not this program's")
+                if info.max_entries != conn_capacity:
+                    raise ValueError(f"the rr_conns to reuse holds {info.max_entries} entries, not {conn_capacity}")
+                self._obj.map(m.MAP_CONNS).reuse_fd(reuse_conns_fd)
             self._obj.map(m.MAP_SERVICES).set_max_entries(2 * max_services)
             self._obj.map(m.MAP_MEMBERS).set_max_entries(m.MEMBER_WORDS * max_services)
             self._obj.map(m.MAP_BACKEND_STATS).set_max_entries(m.MAX_BACKENDS * max_services)
@@ -186,6 +197,41 @@ class XdpBalancer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def hand_over(self, directory: str) -> None:
+        """Leave the program attached and pin what a successor needs in `directory` (bpffs): rr_conns
+        (the flows' backends) and rr_backends (which index names which backend, for adopt_backend_indices).
+        After this, close() neither detaches nor touches the device; the successor replaces the program
+        atomically (attach(replace_fd=...)) and removes the pins."""
+        os.makedirs(directory, exist_ok=True)
+        for name in (m.MAP_BACKENDS, m.MAP_CONNS):  # rr_conns last: its pin says the handover is complete
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                os.unlink(path)
+            libbpf.obj_pin(self._fd[name], path)
+        self._attached = None
+        if self._netns_fd is not None:
+            os.close(self._netns_fd)
+            self._netns_fd = None
+
+    def adopt_backend_indices(self, backends_fd: int) -> dict[IPv4Address, int]:
+        """Take the backend indices of a predecessor's rr_backends (in use entries), so that the
+        connection entries it wrote (index + address) stay valid here. Call before the first sync."""
+        size = ctypes.sizeof(m.RrBackend)
+        adopted: dict[IPv4Address, int] = {}
+        for i in range(m.MAX_BACKENDS):
+            raw = libbpf.map_lookup(backends_fd, ctypes.c_uint32(i), size)
+            if raw is None:
+                continue
+            b = m.RrBackend.from_buffer_copy(raw)
+            if b.in_use:
+                adopted[IPv4Address(bytes(b.addr))] = i
+        if adopted:
+            self._index_of = {int(a): i for a, i in adopted.items()}
+            self._next_index = max(adopted.values()) + 1
+            used = set(adopted.values())
+            self._free = [i for i in range(self._next_index) if i not in used]
+        return adopted
 
     def pin_maps(self, pin_dir: str) -> None:
         """Pin every map as pin_dir/<map name> (bpffs), e.g. for another process's control plane."""
@@ -581,13 +627,19 @@ class XdpBalancer:
 
     # -- attaching --------------------------------------------------------------------------------
 
-    def attach(self, interface: str | int, mode: str = "native") -> None:
+    def attach(self, interface: str | int, mode: str = "native", replace_fd: int | None = None) -> None:
         """Attach to `interface` (name or ifindex) in "native" (driver; veth supports it) or "skb"
-        mode. A program left there by an earlier run (ours or not) is replaced and reported."""
+        mode. A program left there by an earlier run (ours or not) is replaced and reported.
+
+        `replace_fd`: the program attached now (a handover's), replaced atomically (XDP_FLAGS_REPLACE):
+        the device never runs without a program. Fails (EEXIST) if another program is attached."""
         ifindex = interface if isinstance(interface, int) else socket.if_nametoindex(interface)
         flags = {"native": libbpf.XDP_FLAGS_DRV_MODE, "skb": libbpf.XDP_FLAGS_SKB_MODE}[mode]
         leftover = libbpf.xdp_query_id(ifindex, 0)
-        if leftover:
+        if replace_fd is not None:
+            libbpf.xdp_attach(ifindex, self.prog_fd, flags, old_prog_fd=replace_fd)
+            self.replaced_program_id = leftover
+        elif leftover:
             # Detach in every mode: a leftover generic program would block a native one and vice versa.
             for f in (libbpf.XDP_FLAGS_DRV_MODE, libbpf.XDP_FLAGS_SKB_MODE):
                 try:
@@ -595,7 +647,8 @@ class XdpBalancer:
                 except OSError:
                     pass
             self.replaced_program_id = leftover
-        libbpf.xdp_attach(ifindex, self.prog_fd, flags)
+        if replace_fd is None:
+            libbpf.xdp_attach(ifindex, self.prog_fd, flags)
         self._attached = (ifindex, flags)
         # An ifindex means something only in its namespace: remember which one, so that detach()
         # never acts on an interface of another namespace (e.g. the host's) with the same number.
