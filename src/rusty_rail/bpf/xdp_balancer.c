@@ -42,20 +42,6 @@
  * page, so no real frame reaches this; a longer one is dropped as GRE_CHECKSUM (not verifiable). */
 #define RR_MAX_CSUM_LEN 4096
 
-/* The outer IPv4 header as written on the way out (no bitfields: their order depends on headers). */
-struct rr_ipv4 {
-	__u8 ver_ihl;
-	__u8 tos;
-	__be16 tot_len;
-	__be16 id;
-	__be16 frag_off;
-	__u8 ttl;
-	__u8 protocol;
-	__u16 check;
-	__be32 saddr;
-	__be32 daddr;
-};
-
 static __always_inline void count(__u32 index)
 {
 	__u64 *counter = bpf_map_lookup_elem(&rr_stats, &index);
@@ -72,7 +58,30 @@ static __always_inline int drop(__u32 reason)
 
 static __always_inline __u16 be16_at(const __u8 *p)
 {
-	return ((__u16)p[0] << 8) | p[1];
+	return bpf_ntohs(*(const __u16 *)p);
+}
+
+/* Wide loads and stores at any byte offset (the verifier allows misaligned packet and map value
+ * accesses unless BPF_F_STRICT_ALIGNMENT, which the loader does not set): one instruction where
+ * __builtin_memcpy through a byte pointer would make four or six. Byte copies, so order-neutral. */
+static __always_inline __u32 ld32(const void *p)
+{
+	return *(const __u32 *)p;
+}
+
+static __always_inline __u16 ld16(const void *p)
+{
+	return *(const __u16 *)p;
+}
+
+static __always_inline void st32(void *p, __u32 v)
+{
+	*(__u32 *)p = v;
+}
+
+static __always_inline void st16(void *p, __u16 v)
+{
+	*(__u16 *)p = v;
 }
 
 /* RFC 1071 end-around-carry fold of a sum of 16- or 32-bit words to 16 bits. A sum of words read in
@@ -82,6 +91,17 @@ static __always_inline __u16 csum_fold(__u64 sum)
 {
 	sum = (sum & 0xFFFFFFFF) + (sum >> 32);
 	sum = (sum & 0xFFFFFFFF) + (sum >> 32);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	sum = (sum & 0xFFFF) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* csum_fold for a sum below 2^35 (at most eight 32-bit words): after three 16-bit end-around folds
+ * it is at most 0xFFFF. A fold's result is determined by the sum (0 only for 0, else the value in
+ * 1..0xFFFF congruent to it mod 0xFFFF), so this agrees with csum_fold wherever both apply. */
+static __always_inline __u16 csum_fold_small(__u64 sum)
+{
 	sum = (sum & 0xFFFF) + (sum >> 16);
 	sum = (sum & 0xFFFF) + (sum >> 16);
 	sum = (sum & 0xFFFF) + (sum >> 16);
@@ -199,12 +219,12 @@ static __always_inline int inner_flow_key(__u8 *inner, void *data_end, __u32 inn
 	__u8 proto = inner[9];
 	__u8 *l4;
 
-	__builtin_memcpy(&key->src, inner + 12, 4);
-	__builtin_memcpy(&key->dst, inner + 16, 4);
+	key->src = ld32(inner + 12);
+	key->dst = ld32(inner + 16);
 	key->proto = proto;
 
 	/* Fragments: the 3-tuple, so every fragment of a datagram goes where its first one went. */
-	if (be16_at(inner + 6) & IP_MF_OFFSET)
+	if (ld16(inner + 6) & bpf_htons(IP_MF_OFFSET))
 		return 0;
 
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
@@ -213,8 +233,7 @@ static __always_inline int inner_flow_key(__u8 *inner, void *data_end, __u32 inn
 		l4 = inner + ihl4;
 		if ((void *)(l4 + 4) > data_end)
 			return RR_DROP_INNER_TRUNCATED;
-		__builtin_memcpy(&key->sport, l4, 2);
-		__builtin_memcpy(&key->dport, l4 + 2, 2);
+		st32(&key->sport, ld32(l4));    /* sport, dport: the 4 port bytes as they are */
 		return 0;
 	}
 
@@ -234,8 +253,8 @@ static __always_inline int inner_flow_key(__u8 *inner, void *data_end, __u32 inn
 
 	__u8 emb_proto = emb[9];
 
-	__builtin_memcpy(&key->src, emb + 16, 4);
-	__builtin_memcpy(&key->dst, emb + 12, 4);
+	key->src = ld32(emb + 16);
+	key->dst = ld32(emb + 12);
 	key->proto = emb_proto;
 	if ((emb_proto == IPPROTO_TCP || emb_proto == IPPROTO_UDP) && !(be16_at(emb + 6) & IP_MF_OFFSET) &&
 	    inner_len >= ihl4 + 8 + emb_ihl4 + 4) {
@@ -243,8 +262,8 @@ static __always_inline int inner_flow_key(__u8 *inner, void *data_end, __u32 inn
 
 		if ((void *)(ports + 4) > data_end)
 			return 0;
-		__builtin_memcpy(&key->sport, ports + 2, 2);
-		__builtin_memcpy(&key->dport, ports, 2);
+		key->sport = ld16(ports + 2);
+		key->dport = ld16(ports);
 	}
 	return 0;
 }
@@ -330,12 +349,13 @@ int rr_balance(struct xdp_md *ctx)
 		goto pass;
 	__u8 *eth = data;
 	__u8 *ip = data + ETH_LEN;
+	__u8 ver_ihl = ip[0];
 
-	if (eth[12] != 0x08 || eth[13] != 0x00 || (ip[0] >> 4) != 4 || ip[9] != IPPROTO_GRE)
+	if (ld16(eth + 12) != bpf_htons(ETH_P_IP) || (ver_ihl >> 4) != 4 || ip[9] != IPPROTO_GRE)
 		goto pass;
 
 	/* -- 2. Outer IPv4 ------------------------------------------------------------------------ */
-	__u32 ihl = ip[0] & 0x0F;
+	__u32 ihl = ver_ihl & 0x0F;
 
 	if (ihl < 5)
 		return drop(RR_DROP_OUTER_BAD_IHL);
@@ -349,10 +369,10 @@ int rr_balance(struct xdp_md *ctx)
 		const __u32 *w = (const __u32 *)ip;
 		__u64 sum = (__u64)w[0] + w[1] + w[2] + w[3] + w[4];
 
-		if (csum_fold(sum) != 0xFFFF)
+		if (csum_fold_small(sum) != 0xFFFF)
 			return drop(RR_DROP_OUTER_BAD_CHECKSUM);
 	}
-	if (be16_at(ip + 6) & IP_MF_OFFSET)
+	if (ld16(ip + 6) & bpf_htons(IP_MF_OFFSET))
 		return drop(RR_DROP_OUTER_FRAGMENT);
 
 	/* -- 3. GRE ------------------------------------------------------------------------------- */
@@ -361,25 +381,31 @@ int rr_balance(struct xdp_md *ctx)
 
 	if (gre_avail < 4 || (void *)(gre + 4) > data_end)
 		return drop(RR_DROP_GRE_TRUNCATED);
-	__u32 flags = be16_at(gre);
+	__u32 gre_len = 4;
 
-	if (flags & GRE_F_VERSION)
-		return drop(RR_DROP_GRE_VERSION);
-	if (flags & GRE_F_RESERVED)
-		return drop(RR_DROP_GRE_RESERVED);
-	/* 4 bytes, plus 4 for each of checksum(+reserved1), key, sequence number (RFC 2890). */
-	__u32 gre_len = 4 + ((flags >> 13) & 4) + ((flags >> 11) & 4) + ((flags >> 10) & 4);
+	/* The usual header (no flags, version 0, protocol IPv4) passes every check below with 4 bytes:
+	 * one comparison instead of them. */
+	if (ld32(gre) != bpf_htonl(ETH_P_IP)) {
+		__u32 flags = be16_at(gre);
 
-	if (gre_avail < gre_len)
-		return drop(RR_DROP_GRE_TRUNCATED);
-	if (flags & GRE_F_CSUM) {
-		if (gre_avail > RR_MAX_CSUM_LEN ||
-		    csum_fold(csum_bytes(gre, data_end, gre_avail)) != 0xFFFF)
-			return drop(RR_DROP_GRE_CHECKSUM);
+		if (flags & GRE_F_VERSION)
+			return drop(RR_DROP_GRE_VERSION);
+		if (flags & GRE_F_RESERVED)
+			return drop(RR_DROP_GRE_RESERVED);
+		/* 4 bytes, plus 4 for each of checksum(+reserved1), key, sequence number (RFC 2890). */
+		gre_len += ((flags >> 13) & 4) + ((flags >> 11) & 4) + ((flags >> 10) & 4);
+
+		if (gre_avail < gre_len)
+			return drop(RR_DROP_GRE_TRUNCATED);
+		if (flags & GRE_F_CSUM) {
+			if (gre_avail > RR_MAX_CSUM_LEN ||
+			    csum_fold(csum_bytes(gre, data_end, gre_avail)) != 0xFFFF)
+				return drop(RR_DROP_GRE_CHECKSUM);
+		}
+		if (ld16(gre + 2) != bpf_htons(ETH_P_IP))
+			return drop(RR_DROP_GRE_PROTOCOL);
+		/* The key and sequence number are parsed (gre_len) and not used. */
 	}
-	if (gre[2] != 0x08 || gre[3] != 0x00)
-		return drop(RR_DROP_GRE_PROTOCOL);
-	/* The key and sequence number are parsed (gre_len) and not used. */
 
 	/* -- 4. Inner IPv4 ------------------------------------------------------------------------ */
 	__u32 inner_avail = gre_avail - gre_len;
@@ -387,9 +413,11 @@ int rr_balance(struct xdp_md *ctx)
 
 	if (inner_avail < IP4_LEN || (void *)(inner + IP4_LEN) > data_end)
 		return drop(RR_DROP_INNER_TRUNCATED);
-	if ((inner[0] >> 4) != 4)
+	__u8 inner_ver_ihl = inner[0];
+
+	if ((inner_ver_ihl >> 4) != 4)
 		return drop(RR_DROP_INNER_VERSION);
-	__u32 ihl4 = (inner[0] & 0x0F) << 2;
+	__u32 ihl4 = (inner_ver_ihl & 0x0F) << 2;
 
 	if (ihl4 < IP4_LEN)
 		return drop(RR_DROP_INNER_BAD_IHL);
@@ -426,10 +454,11 @@ int rr_balance(struct xdp_md *ctx)
 		svc_index = svc->index;
 		table_size = svc->table_size;
 	}
-	__u64 now = clock_ns();
 	struct rr_backend *backend = NULL;
 	__u32 backend_index = 0;
 	struct rr_conn *conn = bpf_map_lookup_elem(&rr_conns, &key);
+	/* Read after the lookup: nothing then waits on it across the call. */
+	__u64 now = clock_ns();
 
 	if (conn) {
 		__u32 index = conn->backend_index;
@@ -474,33 +503,6 @@ int rr_balance(struct xdp_md *ctx)
 		return drop(RR_DROP_NO_NEIGHBOUR);
 
 	/* -- 8. Output frame ---------------------------------------------------------------------- */
-	struct rr_ipv4 out_ip = {
-		.ver_ihl = 0x45,
-		.tos = tos,
-		.tot_len = bpf_htons(IP4_LEN + OUT_GRE_LEN + inner_len),
-		.id = 0,
-		.frag_off = bpf_htons(OUT_DF),
-		.ttl = OUT_TTL,
-		.protocol = IPPROTO_GRE,
-		.check = 0,
-		.saddr = cfg->local_addr,
-		.daddr = backend->addr,
-	};
-	{
-		const __u16 *w = (const __u16 *)&out_ip;
-		__u64 sum = 0;
-		int i;
-
-#pragma clang loop unroll(full)
-		for (i = 0; i < IP4_LEN / 2; i++)
-			sum += w[i];
-		out_ip.check = ~csum_fold(sum);
-	}
-	__u8 dst_mac[6], src_mac[6];
-
-	__builtin_memcpy(dst_mac, backend->mac, 6);
-	__builtin_memcpy(src_mac, cfg->local_mac, 6);
-
 	/* Cut what follows the inner packet (outer padding, bytes past either total length), then move
 	 * the start so exactly 38 bytes of new headers precede the inner packet, which stays in place. */
 	int tail = (int)frame_len - (GRE_OFF + gre_len + inner_len);
@@ -516,17 +518,29 @@ int rr_balance(struct xdp_md *ctx)
 		return drop(RR_DROP_TX_FAILED);
 
 	__u8 *out = data;
+	__u8 *oip = out + ETH_LEN;
+	__be32 saddr = cfg->local_addr;
+	__be32 daddr = backend->addr;
+	/* Outer IPv4: version 4, IHL 5, the inner TOS, total length; id 0, DF; TTL 64, GRE; checksum;
+	 * addresses. Its checksum: the four constant-or-computed header words plus the addresses (the
+	 * checksum field 0), summed as written (host order: see csum_fold). */
+	__u32 ver_tos_len = bpf_htonl(0x45000000 | (__u32)tos << 16 | (IP4_LEN + OUT_GRE_LEN + inner_len));
+	__u64 sum = (__u64)ver_tos_len + saddr + daddr + bpf_htonl(OUT_DF) +
+		    bpf_htons(OUT_TTL << 8 | IPPROTO_GRE);
 
-	__builtin_memcpy(out, dst_mac, 6);
-	__builtin_memcpy(out + 6, src_mac, 6);
-	out[12] = 0x08;
-	out[13] = 0x00;
-	__builtin_memcpy(out + ETH_LEN, &out_ip, IP4_LEN);
+	st32(out, ld32(backend->mac));
+	st16(out + 4, ld16(backend->mac + 4));
+	st32(out + 6, ld32(cfg->local_mac));
+	st16(out + 10, ld16(cfg->local_mac + 4));
+	st16(out + 12, bpf_htons(ETH_P_IP));
+	st32(oip, ver_tos_len);
+	st32(oip + 4, bpf_htonl(OUT_DF));               /* id 0, flags DF, offset 0 */
+	st16(oip + 8, bpf_htons(OUT_TTL << 8 | IPPROTO_GRE));
+	st16(oip + 10, (__u16)~csum_fold_small(sum));
+	st32(oip + 12, saddr);
+	st32(oip + 16, daddr);
 	/* GRE: no checksum, key or sequence number; protocol IPv4. */
-	out[ETH_LEN + IP4_LEN + 0] = 0x00;
-	out[ETH_LEN + IP4_LEN + 1] = 0x00;
-	out[ETH_LEN + IP4_LEN + 2] = 0x08;
-	out[ETH_LEN + IP4_LEN + 3] = 0x00;
+	st32(oip + IP4_LEN, bpf_htonl(ETH_P_IP));
 	count(RR_STAT_FORWARDED);
 	{
 		/* What went to this backend for this service (core/balancer.py: pool.packets, pool.bytes). */
