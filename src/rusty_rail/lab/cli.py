@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from .lab import Lab
+from .topology import TOPOLOGIES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -16,7 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prefix", default="rr-", help="namespace name prefix (default rr-)")
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build a topology (replacing one with the same prefix)")
-    up.add_argument("--topology", type=int, choices=[1, 2, 3, 4], default=1)
+    up.add_argument("--topology", type=int, choices=sorted(TOPOLOGIES), default=1,
+                    help="1-4: the original's; 5: topology 2 with a third server")
     up.add_argument("--direct", action="store_true", help="router GRE straight to the servers (no balancer)")
     up.add_argument("--balancers", action="store_true", help="also start `python -m rusty_rail` in each LB")
     sub.add_parser("down", help="remove every namespace with the prefix")

@@ -2,6 +2,8 @@
 
     GET /            -> "<name>\\n"
     GET /bytes/<n>   -> n bytes of a fixed pattern (to push large, multi-segment replies through DSR)
+    GET /paced/<n>/<s> -> the same n bytes, written in slices spread over about s seconds: a long-lived
+                        stream (the resilience tests kill a balancer or add a backend while it runs)
     POST /           -> "<name> <n> <ok>\n": the n bytes received, ok when they are payload(n)
                         (large uploads push multi-segment, GSO-sized packets through the GRE encap)
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -35,6 +38,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every reply has a Content-Length
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/paced/"):
+            self._paced()
+            return
         if self.path.startswith("/bytes/"):
             try:
                 body = payload(int(self.path[len("/bytes/"):]))
@@ -48,6 +54,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _paced(self) -> None:
+        try:
+            n_text, s_text = self.path[len("/paced/"):].split("/")
+            n, seconds = int(n_text), float(s_text)
+        except ValueError:
+            self.send_error(400)
+            return
+        body = payload(n)
+        self.send_response(200)
+        self.send_header("X-Served-By", self.server_name_)
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        self.wfile.flush()
+        slices = max(1, min(n // 1024, int(seconds * 20)))  # about 20 writes a second
+        start = time.monotonic()
+        for i in range(slices):
+            # Pacing a stream, not synchronising: slice i leaves at i/slices of the duration.
+            delay = start + seconds * i / slices - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.wfile.write(body[n * i // slices : n * (i + 1) // slices])
+            self.wfile.flush()
 
     def do_POST(self) -> None:  # noqa: N802
         n = int(self.headers.get("Content-Length", "0"))

@@ -12,6 +12,7 @@ crashed run.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -46,7 +47,10 @@ from .topology import (
 
 if TYPE_CHECKING:
     from . import keepalive as _keepalive
+    from . import pool as _pool
+    from . import streams as _streams
     from . import traffic as _traffic
+    from .events import Events
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,15}$")
 
@@ -120,6 +124,12 @@ class Lab:
         for p in self._procs:
             if p.poll() is None:
                 p.terminate()
+        present = set(netns.with_prefix(self.prefix))
+        for lb in self.balancers:
+            if lb.namespace in present:
+                # A balancer killed with SIGKILL left its nft table or XDP program behind: remove
+                # them explicitly (deleting the namespace below would take them along as well).
+                self.reset_balancer(lb, check=False)
         # Host namespaces first (their processes are stopped there), the bridges' namespace last.
         names = netns.with_prefix(self.prefix)
         for ns in sorted(names, key=lambda n: n == self.plan.net_ns):
@@ -165,9 +175,60 @@ class Lab:
 
         argv defaults to `<python> -m rusty_rail`; env is added to balancer_env(lb)."""
         self.route_to_balancers()
+        return [self.start_balancer(lb, argv, env, **kw) for lb in self.balancers]
+
+    def start_balancer(self, lb: Host, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+                       **kw: Any) -> subprocess.Popen[bytes]:
+        """Start one balancer (e.g. each with its own RR_CONTROL_SOCKET); the router's targets stay.
+
+        argv defaults to `<python> -m rusty_rail`; env is added to balancer_env(lb). The process is
+        the balancer itself (`ip netns exec` execs it), so its pid is the one to signal."""
         cmd = list(argv) if argv else [self.python, "-m", "rusty_rail"]
-        return [self.popen(lb.namespace, cmd, env={**self.balancer_env(lb), **(env or {})}, **kw)
-                for lb in self.balancers]
+        return self.popen(lb.namespace, cmd, env={**self.balancer_env(lb), **(env or {})}, **kw)
+
+    def balancer_leftovers(self, lb: Host) -> dict[str, bool]:
+        """What a balancer process leaves on its host if it dies without cleaning up: the AF_PACKET
+        engine's nftables table (it drops GRE before the host stack) and the XDP engine's program
+        (attached by netlink, it stays and keeps forwarding)."""
+        from ..engines.hostfilter import table_name
+
+        tables = self.run(lb.namespace, ["nft", "list", "tables"], check=False).stdout.split()
+        link = self.run(lb.namespace, ["ip", "-j", "-d", "link", "show", "dev", lb.device], check=False).stdout
+        links = json.loads(link) if link.strip() else []
+        return {"nft": table_name(lb.device) in tables, "xdp": any("xdp" in entry for entry in links)}
+
+    def reset_balancer(self, lb: Host, check: bool = True) -> None:
+        """Remove what a dead balancer left behind (see balancer_leftovers), so its host's stack and a
+        new balancer start clean. The namespace's deletion in down() would take both along too."""
+        from ..engines.hostfilter import table_name
+
+        self.run(lb.namespace, ["nft", "delete", "table", "netdev", table_name(lb.device)], check=False)
+        for mode in ("xdp", "xdpgeneric", "xdpdrv"):
+            self.run(lb.namespace, ["ip", "link", "set", "dev", lb.device, mode, "off"], check=False)
+        if check and any(self.balancer_leftovers(lb).values()):
+            raise RuntimeError(f"{lb.name}: could not remove {self.balancer_leftovers(lb)}")
+
+    def start_router_health(self, port: int = 9100, *, interval: float = 0.1, timeout: float = 0.5,
+                            fall: int = 2, rise: int = 2, probe: str = "http",
+                            ready_timeout: float = 20.0) -> Events:
+        """Start the router's balancer checker (router_health.py) in the router's namespace: it probes
+        each balancer's metrics endpoint on `port` and takes dead ones out of the router's target map.
+        Returns its event stream once every balancer has been probed (the "ready" event)."""
+        from .events import Events
+
+        p = self.popen(self.router.namespace,
+                       [self.python, "-m", "rusty_rail.lab.router_health", "--pins", str(self.maps.pins),
+                        "--port", str(port), "--interval", str(interval), "--timeout", str(timeout),
+                        "--fall", str(fall), "--rise", str(rise), "--probe", probe,
+                        *(lb.address for lb in self.balancers)],
+                       host_bpffs=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        events = Events(p)
+        try:
+            events.wait("ready", ready_timeout)
+        except BaseException:
+            events.close()
+            raise
+        return events
 
     def start_balancers_with_config(self, config_path: str, extra_args: Sequence[str] = (),
                                     **kw: Any) -> list[subprocess.Popen[bytes]]:
@@ -232,6 +293,30 @@ class Lab:
             c.namespace, [self.python, "-m", "rusty_rail.lab.keepalive", "--host", self.vip, "--port", str(port),
                           "--timeout", str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE), timeout + 10)
+
+    def pool(self, n: int, client: Host | None = None, port: int = 80, timeout: float = 5.0) -> _pool.Pool:
+        """n real TCP connections from client (default the first) to VIP:port, all kept open in one
+        process: .get() sends a request on every one (see pool.py)."""
+        from . import pool as _pool
+
+        c = client or self.clients[0]
+        return _pool.Pool(self.popen(
+            c.namespace, [self.python, "-m", "rusty_rail.lab.pool", "--host", self.vip, "--port", str(port),
+                          "-n", str(n), "--timeout", str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE), timeout + 10)
+
+    def streams(self, n: int, *, size: int = 2_000_000, seconds: float = 4.0, uploads: int = 0,
+                client: Host | None = None, timeout: float = 20.0) -> _streams.Streams:
+        """n concurrent long transfers from client (default the first) to the VIP, each `size` bytes
+        spread over about `seconds`; `uploads` of them are POSTs, the rest downloads (see streams.py)."""
+        from . import streams as _streams
+
+        c = client or self.clients[0]
+        return _streams.Streams(self.popen(
+            c.namespace, [self.python, "-m", "rusty_rail.lab.streams", "--host", self.vip, "-n", str(n),
+                          "--size", str(size), "--seconds", str(seconds), "--uploads", str(uploads),
+                          "--timeout", str(timeout)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
 
     def status(self) -> dict[str, Any]:
         present = set(netns.with_prefix(self.prefix))

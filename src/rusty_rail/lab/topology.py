@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# (clients, servers, balancers) of topologies 1-4.
-TOPOLOGIES: dict[int, tuple[int, int, int]] = {1: (1, 1, 1), 2: (1, 2, 1), 3: (1, 2, 2), 4: (2, 2, 2)}
+# (clients, servers, balancers) of the original's topologies 1-4, and 5, ours: topology 2 with a third
+# server (a backend to add at run time, or to lose while two others keep serving).
+TOPOLOGIES: dict[int, tuple[int, int, int]] = {1: (1, 1, 1), 2: (1, 2, 1), 3: (1, 2, 2), 4: (2, 2, 2), 5: (1, 3, 1)}
 
 V_NET = "192.168.137.0/24"
 V_PREFIXLEN = 24
