@@ -56,7 +56,7 @@ def wait_for(what: str, deadline_s: float, probe: Callable[[], T]) -> T:
 
 
 def config_text(engine: str, socket_path: Path, backends: list[str], *, health: str = "tcp",
-                timeout: float = TIMEOUT, extra_service: str = "") -> str:
+                timeout: float = TIMEOUT, extra_service: str = "", workers: int = 1) -> str:
     listed = ", ".join(f'"{b}"' for b in backends)
     return f"""\
 device = "eth0"
@@ -64,6 +64,7 @@ engine = "{engine}"
 table_size = {TABLE_SIZE}
 control_socket = "{socket_path}"
 metrics = "127.0.0.1:{METRICS_PORT}"
+workers = {workers}
 
 [[services]]
 vip = "{VIP}"
@@ -252,6 +253,27 @@ def test_drain_keeps_established_connections(engine: str, tmp_path: Path) -> Non
             assert set(rig.traffic(30)) == {"server1", "server2"}
             last = conn.get()
             assert last.ok and last.server == mine.name
+
+
+def test_changes_reach_every_afpacket_worker(tmp_path: Path) -> None:
+    """Two forked workers, each with its own tables: ctl's answer comes only after every worker has
+    applied the change (the supervisor waits for each one's reply over its pipe), status adds their
+    counters up, and the established flow keeps its backend. (One client address means the inner-
+    address fanout puts this client's flows on one worker; test_engine_afpacket checks the spread.)"""
+    with running("afpacket", tmp_path, workers=2) as rig:
+        before = rig.traffic(40)
+        assert set(before) == {"server1", "server2"}
+        status = rig.status()
+        assert status["counters"]["forwarded"] >= 40 * 5  # both workers' packets, summed
+        with rig.lab.keepalive() as conn:
+            first = conn.get()
+            assert first.ok, first.error
+            mine = next(s for s in rig.lab.servers if s.name == first.server)
+            other = next(s for s in rig.lab.servers if s is not mine)
+            rig.ctl("drain", SERVICE, mine.address)
+            assert rig.traffic(40) == {other.name: 40}
+            again = conn.get()
+            assert again.ok and (again.server, again.sport) == (mine.name, conn.sport)
 
 
 # -- 3. add / remove --------------------------------------------------------------------------
