@@ -28,16 +28,12 @@ from rusty_rail.core.verdict import DropReason
 from rusty_rail.lab import Lab
 from rusty_rail.lab.sniff import Sniffer
 from rusty_rail.lab.topology import Host
+from tests.lab_config import FALL, INTERVAL, METRICS_PORT, RISE, SERVICE, TABLE_SIZE, TIMEOUT, VIP, config_text
 from tests.test_lab_netns import _wait_until_served, stop_balancers
 
 pytestmark = pytest.mark.netns
 
 ENGINES = pytest.mark.parametrize("engine", ["afpacket", "xdp"])
-VIP = "10.1.0.1"
-SERVICE = f"{VIP}:80"
-METRICS_PORT = 9100  # each balancer namespace has its own loopback: no clash between tests
-INTERVAL, TIMEOUT, RISE, FALL = 0.2, 0.1, 2, 2
-TABLE_SIZE = 1009  # small: tables are built in Python on every change
 
 _counter = itertools.count()
 T = TypeVar("T")
@@ -53,33 +49,6 @@ def wait_for(what: str, deadline_s: float, probe: Callable[[], T]) -> T:
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {deadline_s}s (last: {value!r})")
         time.sleep(0.02)  # a poll interval, not a synchronisation
-
-
-def config_text(engine: str, socket_path: Path, backends: list[str], *, health: str = "tcp",
-                timeout: float = TIMEOUT, extra_service: str = "", workers: int = 1) -> str:
-    listed = ", ".join(f'"{b}"' for b in backends)
-    return f"""\
-device = "eth0"
-engine = "{engine}"
-table_size = {TABLE_SIZE}
-control_socket = "{socket_path}"
-metrics = "127.0.0.1:{METRICS_PORT}"
-workers = {workers}
-
-[[services]]
-vip = "{VIP}"
-protocol = "tcp"
-port = 80
-backends = [{listed}]
-{extra_service}
-[services.health]
-type = "{health}"
-port = 80
-interval = {INTERVAL}
-timeout = {timeout}
-rise = {RISE}
-fall = {FALL}
-"""
 
 
 class Rig:

@@ -36,16 +36,13 @@ from rusty_rail.control.ctl import ControlClient
 from rusty_rail.lab import Lab, netns
 from rusty_rail.lab.router import flow_slot, pin_dir
 from rusty_rail.lab.topology import Host
+from tests.lab_config import FALL, INTERVAL, METRICS_PORT, SERVICE, TABLE_SIZE, VIP, config_text
 from tests.test_control_netns import wait_for
 from tests.test_lab_netns import stop_balancers
 
 pytestmark = pytest.mark.netns
 
 ENGINES = pytest.mark.parametrize("engine", ["afpacket", "xdp"])
-VIP = "10.1.0.1"
-SERVICE = f"{VIP}:80"
-METRICS_PORT = 9100  # in each balancer's own namespace: no clash between tests
-TABLE_SIZE = 1009  # small and prime: tables are built in Python on every change
 
 _counter = itertools.count()
 
@@ -259,33 +256,6 @@ def test_balancer_killed_mid_stream(engine: str, tmp_path: Path) -> None:
 
 
 # -- 3 and 4: backends coming and going, a config-file balancer over three servers ------------
-
-
-INTERVAL, TIMEOUT, RISE, FALL = 0.2, 0.1, 2, 2
-
-
-def config_text(engine: str, socket_path: Path, backends: list[str]) -> str:
-    listed = ", ".join(f'"{b}"' for b in backends)
-    return f"""\
-device = "eth0"
-engine = "{engine}"
-table_size = {TABLE_SIZE}
-control_socket = "{socket_path}"
-
-[[services]]
-vip = "{VIP}"
-protocol = "tcp"
-port = 80
-backends = [{listed}]
-
-[services.health]
-type = "tcp"
-port = 80
-interval = {INTERVAL}
-timeout = {TIMEOUT}
-rise = {RISE}
-fall = {FALL}
-"""
 
 
 class ConfigBalancer:

@@ -18,34 +18,32 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Self
 
 from .traffic import Result
 
 
-class KeepAlive:
-    """The test side: wraps the process Lab.keepalive() started."""
+class LineClient:
+    """The test side of a client process driven by lines on stdin, answering one JSON line each."""
+
+    what = "client"
 
     def __init__(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         self.proc = proc
         self.timeout = timeout
-        hello = self._line()
-        if "sport" not in hello:
-            self.close()
-            raise ConnectionError(f"keep-alive client could not connect: {hello.get('error')}")
-        self.sport: int = hello["sport"]
 
-    def _line(self) -> dict:
+    def _line(self) -> object:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # the client answers within its own socket timeout
         if not line:
-            raise ConnectionError(f"keep-alive client exited ({self.proc.poll()})")
+            raise ConnectionError(f"{self.what} exited ({self.proc.poll()})")
         return json.loads(line)
 
-    def get(self, path: str = "/") -> Result:
+    def _ask(self, command: str) -> object:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"get {path}\n".encode())
+        self.proc.stdin.write(f"{command}\n".encode())
         self.proc.stdin.flush()
-        return Result(**self._line())
+        return self._line()
 
     def close(self) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
@@ -58,11 +56,30 @@ class KeepAlive:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
-    def __enter__(self) -> KeepAlive:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class KeepAlive(LineClient):
+    """Wraps the process Lab.keepalive() started: one connection."""
+
+    what = "keep-alive client"
+
+    def __init__(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        super().__init__(proc, timeout)
+        hello = self._line()
+        if not isinstance(hello, dict) or "sport" not in hello:
+            self.close()
+            raise ConnectionError(f"keep-alive client could not connect: {hello}")
+        self.sport: int = hello["sport"]
+
+    def get(self, path: str = "/") -> Result:
+        answer = self._ask(f"get {path}")
+        assert isinstance(answer, dict)
+        return Result(**answer)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

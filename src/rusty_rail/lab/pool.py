@@ -21,53 +21,28 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
+from .keepalive import LineClient
 from .traffic import Result
 
 
-class Pool:
+class Pool(LineClient):
     """The test side: wraps the process Lab.pool() started."""
 
+    what = "pool client"
+
     def __init__(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
-        self.proc = proc
-        self.timeout = timeout
+        super().__init__(proc, timeout)
         hello = self._line()
         if not isinstance(hello, dict) or "sports" not in hello:
             self.close()
             raise ConnectionError(f"pool client could not connect: {hello}")
         self.sports: list[int] = hello["sports"]
 
-    def _line(self) -> object:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # answered within the client's own socket timeouts
-        if not line:
-            raise ConnectionError(f"pool client exited ({self.proc.poll()})")
-        return json.loads(line)
-
     def get(self, path: str = "/") -> list[Result]:
         """One request on every connection; Results in connection order."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"get {path}\n".encode())
-        self.proc.stdin.flush()
-        answer = self._line()
+        answer = self._ask(f"get {path}")
         assert isinstance(answer, list)
         return [Result(**r) for r in answer]
-
-    def close(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _Conn:

@@ -1,0 +1,38 @@
+"""A balancer's configuration file for the namespace tests (test_control_netns, test_resilience_netns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VIP = "10.1.0.1"
+SERVICE = f"{VIP}:80"
+METRICS_PORT = 9100  # each balancer namespace has its own loopback: no clash between tests
+INTERVAL, TIMEOUT, RISE, FALL = 0.2, 0.1, 2, 2
+TABLE_SIZE = 1009  # small: tables are built in Python on every change
+
+
+def config_text(engine: str, socket_path: Path, backends: list[str], *, health: str = "tcp",
+                timeout: float = TIMEOUT, extra_service: str = "", workers: int = 1) -> str:
+    listed = ", ".join(f'"{b}"' for b in backends)
+    return f"""\
+device = "eth0"
+engine = "{engine}"
+table_size = {TABLE_SIZE}
+control_socket = "{socket_path}"
+metrics = "127.0.0.1:{METRICS_PORT}"
+workers = {workers}
+
+[[services]]
+vip = "{VIP}"
+protocol = "tcp"
+port = 80
+backends = [{listed}]
+{extra_service}
+[services.health]
+type = "{health}"
+port = 80
+interval = {INTERVAL}
+timeout = {timeout}
+rise = {RISE}
+fall = {FALL}
+"""
