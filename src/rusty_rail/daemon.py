@@ -23,6 +23,7 @@ from typing import Any
 from rusty_rail.config import EngineKind
 from rusty_rail.control.model import Config
 from rusty_rail.core.balancer import Balancer
+from rusty_rail.core.conntrack import DEFAULT_CAPACITY, ConnectionTable
 
 log = logging.getLogger("rusty_rail.daemon")
 
@@ -63,8 +64,6 @@ def balancer_factory(config: Config) -> Callable[[], Balancer]:
     services = config.open_mode_backends is None
 
     def make() -> Balancer:
-        from rusty_rail.core.conntrack import DEFAULT_CAPACITY, ConnectionTable
-
         table = ConnectionTable(config.connection_capacity or DEFAULT_CAPACITY)
         return Balancer(address, mac, table_size=config.table_size, services=services, connections=table)
 
