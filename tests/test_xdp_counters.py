@@ -297,6 +297,75 @@ def test_connection_summary_counts_and_limit(clean) -> None:
     assert len({keys[i : i + 16] for _, keys, _ in chunks for i in range(0, len(keys), 16)}) == 3000  # none twice
 
 
+# -- connection evictions (derived: the kernel does not count them) -----------------------------------
+
+
+def flood(x: XdpBalancer, reference: Balancer, start: int, n: int) -> None:
+    expected = Expected()
+    for i in range(start, start + n):  # distinct flows: a new entry each
+        run(reference, x, wrap(udp(1000 + i % 60000, 53, src=f"10.0.{i // 60000}.{1 + i % 200}")), expected)
+
+
+def test_connection_evictions_identity() -> None:
+    """Far more flows than a 64-entry table: evictions = inserted - live, exactly (the per-CPU free
+    lists of the kernel's LRU may evict a little before the table is full: no fixed number)."""
+    with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=64, max_services=1) as x:
+        reference = open_reference(B[:3])
+        x.sync_from_balancer(reference)
+        assert x.connection_evictions() == 0
+        flood(x, reference, 0, 10)
+        live = x.connection_summary()[0]
+        assert x.counters()["conn_insert"] == 10
+        assert x.connection_evictions() == 10 - live == x.connection_evictions(live)
+        flood(x, reference, 10, 990)
+        live = x.connection_summary()[0]
+        assert 0 < live <= 64
+        assert x.counters()["conn_insert"] == 1000
+        evictions = x.connection_evictions()
+        assert evictions == 1000 - live and evictions >= 1000 - 64
+        for c in x.connections()[:5]:
+            assert x.delete_connection(c.key)
+        assert x.connection_evictions() == evictions  # Python's deletions are not evictions
+        x.reset_stats()                               # nor does zeroing rr_stats lose the inserts
+        assert x.connection_evictions() == evictions
+        removed = x.clear_connections()
+        assert removed == live - 5 and x.connection_evictions() == evictions
+        # A table that has never been full (after the clear): inserts without evictions.
+        flood(x, reference, 5000, 20)
+        assert x.connection_evictions() - evictions == 20 - x.connection_summary()[0]
+
+
+def test_connection_evictions_zero_below_capacity(clean) -> None:
+    x, reference = clean, open_reference(B[:3])
+    x.sync_from_balancer(reference)
+    before = x.connection_evictions()
+    flood(x, reference, 0, 500)  # 500 of 16384 entries
+    flood(x, reference, 0, 500)  # the same flows again: hits, no inserts
+    assert x.connection_summary()[0] == 500 and x.counters()["conn_insert"] == 500
+    assert x.connection_evictions() == before == 0
+    key = x.connections()[0].key
+    assert x.delete_connection(key)
+    x.write_connection(key, B[0], time.monotonic_ns())  # written by Python: part of the baseline
+    assert x.connection_evictions() == 0
+
+
+def test_connection_evictions_baseline_of_a_reused_table() -> None:
+    """A handover's table: the entries live at start are the baseline, not evictions."""
+    with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=64, max_services=1) as first:
+        reference = open_reference(B[:3])
+        first.sync_from_balancer(reference)
+        flood(first, reference, 0, 30)
+        live = first.connection_summary()[0]
+        fd = first._fd[m.MAP_CONNS]
+        with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=64, max_services=1, reuse_conns_fd=fd) as second:
+            second.sync_from_balancer(reference)
+            assert second.connection_summary()[0] == live
+            assert second.connection_evictions() == 0
+            flood(second, reference, 1000, 500)
+            assert second.counters()["conn_insert"] == 500
+            assert second.connection_evictions() == 500 + live - second.connection_summary()[0] > 0
+
+
 # -- XdpDataplane over a loaded program (not attached: no device needed) ------------------------------
 
 
@@ -321,7 +390,7 @@ def test_dataplane_counters_and_explain_round_trip() -> None:
         assert c["backends"] == expected.figures() == BalancerDataplane(balancer).counters()["backends"]
         assert c["connections"] == 30
         assert c["flows"] == {b: n for (_, b), (n, _) in expected.figures().items()}
-        assert "connection_evictions" not in c  # not derivable exactly from the kernel (see counters())
+        assert c["connection_evictions"] == 0  # 30 flows in 4096 entries: none evicted
         for key in keys:
             assert dp.explain(key)[1] == "connection entry"
             assert dp.explain(key)[0] == balancer.explain(key, time.monotonic())[0]

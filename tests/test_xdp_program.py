@@ -100,7 +100,7 @@ def test_golden_fixture(xdp, fx) -> None:
     counters = nonzero(xdp.counters())
     if fx.action == Action.FORWARD:
         assert out.hex() == fx.output.hex()
-        assert counters == {"forwarded": 1, "conn_new": 1}
+        assert counters == {"forwarded": 1, "conn_new": 1, "conn_insert": 1}
     elif fx.action == Action.DROP:
         assert counters == {f"drop_{fx.reason.name.lower()}": 1}
     else:
@@ -159,7 +159,7 @@ def test_gre_checksum_on_large_frames(xdp, size) -> None:
     assert xdp.test_run(frame)[0] == XdpAction.TX
     broken = frame[:-2] + bytes([frame[-2] ^ 0x80]) + frame[-1:]
     assert xdp.test_run(broken)[0] == XdpAction.DROP
-    assert nonzero(xdp.counters()) == {"forwarded": 1, "conn_new": 1, "drop_gre_checksum": 1}
+    assert nonzero(xdp.counters()) == {"forwarded": 1, "conn_new": 1, "conn_insert": 1, "drop_gre_checksum": 1}
 
 
 def test_non_gre_passes_unchanged(xdp) -> None:
@@ -295,7 +295,7 @@ def test_no_neighbour_then_resolved(xdp) -> None:
     backend = expected_backend(CLIENT, VIP, 6, p, 80)
     xdp.set_neighbour(backend, None)
     assert xdp.test_run(wrapped(tcp(p)))[0] == XdpAction.DROP
-    assert nonzero(xdp.counters()) == {"drop_no_neighbour": 1, "conn_new": 1}
+    assert nonzero(xdp.counters()) == {"drop_no_neighbour": 1, "conn_new": 1, "conn_insert": 1}
     # The flow was recorded for its backend (as core/balancer.py does) and goes there once resolved.
     assert xdp.connection(oracle_key(CLIENT, VIP, 6, p, 80)).backend == IPv4Address(backend)
     xdp.set_neighbour(backend, mac_to_bytes("02:00:00:00:09:09"))

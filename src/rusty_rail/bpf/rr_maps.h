@@ -64,6 +64,8 @@ struct {
 	__type(value, struct rr_conn);
 } rr_conns SEC(".maps");
 
+/* Counters by index (rr_structs.h): 0 forwarded, 1..18 drop reasons, 19 passed, 20 conn_hit,
+ * 21 conn_new, 22 conn_insert (new rr_conns entries only: engines/xdp.py derives LRU evictions). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, RR_STAT_MAX);

@@ -112,6 +112,8 @@ struct rr_backend_stats {
 #define RR_STAT_PASSED 19           /* not GRE over IPv4: XDP_PASS */
 #define RR_STAT_CONN_HIT 20         /* forwarded frames whose backend came from rr_conns */
 #define RR_STAT_CONN_NEW 21         /* rr_conns entries (re)written from the Maglev table */
+#define RR_STAT_CONN_INSERT 22      /* of those, written under a key with no entry at all (a new
+                                     * entry, not a rewrite): engines/xdp.py derives LRU evictions */
 #define RR_STAT_MAX 32
 
 #define RR_MAX_BACKENDS 4096

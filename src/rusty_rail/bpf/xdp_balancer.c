@@ -496,8 +496,13 @@ int rr_balance(struct xdp_md *ctx)
 			.last_seen_ns = now,
 		};
 
-		bpf_map_update_elem(&rr_conns, &key, &fresh, BPF_ANY);
+		long err = bpf_map_update_elem(&rr_conns, &key, &fresh, BPF_ANY);
+
 		count(RR_STAT_CONN_NEW);
+		/* Only when the lookup found nothing: the entry is new (a stale or non-member entry was
+		 * rewritten in place). Inserts - live - Python's deletions = LRU evictions. */
+		if (!conn && !err)
+			count(RR_STAT_CONN_INSERT);
 	}
 	if (!backend->has_mac)
 		return drop(RR_DROP_NO_NEIGHBOUR);

@@ -154,6 +154,12 @@ class XdpBalancer:
             self.conn_capacity = conn_capacity
             self.ncpus = libbpf.num_possible_cpus()
             self._pinned: list[tuple[libbpf.BpfMap, str]] = []
+            # For connection_evictions(): entries this instance did not see the program insert (live
+            # in a reused rr_conns at start, written by write_connection), entries Python removed,
+            # and the conn_insert counts zeroed by reset_stats().
+            self._conn_baseline = self._count_connections() if reuse_conns_fd is not None else 0
+            self._conn_deleted = 0
+            self._conn_inserts_reset = 0
             if pin_dir is not None:
                 self.pin_maps(pin_dir)
         except BaseException:
@@ -527,14 +533,37 @@ class XdpBalancer:
             out.append(sum(struct.unpack(f"={self.ncpus}Q", raw)))
         return out
 
+    def _stat(self, index: int) -> int:
+        raw = libbpf.map_lookup(self._fd[m.MAP_STATS], ctypes.c_uint32(index), 8 * self.ncpus)
+        return sum(struct.unpack(f"={self.ncpus}Q", raw)) if raw is not None else 0
+
+    def connection_evictions(self, live: int | None = None) -> int:
+        """Entries the kernel's LRU evicted from rr_conns since this instance loaded, derived (the
+        kernel does not count them): inserts (the program's conn_insert: packets whose lookup found no
+        entry at all) + the baseline (entries live in a reused rr_conns at start, entries added by
+        write_connection) - entries live now - entries Python removed (delete_connection,
+        clear_connections); never below 0.
+
+        `live`: the entry count of a walk just made (connection_summary()[0]); walked here if None.
+        Exact whenever the table is quiescent; under traffic it can lag (or lead) by the packets in
+        flight during the walk, and a predecessor's program still inserting into a handed-over table
+        after the baseline was read makes it low by those entries."""
+        if live is None:
+            live = self._count_connections()
+        inserts = self._stat(m.STAT_CONN_INSERT) + self._conn_inserts_reset
+        return max(0, inserts + self._conn_baseline - live - self._conn_deleted)
+
     def counters(self) -> dict[str, int]:
-        """Named counters: forwarded, passed, conn_hit, conn_new, drop_<reason> (as Balancer.counters)."""
+        """Named counters: forwarded, passed, conn_hit, conn_new, conn_insert, drop_<reason> (as
+        Balancer.counters, plus conn_insert: see connection_evictions())."""
         values = self.stats()
         return {name: values[i] for i, name in sorted(m.stat_names().items())}
 
     def reset_stats(self) -> None:
-        """Zero rr_stats and the rr_backend_stats slots in use."""
+        """Zero rr_stats and the rr_backend_stats slots in use (connection_evictions() keeps counting:
+        the conn_insert figure zeroed here is kept aside)."""
         fd = self._fd[m.MAP_STATS]
+        self._conn_inserts_reset += self._stat(m.STAT_CONN_INSERT)
         zero = bytes(8 * self.ncpus)
         for i in range(m.STAT_MAX):
             libbpf.map_update(fd, ctypes.c_uint32(i), zero)
@@ -585,6 +614,10 @@ class XdpBalancer:
             return total, None
         return total, {IPv4Address(struct.pack("=I", a)): c for a, c in counts.items()}
 
+    def _count_connections(self) -> int:
+        key_size, value_size = ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)
+        return sum(n for n, _, _ in libbpf.map_lookup_batches(self._fd[m.MAP_CONNS], key_size, value_size))
+
     def connections(self) -> list[XdpConnection]:
         keys = libbpf.map_keys(self._fd[m.MAP_CONNS], ctypes.sizeof(m.RrFlowKey))
         return [c for c in (self.connection(k) for k in keys) if c is not None]
@@ -594,16 +627,24 @@ class XdpBalancer:
         index = self._index_of[int(IPv4Address(backend))]
         conn = m.RrConn(backend_index=index, last_seen_ns=last_seen_ns)
         conn.backend_addr = (ctypes.c_uint8 * 4)(*IPv4Address(backend).packed)
-        libbpf.map_update(self._fd[m.MAP_CONNS], key, conn)
+        fd = self._fd[m.MAP_CONNS]
+        new = libbpf.map_lookup(fd, key, ctypes.sizeof(m.RrConn)) is None
+        libbpf.map_update(fd, key, conn)
+        if new:
+            self._conn_baseline += 1  # an entry the program did not insert (connection_evictions)
 
     def delete_connection(self, key: bytes) -> bool:
         """Forget one flow (benchmarks: force the next packet of it to miss). True if it was there."""
-        return libbpf.map_delete(self._fd[m.MAP_CONNS], key)
+        deleted = libbpf.map_delete(self._fd[m.MAP_CONNS], key)
+        self._conn_deleted += int(deleted)
+        return deleted
 
     def clear_connections(self) -> int:
         fd = self._fd[m.MAP_CONNS]
         keys = libbpf.map_keys(fd, ctypes.sizeof(m.RrFlowKey))
-        return sum(libbpf.map_delete(fd, k) for k in keys)
+        deleted = sum(libbpf.map_delete(fd, k) for k in keys)
+        self._conn_deleted += deleted
+        return deleted
 
     # -- running the program ----------------------------------------------------------------------
 

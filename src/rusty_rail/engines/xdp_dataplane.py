@@ -49,7 +49,7 @@ class XdpDataplane:
     def counters(self) -> dict[str, object]:
         """The kernel's figures, summed over CPUs, in BalancerDataplane's shape:
 
-        - the rr_stats counters (forwarded, passed, drop_<reason>, conn_hit, conn_new);
+        - the rr_stats counters (forwarded, passed, drop_<reason>, conn_hit, conn_new, conn_insert);
         - 'backends': {(service or None, backend): (packets, inner bytes)} from rr_backend_stats, for
           every backend the balancer lists (a backend listed since the last sync shows (0, 0));
         - 'connections': entries in rr_conns, and 'flows': entries per backend address, from one
@@ -57,9 +57,11 @@ class XdpDataplane:
           BalancerDataplane does; the walk itself runs in the kernel, off the packet path);
         - 'table_rebuilds' from the Python balancer, which builds the tables.
 
-        'connection_evictions' is not reported: the kernel's LRU map evicts without telling anyone,
-        and deriving it (inserts - entries - deletions) would race with traffic during the walk, so
-        the figure would not be exact. The control plane shows 0 for it."""
+        - 'connection_evictions': the kernel's LRU map evicts without counting, so it is derived
+          (XdpBalancer.connection_evictions): the program's new-entry inserts + entries live at start
+          (a handover's table) - entries live now (the same walk) - entries Python removed. Exact
+          whenever the table is quiescent; under traffic it can lag by the packets in flight during
+          the walk (entries inserted or evicted while it runs may or may not be counted)."""
         out: dict[str, object] = dict(self.engine.counters())
         with self._lock:
             inner = self._inner
@@ -69,9 +71,11 @@ class XdpDataplane:
             kernel = self.engine.backend_stats()
             listed = cast(dict, python_side["backends"])
             out["backends"] = {key: kernel.get(key, (0, 0)) for key in listed}
-        if self.engine.xdp is not None:
-            connections, flows = self.engine.connection_summary(FLOW_COUNT_LIMIT)
+        xdp = self.engine.xdp
+        if xdp is not None:
+            connections, flows = xdp.connection_summary(FLOW_COUNT_LIMIT)
             out["connections"] = connections
+            out["connection_evictions"] = xdp.connection_evictions(live=connections)
             if flows is not None:
                 out["flows"] = flows
         return out

@@ -35,11 +35,13 @@ STAT_FORWARDED = 0
 STAT_PASSED = 19
 STAT_CONN_HIT = 20
 STAT_CONN_NEW = 21
+STAT_CONN_INSERT = 22  # new rr_conns entries (the lookup found none): XdpBalancer.connection_evictions
 STAT_MAX = 32
 
 
 def stat_names() -> dict[int, str]:
-    names = {STAT_FORWARDED: "forwarded", STAT_PASSED: "passed", STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new"}
+    names = {STAT_FORWARDED: "forwarded", STAT_PASSED: "passed", STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new",
+             STAT_CONN_INSERT: "conn_insert"}
     for reason in DropReason:
         names[int(reason)] = f"drop_{reason.name.lower()}"
     return names
