@@ -48,3 +48,17 @@ def test_scrape_over_http() -> None:
 def test_from_address() -> None:
     server = MetricsServer.from_address("127.0.0.1:9100", ControlPlane(two_services(), FakeDataplane()))
     assert (server.host, server.port) == ("127.0.0.1", 9100)
+
+
+def test_ready_gauge_follows_the_engine() -> None:
+    dataplane = FakeDataplane()
+    plane = ControlPlane(two_services(), dataplane)
+    server = MetricsServer(plane, "127.0.0.1", 0)
+    server.start()
+    try:
+        assert _samples(server.port)[("rusty_rail_ready", ())] == 1  # a dataplane that does not say: ready
+        dataplane.canned["ready"] = False  # an engine still attaching
+        assert _samples(server.port)[("rusty_rail_ready", ())] == 0
+        assert plane.status()["ready"] is False
+    finally:
+        server.stop()

@@ -74,3 +74,32 @@ def test_probes_a_listening_process() -> None:
         assert c.probe("127.0.0.1") is None
     failure = c.probe("127.0.0.1")  # the listener is gone, as with a dead balancer process
     assert failure is not None and "refused" in failure.lower()
+
+
+def test_http_probe_waits_for_the_engine() -> None:
+    """A daemon answers on metrics before its engine forwards; the router must not send to it yet."""
+    import http.server
+    import threading
+
+    body = {"text": b"rusty_rail_ready 0.0\n"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"# HELP x\n" + body["text"])
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        c = Checker(FakeMaps([]), ["127.0.0.1"], server.server_port, interval=0.1, timeout=0.5, fall=2, rise=2)  # type: ignore[arg-type]
+        assert c.probe("127.0.0.1") == "not ready"
+        body["text"] = b"rusty_rail_ready 1.0\n"
+        assert c.probe("127.0.0.1") is None
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -50,6 +50,8 @@ class PlaneCollector(Collector):
         yield from (packets, nbytes, up, weight, drained, flows)
 
         c: dict[str, Any] = status["counters"]
+        yield GaugeMetricFamily("rusty_rail_ready", "1 once the engine forwards (rings open or program attached)",
+                                value=int(status.get("ready", True)))
         yield CounterMetricFamily("rusty_rail_forwarded_packets", "Packets forwarded to a backend", value=c["forwarded"])
         yield CounterMetricFamily("rusty_rail_passed_packets", "Frames that were not GRE for us, left to the host", value=c["passed"])
         drops = CounterMetricFamily("rusty_rail_drops", "Packets dropped, by reason (docs/WIRE.md section 9)", labels=["reason"])

@@ -379,6 +379,9 @@ class ControlPlane:
         drops = {k[len("drop_"):]: int(v) for k, v in counters.items() if k.startswith("drop_")}  # type: ignore[call-overload]
         return {
             "mode": "open" if None in services else "services",
+            # An engine says whether it forwards yet (rings open / program attached); a dataplane that
+            # does not know (an in-process balancer) is taken as ready.
+            "ready": bool(counters.get("ready", True)),
             "device": self.config.device,
             "engine": self.config.engine,
             "table_size": self.config.table_size,

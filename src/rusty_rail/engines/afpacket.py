@@ -517,8 +517,11 @@ class AfPacketEngine:
     def counters(self) -> dict[str, object]:
         local = self._local_dataplane()
         if local is not None:
-            return local.counters()
-        return merge_counters(self._ask_all(("counters",)) if self._controls else [])
+            out = local.counters()
+        else:
+            out = merge_counters(self._ask_all(("counters",)) if self._controls else [])
+        out["ready"] = self.ready.is_set()
+        return out
 
     def explain(self, key: Any) -> Any:
         local = self._local_dataplane()

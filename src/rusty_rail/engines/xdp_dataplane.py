@@ -63,6 +63,7 @@ class XdpDataplane:
           whenever the table is quiescent; under traffic it can lag by the packets in flight during
           the walk (entries inserted or evicted while it runs may or may not be counted)."""
         out: dict[str, object] = dict(self.engine.counters())
+        out["ready"] = self.engine.ready.is_set()
         with self._lock:
             inner = self._inner
         if inner is not None:

@@ -62,8 +62,11 @@ class Checker:
             try:
                 conn.request("GET", self.path)
                 resp = conn.getresponse()
-                resp.read()
-                return None if resp.status == 200 else f"HTTP {resp.status}"
+                body = resp.read()
+                if resp.status != 200:
+                    return f"HTTP {resp.status}"
+                # Answering is not enough: a starting daemon serves metrics before its engine forwards.
+                return "not ready" if b"\nrusty_rail_ready 0.0" in b"\n" + body else None
             finally:
                 conn.close()
         except (OSError, http.client.HTTPException) as e:
