@@ -30,15 +30,17 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01) -> T:
-    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
+def wait_for(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01, what: str | None = None) -> T:
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds.
+
+    The sleep is a poll interval, not a synchronisation: the deadline is what bounds the wait."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {predicate!r}")
+            raise AssertionError(f"{what or predicate!r}: not within {timeout}s (last: {value!r})")
         time.sleep(interval)
 
 

@@ -16,10 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +28,7 @@ from rusty_rail.core.verdict import DropReason
 from rusty_rail.lab import Lab
 from rusty_rail.lab.sniff import Sniffer
 from rusty_rail.lab.topology import Host
+from tests.engine_netns import wait_for
 from tests.lab_config import FALL, INTERVAL, METRICS_PORT, RISE, SERVICE, TABLE_SIZE, TIMEOUT, VIP, config_text
 from tests.test_lab_netns import _wait_until_served, stop_balancers
 
@@ -36,19 +37,6 @@ pytestmark = pytest.mark.netns
 ENGINES = pytest.mark.parametrize("engine", ["afpacket", "xdp"])
 
 _counter = itertools.count()
-T = TypeVar("T")
-
-
-def wait_for(what: str, deadline_s: float, probe: Callable[[], T]) -> T:
-    """Poll `probe` until it returns something true; fail at the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {deadline_s}s (last: {value!r})")
-        time.sleep(0.02)  # a poll interval, not a synchronisation
 
 
 class Rig:
@@ -112,7 +100,7 @@ class Rig:
 
     def wait_health(self, server: Host, health: str, deadline_s: float) -> float:
         start = time.monotonic()
-        wait_for(f"{server.name} {health}", deadline_s, lambda: self.backends()[server.address]["health"] == health)
+        wait_for(timeout=deadline_s, interval=0.02, what=f"{server.name} {health}", predicate=lambda: self.backends()[server.address]["health"] == health)
         return time.monotonic() - start
 
     # -- metrics, scraped inside the balancer's namespace ------------------------------------
@@ -317,8 +305,8 @@ def test_bad_config_and_bad_reload(engine: str, tmp_path: Path) -> None:
             # A broken file and SIGHUP: rejected, logged, the running configuration stays.
             rig.config.write_text(config_text(engine, rig.socket, [rig.s1.address], timeout=0.5))
             rig.proc.send_signal(signal.SIGHUP)
-            rejected = wait_for("the reload rejection in the log", 10,
-                                lambda: [e for e in rig.log_events() if e.get("event") == "reload_failed"])
+            rejected = wait_for(timeout=10, interval=0.02, what="the reload rejection in the log",
+                                predicate=lambda: [e for e in rig.log_events() if e.get("event") == "reload_failed"])
             assert "services[0].health.timeout" in rejected[0]["msg"] and "0.5" in rejected[0]["msg"]
             after = rig.status()
             assert [b["address"] for b in after["services"][0]["backends"]] == [rig.s1.address, rig.s2.address]
@@ -334,7 +322,7 @@ def test_bad_config_and_bad_reload(engine: str, tmp_path: Path) -> None:
             # A good, changed file and SIGHUP: applied.
             rig.write([rig.s1])
             rig.proc.send_signal(signal.SIGHUP)
-            wait_for("the reload applied", 10, lambda: list(rig.backends()) == [rig.s1.address])
+            wait_for(timeout=10, interval=0.02, what="the reload applied", predicate=lambda: list(rig.backends()) == [rig.s1.address])
             control = rig.status()["control"]
             assert control["reloads"] == 1 and control["last_reload_error"] is None
             assert any(e.get("event") == "reloaded" for e in rig.log_events())
@@ -475,7 +463,7 @@ def test_unconfigured_vips_and_ports_never_reach_a_backend(engine: str, tmp_path
                    "for _ in range(3): s.sendto(b'x', (sys.argv[1], 80))")
             lab.run(rig.client.namespace, [lab.python, "-c", udp, VIP])  # UDP to the TCP service's port
             sent += 3
-            drops = wait_for("drop_no_service to count what was sent", 5, lambda: (
+            drops = wait_for(timeout=5, interval=0.02, what="drop_no_service to count what was sent", predicate=lambda: (
                 d if (d := rig.status()["counters"]["drops"]["no_service"] - before["drops"]["no_service"]) >= sent else 0))
             frames = {name: s.frames() for name, s in sniffers.items()}
         finally:

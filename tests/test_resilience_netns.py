@@ -37,7 +37,7 @@ from rusty_rail.lab import Lab, netns
 from rusty_rail.lab.router import flow_slot, pin_dir
 from rusty_rail.lab.topology import Host
 from tests.lab_config import FALL, INTERVAL, METRICS_PORT, SERVICE, TABLE_SIZE, VIP, config_text
-from tests.test_control_netns import wait_for
+from tests.engine_netns import wait_for
 from tests.test_lab_netns import stop_balancers
 
 pytestmark = pytest.mark.netns
@@ -62,7 +62,7 @@ def wait_served_by_each(lab: Lab, deadline_s: float = 20.0) -> None:
     """Point the router at each balancer alone until one request passes; then at all of them."""
     for lb in lab.balancers:
         lab.set_targets([lb.address])
-        wait_for(f"{lb.name} forwarding", deadline_s, lambda: lab.traffic(n=1, timeout=0.5)[0].ok)
+        wait_for(timeout=deadline_s, interval=0.02, what=f"{lb.name} forwarding", predicate=lambda: lab.traffic(n=1, timeout=0.5)[0].ok)
     lab.route_to_balancers()
 
 
@@ -358,7 +358,7 @@ def test_backend_death_moves_only_its_flows(engine: str, tmp_path: Path) -> None
         s1, s2, s3 = lab.servers
         lb = ConfigBalancer(lab, engine, tmp_path, [s1, s2, s3])
         try:
-            wait_for("every backend up", 5, lambda: {b["health"] for b in lb.backends().values()} == {"up"})
+            wait_for(timeout=5, interval=0.02, what="every backend up", predicate=lambda: {b["health"] for b in lb.backends().values()} == {"up"})
             with lab.pool(45) as pool:
                 first = {r.sport: r.server for r in pool.get()}
                 assert set(first.values()) == set(servers), first
@@ -366,7 +366,7 @@ def test_backend_death_moves_only_its_flows(engine: str, tmp_path: Path) -> None
 
                 killed_at = time.monotonic()
                 lab.stop_httpd(s1)  # SIGTERM: the Python server dies at once, its listening socket with it
-                wait_for("server1 down", 5, lambda: lb.backends()[s1.address]["health"] == "down")
+                wait_for(timeout=5, interval=0.02, what="server1 down", predicate=lambda: lb.backends()[s1.address]["health"] == "down")
                 took = time.monotonic() - killed_at
                 reason = lb.backends()[s1.address]["health_reason"]
 
