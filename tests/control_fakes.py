@@ -1,27 +1,29 @@
-"""A fake Dataplane for the control-plane tests: records every apply() and returns canned counters."""
+"""A fake Engine for the control-plane tests: records every apply() and returns canned counters."""
 
 from __future__ import annotations
 
+import threading
 from ipaddress import IPv4Address
 
-from rusty_rail.control.model import Config, DataplaneState, HealthSpec, HealthType, BackendSpec, ServiceSpec
+from rusty_rail.control.config import BackendSpec, Config, HealthSpec, HealthType, ServiceSpec
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
+from rusty_rail.dataplane import Counters, DataplaneState, EngineKind, EngineReport, Explanation
 
 WEB = ServiceKey.parse("10.1.0.1:80")
 DNS = ServiceKey.parse("10.1.0.1:53/udp")
 B1, B2, B3 = IPv4Address("10.2.0.1"), IPv4Address("10.2.0.2"), IPv4Address("10.2.0.3")
 
 
-class FakeDataplane:
+class FakeEngine:
+    kind = EngineKind.AFPACKET
+
     def __init__(self) -> None:
         self.applied: list[DataplaneState] = []
-        self.canned: dict[str, object] = {
-            "forwarded": 10, "passed": 3, "drop_no_service": 2, "drop_no_backend": 0,
-            "connections": 5, "connection_evictions": 1, "table_rebuilds": 4,
-            "backends": {(WEB, B1): (7, 700), (WEB, B2): (3, 300)},
-            "flows": {B1: 4, B2: 1},
-        }
+        self.canned = Counters(
+            forwarded=10, passed=3, drops={"no_service": 2, "no_backend": 0}, connections=5, connection_evictions=1,
+            backends={(WEB, B1): (7, 700), (WEB, B2): (3, 300)}, flows={B1: 4, B2: 1}, ready=True,
+        )
         self.fail_next = False
         self.explained: list[FlowKey] = []
 
@@ -32,16 +34,33 @@ class FakeDataplane:
         self.applied.append(state)
 
     @property
-    def last(self) -> dict:
-        state = self.applied[-1]
-        return {k: dict(v) for k, v in state.services.items()} if state.services is not None else {"open": dict(state.open_backends)}
+    def last(self) -> dict[ServiceKey, dict[IPv4Address, int]]:
+        """The last state as {service: {backend: weight}} (weights read back from the tables)."""
+        return {s.key: dict(zip(s.table.backends, s.table.weights)) for s in self.applied[-1].services}
 
-    def counters(self) -> dict[str, object]:
-        return dict(self.canned)
+    @property
+    def ready(self) -> bool:
+        return True
 
-    def explain(self, key: FlowKey) -> tuple[IPv4Address | None, str]:
+    def start(self) -> None:
+        pass
+
+    def counters(self) -> Counters:
+        return self.canned
+
+    def explain(self, key: FlowKey) -> Explanation:
         self.explained.append(key)
-        return B1, "table slot 42"
+        return Explanation(B1, "table slot 42")
+
+    def serve(self, stop: threading.Event) -> EngineReport:
+        stop.wait()
+        return EngineReport(self.kind, False, self.canned)
+
+    def request_handover(self) -> str | None:
+        return "the fake engine has nothing to leave running"
+
+    def close(self) -> None:
+        pass
 
 
 def two_services(health: HealthType = HealthType.TCP, **overrides: object) -> Config:

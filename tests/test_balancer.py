@@ -10,7 +10,8 @@ from scapy.layers.l2 import GRE, Ether
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.verdict import Action, DropReason
-from tests.fixtures.golden import BACKENDS, LB_ADDRESS, fixtures, golden_balancer, wrapped
+from tests.fixtures.golden import BACKENDS, LB_ADDRESS, TABLE_SIZE, fixtures, golden_balancer, wrapped
+from tests.services import catch_all
 
 
 def flow_frame(sport: int, client: str = "10.0.0.1") -> bytes:
@@ -29,13 +30,13 @@ def test_forwarded_frame_is_valid_for_an_independent_parser() -> None:
 
 
 def test_no_backends_is_a_counted_drop() -> None:
-    balancer = Balancer(LB_ADDRESS, b"\x02" * 6, [])
+    balancer = Balancer(LB_ADDRESS, b"\x02" * 6, [catch_all([])])
     assert balancer.decide(flow_frame(1), now=0).reason == DropReason.NO_BACKEND
     assert balancer.counters()["drop_no_backend"] == 1
 
 
 def test_unknown_neighbour_names_the_backend() -> None:
-    balancer = Balancer(LB_ADDRESS, b"\x02" * 6, ["10.2.0.1"])
+    balancer = Balancer(LB_ADDRESS, b"\x02" * 6, [catch_all(["10.2.0.1"])])
     verdict = balancer.decide(flow_frame(1), now=0)
     assert verdict.reason == DropReason.NO_NEIGHBOUR and verdict.backend == int(IPv4Address("10.2.0.1"))
     balancer.set_neighbour("10.2.0.1", b"\x02\x00\x00\x00\x02\x01")
@@ -45,7 +46,7 @@ def test_unknown_neighbour_names_the_backend() -> None:
 def test_flows_keep_their_backend_when_a_backend_joins() -> None:
     balancer = golden_balancer()
     first = {sport: balancer.decide(flow_frame(sport), now=0).backend for sport in range(2000)}
-    balancer.set_backends(list(BACKENDS) + ["10.2.0.9"])
+    balancer.set_services([catch_all(list(BACKENDS) + ["10.2.0.9"], TABLE_SIZE)])
     balancer.set_neighbour("10.2.0.9", b"\x02" * 6)
     again = {sport: balancer.decide(flow_frame(sport), now=1).backend for sport in range(2000)}
     assert again == first
@@ -57,7 +58,7 @@ def test_only_flows_of_a_removed_backend_move() -> None:
     balancer = golden_balancer()
     first = {sport: balancer.decide(flow_frame(sport), now=0).backend for sport in range(3000)}
     gone = int(IPv4Address("10.2.0.2"))
-    balancer.set_backends([b for b in BACKENDS if b != "10.2.0.2"])
+    balancer.set_services([catch_all([b for b in BACKENDS if b != "10.2.0.2"], TABLE_SIZE)])
     again = {sport: balancer.decide(flow_frame(sport), now=1).backend for sport in range(3000)}
     for sport, backend in first.items():
         if backend == gone:

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from rusty_rail.control.health import HealthChecker, HealthState, Target, probe
-from rusty_rail.control.model import HealthSpec, HealthType
+from rusty_rail.control.config import HealthSpec, HealthType
 from rusty_rail.core.service import ServiceKey
 
 WEB = ServiceKey.parse("10.1.0.1:80")

@@ -5,14 +5,15 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from rusty_rail.control.model import BackendSpec, Config, HealthType, ServiceSpec
+from rusty_rail.control.config import BackendSpec, Config, HealthType, ServiceSpec, from_environment
 from rusty_rail.control.plane import ControlError, ControlPlane, parse_backend, parse_service
 from rusty_rail.core.flow import FlowKey
-from tests.control_fakes import B1, B2, B3, DNS, WEB, FakeDataplane, two_services
+from rusty_rail.core.service import ServiceKey
+from tests.control_fakes import B1, B2, B3, DNS, WEB, FakeEngine, two_services
 
 
-def _plane(config: Config | None = None) -> tuple[ControlPlane, FakeDataplane, list]:
-    dp = FakeDataplane()
+def _plane(config: Config | None = None) -> tuple[ControlPlane, FakeEngine, list]:
+    dp = FakeEngine()
     targets: list = []
     plane = ControlPlane(config or two_services(), dp, on_targets=targets.append)
     return plane, dp, targets
@@ -24,12 +25,16 @@ def test_applies_the_configuration_once_at_start() -> None:
     assert len(dp.applied) == 1 and plane.applies == 1
 
 
-def test_open_mode() -> None:
-    plane, dp, _ = _plane(Config("eth0", open_mode_backends=(B1, B2)))
-    assert dp.applied[-1].services is None and dp.last == {"open": {B1: 1, B2: 1}}
-    plane.drain(None, B1)
-    assert dp.last == {"open": {B1: 0, B2: 1}}
-    assert plane.status()["services"][0]["service"] == "open"
+def test_the_environment_form_is_one_catch_all_service() -> None:
+    plane, dp, _ = _plane(from_environment({"RR_DEVICE": "eth0", "RR_TARGET_IPS": f"{B1};{B2}"}))
+    every = ServiceKey.catch_all()
+    assert dp.last == {every: {B1: 1, B2: 1}}
+    plane.drain(parse_service("*"), B1)
+    assert dp.last == {every: {B1: 0, B2: 1}}
+    plane.undrain(parse_service("open"), B1)  # the name earlier releases used
+    assert dp.last == {every: {B1: 1, B2: 1}}
+    status = plane.status()["services"][0]
+    assert (status["service"], status["vip"], status["protocol"], status["port"]) == ("*", None, "any", 0)
 
 
 def test_runtime_changes() -> None:
@@ -62,7 +67,7 @@ def test_no_apply_when_nothing_changes() -> None:
         (lambda p: p.remove(WEB, B3), "10.2.0.3 is not a backend of 10.1.0.1:80/tcp"),
         (lambda p: p.drain(parse_service("10.9.9.9:80"), B1), "no service 10.9.9.9:80/tcp (services: 10.1.0.1:80/tcp, 10.1.0.1:53/udp)"),
         (lambda p: p.set_weight(WEB, B1, -1), "weight -1 is not a whole number in 0..1000"),
-        (lambda p: p.drain(None, B1), "no service open (services: 10.1.0.1:80/tcp, 10.1.0.1:53/udp)"),
+        (lambda p: p.drain(ServiceKey.catch_all(), B1), "no service * (services: 10.1.0.1:80/tcp, 10.1.0.1:53/udp)"),
     ],
 )
 def test_errors_are_clear(call, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -75,7 +80,7 @@ def test_errors_are_clear(call, message: str) -> None:  # type: ignore[no-untype
 
 def test_parsers() -> None:
     assert parse_service("10.1.0.1:80") == WEB and parse_service("10.1.0.1:53/udp") == DNS
-    assert parse_service("open") is None
+    assert parse_service("*") == parse_service("open") == ServiceKey.catch_all()
     assert parse_backend(" 10.2.0.1 ") == B1
     with pytest.raises(ControlError, match="is not a service"):
         parse_service("10.1.0.1:http")
@@ -132,7 +137,7 @@ def test_a_refused_apply_leaves_the_running_state() -> None:
     plane, dp, _ = _plane()
     dp.fail_next = True
     with pytest.raises(ControlError, match="the data plane refused the change: map update failed"):
-        plane.reload(Config("eth0", services=(ServiceSpec(WEB, (BackendSpec(B3),)),)))
+        plane.reload(Config("eth0", (ServiceSpec(WEB, (BackendSpec(B3),)),)))
     assert dp.last == {WEB: {B1: 1, B2: 2}, DNS: {B1: 1}}
     assert plane.reload_failures == 1 and "map update failed" in str(plane.last_reload_error)
     assert plane.status()["services"][0]["backends"][0]["address"] == str(B1)
@@ -142,7 +147,7 @@ def test_status_combines_state_and_counters() -> None:
     plane, _, _ = _plane()
     plane.drain(WEB, B2)
     status = plane.status()
-    assert status["mode"] == "services" and status["device"] == "eth0"
+    assert status["device"] == "eth0" and status["engine"] == "afpacket" and status["ready"] is True
     web, dns = status["services"]
     assert web["service"] == "10.1.0.1:80/tcp" and web["health"]["type"] == "tcp" and web["health"]["port"] == 8080
     assert (web["packets"], web["bytes"]) == (10, 1000)
@@ -152,7 +157,8 @@ def test_status_combines_state_and_counters() -> None:
     assert (b2["state"], b2["drained"], b2["served_weight"]) == ("drained", True, 0)
     assert dns["backends"][0]["health"] == "unchecked" and dns["packets"] == 0
     assert status["counters"]["drops"] == {"no_service": 2, "no_backend": 0}
-    assert status["counters"]["table_rebuilds"] == 4 and status["control"]["applies"] == 2
+    # Tables built: WEB and DNS at start, WEB again for the drain; DNS's table was reused.
+    assert status["counters"]["table_rebuilds"] == 3 and status["control"]["applies"] == 2
 
 
 def test_explain_names_the_service() -> None:

@@ -12,12 +12,12 @@ import pytest
 from rusty_rail.control import ctl
 from rusty_rail.control.plane import ControlPlane
 from rusty_rail.control.socket_server import Commands, ControlServer
-from tests.control_fakes import B1, B2, B3, WEB, FakeDataplane, two_services
+from tests.control_fakes import B1, B2, B3, WEB, FakeEngine, two_services
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, ControlPlane, FakeDataplane]]:
-    dp = FakeDataplane()
+def served(tmp_path: Path) -> Iterator[tuple[str, ControlPlane, FakeEngine]]:
+    dp = FakeEngine()
     plane = ControlPlane(two_services(), dp)
     path = str(tmp_path / "run" / "control.sock")
     server = ControlServer(path, Commands(plane, reload=lambda: ["note"]))
@@ -28,7 +28,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, ControlPlane, FakeDataplane]]:
 
 def test_socket_is_0600_in_a_created_directory_and_removed_on_stop(tmp_path: Path) -> None:
     path = tmp_path / "new" / "dir" / "ctl.sock"
-    server = ControlServer(str(path), Commands(ControlPlane(two_services(), FakeDataplane())))
+    server = ControlServer(str(path), Commands(ControlPlane(two_services(), FakeEngine())))
     server.start()
     assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o600
     server.stop()
@@ -40,17 +40,17 @@ def test_a_stale_socket_is_replaced_a_live_one_is_not(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(path)
     stale.close()  # the file stays, nobody listens
-    first = ControlServer(path, Commands(ControlPlane(two_services(), FakeDataplane())))
+    first = ControlServer(path, Commands(ControlPlane(two_services(), FakeEngine())))
     first.start()
     try:
         with pytest.raises(OSError, match="another rusty-rail is running"):
-            ControlServer(path, Commands(ControlPlane(two_services(), FakeDataplane()))).start()
+            ControlServer(path, Commands(ControlPlane(two_services(), FakeEngine()))).start()
     finally:
         first.stop()
     regular = tmp_path / "file"
     regular.write_text("x")
     with pytest.raises(OSError, match="is not a socket"):
-        ControlServer(str(regular), Commands(ControlPlane(two_services(), FakeDataplane()))).start()
+        ControlServer(str(regular), Commands(ControlPlane(two_services(), FakeEngine()))).start()
     assert regular.read_text() == "x"
 
 
@@ -66,7 +66,7 @@ def _raw(path: str, *lines: bytes) -> list[dict]:
         return answers
 
 
-def test_json_lines_protocol(served: tuple[str, ControlPlane, FakeDataplane]) -> None:
+def test_json_lines_protocol(served: tuple[str, ControlPlane, FakeEngine]) -> None:
     path, plane, dp = served
     answers = _raw(
         path,
@@ -88,7 +88,7 @@ def test_json_lines_protocol(served: tuple[str, ControlPlane, FakeDataplane]) ->
     assert answers[6] == {"ok": True, "result": {"notes": ["note"]}}
 
 
-def test_ctl_commands(served: tuple[str, ControlPlane, FakeDataplane], capsys: pytest.CaptureFixture[str]) -> None:
+def test_ctl_commands(served: tuple[str, ControlPlane, FakeEngine], capsys: pytest.CaptureFixture[str]) -> None:
     path, plane, dp = served
     assert ctl.main(["--socket", path, "add", "10.1.0.1:80", "10.2.0.3", "--weight", "3"]) == 0
     assert ctl.main(["--socket", path, "weight", "10.1.0.1:80", "10.2.0.1", "4"]) == 0
@@ -114,7 +114,7 @@ def test_ctl_commands(served: tuple[str, ControlPlane, FakeDataplane], capsys: p
     assert dp.explained[-1].protocol == 17
 
 
-def test_ctl_errors_are_one_line_and_exit_1(served: tuple[str, ControlPlane, FakeDataplane], tmp_path: Path,
+def test_ctl_errors_are_one_line_and_exit_1(served: tuple[str, ControlPlane, FakeEngine], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     path, _, _ = served
     assert ctl.main(["--socket", path, "drain", "10.1.0.1:80", "10.2.0.9"]) == 1
@@ -130,7 +130,7 @@ def test_ctl_errors_are_one_line_and_exit_1(served: tuple[str, ControlPlane, Fak
     assert err.count("\n") == 1
 
 
-def test_explain_command(served: tuple[str, ControlPlane, FakeDataplane], capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_command(served: tuple[str, ControlPlane, FakeEngine], capsys: pytest.CaptureFixture[str]) -> None:
     path, _, dp = served
     assert ctl.explain_main(["--socket", path, "192.0.2.7:40000", "10.1.0.1:53", "udp"]) == 0
     assert "backend 10.2.0.1 (table slot 42)" in capsys.readouterr().out

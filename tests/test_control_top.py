@@ -5,11 +5,11 @@ import io
 
 from rusty_rail.control.plane import ControlPlane
 from rusty_rail.control.top import render, render_text
-from tests.control_fakes import B1, WEB, FakeDataplane, two_services
+from tests.control_fakes import B1, WEB, FakeEngine, two_services
 
 
 def test_render_shows_services_and_backends() -> None:
-    plane = ControlPlane(two_services(), FakeDataplane())
+    plane = ControlPlane(two_services(), FakeEngine())
     plane.drain(WEB, B1)
     text = render_text(plane.status())
     assert "10.1.0.1:80/tcp" in text and "10.1.0.1:53/udp" in text
@@ -18,7 +18,7 @@ def test_render_shows_services_and_backends() -> None:
 
 
 def test_rates_from_the_previous_status() -> None:
-    status = ControlPlane(two_services(), FakeDataplane()).status()
+    status = ControlPlane(two_services(), FakeEngine()).status()
     later = copy.deepcopy(status)
     later["services"][0]["backends"][0]["packets"] += 500
     from rich.console import Console

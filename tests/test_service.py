@@ -11,6 +11,7 @@ from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey, ServiceProtocol
 from rusty_rail.core.verdict import Action, DropReason
 from tests.fixtures.golden import LB_ADDRESS, wrapped
+from tests.services import catch_all, service
 
 WEB = ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.TCP, 80)
 DNS = ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.UDP, 53)
@@ -18,10 +19,8 @@ ALL = ServiceKey(IPv4Address("10.1.0.2"))
 
 
 def balancer() -> Balancer:
-    b = Balancer(LB_ADDRESS, b"\x02" * 6, services=True, table_size=251)
-    b.set_service(WEB, ["10.2.0.1", "10.2.0.2"])
-    b.set_service(DNS, ["10.2.0.3"])
-    b.set_service(ALL, ["10.2.0.4"])
+    b = Balancer(LB_ADDRESS, b"\x02" * 6, [service(WEB, ["10.2.0.1", "10.2.0.2"]), service(DNS, ["10.2.0.3"]),
+                                           service(ALL, ["10.2.0.4"])])
     for last in range(1, 5):
         b.set_neighbour(f"10.2.0.{last}", bytes([2, 0, 0, 0, 2, last]))
     return b
@@ -63,22 +62,37 @@ def test_icmp_error_and_fragments_find_the_service() -> None:
 def test_drained_backend_keeps_flows_and_gets_no_new_ones() -> None:
     b = balancer()
     flows = {sport: backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=sport, dport=80)) for sport in range(200)}
-    b.set_service(WEB, ["10.2.0.1", "10.2.0.2"], weights={"10.2.0.1": 0, "10.2.0.2": 1})
+    b.set_services([service(WEB, ["10.2.0.1", "10.2.0.2"], weights={"10.2.0.1": 0, "10.2.0.2": 1}),
+                    service(DNS, ["10.2.0.3"]), service(ALL, ["10.2.0.4"])])
     for sport, backend in flows.items():
         assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=sport, dport=80)) == backend
     fresh = {backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=sport, dport=80)) for sport in range(1000, 1200)}
     assert fresh == {"10.2.0.2"}
 
 
-def test_modes_do_not_mix_and_explain_knows_services() -> None:
+def test_explain_knows_services_and_a_removed_service_matches_nothing() -> None:
     b = balancer()
-    with pytest.raises(ValueError):
-        b.set_backends(["10.2.0.1"])
-    with pytest.raises(ValueError):
-        Balancer(LB_ADDRESS, b"\x02" * 6, ["10.2.0.1"]).set_service(WEB, ["10.2.0.1"])
     assert b.explain(FlowKey(IPv4Address("10.0.0.1"), IPv4Address("10.1.0.1"), 6, 1, 443), now=0) == (None, "no service matches")
-    b.remove_service(DNS)
+    b.set_services([s.service for k, s in b.services.items() if k != DNS])
     assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=53)) == DropReason.NO_SERVICE
+
+
+def test_catch_all_takes_what_no_named_service_matches() -> None:
+    b = balancer()
+    b.set_services([*(p.service for p in b.services.values()), catch_all(["10.2.0.9"])])
+    b.set_neighbour("10.2.0.9", b"\x02" * 6)
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=1, dport=443)) == "10.2.0.9"
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.7") / UDP(sport=1, dport=53)) == "10.2.0.9"
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=53)) == "10.2.0.3"
+    assert b.drops[DropReason.NO_SERVICE] == 0
+
+
+def test_unchanged_service_keeps_its_pool_and_figures() -> None:
+    b = balancer()
+    backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=53))
+    dns = b.services[DNS]
+    b.set_services([p.service for p in b.services.values()])
+    assert b.services[DNS] is dns and dns.packets[int(IPv4Address("10.2.0.3"))] == 1
 
 
 @pytest.mark.parametrize(
@@ -87,6 +101,8 @@ def test_modes_do_not_mix_and_explain_knows_services() -> None:
         ("10.1.0.1:80", ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.TCP, 80)),
         ("10.1.0.1:53/udp", ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.UDP, 53)),
         ("10.1.0.1", ServiceKey(IPv4Address("10.1.0.1"))),
+        ("*", ServiceKey.catch_all()),
+        ("open", ServiceKey.catch_all()),
     ],
 )
 def test_parse_service_key(text: str, expected: ServiceKey) -> None:

@@ -7,8 +7,12 @@ import dataclasses
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from rusty_rail import __version__
+
+if TYPE_CHECKING:
+    from rusty_rail.control.config import Config
 
 log = logging.getLogger("rusty_rail")
 
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return lab_main(rest)
     if args.command == "decap":
-        from rusty_rail.lab.decap import main as decap_main
+        from rusty_rail.decap import main as decap_main
 
         return decap_main(rest)
     if args.command in ("ctl", "explain"):
@@ -90,23 +94,22 @@ def _need_root() -> bool:
     return False
 
 
-def _start(config: object, workers: int | None, config_path: str | None) -> int:
+def _start(config: Config, workers: int | None, config_path: str | None) -> int:
     """Apply --workers, check for root, and run the daemon (both configuration forms end here)."""
     if workers is not None:
         if workers < 1:
             print("rusty-rail: --workers must be at least 1", file=sys.stderr)
             return 2
-        config = dataclasses.replace(config, workers=workers)  # type: ignore[type-var]
+        config = dataclasses.replace(config, workers=workers)
     if _need_root():
         return 2
-    from rusty_rail.daemon import run_with_config
+    from rusty_rail.daemon import run
 
-    return run_with_config(config, config_path)  # type: ignore[arg-type]
+    return run(config, config_path)
 
 
 def run_from_file(path: str, workers: int | None) -> int:
-    from rusty_rail.config import ConfigError
-    from rusty_rail.control.config_file import load_config
+    from rusty_rail.control.config import ConfigError, load_config
 
     try:
         config = load_config(path)  # every error before anything is attached
@@ -117,11 +120,10 @@ def run_from_file(path: str, workers: int | None) -> int:
 
 
 def run_from_environment(workers: int | None) -> int:
-    from rusty_rail.config import ConfigError, from_environment
-    from rusty_rail.control.config_file import config_from_env
+    from rusty_rail.control.config import ConfigError, from_environment
 
     try:
-        config = config_from_env(from_environment())
+        config = from_environment()
     except ConfigError as exc:
         print(f"rusty-rail: {exc}", file=sys.stderr)
         return 2
@@ -153,8 +155,7 @@ def restart(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from rusty_rail.config import ConfigError, from_environment
-    from rusty_rail.control.config_file import load_config
+    from rusty_rail.control.config import ConfigError, from_environment, load_config
 
     if _need_root():
         return 2

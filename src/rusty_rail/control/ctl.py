@@ -6,8 +6,8 @@
     rusty-rail ctl explain CLIENT:PORT VIP:PORT [tcp|udp]
     rusty-rail ctl reload
 
-VIP:PORT is TCP unless written VIP:PORT/udp; a bare VIP is the every-port service; `open` is the
-single pool of the environment form. Errors are one line on stderr and exit status 1.
+VIP:PORT is TCP unless written VIP:PORT/udp; a bare VIP is the every-port service; `*` is the
+catch-all service of the environment form. Errors are one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import socket
 import sys
 from typing import Any
 
-from rusty_rail.control.model import Config
+from rusty_rail.control.config import DEFAULT_CONTROL_SOCKET
 
-DEFAULT_SOCKET = str(Config.control_socket)
+DEFAULT_SOCKET = DEFAULT_CONTROL_SOCKET
 
 
 class CtlError(Exception):
@@ -91,13 +91,13 @@ def _human(n: int | float | None) -> str:
 def format_status(status: dict[str, Any]) -> str:
     """An ipvsadm -L --stats-like table: a service line, then one `->` line per backend."""
     lines = [
-        f"rusty-rail on {status['device']} ({status['engine']}), {status['mode']} mode, table size {status['table_size']}",
+        f"rusty-rail on {status['device']} ({status['engine']}), table size {status['table_size']}",
         f"{'Prot LocalAddress:Port':<30} {'Check':<16} {'Packets':>9} {'Bytes':>9}",
         f"{'  -> RemoteAddress':<30} {'Weight':>6} {'State':<9} {'Health':<9} {'Flows':>7} {'Packets':>9} {'Bytes':>9}",
     ]
     for svc in status["services"]:
         if svc["vip"] is None:
-            head = "OPEN *"
+            head = "ANY  * (every VIP)"
         else:
             head = f"{svc['protocol'].upper():<4} {svc['vip']}:{svc['port'] or '*'}"
         health = svc["health"]

@@ -22,7 +22,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from rusty_rail.control.model import HealthSpec, HealthType
+from rusty_rail.control.config import HealthSpec, HealthType
 from rusty_rail.core.service import ServiceKey
 
 log = logging.getLogger("rusty_rail.health")

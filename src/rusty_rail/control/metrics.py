@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rusty_rail.control.config_file import parse_metrics_address
+from rusty_rail.control.config import parse_metrics_address
 from rusty_rail.control.plane import ControlPlane
 
 log = logging.getLogger("rusty_rail.metrics")

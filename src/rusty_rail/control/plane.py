@@ -7,6 +7,9 @@ it into a `DataplaneState`, handed to the data plane only when it differs from t
 - a drained backend is listed at weight 0: no new flows, its established flows stay until they end;
 - a weight change rebuilds that service's table.
 
+The environment form is one catch-all service like any other (named "*"; "open" is accepted too).
+Tables are built by the `StateBuilder` (dataplane/state.py) for the services whose weights changed.
+
 Policies (chosen, so written down):
 - Health: backends start up (see health.py). With every backend of a service down the service has none
   and its packets are dropped as NO_BACKEND, as IPVS does with no real servers: visible in the drop
@@ -15,7 +18,7 @@ Policies (chosen, so written down):
   not written into the file are gone after a reload. Drains are kept for backends that stay: a drain is
   an operator's maintenance action, and an unrelated reload must not send new flows to a machine being
   worked on. Health state is kept for backends whose check did not change. Fields that need a restart
-  (device, engine, table_size, control_socket, metrics, workers) are reported, not applied.
+  (config.RESTART_FIELDS) are reported, not applied.
 
 Every public method takes the lock, so the socket server, the health checker and SIGHUP may call at once.
 """
@@ -30,17 +33,14 @@ from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
-from rusty_rail.control.config_file import MAX_WEIGHT
+from rusty_rail.control.config import RESTART_FIELDS, Config, HealthSpec, HealthType
 from rusty_rail.control.health import Target
-from rusty_rail.control.model import Config, Dataplane, DataplaneState, HealthSpec, HealthType
+from rusty_rail.core.constants import MAX_WEIGHT
 from rusty_rail.core.flow import FlowKey
-from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceMatcher
+from rusty_rail.dataplane import DataplaneState, Engine, StateBuilder
 
 log = logging.getLogger("rusty_rail.control")
-
-OPEN = "open"
-"""How the single pool of open mode (the environment form) is named in status and ctl."""
-_RESTART_FIELDS = ("device", "engine", "table_size", "control_socket", "metrics", "workers", "connection_capacity")
 
 
 class ControlError(Exception):
@@ -65,24 +65,21 @@ class BackendState:
 
 @dataclass
 class ServiceState:
-    key: ServiceKey | None
-    """None: the open-mode pool."""
+    key: ServiceKey
     health: HealthSpec
     backends: dict[IPv4Address, BackendState] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return OPEN if self.key is None else str(self.key)
+        return str(self.key)
 
 
-def parse_service(text: str) -> ServiceKey | None:
-    """'10.1.0.1:80', '10.1.0.1:80/udp', '10.1.0.1' (every port), or 'open' (the environment form)."""
-    if text.strip() == OPEN:
-        return None
+def parse_service(text: str) -> ServiceKey:
+    """'10.1.0.1:80', '10.1.0.1:80/udp', '10.1.0.1' (every port), or '*' (the catch-all)."""
     try:
         return ServiceKey.parse(text.strip())
     except (ValueError, KeyError):
-        raise ControlError(f"{text!r} is not a service (VIP:PORT, VIP:PORT/udp, VIP or {OPEN})") from None
+        raise ControlError(f"{text!r} is not a service (VIP:PORT, VIP:PORT/udp, VIP or {CATCH_ALL_NAME})") from None
 
 
 def parse_backend(text: str) -> IPv4Address:
@@ -92,12 +89,8 @@ def parse_backend(text: str) -> IPv4Address:
         raise ControlError(f"{text!r} is not an IPv4 address") from None
 
 
-def _services_from(config: Config) -> dict[ServiceKey | None, ServiceState]:
-    if config.open_mode_backends is not None:
-        pool = ServiceState(None, HealthSpec())
-        pool.backends = {b: BackendState(b, 1) for b in config.open_mode_backends}
-        return {None: pool}
-    services: dict[ServiceKey | None, ServiceState] = {}
+def _services_from(config: Config) -> dict[ServiceKey, ServiceState]:
+    services: dict[ServiceKey, ServiceState] = {}
     for spec in config.services:
         state = ServiceState(spec.key, spec.health)
         state.backends = {b.address: BackendState(b.address, b.weight) for b in spec.backends}
@@ -105,37 +98,20 @@ def _services_from(config: Config) -> dict[ServiceKey | None, ServiceState]:
     return services
 
 
-def _match(services: dict[ServiceKey | None, ServiceState], flow: FlowKey) -> ServiceState | None:
-    """The service a flow belongs to, most specific first (docs/WIRE.md section 10)."""
-    if None in services:
-        return services[None]
-    for key in (
-        (flow.dst, flow.protocol, flow.dport),
-        (flow.dst, flow.protocol, 0),
-        (flow.dst, ServiceProtocol.ANY, 0),
-    ):
-        try:
-            found = services.get(ServiceKey(key[0], ServiceProtocol(key[1]), key[2]))
-        except ValueError:
-            continue
-        if found is not None:
-            return found
-    return None
-
-
 class ControlPlane:
     def __init__(
         self,
         config: Config,
-        dataplane: Dataplane,
+        engine: Engine,
         on_targets: Callable[[list[Target]], None] | None = None,
     ) -> None:
         """Applies the configuration at once. `on_targets` hears the health-check targets on each change."""
         self.config = config
-        self.dataplane = dataplane
+        self.engine = engine
         self.on_targets = on_targets
         self._lock = threading.RLock()
         self._services = _services_from(config)
+        self._builder = StateBuilder(config.table_size)
         self._applied: DataplaneState | None = None
         self.applies = 0
         self.reloads = 0
@@ -146,33 +122,28 @@ class ControlPlane:
 
     # -- the data plane's view ---------------------------------------------------------------------
 
-    @property
-    def open_mode(self) -> bool:
-        return None in self._services
-
-    def dataplane_state(self) -> DataplaneState:
+    def dataplane_state(self) -> DataplaneState | None:
+        """The state last applied to the engine."""
         with self._lock:
-            return self._state_of(self._services)
+            return self._applied
 
-    @staticmethod
-    def _state_of(services: dict[ServiceKey | None, ServiceState]) -> DataplaneState:
-        def weights(service: ServiceState) -> dict[IPv4Address, int]:
-            return {b.address: w for b in service.backends.values() if (w := b.served_weight) is not None}
-
-        if None in services:
-            return DataplaneState(None, weights(services[None]))
-        return DataplaneState({key: weights(s) for key, s in services.items() if key is not None})
+    @property
+    def tables_built(self) -> int:
+        return self._builder.tables_built
 
     def _push(self) -> None:
         """Apply the current state if it changed (caller holds the lock)."""
-        state = self._state_of(self._services)
-        if self._applied is not None and _same(state, self._applied):
+        state = self._builder.build({
+            key: {b.address: w for b in service.backends.values() if (w := b.served_weight) is not None}
+            for key, service in self._services.items()
+        })
+        if self._applied is not None and state.same_services(self._applied):
             return
-        self.dataplane.apply(state)
+        self.engine.apply(state)
         self._applied = state
         self.applies += 1
 
-    def _commit(self, services: dict[ServiceKey | None, ServiceState], targets_changed: bool) -> None:
+    def _commit(self, services: dict[ServiceKey, ServiceState], targets_changed: bool) -> None:
         """Make `services` current, or leave everything as it was if the data plane refuses it."""
         old = self._services
         self._services = services
@@ -195,23 +166,23 @@ class ControlPlane:
             return [
                 Target(s.key, b, s.health)
                 for s in self._services.values()
-                if s.key is not None and s.health.type != HealthType.NONE
+                if s.health.type != HealthType.NONE
                 for b in s.backends
             ]
 
     # -- runtime changes (ctl) ---------------------------------------------------------------------
 
-    def _copy(self) -> dict[ServiceKey | None, ServiceState]:
+    def _copy(self) -> dict[ServiceKey, ServiceState]:
         return {
             k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()})
             for k, s in self._services.items()
         }
 
-    def _find(self, services: dict[ServiceKey | None, ServiceState], service: ServiceKey | None) -> ServiceState:
+    def _find(self, services: dict[ServiceKey, ServiceState], service: ServiceKey) -> ServiceState:
         found = services.get(service)
         if found is None:
             known = ", ".join(s.name for s in services.values())
-            raise ControlError(f"no service {OPEN if service is None else service} (services: {known})")
+            raise ControlError(f"no service {service} (services: {known})")
         return found
 
     def _backend(self, state: ServiceState, backend: IPv4Address) -> BackendState:
@@ -220,7 +191,7 @@ class ControlPlane:
             raise ControlError(f"{backend} is not a backend of {state.name}")
         return found
 
-    def add(self, service: ServiceKey | None, backend: IPv4Address, weight: int = 1) -> None:
+    def add(self, service: ServiceKey, backend: IPv4Address, weight: int = 1) -> None:
         _check_weight(weight)
         with self._lock:
             services = self._copy()
@@ -232,7 +203,7 @@ class ControlPlane:
         log.info("added backend %s to %s (weight %d)", backend, state.name, weight,
                  extra={"service": state.name, "backend": str(backend)})
 
-    def remove(self, service: ServiceKey | None, backend: IPv4Address) -> None:
+    def remove(self, service: ServiceKey, backend: IPv4Address) -> None:
         with self._lock:
             services = self._copy()
             state = self._find(services, service)
@@ -241,7 +212,7 @@ class ControlPlane:
             self._commit(services, targets_changed=True)
         log.info("removed backend %s from %s", backend, state.name, extra={"service": state.name, "backend": str(backend)})
 
-    def drain(self, service: ServiceKey | None, backend: IPv4Address, drained: bool = True) -> None:
+    def drain(self, service: ServiceKey, backend: IPv4Address, drained: bool = True) -> None:
         with self._lock:
             services = self._copy()
             state = self._find(services, service)
@@ -250,10 +221,10 @@ class ControlPlane:
         log.info("%s backend %s of %s", "drained" if drained else "undrained", backend, state.name,
                  extra={"service": state.name, "backend": str(backend)})
 
-    def undrain(self, service: ServiceKey | None, backend: IPv4Address) -> None:
+    def undrain(self, service: ServiceKey, backend: IPv4Address) -> None:
         self.drain(service, backend, drained=False)
 
-    def set_weight(self, service: ServiceKey | None, backend: IPv4Address, weight: int) -> None:
+    def set_weight(self, service: ServiceKey, backend: IPv4Address, weight: int) -> None:
         _check_weight(weight)
         with self._lock:
             services = self._copy()
@@ -284,13 +255,11 @@ class ControlPlane:
         that need a restart. On any failure the running state stays, and ControlError says why."""
         notes = [
             f"{name} changed from {getattr(self.config, name)!r} to {getattr(config, name)!r}: takes effect after a restart"
-            for name in _RESTART_FIELDS
+            for name in RESTART_FIELDS
             if getattr(self.config, name) != getattr(config, name)
         ]
         with self._lock:
             try:
-                if (config.open_mode_backends is None) != (self.config.open_mode_backends is None):
-                    raise ControlError("cannot switch between open mode and services without a restart")
                 services = _services_from(config)
                 for key, state in services.items():
                     before = self._services.get(key)
@@ -323,13 +292,13 @@ class ControlPlane:
 
     def explain(self, flow: FlowKey) -> dict[str, Any]:
         with self._lock:
-            matched = _match(self._services, flow)
-        backend, reason = self.dataplane.explain(flow)
+            matched = ServiceMatcher(self._services).match(flow.packed)
+        answer = self.engine.explain(flow)
         return {
             "flow": f"{flow.src}:{flow.sport} -> {flow.dst}:{flow.dport} {_proto_name(flow.protocol)}",
             "service": None if matched is None else matched.name,
-            "backend": None if backend is None else str(backend),
-            "reason": reason,
+            "backend": None if answer.backend is None else str(answer.backend),
+            "reason": answer.reason,
         }
 
     def status(self) -> dict[str, Any]:
@@ -343,15 +312,14 @@ class ControlPlane:
                 "last_reload_error": self.last_reload_error,
                 "health_transitions": self.health_transitions,
             }
-        counters = self.dataplane.counters()
-        per_backend = _per_backend(counters.get("backends", {}))
-        flows = {IPv4Address(k): int(v) for k, v in dict(counters.get("flows", {}) or {}).items()}  # type: ignore[call-overload]
+        counters = self.engine.counters()
+        flows = counters.flows or {}
         out_services = []
         for state in services.values():
-            checked = state.key is not None and state.health.type != HealthType.NONE
+            checked = state.health.type != HealthType.NONE
             backends: list[dict[str, Any]] = []
             for b in state.backends.values():
-                packets, nbytes = per_backend.get((state.key, b.address), (0, 0))
+                packets, nbytes = counters.backends.get((state.key, b.address), (0, 0))
                 backends.append({
                     "address": str(b.address),
                     "weight": b.weight,
@@ -362,13 +330,14 @@ class ControlPlane:
                     "state": "down" if not b.healthy else "drained" if b.drained or b.weight == 0 else "active",
                     "packets": packets,
                     "bytes": nbytes,
-                    "flows": flows.get(b.address) if flows else None,
+                    "flows": flows.get(b.address) if counters.flows is not None else None,
                 })
+            key = state.key
             out_services.append({
                 "service": state.name,
-                "vip": None if state.key is None else str(state.key.vip),
-                "protocol": None if state.key is None else state.key.protocol.name.lower(),
-                "port": None if state.key is None else state.key.port,
+                "vip": None if key.vip is None else str(key.vip),
+                "protocol": key.protocol.name.lower(),
+                "port": key.port,
                 "health": {"type": state.health.type.value, **(
                     {k: getattr(state.health, k) for k in ("port", "path", "interval", "timeout", "rise", "fall")}
                     if checked else {})},
@@ -376,24 +345,21 @@ class ControlPlane:
                 "bytes": sum(b["bytes"] for b in backends),
                 "backends": backends,
             })
-        drops = {k[len("drop_"):]: int(v) for k, v in counters.items() if k.startswith("drop_")}  # type: ignore[call-overload]
         return {
-            "mode": "open" if None in services else "services",
-            # An engine says whether it forwards yet (rings open / program attached); a dataplane that
-            # does not know (an in-process balancer) is taken as ready.
-            "ready": bool(counters.get("ready", True)),
+            "ready": counters.ready,
             "device": self.config.device,
-            "engine": self.config.engine,
+            "engine": self.engine.kind.value,
             "table_size": self.config.table_size,
             "services": out_services,
             "counters": {
-                "forwarded": int(counters.get("forwarded", 0)),  # type: ignore[call-overload]
-                "passed": int(counters.get("passed", 0)),  # type: ignore[call-overload]
-                "drops": drops,
-                "connections": int(counters.get("connections", 0)),  # type: ignore[call-overload]
-                "connection_evictions": int(counters.get("connection_evictions", 0)),  # type: ignore[call-overload]
-                "table_rebuilds": int(counters.get("table_rebuilds", 0)),  # type: ignore[call-overload]
+                "forwarded": counters.forwarded,
+                "passed": counters.passed,
+                "drops": dict(counters.drops),
+                "connections": counters.connections,
+                "connection_evictions": counters.connection_evictions,
+                "table_rebuilds": self.tables_built,
             },
+            "engine_counters": dict(counters.engine),
             "control": control,
         }
 
@@ -401,23 +367,6 @@ class ControlPlane:
 def _check_weight(weight: int) -> None:
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
         raise ControlError(f"weight {weight!r} is not a whole number in 0..{MAX_WEIGHT}")
-
-
-def _same(a: DataplaneState, b: DataplaneState) -> bool:
-    def plain(s: DataplaneState) -> object:
-        services = None if s.services is None else {k: dict(v) for k, v in s.services.items()}
-        return services, dict(s.open_backends)
-
-    return plain(a) == plain(b)
-
-
-def _per_backend(raw: object) -> dict[tuple[ServiceKey | None, IPv4Address], tuple[int, int]]:
-    out: dict[tuple[ServiceKey | None, IPv4Address], tuple[int, int]] = {}
-    for (service, backend), (packets, nbytes) in dict(raw).items():  # type: ignore[call-overload]
-        key = (service, IPv4Address(backend))
-        p, b = out.get(key, (0, 0))
-        out[key] = (p + int(packets), b + int(nbytes))
-    return out
 
 
 def _proto_name(protocol: int) -> str:

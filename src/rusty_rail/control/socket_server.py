@@ -38,7 +38,7 @@ class Commands:
     def __init__(self, plane: ControlPlane, reload: Callable[[], list[str]] | None = None) -> None:
         self.plane = plane
         self.reload = reload
-        """Reloads the configuration file (the daemon's SIGHUP action); None in open mode."""
+        """Reloads the configuration file (the daemon's SIGHUP action); None for the environment form."""
 
     def handle(self, request: Any) -> dict[str, Any]:
         try:

@@ -37,7 +37,7 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None = None, elaps
     c = status["counters"]
     prev_c = previous["counters"] if previous is not None else None
     header = Text.assemble(
-        ("rusty-rail ", "bold"), f"{status['device']} · {status['engine']} · {status['mode']} · ",
+        ("rusty-rail ", "bold"), f"{status['device']} · {status['engine']} · ",
         f"forwarded {_human(c['forwarded'])} ({_rate(c['forwarded'], prev_c and prev_c['forwarded'], elapsed)}/s) · ",
         f"connections {_human(c['connections'])} · evictions {_human(c['connection_evictions'])} · ",
         f"rebuilds {c['table_rebuilds']}",

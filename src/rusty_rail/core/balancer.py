@@ -9,15 +9,16 @@ more than the rest of the work together.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from ipaddress import IPv4Address
 
 from rusty_rail.core.checksum import ones_complement_sum
 from rusty_rail.core.conntrack import ConnectionTable
 from rusty_rail.core.flow import FlowKey, inner_flow_key
-from rusty_rail.core.flowhash import RR_HASH_SEED, flow_hash
-from rusty_rail.core.maglev import DEFAULT_TABLE_SIZE, BackendLike, MaglevTable
-from rusty_rail.core.service import Pool, ServiceKey
+from rusty_rail.core.constants import RR_HASH_SEED
+from rusty_rail.core.flowhash import flow_hash
+from rusty_rail.core.maglev import BackendLike
+from rusty_rail.core.service import Pool, Service, ServiceKey, ServiceMatcher
 from rusty_rail.core.verdict import PASS, Drop, DropReason, Forward, Verdict
 
 _GRE = 47
@@ -26,7 +27,6 @@ _OUT_DF = 0x4000
 _GRE_OUT = b"\x00\x00\x08\x00"
 _IP_FIXED = struct.Struct("!BBHHHBBH")
 _DROPS = {reason: Drop(reason) for reason in DropReason}
-_TCP_UDP = (6, 17)
 
 
 def _as_int(address: BackendLike) -> int:
@@ -34,29 +34,23 @@ def _as_int(address: BackendLike) -> int:
 
 
 class Balancer:
-    """One balancer's data-plane state: Maglev tables, the connection table, next-hop MACs.
-
-    Two modes. Open (the environment form of the original): one pool, `set_backends()`, and every GRE
-    packet is balanced. Services (a config file): `set_service()` per (VIP, protocol, port), and a
-    packet that matches no service is dropped as NO_SERVICE, so the balancer is not an open relay.
+    """One balancer's data-plane state: its services (tables built by the control plane), the
+    connection table, next-hop MACs. A packet that matches no service is dropped as NO_SERVICE, so the
+    balancer is never an open relay; the environment form is one catch-all service (core/service.py).
     """
 
     def __init__(
         self,
         local_address: BackendLike,
         local_mac: bytes,
-        backends: Iterable[BackendLike] = (),
-        weights: Mapping[BackendLike, int] | Sequence[int] | None = None,
-        table_size: int = DEFAULT_TABLE_SIZE,
+        services: Iterable[Service] = (),
         connections: ConnectionTable | None = None,
         hash_seed: int = RR_HASH_SEED,
-        services: bool = False,
     ) -> None:
         if len(local_mac) != 6:
             raise ValueError("local_mac must be 6 bytes")
         self.local_address = IPv4Address(local_address)
         self.local_mac = bytes(local_mac)
-        self.table_size = table_size
         self.hash_seed = hash_seed
         self.connections = connections if connections is not None else ConnectionTable()
         self._macs: dict[int, bytes] = {}
@@ -64,94 +58,40 @@ class Balancer:
         self.forwarded = 0
         self.passed = 0
         self.drops = [0] * (max(DropReason) + 1)
-        self.table_rebuilds = 0
-        self._default: Pool | None = None
-        self._services: dict[ServiceKey, Pool] = {}
-        self._by_match: dict[bytes, Pool] = {}
-        self._fragment_pool: dict[bytes, Pool] = {}
+        self._pools: dict[ServiceKey, Pool] = {}
+        self._matcher: ServiceMatcher[Pool] = ServiceMatcher({})
         self._all_backends: frozenset[int] = frozenset()
-        if services:
-            if backends or weights:
-                raise ValueError("with services=True, give backends per service with set_service()")
-        else:
-            self.set_backends(backends, weights)
+        self.set_services(services)
 
     # -- control ----------------------------------------------------------------------------------
 
-    def set_backends(
-        self,
-        backends: Iterable[BackendLike],
-        weights: Mapping[BackendLike, int] | Sequence[int] | None = None,
-    ) -> MaglevTable:
-        """Open mode: rebuild the one table. Flows of backends that stay keep their backend."""
-        if self._services:
-            raise ValueError("this balancer has services; use set_service()")
-        self._default = Pool.build(backends, self.table_size, weights, self._default)
-        self._changed()
-        return self._default.table
+    def set_services(self, services: Iterable[Service]) -> None:
+        """Serve exactly `services`. A service whose table did not change keeps its pool (and figures);
+        flows of backends a service still lists keep their backend.
 
-    def set_service(
-        self,
-        service: ServiceKey,
-        backends: Iterable[BackendLike],
-        weights: Mapping[BackendLike, int] | Sequence[int] | None = None,
-    ) -> MaglevTable:
-        """Services mode: add or rebuild one service's table. Weight 0 drains a backend."""
-        if self._default is not None:
-            raise ValueError("this balancer is in open mode; use set_backends()")
-        pool = Pool.build(backends, self.table_size, weights, self._services.get(service))
-        self._services[service] = pool
-        self._changed()
-        return pool.table
-
-    def remove_service(self, service: ServiceKey) -> None:
-        if self._services.pop(service, None) is not None:
-            self._changed()
-
-    def _changed(self) -> None:
-        self.table_rebuilds += 1
-        self._by_match = {key.match_key: pool for key, pool in self._services.items()}
-        fragment: dict[bytes, Pool] = {}
-        for key in sorted(self._services, key=lambda k: k.port, reverse=True):
-            if key.protocol:
-                fragment[key.vip.packed + bytes((key.protocol,))] = self._services[key]
-        self._fragment_pool = fragment
-        pools = [self._default] if self._default is not None else list(self._services.values())
-        self._all_backends = frozenset().union(*(p.backend_set for p in pools)) if pools else frozenset()
+        Safe while another thread runs decide(): the new pools and matcher are built completely, then
+        swapped in with plain attribute assignments (atomic under the GIL), so decide() sees the old
+        services or the new ones, never half of them."""
+        pools: dict[ServiceKey, Pool] = {}
+        for service in services:
+            old = self._pools.get(service.key)
+            pools[service.key] = old if old is not None and old.service == service else Pool.of(service, old)
+        backends = frozenset().union(*(p.backend_set for p in pools.values())) if pools else frozenset()
+        matcher = ServiceMatcher(pools)
+        self._pools, self._matcher, self._all_backends = pools, matcher, backends
 
     @property
     def services(self) -> dict[ServiceKey, Pool]:
-        return dict(self._services)
-
-    @property
-    def pool(self) -> Pool | None:
-        """The open-mode pool (None in services mode)."""
-        return self._default
-
-    @property
-    def table(self) -> MaglevTable:
-        """The open-mode table."""
-        if self._default is None:
-            raise ValueError("this balancer has services; see .services")
-        return self._default.table
+        return dict(self._pools)
 
     @property
     def backends(self) -> frozenset[int]:
-        """Every backend of every pool (the engines resolve their next hops)."""
+        """Every backend of every service (the engines resolve their next hops)."""
         return self._all_backends
 
     def pool_for(self, key: bytes) -> Pool | None:
-        """The service a flow key belongs to (see service.py for the order)."""
-        if self._default is not None:
-            return self._default
-        by_match = self._by_match
-        vip = key[4:8]
-        port = key[10:12]
-        proto = key[12:13]
-        pool = by_match.get(vip + port + proto) or by_match.get(vip + b"\x00\x00" + proto) or by_match.get(vip + b"\x00\x00\x00")
-        if pool is None and key[12] in _TCP_UDP and key[8:12] == b"\x00\x00\x00\x00":
-            pool = self._fragment_pool.get(vip + proto)
-        return pool
+        """The pool of the service a flow key belongs to (the rule: core/service.py)."""
+        return self._matcher.match(key)
 
     def set_neighbour(self, backend: BackendLike, mac: bytes | None) -> None:
         """The Ethernet address of `backend`'s next hop, or None while it is unknown."""
@@ -236,7 +176,7 @@ class Balancer:
         if key is None:
             return self._drop(DropReason.INNER_TRUNCATED)
 
-        pool = self._default or self.pool_for(key)
+        pool = self._matcher.match(key)
         if pool is None:
             return self._drop(DropReason.NO_SERVICE)
         backend = self.connections.lookup(key, now)
@@ -269,15 +209,8 @@ class Balancer:
         """Where a flow goes and why: ('connection entry' or 'table slot N'), without changing state."""
         packed = key.packed
         pool = self.pool_for(packed)
-        if pool is None:
-            return None, "no service matches"
-        remembered = self.connections.peek(packed, now)
-        if remembered is not None and remembered in pool.backend_set:
-            return IPv4Address(remembered), "connection entry"
-        if not pool.slot_backend:
-            return None, "no backends"
-        slot = flow_hash(packed, self.hash_seed) % len(pool.slot_backend)
-        return IPv4Address(pool.slot_backend[slot]), f"table slot {slot}"
+        return explain_choice(None if pool is None else pool.service, packed, self.connections.peek(packed, now),
+                              self.hash_seed)
 
     def counters(self) -> dict[str, int]:
         out = {"forwarded": self.forwarded, "passed": self.passed}
@@ -286,3 +219,25 @@ class Balancer:
         out["connections"] = len(self.connections)
         out["connection_evictions"] = self.connections.evictions
         return out
+
+    def backend_figures(self) -> dict[tuple[ServiceKey, IPv4Address], tuple[int, int]]:
+        """(packets, inner bytes) forwarded per (service, backend) listed now."""
+        return {(key, IPv4Address(address)): (packets, pool.bytes.get(address, 0))
+                for key, pool in self._pools.items() for address, packets in dict(pool.packets).items()}
+
+
+def explain_choice(service: Service | None, key: bytes, remembered: int | None,
+                   hash_seed: int = RR_HASH_SEED) -> tuple[IPv4Address | None, str]:
+    """docs/WIRE.md section 7 as an answer for people: the backend a flow with this key goes to and why,
+    given its service (None: none matched) and the backend its connection entry names (None: no entry).
+    The one statement of the rule for `explain`, whatever engine holds the connection table."""
+    if service is None:
+        return None, "no service matches"
+    backends = service.table.backends
+    if remembered is not None and any(int(b) == remembered for b in backends):
+        return IPv4Address(remembered), "connection entry"
+    slots = service.table.slots
+    if not len(slots):
+        return None, "no backends"
+    slot = flow_hash(key, hash_seed) % len(slots)
+    return backends[int(slots[slot])], f"table slot {slot}"

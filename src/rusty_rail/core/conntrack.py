@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY
 from rusty_rail.core.ipv4 import IpProtocol
 
 
@@ -31,13 +32,12 @@ class Timeouts:
         return self.other
 
 
-DEFAULT_CAPACITY = 1 << 20
 
 
 class ConnectionTable:
     """Flow key (16 bytes, see flow.py) -> backend address (int), LRU-bounded, with idle timeouts."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY, timeouts: Timeouts = Timeouts()) -> None:
+    def __init__(self, capacity: int = DEFAULT_CONN_CAPACITY, timeouts: Timeouts = Timeouts()) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity

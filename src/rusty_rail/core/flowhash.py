@@ -14,13 +14,17 @@ import struct
 
 import mmh3
 
-RR_HASH_SEED = 0x52525F31
+from rusty_rail.core.constants import RR_HASH_SEED
+
+__all__ = ["RR_HASH_SEED", "flow_hash", "fmix32", "murmur3_32"]
+
 _M32 = 0xFFFFFFFF
 _C1 = 0xCC9E2D51
 _C2 = 0x1B873593
 
 
-def _fmix32(h: int) -> int:
+def fmix32(h: int) -> int:
+    """murmur3's finaliser: mixes every input bit into every output bit (also the lab router's hash)."""
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & _M32
     h ^= h >> 13
@@ -49,7 +53,7 @@ def murmur3_32(data: bytes, seed: int = RR_HASH_SEED) -> int:
         k = (k * _C2) & _M32
         h ^= k
     h ^= n
-    return _fmix32(h)
+    return fmix32(h)
 
 
 def flow_hash(key: bytes, seed: int = RR_HASH_SEED) -> int:

@@ -1,21 +1,43 @@
-"""Services: which inner packets a balancer serves, and the backend pool of each.
+"""Services: which inner packets a balancer serves, and the one rule that finds a packet's service.
 
-A service is (VIP, protocol, port); protocol ANY and port 0 are wildcards. A packet is matched most
-specific first: (port, protocol), (any port, protocol), (any port, any protocol). A port always
-comes with a protocol.
-A TCP/UDP fragment has no ports in its key (docs/WIRE.md section 5), so it goes to the service of that
-VIP and protocol with the lowest port: deterministic, so every balancer agrees.
+A service is (VIP, protocol, port); protocol ANY and port 0 are wildcards, and a VIP of None is the
+catch-all: every VIP. The environment form of the original (RR_TARGET_IPS) is exactly one catch-all
+service, so after configuration there are only services.
+
+`ServiceMatcher` is the rule (docs/WIRE.md section 10), written once: the balancer's decision, the
+control plane's `explain` and the XDP map planner all use it. A packet is matched most specific first:
+
+1. (VIP, port, protocol)
+2. (VIP, any port, protocol)
+3. (VIP, any port, any protocol)
+4. a TCP/UDP key without ports (a fragment, WIRE.md section 5): the service of that VIP and protocol
+   with the lowest port, so every balancer picks the same one
+5. the catch-all service, if there is one
+
+No match: NO_SERVICE. The matcher is a dictionary of lookup entries (`entries`), each 8 bytes:
+`vip (4) | port (2, network order) | protocol (1) | fragment flag (1)`: the same keys the XDP program
+looks up in rr_services, so the planner writes exactly what this module matches on.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import total_ordering
 from ipaddress import IPv4Address
+from typing import Generic, TypeVar
 
-from rusty_rail.core.maglev import BackendLike, MaglevTable, build_table
+from rusty_rail.core.maglev import MaglevTable
+
+T = TypeVar("T")
+
+CATCH_ALL_NAME = "*"
+"""How the catch-all service is written (status, ctl, explain)."""
+_CATCH_ALL_ALIASES = (CATCH_ALL_NAME, "open")  # "open": the name earlier releases gave the environment form
+_PORTED = (b"\x06", b"\x11")  # TCP, UDP: the protocols whose keys carry ports
+_NO_PORT = b"\x00\x00"
 
 
 class ServiceProtocol(IntEnum):
@@ -24,9 +46,11 @@ class ServiceProtocol(IntEnum):
     UDP = 17
 
 
-@dataclass(frozen=True, order=True)
+@total_ordering
+@dataclass(frozen=True)
 class ServiceKey:
-    vip: IPv4Address
+    vip: IPv4Address | None
+    """None: every VIP (the catch-all)."""
     protocol: ServiceProtocol = ServiceProtocol.ANY
     port: int = 0
 
@@ -35,18 +59,44 @@ class ServiceKey:
             raise ValueError(f"port {self.port} out of range")
         if self.port and self.protocol == ServiceProtocol.ANY:
             raise ValueError("a port needs a protocol (tcp or udp)")
+        if self.vip is None and (self.port or self.protocol != ServiceProtocol.ANY):
+            raise ValueError("the catch-all service covers every protocol and port")
+
+    @classmethod
+    def catch_all(cls) -> ServiceKey:
+        return cls(None)
 
     @property
-    def match_key(self) -> bytes:
-        """vip | port | protocol, the bytes the decision slices from a flow key to find its service."""
-        return self.vip.packed + struct.pack("!HB", self.port, self.protocol)
+    def is_catch_all(self) -> bool:
+        return self.vip is None
+
+    def entry(self, fragment: bool = False) -> bytes:
+        """The 8-byte lookup entry of this service (module docstring); the catch-all has none."""
+        if self.vip is None:
+            raise ValueError("the catch-all service has no lookup entry")
+        return lookup_entry(self.vip.packed, struct.pack("!H", self.port), self.protocol, fragment)
+
+    def _order(self) -> tuple[int, int, int, int]:
+        return (0, 0, 0, 0) if self.vip is None else (self.vip.version, int(self.vip), self.protocol, self.port)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, ServiceKey):
+            return NotImplemented
+        return self._order() < other._order()
 
     def __str__(self) -> str:
+        if self.vip is None:
+            return CATCH_ALL_NAME
         return f"{self.vip}:{self.port}/{self.protocol.name.lower()}"
 
     @classmethod
     def parse(cls, text: str, protocol: str | None = None) -> ServiceKey:
-        """'10.1.0.1:80' (+ 'tcp'), '10.1.0.1:80/udp', '10.1.0.1' (every port, any protocol)."""
+        """'10.1.0.1:80' (+ 'tcp'), '10.1.0.1:80/udp', '10.1.0.1' (every port, any protocol), '*'.
+
+        Raises ValueError (or KeyError for an unknown protocol name) on anything else."""
+        text = text.strip()
+        if text in _CATCH_ALL_ALIASES:
+            return cls.catch_all()
         proto_text = protocol
         if "/" in text:
             text, proto_text = text.split("/", 1)
@@ -59,30 +109,85 @@ class ServiceKey:
         return cls(IPv4Address(host), proto, port)
 
 
+def lookup_entry(vip: bytes, port: bytes, protocol: int, fragment: bool = False) -> bytes:
+    """vip | port | protocol | fragment flag: a key of `ServiceMatcher.entries` and of rr_services."""
+    return vip + port + bytes((protocol, 1 if fragment else 0))
+
+
+class ServiceMatcher(Generic[T]):
+    """Finds the value (a pool, an index, a key) of the service a flow key belongs to."""
+
+    def __init__(self, services: Mapping[ServiceKey, T]) -> None:
+        entries: dict[bytes, T] = {}
+        self.catch_all: T | None = None
+        for key, value in services.items():
+            if key.is_catch_all:
+                self.catch_all = value
+            else:
+                entries[key.entry()] = value
+        # Rule 4: per (VIP, protocol), the service with the lowest port; iterating highest port first
+        # lets the lowest one write last.
+        for key in sorted((k for k in services if not k.is_catch_all and k.protocol), key=lambda k: -k.port):
+            assert key.vip is not None
+            entries[lookup_entry(key.vip.packed, _NO_PORT, key.protocol, fragment=True)] = services[key]
+        self.entries: dict[bytes, T] = entries
+        """Every lookup entry (8 bytes, module docstring) -> value; the catch-all is not among them."""
+        self.named = len(services) - (1 if self.catch_all is not None else 0)
+        """Services with a VIP: with none, every packet goes to the catch-all without a lookup."""
+
+    def match(self, key: bytes) -> T | None:
+        """The value for a 16-byte flow key (core/flow.py), by the rule in the module docstring. Hot path."""
+        if self.named:
+            get = self.entries.get
+            vip = key[4:8]
+            proto = key[12:13]
+            found = (get(vip + key[10:12] + proto + b"\x00") or get(vip + _NO_PORT + proto + b"\x00")
+                     or get(vip + b"\x00\x00\x00\x00"))
+            if found is None and proto in _PORTED and key[8:12] == b"\x00\x00\x00\x00":
+                found = get(vip + _NO_PORT + proto + b"\x01")
+            if found is not None:
+                return found
+        return self.catch_all
+
+
+@dataclass(frozen=True)
+class Service:
+    """What a data plane serves for one service: its key and its Maglev table (built by the control
+    plane; data planes never build tables). The table lists every backend that keeps its established
+    flows, drained ones (weight 0, no slots) included."""
+
+    key: ServiceKey
+    table: MaglevTable
+
+    @property
+    def backends(self) -> tuple[IPv4Address, ...]:
+        return self.table.backends
+
+
 @dataclass
 class Pool:
-    """The backends of one service, their Maglev table, and what went to each."""
+    """One service as a data plane holds it: its table resolved to addresses, and what went to each."""
 
-    table: MaglevTable
+    service: Service
     backend_set: frozenset[int]
-    """Every listed backend, drained ones (weight 0) included: their established flows stay."""
+    """Every listed backend (as int), drained ones included: their established flows stay."""
     slot_backend: list[int]
     """Slot -> backend address: the table resolved once, so a packet costs one list index."""
     packets: dict[int, int] = field(default_factory=dict)
     bytes: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def build(
-        cls,
-        backends: Iterable[BackendLike],
-        size: int,
-        weights: Mapping[BackendLike, int] | Sequence[int] | None = None,
-        previous: Pool | None = None,
-    ) -> Pool:
-        table = build_table(backends, size, weights)
-        addresses = [int(b) for b in table.backends]
-        pool = cls(table, frozenset(addresses), [addresses[i] for i in table.slots])
+    def of(cls, service: Service, previous: Pool | None = None) -> Pool:
+        """A pool for `service`; figures carry over from `previous` for backends still listed."""
+        addresses = [int(b) for b in service.table.backends]
+        indices = service.table.slots
+        slots = [addresses[i] for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
+        pool = cls(service, frozenset(addresses), slots)
         for backend in addresses:
             pool.packets[backend] = previous.packets.get(backend, 0) if previous else 0
             pool.bytes[backend] = previous.bytes.get(backend, 0) if previous else 0
         return pool
+
+
+def services_by_key(services: Iterable[Service]) -> dict[ServiceKey, Service]:
+    return {s.key: s for s in services}

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from rusty_rail.control.config import load_config, loads_config
 from rusty_rail.control.ctl import ControlClient, CtlError
-from rusty_rail.control.config_file import load_config, loads_config
-from rusty_rail.control.daemon_runner import Daemon, run_config
-from tests.control_fakes import FakeDataplane
+from rusty_rail.control.runtime import ControlRuntime
+from rusty_rail.daemon import run
+from rusty_rail.dataplane import EngineReport
+from tests.control_fakes import FakeEngine
 
 WEB = "10.1.0.1:80/tcp"
 
@@ -43,16 +45,31 @@ def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.01)  # polling a condition with a deadline, not waiting a fixed time
 
 
-def test_run_config_end_to_end(tmp_path: Path) -> None:
+class ScriptedEngine(FakeEngine):
+    """A fake engine whose serve() runs a script (what an operator does while the daemon runs)."""
+
+    def __init__(self, script: Callable[[threading.Event], None]) -> None:
+        super().__init__()
+        self.script = script
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def serve(self, stop: threading.Event) -> EngineReport:
+        self.script(stop)
+        return EngineReport(self.kind, False, self.canned)
+
+
+def test_the_daemon_end_to_end(tmp_path: Path) -> None:
     sock = tmp_path / "run" / "ctl.sock"
     port = _free_port()
     path = tmp_path / "config.toml"
     path.write_text(_config_text(sock, port, '["10.2.0.1", "10.2.0.2"]'))
     config = load_config(path)
-    dp = FakeDataplane()
     seen: dict[str, object] = {}
 
-    def serve(stop: threading.Event) -> str:
+    def script(stop: threading.Event) -> None:
         with ControlClient(str(sock)) as client:
             status = client.request({"cmd": "status"})
             seen["backends"] = [b["address"] for b in status["services"][0]["backends"]]
@@ -75,11 +92,11 @@ def test_run_config_end_to_end(tmp_path: Path) -> None:
                 client.request({"cmd": "reload"})
         os.kill(os.getpid(), signal.SIGTERM)
         _until(stop.is_set)
-        return "served"
 
+    dp = ScriptedEngine(script)
     before = signal.getsignal(signal.SIGHUP)
-    assert run_config(config, dp, serve, config_path=str(path)) == "served"
-    assert signal.getsignal(signal.SIGHUP) is before
+    assert run(config, str(path), engine=dp) == 0
+    assert dp.started and signal.getsignal(signal.SIGHUP) is before
     assert not sock.exists()
 
     assert seen["backends"] == ["10.2.0.1", "10.2.0.2"]
@@ -105,8 +122,8 @@ def test_health_checks_take_a_dead_backend_out(tmp_path: Path) -> None:
         f'[[services]]\nvip = "10.1.0.1"\nport = {alive}\nbackends = ["127.0.0.1", "127.0.0.2"]\n'
         '[services.health]\ntype = "tcp"\ninterval = 0.05\ntimeout = 0.05\nrise = 1\nfall = 2\n'
     )
-    dp = FakeDataplane()
-    daemon = Daemon(loads_config(text), dp)
+    dp = FakeEngine()
+    daemon = ControlRuntime(loads_config(text), dp)
     daemon.start()
     try:
         _until(lambda: dp.last and list(dp.last.values())[0] == {IPv4Address("127.0.0.1"): 1})

@@ -5,10 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from rusty_rail.config import ConfigError, EngineKind, EnvConfig
-from rusty_rail.control.config_file import config_from_env, load_config, loads_config
-from rusty_rail.control.model import BackendSpec, HealthType
+import subprocess
+import sys
+
+from rusty_rail.control.config import BackendSpec, ConfigError, HealthType, from_environment, load_config, loads_config
+from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY, DEFAULT_PIN_ROOT
 from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.dataplane import EngineKind, XdpMode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,8 +40,8 @@ MINIMAL = 'device = "eth0"\n[[services]]\nvip = "10.1.0.1"\nport = 80\nbackends 
 
 def test_the_issue_example() -> None:
     config = loads_config(ISSUE_EXAMPLE)
-    assert config.device == "eth0" and config.engine == "auto" and config.table_size == 65537
-    assert config.metrics == "127.0.0.1:9100" and config.open_mode_backends is None
+    assert config.device == "eth0" and config.engine == EngineKind.AUTO and config.table_size == 65537
+    assert config.metrics == "127.0.0.1:9100" and not any(s.key.is_catch_all for s in config.services)
     (service,) = config.services
     assert service.key == ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.TCP, 80)
     assert service.backends == (BackendSpec(IPv4Address("10.2.0.1"), 1), BackendSpec(IPv4Address("10.2.0.2"), 2))
@@ -124,19 +127,112 @@ def test_the_example_in_deploy_loads() -> None:
     assert config.services and config.metrics
 
 
-def test_config_from_env_is_open_mode() -> None:
-    env = EnvConfig("eth0", (IPv4Address("10.2.0.1"), IPv4Address("10.2.0.2")), EngineKind.XDP, 2, 251)
-    config = config_from_env(env)
-    assert config.open_mode_backends == env.targets and config.services == ()
-    assert (config.engine, config.workers, config.table_size) == ("xdp", 2, 251)
-
-
 def test_connection_capacity() -> None:
-    assert loads_config(MINIMAL).connection_capacity is None
+    assert loads_config(MINIMAL).connection_capacity == DEFAULT_CONN_CAPACITY
     assert loads_config("connection_capacity = 65536\n" + MINIMAL).connection_capacity == 65536
     for value, words in (("0", "0 is not >= 1"), ('"big"', '"big" is not a whole number'),
                          (str(1 << 27), "134217728 is not <= 67108864")):
         with pytest.raises(ConfigError, match=f"^connection_capacity: {words}"):
             loads_config(f"connection_capacity = {value}\n" + MINIMAL)
-    env = EnvConfig("eth0", (IPv4Address("10.2.0.1"),), connection_capacity=4096)
-    assert config_from_env(env).connection_capacity == 4096
+
+
+def test_xdp_mode_and_pin_root() -> None:
+    config = loads_config('xdp_mode = "generic"\npin_root = "/sys/fs/bpf/rr-test"\n' + MINIMAL)
+    assert config.xdp_mode == XdpMode.GENERIC and config.pin_root == "/sys/fs/bpf/rr-test"
+    assert loads_config(MINIMAL).pin_root == DEFAULT_PIN_ROOT
+    with pytest.raises(ConfigError, match='^xdp_mode: "skb" is not one of auto, native, generic'):
+        loads_config('xdp_mode = "skb"\n' + MINIMAL)
+    with pytest.raises(ConfigError, match='^pin_root: "bpf" is not an absolute path'):
+        loads_config('pin_root = "bpf"\n' + MINIMAL)
+
+
+# -- the environment form: the same validators, errors named by the variable ----------------------------
+
+ENV = {"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1;10.2.0.2"}
+
+
+def test_the_originals_form_is_one_catch_all_service() -> None:
+    config = from_environment(ENV)
+    assert config.device == "eth0" and config.control_socket is None and config.metrics is None
+    (service,) = config.services
+    assert service.key == ServiceKey.catch_all() and service.key.is_catch_all
+    assert service.backends == (BackendSpec(IPv4Address("10.2.0.1")), BackendSpec(IPv4Address("10.2.0.2")))
+    assert service.health.type == HealthType.NONE
+    assert config.engine == EngineKind.AUTO and config.workers == 1 and config.table_size == 65537
+
+
+def test_single_target_and_separators() -> None:
+    def targets(value: str) -> int:
+        return len(from_environment({"RR_DEVICE": "eth0", "RR_TARGET_IPS": value}).services[0].backends)
+
+    assert targets("10.1.0.1") == 1
+    assert targets(" 10.2.0.1, 10.2.0.2 ;") == 2
+
+
+def test_every_setting_from_the_environment() -> None:
+    config = from_environment({**ENV, "RR_ENGINE": "xdp", "RR_XDP_MODE": "native", "RR_WORKERS": "2",
+                               "RR_TABLE_SIZE": "251", "RR_CONTROL_SOCKET": "/run/rr.sock",
+                               "RR_METRICS": "127.0.0.1:9100", "RR_CONN_CAPACITY": "4096", "RR_PIN_ROOT": "/tmp/pins"})
+    assert (config.engine, config.xdp_mode, config.workers, config.table_size) == (EngineKind.XDP, XdpMode.NATIVE, 2, 251)
+    assert (config.control_socket, config.metrics, config.connection_capacity, config.pin_root) == \
+        ("/run/rr.sock", "127.0.0.1:9100", 4096, "/tmp/pins")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RR_TARGET_IPS": "10.2.0.1"}, "RR_DEVICE: is not set"),
+        ({"RR_DEVICE": "eth0"}, "RR_TARGET_IPS: is not set"),
+        ({"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1;nope"}, "RR_TARGET_IPS: 'nope' is not a unicast IPv4 address"),
+        ({"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1;10.2.0.1"}, "RR_TARGET_IPS: an address is listed twice"),
+        ({"RR_DEVICE": "eth0 x", "RR_TARGET_IPS": "10.2.0.1"}, 'RR_DEVICE: "eth0 x" is not an interface name'),
+        ({**ENV, "RR_ENGINE": "netmap"}, 'RR_ENGINE: "netmap" is not one of auto, afpacket, xdp'),
+        ({**ENV, "RR_WORKERS": "two"}, 'RR_WORKERS: "two" is not a whole number'),
+        ({**ENV, "RR_TABLE_SIZE": "65536"}, "RR_TABLE_SIZE: 65536 is not prime"),
+        ({**ENV, "RR_METRICS": "bad_host:9100"}, "RR_METRICS: \"bad_host:9100\": 'bad_host' is not an IPv4 address or host name"),
+        ({**ENV, "RR_METRICS": "127.0.0.1:0"}, "RR_METRICS: \"127.0.0.1:0\": port 0 is not in 1..65535"),
+        ({**ENV, "RR_CONTROL_SOCKET": "rr.sock"}, 'RR_CONTROL_SOCKET: "rr.sock" is not an absolute path'),
+        ({**ENV, "RR_CONN_CAPACITY": "0"}, "RR_CONN_CAPACITY: 0 is not >= 1"),
+        ({**ENV, "RR_CONN_CAPACITY": "lots"}, 'RR_CONN_CAPACITY: "lots" is not a whole number'),
+        ({**ENV, "RR_CONN_CAPACITY": str(1 << 27)}, "RR_CONN_CAPACITY: 134217728 is not <= 67108864"),
+        ({**ENV, "RR_XDP_MODE": "skb"}, 'RR_XDP_MODE: "skb" is not one of auto, native, generic'),
+        ({**ENV, "RR_PIN_ROOT": "pins"}, 'RR_PIN_ROOT: "pins" is not an absolute path'),
+    ],
+)
+def test_environment_errors_name_the_variable_and_the_value(env: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_environment(env)
+    assert str(info.value) == message
+
+
+def test_the_environment_form_and_the_file_share_validators() -> None:
+    """The same value is refused for the same reason in both forms, only the name differs."""
+    file_error = env_error = ""
+    try:
+        loads_config('metrics = "bad_host:9100"\n' + MINIMAL)
+    except ConfigError as exc:
+        file_error = str(exc)
+    try:
+        from_environment({**ENV, "RR_METRICS": "bad_host:9100"})
+    except ConfigError as exc:
+        env_error = str(exc)
+    assert file_error.removeprefix("metrics") == env_error.removeprefix("RR_METRICS") != ""
+
+
+@pytest.mark.parametrize(
+    "env, config_text",
+    [({**ENV, "RR_METRICS": "bad_host:9100"}, None), ({}, 'device = "eth0"\n[[services]]\nvip = "10.1.0.1"\nport = 80\nbackends = ["10.2.0.1", { address = "10.2.0.2", weight = -1 }]\n')],
+)
+def test_the_command_exits_with_one_line_and_no_traceback(tmp_path: Path, env: dict, config_text: str | None) -> None:
+    argv = [sys.executable, "-m", "rusty_rail"]
+    if config_text is not None:
+        path = tmp_path / "bad.toml"
+        path.write_text(config_text)
+        argv += ["run", "--config", str(path)]
+    clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RR_")}
+    result = subprocess.run(argv, env={**clean, **env}, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    expected = "RR_METRICS" if config_text is None else "services[0].backends[1].weight: -1 is not >= 0"
+    assert expected in lines[0]

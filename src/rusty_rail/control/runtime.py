@@ -1,50 +1,47 @@
-"""The daemon around an engine: control plane, health checks, control socket, metrics and signals.
+"""The control plane's runtime around an engine: health checks, the control socket, metrics, reloads.
 
-    dataplane, serve = <the lead's engine wiring>
-    run_config(config, dataplane, serve, config_path="/etc/rusty-rail/config.toml")
+    runtime = ControlRuntime(config, engine, config_path="/etc/rusty-rail/config.toml")
+    runtime.start()                # the engine has its state; health, socket and metrics run
+    ...                            # the daemon runs engine.serve(stop) meanwhile
+    runtime.stop()
 
-`serve(stop)` runs the engine's packet loop in the calling (main) thread until `stop.is_set()`.
-SIGTERM/SIGINT set `stop`; SIGHUP asks for a reload, done by a thread of its own: reading the file and
-building tables must not run inside a signal handler that interrupted the packet loop.
+A reload (SIGHUP, `ctl reload`) is done by a thread of its own: reading the file and building tables must
+not run inside a signal handler that interrupted the packet loop. The daemon (rusty_rail/daemon.py)
+installs the signal handlers and owns the process; this class owns nothing but control-plane threads.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from rusty_rail.config import ConfigError
-from rusty_rail.control.config_file import load_config
+from rusty_rail.control.config import Config, ConfigError, load_config
 from rusty_rail.control.health import HealthChecker
 from rusty_rail.control.metrics import MetricsServer
-from rusty_rail.control.model import Config, Dataplane
 from rusty_rail.control.plane import ControlError, ControlPlane
 from rusty_rail.control.socket_server import Commands, ControlServer
+from rusty_rail.dataplane import Engine
 
-log = logging.getLogger("rusty_rail.daemon")
-
-Serve = Callable[[threading.Event], Any]
+log = logging.getLogger("rusty_rail.control")
 
 
-class Daemon:
+class ControlRuntime:
     """Everything but the packet loop; start() and stop() bracket it."""
 
     def __init__(
         self,
         config: Config,
-        dataplane: Dataplane,
+        engine: Engine,
         config_path: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         checker: HealthChecker | None = None,
     ) -> None:
         self.config_path = config_path
         self.checker = checker if checker is not None else HealthChecker(on_change=self._health_changed, clock=clock)
-        self.plane = ControlPlane(config, dataplane, on_targets=self.checker.set_targets)
+        self.plane = ControlPlane(config, engine, on_targets=self.checker.set_targets)
         self.server = (
             ControlServer(config.control_socket, Commands(self.plane, self.reload if config_path else None))
             if config.control_socket
@@ -121,37 +118,3 @@ class Daemon:
             log.warning("reload: %s", note)
         log.info("reloaded %s: %d services", self.config_path, len(config.services), extra={"event": "reloaded"})
         return notes
-
-
-def run_config(
-    config: Config,
-    dataplane: Dataplane,
-    serve: Serve,
-    config_path: str | None = None,
-    install_signals: bool = True,
-    stop: threading.Event | None = None,
-) -> Any:
-    """Run until SIGTERM/SIGINT (or `stop`); returns what `serve` returned. Signals need the main thread."""
-    stop = stop if stop is not None else threading.Event()
-    daemon = Daemon(config, dataplane, config_path)
-    daemon.start()
-    previous: dict[int, Any] = {}
-    try:
-        if install_signals:
-            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: stop.set())
-            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
-        what = (
-            f"every GRE packet over {len(config.open_mode_backends)} backends"
-            if config.open_mode_backends is not None
-            else f"{len(config.services)} services"
-        )
-        log.info(
-            "serving %s on %s (pid %d)", what, config.device, os.getpid(),
-            extra={"event": "started", "device": config.device, "engine": config.engine},
-        )
-        return serve(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        daemon.stop()

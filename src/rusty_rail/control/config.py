@@ -1,0 +1,466 @@
+"""The configuration: one frozen `Config`, from a TOML file or from the environment, through the same
+validators, checked completely before anything is attached.
+
+Every error is one line naming what the user wrote and the bad value: the key path in the file
+(`services[0].backends[1].weight: -1 is not >= 0`) or the environment variable (`RR_METRICS:
+"bad_host:9100": "bad_host" is not an IPv4 address or host name`). Unknown keys in a file are errors at
+every level: a misspelt `intervall` silently ignored would be a health check that never does what was
+meant.
+
+The environment form of the original, `RR_DEVICE=eth0 RR_TARGET_IPS="10.2.0.1;10.2.0.2"`, is one
+catch-all service (every VIP, protocol and port) over those backends; after this module there are only
+services. The file form (deploy/config.example.toml):
+
+    device = "eth0"
+    engine = "auto"                 # auto | xdp | afpacket                 (RR_ENGINE)
+    xdp_mode = "auto"               # auto | native | generic               (RR_XDP_MODE)
+    table_size = 65537              # prime                                 (RR_TABLE_SIZE)
+    control_socket = "/run/rusty-rail/control.sock"                       # (RR_CONTROL_SOCKET)
+    metrics = "127.0.0.1:9100"      # absent = off                          (RR_METRICS)
+    workers = 1                     # AF_PACKET worker processes            (RR_WORKERS)
+    connection_capacity = 1048576   # connection table entries, LRU beyond  (RR_CONN_CAPACITY)
+    pin_root = "/sys/fs/bpf/rusty_rail"   # hitless restart pins           (RR_PIN_ROOT)
+    [[services]]
+    vip = "10.1.0.1"
+    protocol = "tcp"                # tcp | udp | any; default tcp with a port, any without
+    port = 80                       # 0 = every port
+    backends = ["10.2.0.1", { address = "10.2.0.2", weight = 2 }]
+    [services.health]
+    type = "tcp"                    # tcp | http | none
+    port = 80                       # 0 = the service's port
+    path = "/"                      # http only
+    interval = 1.0
+    timeout = 0.5
+    rise = 2
+    fall = 2
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from ipaddress import AddressValueError, IPv4Address
+from typing import Any
+
+from rusty_rail.core.constants import (
+    DEFAULT_CONN_CAPACITY,
+    DEFAULT_PIN_ROOT,
+    DEFAULT_TABLE_SIZE,
+    MAX_CONN_CAPACITY,
+    MAX_TABLE_SIZE,
+    MAX_WEIGHT,
+)
+from rusty_rail.core.maglev import is_prime
+from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode
+
+DEFAULT_CONTROL_SOCKET = "/run/rusty-rail/control.sock"
+MAX_WORKERS = 256
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253})$")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key or variable and the value."""
+
+
+class HealthType(str, Enum):
+    TCP = "tcp"
+    HTTP = "http"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    type: HealthType = HealthType.NONE
+    """How a backend is checked: a TCP connect, an HTTP GET (2xx/3xx passes), or not at all."""
+    port: int = 0
+    """The port checked; 0: the service's port."""
+    path: str = "/"
+    """The URL path of an HTTP check."""
+    interval: float = 1.0
+    """Seconds between the starts of two checks of one backend."""
+    timeout: float = 0.5
+    """Seconds a check may take (at most the interval, so checks never overlap)."""
+    rise: int = 2
+    """Passes in a row that bring a backend that is down back up."""
+    fall: int = 2
+    """Failures in a row that take a backend down."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    address: IPv4Address
+    """Where the re-encapsulated packets go."""
+    weight: int = 1
+    """Maglev turns per round (0: drained from the start: listed, no new flows)."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    key: ServiceKey
+    """(VIP, protocol, port), or the catch-all of the environment form."""
+    backends: tuple[BackendSpec, ...]
+    health: HealthSpec = HealthSpec()
+
+
+@dataclass(frozen=True)
+class Config:
+    device: str
+    """The interface GRE arrives on and leaves by; its first IPv4 address is the outer source."""
+    services: tuple[ServiceSpec, ...]
+    """What is balanced; a packet of no service is dropped and counted (NO_SERVICE)."""
+    engine: EngineKind = EngineKind.AUTO
+    """auto (XDP where it delivers, else AF_PACKET), xdp or afpacket."""
+    xdp_mode: XdpMode = XdpMode.AUTO
+    """How the XDP program attaches: auto, native (driver) or generic (skb)."""
+    table_size: int = DEFAULT_TABLE_SIZE
+    """Maglev table size M, a prime (the paper: M > 100 x backends for < 1% imbalance)."""
+    control_socket: str | None = DEFAULT_CONTROL_SOCKET
+    """Path of the control socket (`rusty-rail ctl`); None: none (the environment form's default)."""
+    metrics: str | None = None
+    """host:port of the Prometheus endpoint; None: off."""
+    workers: int = 1
+    """AF_PACKET worker processes; every packet of a flow goes to the same one."""
+    connection_capacity: int = DEFAULT_CONN_CAPACITY
+    """Connection-table entries (per worker on AF_PACKET), least recently used evicted beyond."""
+    pin_root: str = DEFAULT_PIN_ROOT
+    """bpffs directory for the hitless restart's pins (a directory per namespace and device below it)."""
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(device=self.device, workers=self.workers, connection_capacity=self.connection_capacity,
+                             pin_root=self.pin_root, xdp_mode=self.xdp_mode)
+
+
+RESTART_FIELDS = ("device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
+                  "connection_capacity", "pin_root")
+"""Fields a reload reports but does not apply: they take effect after a restart."""
+
+
+# -- validators: (value as written, name as written) -> value, or ConfigError naming both -----------------
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in the file (strings quoted, booleans lower case)."""
+    if isinstance(value, (str, bool)):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return str(value)
+
+
+def _fail(name: str, message: str) -> ConfigError:
+    return ConfigError(f"{name}: {message}")
+
+
+def _int(value: Any, name: str, minimum: int, maximum: int) -> int:
+    if isinstance(value, str):  # the environment form: a number written as text
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise _fail(name, f"{_show(value)} is not a whole number") from None
+    # TOML booleans are not numbers, though Python's bool is an int.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, f"{_show(value)} is not a whole number")
+    if value < minimum:
+        raise _fail(name, f"{value} is not >= {minimum}")
+    if value > maximum:
+        raise _fail(name, f"{value} is not <= {maximum}")
+    return value
+
+
+def _seconds(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(name, f"{_show(value)} is not a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise _fail(name, f"{value} is not > 0")
+    if value > 3600:
+        raise _fail(name, f"{value} is not <= 3600")
+    return float(value)
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(name, f"{_show(value)} is not a string")
+    return value
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    text = _str(value, name).strip()
+    if text not in choices:
+        raise _fail(name, f"{_show(value)} is not one of {', '.join(choices)}")
+    return text
+
+
+def _device(value: Any, name: str) -> str:
+    device = _str(value, name).strip()
+    if not _IFNAME.match(device):
+        raise _fail(name, f"{_show(value)} is not an interface name")
+    return device
+
+
+def _ipv4(value: Any, name: str) -> IPv4Address:
+    text = _str(value, name).strip()
+    try:
+        address = IPv4Address(text)
+    except AddressValueError:
+        raise _fail(name, f"{_show(value)} is not an IPv4 address") from None
+    if address.is_unspecified or address.is_multicast or address == IPv4Address("255.255.255.255"):
+        raise _fail(name, f"{_show(value)} is not a unicast address")
+    return address
+
+
+def _table_size(value: Any, name: str) -> int:
+    size = _int(value, name, 3, MAX_TABLE_SIZE)
+    if not is_prime(size):
+        raise _fail(name, f"{size} is not prime")
+    return size
+
+
+def _absolute_path(value: Any, name: str) -> str:
+    path = _str(value, name).strip()
+    if not os.path.isabs(path):
+        raise _fail(name, f"{_show(value)} is not an absolute path")
+    return path
+
+
+def _socket_path(value: Any, name: str) -> str:
+    path = _absolute_path(value, name)
+    if len(path.encode()) > 107:  # sun_path is 108 bytes with its terminating NUL
+        raise _fail(name, f"{_show(value)} is longer than a unix socket path may be (107 bytes)")
+    return path
+
+
+def parse_metrics_address(value: Any, name: str = "metrics") -> tuple[str, int]:
+    """'127.0.0.1:9100' -> ('127.0.0.1', 9100). The host is an IPv4 address or a host name."""
+    text = _str(value, name).strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise _fail(name, f"{_show(value)} is not host:port")
+    try:
+        IPv4Address(host)
+    except AddressValueError:
+        if not _HOSTNAME.match(host) or host.replace(".", "").isdigit():
+            raise _fail(name, f"{_show(value)}: {host!r} is not an IPv4 address or host name") from None
+    port = int(port_text)
+    if not 1 <= port <= 0xFFFF:
+        raise _fail(name, f"{_show(value)}: port {port} is not in 1..65535")
+    return host, port
+
+
+def _metrics(value: Any, name: str) -> str:
+    parse_metrics_address(value, name)
+    return str(value).strip()
+
+
+# -- the file ------------------------------------------------------------------------------------------
+
+_TOP_KEYS = {"device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
+             "connection_capacity", "pin_root", "services"}
+_SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health"}
+_BACKEND_KEYS = {"address", "weight"}
+_HEALTH_KEYS = {"type", "port", "path", "interval", "timeout", "rise", "fall"}
+
+
+def _table(value: Any, path: str, allowed: set[str]) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(path, f"{_show(value)} is not a table")
+    for key in value:
+        if key not in allowed:
+            raise _fail(_join(path, key), f"unknown key (expected one of {', '.join(sorted(allowed))})")
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _backend(value: Any, path: str) -> BackendSpec:
+    if isinstance(value, str):
+        return BackendSpec(_ipv4(value, path))
+    table = _table(value, path, _BACKEND_KEYS)
+    if "address" not in table:
+        raise _fail(_join(path, "address"), "missing")
+    weight = _int(table.get("weight", 1), _join(path, "weight"), 0, MAX_WEIGHT)
+    return BackendSpec(_ipv4(table["address"], _join(path, "address")), weight)
+
+
+def _health(value: Any, path: str, service_port: int) -> HealthSpec:
+    table = _table(value, path, _HEALTH_KEYS)
+    kind = HealthType(_choice(table.get("type", "none"), _join(path, "type"), tuple(t.value for t in HealthType)))
+    defaults = HealthSpec()
+    port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
+    if kind != HealthType.NONE and port == 0 and service_port == 0:
+        raise _fail(_join(path, "port"), "0 (the service's port) but the service covers every port; give a port")
+    path_value = defaults.path
+    if "path" in table:
+        if kind != HealthType.HTTP:
+            raise _fail(_join(path, "path"), f"{_show(table['path'])} is only for type \"http\"")
+        path_value = _str(table["path"], _join(path, "path"))
+        if not path_value.startswith("/") or any(c in path_value for c in " \r\n\t"):
+            raise _fail(_join(path, "path"), f"{_show(path_value)} is not an absolute URL path")
+    interval = _seconds(table.get("interval", defaults.interval), _join(path, "interval"))
+    timeout = _seconds(table.get("timeout", defaults.timeout), _join(path, "timeout"))
+    if timeout > interval:
+        # A probe still running when the next is due would overlap it; checks would pile up.
+        raise _fail(_join(path, "timeout"), f"{timeout} is not <= interval ({interval})")
+    rise = _int(table.get("rise", defaults.rise), _join(path, "rise"), 1, 100)
+    fall = _int(table.get("fall", defaults.fall), _join(path, "fall"), 1, 100)
+    return HealthSpec(kind, port, path_value, interval, timeout, rise, fall)
+
+
+def _backends(raw: Any, path: str) -> tuple[BackendSpec, ...]:
+    if not isinstance(raw, list):
+        raise _fail(path, f"{_show(raw)} is not a list")
+    backends: list[BackendSpec] = []
+    seen: dict[IPv4Address, int] = {}
+    for i, item in enumerate(raw):
+        where = f"{path}[{i}]"
+        backend = _backend(item, where)
+        if backend.address in seen:
+            raise _fail(where, f"{backend.address} is already {path.rsplit('.', 1)[-1]}[{seen[backend.address]}]")
+        seen[backend.address] = i
+        backends.append(backend)
+    return tuple(backends)
+
+
+def _service(value: Any, path: str) -> ServiceSpec:
+    table = _table(value, path, _SERVICE_KEYS)
+    if "vip" not in table:
+        raise _fail(_join(path, "vip"), "missing")
+    vip = _ipv4(table["vip"], _join(path, "vip"))
+    port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
+    protocol_text = _choice(table.get("protocol", "tcp" if port else "any"), _join(path, "protocol"), ("tcp", "udp", "any"))
+    protocol = ServiceProtocol[protocol_text.upper()]
+    if protocol == ServiceProtocol.ANY and port:
+        raise _fail(_join(path, "port"), f"{port} needs protocol \"tcp\" or \"udp\" (protocol \"any\" means every port: 0)")
+    backends = _backends(table.get("backends", []), _join(path, "backends"))
+    health = _health(table.get("health", {}), _join(path, "health"), port)
+    return ServiceSpec(ServiceKey(vip, protocol, port), backends, health)
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """A Config from a parsed TOML document, or ConfigError naming the first bad key."""
+    table = _table(dict(data), "", _TOP_KEYS)
+    if "device" not in table:
+        raise _fail("device", "missing")
+    raw_services = table.get("services", [])
+    if not isinstance(raw_services, list):
+        raise _fail("services", f"{_show(raw_services)} is not a list of tables ([[services]])")
+    services: list[ServiceSpec] = []
+    seen: dict[ServiceKey, int] = {}
+    for i, raw in enumerate(raw_services):
+        service = _service(raw, f"services[{i}]")
+        if service.key in seen:
+            raise _fail(f"services[{i}]", f"{service.key} is already services[{seen[service.key]}]")
+        seen[service.key] = i
+        services.append(service)
+    if not services:
+        # Without services the balancer would drop everything (NO_SERVICE); that is never what was meant.
+        raise _fail("services", "none configured (a config file needs at least one [[services]])")
+    return _common(table, names=lambda key: key, services=tuple(services),
+                   control_socket_default=DEFAULT_CONTROL_SOCKET)
+
+
+def loads_config(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return parse_config(data)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check the file. Every failure is a ConfigError whose message is fit to print as is."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{os.fspath(path)}: cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{os.fspath(path)}: not UTF-8") from None
+    return loads_config(text, os.fspath(path))
+
+
+# -- the environment -------------------------------------------------------------------------------------
+
+ENVIRONMENT = {
+    "device": "RR_DEVICE",
+    "engine": "RR_ENGINE",
+    "xdp_mode": "RR_XDP_MODE",
+    "table_size": "RR_TABLE_SIZE",
+    "control_socket": "RR_CONTROL_SOCKET",
+    "metrics": "RR_METRICS",
+    "workers": "RR_WORKERS",
+    "connection_capacity": "RR_CONN_CAPACITY",
+    "pin_root": "RR_PIN_ROOT",
+}
+"""File key -> environment variable, for every setting the environment form takes (and RR_TARGET_IPS)."""
+
+
+def parse_targets(value: str, name: str = "RR_TARGET_IPS") -> tuple[IPv4Address, ...]:
+    """'10.2.0.1;10.2.0.2' (',' and white space separate too)."""
+    parts = [p for p in re.split(r"[;,\s]+", value) if p]
+    if not parts:
+        raise _fail(name, "lists no addresses")
+    targets = [_target(part, name) for part in parts]
+    if len(set(targets)) != len(targets):
+        raise _fail(name, "an address is listed twice")
+    return tuple(targets)
+
+
+def _target(text: str, name: str) -> IPv4Address:
+    try:
+        return _ipv4(text, name)
+    except ConfigError:
+        raise _fail(name, f"{text!r} is not a unicast IPv4 address") from None
+
+
+def from_environment(env: Mapping[str, str] | None = None) -> Config:
+    """The original's form: RR_DEVICE and RR_TARGET_IPS (+ the optional variables of ENVIRONMENT),
+    as one catch-all service. Empty variables count as unset."""
+    env = os.environ if env is None else env
+    present = {key: env[var] for key, var in ENVIRONMENT.items() if env.get(var, "").strip()}
+    if "device" not in present:
+        raise _fail("RR_DEVICE", "is not set")
+    raw_targets = env.get("RR_TARGET_IPS", "").strip()
+    if not raw_targets:
+        raise _fail("RR_TARGET_IPS", "is not set")
+    targets = parse_targets(raw_targets)
+    service = ServiceSpec(ServiceKey.catch_all(), tuple(BackendSpec(t) for t in targets))
+    return _common(present, names=ENVIRONMENT.__getitem__, services=(service,), control_socket_default=None)
+
+
+# -- what both forms share --------------------------------------------------------------------------------
+
+
+def _common(values: Mapping[str, Any], names: Any, services: tuple[ServiceSpec, ...],
+            control_socket_default: str | None) -> Config:
+    """The settings both forms have, each through its validator, named as the user wrote it."""
+
+    def get(key: str, validate: Any, default: Any, *args: Any) -> Any:
+        return validate(values[key], names(key), *args) if key in values else default
+
+    socket_path = get("control_socket", _socket_path, control_socket_default)
+    return Config(
+        device=_device(values["device"], names("device")),
+        services=services,
+        engine=EngineKind(get("engine", _choice, "auto", tuple(e.value for e in EngineKind))),
+        xdp_mode=XdpMode(get("xdp_mode", _choice, "auto", tuple(m.value for m in XdpMode))),
+        table_size=get("table_size", _table_size, DEFAULT_TABLE_SIZE),
+        control_socket=socket_path,
+        metrics=get("metrics", _metrics, None),
+        workers=get("workers", _int, 1, 1, MAX_WORKERS),
+        connection_capacity=get("connection_capacity", _int, DEFAULT_CONN_CAPACITY, 1, MAX_CONN_CAPACITY),
+        pin_root=get("pin_root", _absolute_path, DEFAULT_PIN_ROOT),
+    )

@@ -1,0 +1,130 @@
+"""The `Engine` protocol: what the control plane and the daemon need of a data plane, and nothing more.
+
+    engine = create_engine(kind, options)        # rusty_rail.engines
+    engine.apply(state)                          # before start(): served from the first packet
+    engine.start()                               # rings open / program loaded and attached
+    report = engine.serve(stop)                  # until stop is set; then detached (or handed over)
+
+Every engine makes the same decisions byte for byte (docs/WIRE.md); they differ only in where the
+decision runs: a Python process reading TPACKET_V3 rings (AF_PACKET) or a BPF program in the kernel (XDP).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from ipaddress import IPv4Address
+from typing import Protocol
+
+from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY, DEFAULT_PIN_ROOT
+from rusty_rail.core.flow import FlowKey
+from rusty_rail.core.service import ServiceKey
+from rusty_rail.dataplane.state import DataplaneState
+
+DEFAULT_MAX_SERVICES = 64
+"""Services the XDP program's maps are sized for (each adds a Maglev table to rr_maglev)."""
+
+
+class EngineKind(str, Enum):
+    AUTO = "auto"
+    """XDP where it can deliver, else AF_PACKET; the start-up log line says which and why."""
+    AFPACKET = "afpacket"
+    XDP = "xdp"
+
+
+class XdpMode(str, Enum):
+    AUTO = "auto"
+    """Native where the device can deliver XDP_TX, generic (skb) mode where it cannot."""
+    NATIVE = "native"
+    GENERIC = "generic"
+
+
+class EngineError(RuntimeError):
+    """An engine cannot run here (no device, no privileges, the program does not load); the message
+    is meant for the operator as is."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything an engine is started with besides the services (those come with apply())."""
+
+    device: str
+    """The interface GRE arrives on and leaves by."""
+    workers: int = 1
+    """AF_PACKET worker processes; every packet of a flow goes to the same one."""
+    connection_capacity: int = DEFAULT_CONN_CAPACITY
+    """Connection-table entries (per worker on AF_PACKET), least recently used evicted beyond."""
+    pin_root: str = DEFAULT_PIN_ROOT
+    """bpffs directory below which a hitless restart pins the XDP engine's maps."""
+    xdp_mode: XdpMode = XdpMode.AUTO
+    max_services: int = DEFAULT_MAX_SERVICES
+    """Services the XDP maps are sized for."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    backend: IPv4Address | None
+    reason: str
+    """'connection entry', 'table slot N', 'no service matches', 'no backends', ..."""
+
+
+@dataclass(frozen=True)
+class Counters:
+    """An engine's figures, summed over its workers or CPUs."""
+
+    forwarded: int = 0
+    passed: int = 0
+    drops: Mapping[str, int] = field(default_factory=dict)
+    """Drop reason (DropReason name, lower case) -> packets."""
+    connections: int = 0
+    connection_evictions: int = 0
+    backends: Mapping[tuple[ServiceKey, IPv4Address], tuple[int, int]] = field(default_factory=dict)
+    """(service, backend) -> (packets, inner bytes) forwarded, for every backend listed now."""
+    flows: Mapping[IPv4Address, int] | None = None
+    """Connection entries naming each backend (None when the table is too large to walk cheaply)."""
+    ready: bool = False
+    """True once the engine forwards (rings open, program attached)."""
+    engine: Mapping[str, int] = field(default_factory=dict)
+    """Figures of this engine only (conn_hit, rx_kernel_drops, ...)."""
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """How a serve() ended."""
+
+    engine: EngineKind
+    handed_over: bool
+    """True when the program was left attached for a successor (hitless restart)."""
+    counters: Counters
+
+
+class Engine(Protocol):
+    kind: EngineKind
+
+    def apply(self, state: DataplaneState) -> None:
+        """Serve `state` (before start(): from the first packet). Established flows of backends still
+        listed in their service keep them. Raises ValueError if the engine cannot hold the state."""
+
+    def start(self) -> None:
+        """Take the device: open rings / load and attach the program. Raises EngineError."""
+
+    @property
+    def ready(self) -> bool:
+        """True once frames are being forwarded."""
+
+    def counters(self) -> Counters: ...
+
+    def explain(self, key: FlowKey) -> Explanation:
+        """Where a flow would go now and why, without changing any state."""
+
+    def serve(self, stop: threading.Event) -> EngineReport:
+        """Run until `stop` is set (from the calling thread), then let go of the device."""
+
+    def request_handover(self) -> str | None:
+        """Make the coming stop a handover (safe from a signal handler). None when it will hand over,
+        else why it cannot (the stop is then a plain one)."""
+
+    def close(self) -> None:
+        """Let go of everything start() took, when serve() will not run (idempotent)."""
