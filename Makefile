@@ -29,8 +29,9 @@ $(VENV)/.installed: pyproject.toml
 
 bpf: $(BPF_OBJ)
 
-src/rusty_rail/bpf/%.o: src/rusty_rail/bpf/%.c $(wildcard src/rusty_rail/bpf/*.h)
-	clang -O2 -g -Wall -Werror -target bpf -I/usr/include/$(shell uname -m)-linux-gnu -c $< -o $@
+# make decides what is stale; the clang flags are written only in build.py (stdlib only: no venv needed).
+src/rusty_rail/bpf/%.o: src/rusty_rail/bpf/%.c $(wildcard src/rusty_rail/bpf/*.h) src/rusty_rail/bpf/build.py
+	PYTHONPATH=src $(PYTHON) -m rusty_rail.bpf.build --force $*
 
 demo: venv
 	$(VENV)/bin/rusty-rail demo
