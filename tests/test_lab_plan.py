@@ -8,8 +8,10 @@ import subprocess
 
 import pytest
 
+from rusty_rail.bpf.build import BPF_DIR, object_path
+from rusty_rail.core.constants import RR_HASH_SEED
+from rusty_rail.core.flowhash import fmix32
 from rusty_rail.lab import TOPOLOGIES, Lab, plan
-from rusty_rail.lab.bpfobj import BPF_DIR, bpf_object
 from rusty_rail.lab.router import CFG, MAPS, MAX_TARGETS, STATS, flow_slot
 
 
@@ -42,9 +44,17 @@ def test_flow_slot_is_deterministic_and_spreads() -> None:
     assert flow_slot("10.0.0.1", "10.1.0.1", 1, 1, 2, 7) == flow_slot("10.0.0.1", "10.1.0.1", 1, 3, 4, 7)
 
 
+def test_flow_slot_is_fmix32_chained_over_the_tuple() -> None:
+    """The exact function router_encap.c computes, written out once more from its parts."""
+    h = fmix32(0x0A000001 ^ RR_HASH_SEED)
+    h = fmix32(h ^ 0x0A010001)
+    h = fmix32(h ^ (40000 << 16 | 80))
+    assert flow_slot("10.0.0.1", "10.1.0.1", 6, 40000, 80, 1000) == fmix32(h ^ 6) % 1000
+
+
 @pytest.mark.skipif(shutil.which("bpftool") is None or shutil.which("clang") is None, reason="needs clang, bpftool")
 def test_python_mirrors_the_encap_header() -> None:
-    btf = subprocess.run(["bpftool", "btf", "dump", "file", str(bpf_object("router_encap"))],
+    btf = subprocess.run(["bpftool", "btf", "dump", "file", str(object_path("router_encap"))],
                          capture_output=True, text=True, check=True).stdout
     m = re.search(r"STRUCT 'rr_encap_cfg' size=(\d+) vlen=4\n((?:\t.*\n){4})", btf)
     assert m is not None
@@ -53,8 +63,11 @@ def test_python_mirrors_the_encap_header() -> None:
     assert fields == [("service_net", "0"), ("service_mask", "32"), ("src", "64"), ("count", "96")]
     header = (BPF_DIR / "router_encap.h").read_text()
     assert f"#define RR_ENCAP_MAX_TARGETS {MAX_TARGETS}\n" in header
-    assert re.findall(r"RR_ENCAP_(\w+) = (\d+),", header)[:-1] == [
-        (name, str(i)) for i, name in enumerate(["OK", "NO_TARGET", "NO_NEIGH", "FIB_FAIL", "ROOM_FAIL"])]
-    assert len(STATS) == 5
+    assert f"#define RR_HASH_SEED {RR_HASH_SEED:#x}\n" in header
+    enum = re.findall(r"RR_ENCAP_(\w+) = (\d+),", header)
+    assert enum[:-1] == [(name, str(i)) for i, name in
+                         enumerate(["OK", "NO_TARGET", "NO_NEIGH", "FIB_FAIL", "ROOM_FAIL", "OK_WIRE"])]
+    assert enum[-1] == ("STATS", str(len(STATS)))
+    assert STATS == ("encapsulated", "no_target", "no_neigh", "fib_fail", "room_fail", "encapsulated_wire")
     source = (BPF_DIR / "router_encap.c").read_text()
     assert all(f"}} {name} SEC(\".maps\");" in source for name in MAPS)

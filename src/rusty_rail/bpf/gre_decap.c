@@ -11,13 +11,10 @@
  * sees (and answers) what it would without us. The GRE checksum is not verified: the inner packet
  * carries its own transport checksum, which the stack checks.
  */
-#include <linux/bpf.h>
-#include <linux/if_ether.h>
 #include <linux/in.h>
-#include <linux/ip.h>
 #include <linux/pkt_cls.h>
-#include <bpf/bpf_endian.h>
-#include <bpf/bpf_helpers.h>
+
+#include "rr_tc.h"
 
 #define GRE_CSUM 0x8000
 #define GRE_KEY 0x2000
@@ -32,26 +29,14 @@
 SEC("tc")
 int rr_gre_decap(struct __sk_buff *skb)
 {
-	void *data, *end;
-	struct ethhdr *eth;
-	struct iphdr *outer;
+	void *end;
+	struct iphdr *outer, *inner;
 	__u16 *gre;
 	__u16 flags;
-	__u32 outer_len, gre_len, want;
-	struct iphdr *inner;
+	__u32 outer_len, gre_len;
 
-	/* Frames sent from a TX ring (the AF_PACKET balancer) arrive non-linear: the headers are in
-	 * page fragments, outside data..data_end, until pulled into the linear area. */
-	want = skb->len < HEADERS_MAX ? skb->len : HEADERS_MAX;
-	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
-		bpf_skb_pull_data(skb, want);
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	eth = data;
-	outer = data + sizeof(*eth);
-	if ((void *)(outer + 1) > end)
-		return TC_ACT_OK;
-	if (eth->h_proto != bpf_htons(ETH_P_IP) || outer->version != 4 || outer->protocol != IPPROTO_GRE)
+	outer = rr_tc_ipv4(skb, HEADERS_MAX, &end);
+	if (!outer || outer->protocol != IPPROTO_GRE)
 		return TC_ACT_OK;
 	if (outer->ihl < 5 || (outer->frag_off & bpf_htons(IP_MF_OFFSET)))
 		return TC_ACT_OK;

@@ -7,21 +7,18 @@
  * The target (a balancer, or a server in the lab's direct mode) is chosen by a hash of the inner
  * 5-tuple, so one flow always goes to one target (ECMP). Python writes the targets (router.py).
  */
-#include <linux/bpf.h>
-#include <linux/if_ether.h>
 #include <linux/in.h>
-#include <linux/ip.h>
 #include <linux/pkt_cls.h>
-#include <bpf/bpf_endian.h>
-#include <bpf/bpf_helpers.h>
 
 #include "router_encap.h"
+#include "rr_tc.h"
 
 #define AF_INET 2
 #define GRE_HLEN 4
 #define ENCAP_LEN (sizeof(struct iphdr) + GRE_HLEN)
 #define IP_MF_OFFSET 0x3FFF
-#define HEADERS_MAX (14 + 20 + 4) /* Ethernet, IPv4 (options: no ports used), ports */
+/* Ethernet, IPv4 without options (with options, no ports are read), a TCP header to its data offset. */
+#define HEADERS_MAX (ETH_HLEN + sizeof(struct iphdr) + 13)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -44,15 +41,49 @@ struct {
 	__type(value, __u64);
 } rr_encap_stats SEC(".maps");
 
-static __always_inline void count(__u32 what)
+static __always_inline void count_n(__u32 what, __u64 n)
 {
 	__u64 *c = bpf_map_lookup_elem(&rr_encap_stats, &what);
 
 	if (c)
-		__sync_fetch_and_add(c, 1);
+		__sync_fetch_and_add(c, n);
 }
 
-/* murmur3's finaliser over the mixed tuple: cheap, deterministic, and the same in router.py. */
+static __always_inline void count(__u32 what)
+{
+	count_n(what, 1);
+}
+
+/* The inner header bytes (IPv4 + TCP/UDP) every GSO segment repeats. The transport's part is left out
+ * where it is not read: behind IPv4 options (no GSO sender here uses them), or not TCP/UDP. */
+static __always_inline __u32 inner_headers(struct iphdr *ip, void *end)
+{
+	__u8 *l4 = (void *)(ip + 1);
+
+	if (ip->ihl != 5)
+		return ip->ihl * 4;
+	if (ip->protocol == IPPROTO_UDP)
+		return sizeof(*ip) + 8;
+	if (ip->protocol == IPPROTO_TCP && (void *)(l4 + 13) <= end)
+		return sizeof(*ip) + (l4[12] >> 4) * 4;
+	return sizeof(*ip);
+}
+
+/* Sent: counted as the skb it is and as the packets it becomes on the wire, which is what a balancer
+ * counts. A GSO skb (a sender's 64 KB write, forwarded whole) is cut after this program into pieces of
+ * gso_size payload bytes. Called after bpf_skb_adjust_room, which shrank gso_size by the 24 bytes it
+ * added and zeroed gso_segs for the stack to recount: so the count is made here, the stack's way. */
+static __always_inline void count_sent(struct __sk_buff *skb, __u32 inner_hlen)
+{
+	__u32 mss = skb->gso_size, headers = ETH_HLEN + ENCAP_LEN + inner_hlen, wire = 1;
+
+	if (mss && skb->len > headers)
+		wire = (skb->len - headers + mss - 1) / mss;
+	count(RR_ENCAP_OK);
+	count_n(RR_ENCAP_OK_WIRE, wire);
+}
+
+/* murmur3's finaliser (fmix32) over the mixed tuple: cheap, deterministic, and router.py's flow_slot. */
 static __always_inline __u32 mix(__u32 h)
 {
 	h ^= h >> 16;
@@ -66,7 +97,7 @@ static __always_inline __u32 mix(__u32 h)
 /* Tuple words are taken as the host reads them from the wire (big-endian values). */
 static __always_inline __u32 flow_hash(__u32 src, __u32 dst, __u32 ports, __u32 proto)
 {
-	__u32 h = mix(src ^ 0x52525f31);
+	__u32 h = mix(src ^ RR_HASH_SEED);
 
 	h = mix(h ^ dst);
 	h = mix(h ^ ports);
@@ -76,26 +107,18 @@ static __always_inline __u32 flow_hash(__u32 src, __u32 dst, __u32 ports, __u32 
 SEC("tc")
 int rr_router_encap(struct __sk_buff *skb)
 {
-	void *data, *end;
-	struct ethhdr *eth;
+	void *end;
 	struct iphdr *ip;
 	struct bpf_fib_lookup fib = {};
 	struct rr_encap_cfg *cfg;
 	struct iphdr outer = {};
-	__u32 zero = 0, ports = 0, slot, *target, tot_len, csum, want;
+	__u32 zero = 0, ports = 0, slot, *target, tot_len, csum, inner_hlen;
 	__u8 tos;
 	__u16 gre[2] = {0, bpf_htons(ETH_P_IP)};
 	int rc;
 
-	/* Headers in page fragments (e.g. sent from a TX ring) must be pulled before we can read them. */
-	want = skb->len < HEADERS_MAX ? skb->len : HEADERS_MAX;
-	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
-		bpf_skb_pull_data(skb, want);
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	eth = data;
-	ip = data + sizeof(*eth);
-	if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->version != 4)
+	ip = rr_tc_ipv4(skb, HEADERS_MAX, &end);
+	if (!ip)
 		return TC_ACT_OK;
 	cfg = bpf_map_lookup_elem(&rr_encap_cfg, &zero);
 	if (!cfg || (ip->daddr & cfg->service_mask) != cfg->service_net || ip->protocol == IPPROTO_GRE)
@@ -118,6 +141,7 @@ int rr_router_encap(struct __sk_buff *skb)
 	if (!target)
 		return TC_ACT_SHOT;
 
+	inner_hlen = inner_headers(ip, end);
 	tos = ip->tos;
 	tot_len = bpf_ntohs(ip->tot_len) + ENCAP_LEN;
 	outer.version = 4;
@@ -159,12 +183,13 @@ int rr_router_encap(struct __sk_buff *skb)
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/* The kernel resolves the target's MAC (ARP) and sends the frame. */
 		count(RR_ENCAP_NO_NEIGH);
+		count_sent(skb, inner_hlen);
 		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
 	}
 	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
 		return TC_ACT_SHOT;
-	count(RR_ENCAP_OK);
+	count_sent(skb, inner_hlen);
 	if (fib.ifindex != skb->ifindex)
 		return bpf_redirect(fib.ifindex, 0);
 	return TC_ACT_OK;

@@ -1,12 +1,14 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* Maps and structs of the lab router's GRE encapsulator (router_encap.c).
- * Mirrored in Python by rusty_rail/lab/router.py; a test checks the sizes. */
+ * Mirrored in Python by rusty_rail/lab/router.py; tests/test_lab_plan.py checks the mirror. */
 #ifndef RR_ROUTER_ENCAP_H
 #define RR_ROUTER_ENCAP_H
 
 #include <linux/types.h>
 
 #define RR_ENCAP_MAX_TARGETS 64
+/* core/constants.py RR_HASH_SEED: the router's hash is not the balancers', but shares their seed. */
+#define RR_HASH_SEED 0x52525f31
 
 /* Key 0 of rr_encap_cfg. Addresses and the service prefix are in network byte order. */
 struct rr_encap_cfg {
@@ -18,12 +20,13 @@ struct rr_encap_cfg {
 
 /* Counters, index into rr_encap_stats. */
 enum rr_encap_stat {
-	RR_ENCAP_OK = 0,        /* encapsulated and sent */
+	RR_ENCAP_OK = 0,        /* encapsulated and sent, in skbs: a GSO super-packet counts once */
 	RR_ENCAP_NO_TARGET = 1, /* count == 0: dropped */
-	RR_ENCAP_NO_NEIGH = 2,  /* target's MAC unknown: handed to bpf_redirect_neigh */
+	RR_ENCAP_NO_NEIGH = 2,  /* of RR_ENCAP_OK, target's MAC unknown: handed to bpf_redirect_neigh */
 	RR_ENCAP_FIB_FAIL = 3,  /* no route to the target: dropped */
 	RR_ENCAP_ROOM_FAIL = 4, /* bpf_skb_adjust_room failed: dropped */
-	RR_ENCAP_STATS = 5,
+	RR_ENCAP_OK_WIRE = 5,   /* RR_ENCAP_OK in wire packets (a GSO skb's segments), as balancers count */
+	RR_ENCAP_STATS = 6,
 };
 
 #endif

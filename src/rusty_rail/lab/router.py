@@ -1,66 +1,67 @@
 """The lab router's GRE encapsulator (bpf/router_encap.c): load, attach, and its maps.
 
 The program is loaded by this process through libbpf with its maps pinned under a directory of the
-lab's own (/sys/fs/bpf/rusty_rail/<prefix>router/), not tc's shared /sys/fs/bpf/tc/globals, so two
-labs with different prefixes never share a target list. tc then attaches the pinned program.
+lab's own (<DEFAULT_PIN_ROOT>/<prefix>router/), so two labs with different prefixes never share a
+target list; other processes (router_health.py, `lab status`) open the maps there. The program
+itself needs no pin: the tc filter holds it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import shutil
 import struct
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bpf import libbpf
-from .bpfobj import bpf_object
-from .netns import ns_enter
+from ..bpf import libbpf, tc
+from ..bpf.build import object_path
+from ..core.constants import BPFFS, DEFAULT_PIN_ROOT, RR_HASH_SEED
+from ..core.flowhash import fmix32
 
-BPFFS = Path("/sys/fs/bpf")
-PIN_ROOT = BPFFS / "rusty_rail"
 PROGRAM = "rr_router_encap"
 MAPS = ("rr_encap_cfg", "rr_encap_tgts", "rr_encap_stats")
 MAX_TARGETS = 64  # RR_ENCAP_MAX_TARGETS
 CFG = struct.Struct("=4s4s4sI")  # struct rr_encap_cfg: service_net, service_mask, src (network order), count
-STATS = ("encapsulated", "no_target", "no_neigh", "fib_fail", "room_fail")  # enum rr_encap_stat
+# enum rr_encap_stat, in order. "encapsulated" counts skbs (a GSO super-packet once); compare a
+# balancer's "forwarded" (wire packets) with "encapsulated_wire".
+STATS = ("encapsulated", "no_target", "no_neigh", "fib_fail", "room_fail", "encapsulated_wire")
 _KEY = struct.Struct("=I")
-_TC_PREF = "49"
+_TC_PRIORITY = 49
+_TC_HANDLE = 1
 
 
 def ensure_bpffs() -> None:
-    """Mount bpffs at /sys/fs/bpf when nothing is mounted there (a fresh machine)."""
+    """Mount bpffs at BPFFS when nothing is mounted there (a fresh machine)."""
     with open("/proc/self/mounts") as f:
-        if any(line.split()[1] == str(BPFFS) and line.split()[2] == "bpf" for line in f):
+        if any(line.split()[1:3] == [BPFFS, "bpf"] for line in f):
             return
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # mount(2), as `mount -t bpf bpf BPFFS` would do it (default options), without needing mount(8).
+    if libc.mount(b"bpf", BPFFS.encode(), b"bpf", ctypes.c_ulong(0), None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mount -t bpf bpf {BPFFS}: {os.strerror(code)}")
 
 
 def pin_dir(prefix: str) -> Path:
-    return PIN_ROOT / f"{prefix}router"
+    return Path(DEFAULT_PIN_ROOT) / f"{prefix}router"
 
 
-def attach(ns: str, device: str, pins: Path) -> None:
-    """Load router_encap.o, pin program and maps in pins, attach on device's egress inside ns."""
+def attach(ns: str, device: str, pins: Path) -> int:
+    """Load router_encap.o, pin its maps in pins, attach it on device's egress inside ns.
+    Returns the program's id."""
     ensure_bpffs()
     shutil.rmtree(pins, ignore_errors=True)  # a fresh program gets fresh maps
     pins.mkdir(parents=True)
-    prog_pin = pins / "prog"
-    with libbpf.BpfObject(str(bpf_object("router_encap"))) as obj:
+    with libbpf.BpfObject(str(object_path("router_encap"))) as obj:
         obj.load()
         for name in MAPS:
             obj.map(name).pin(str(pins / name))
-        libbpf.obj_pin(obj.program(PROGRAM).fd, str(prog_pin))
-    tc = [*ns_enter(ns), "tc"]
-    subprocess.run([*tc, "qdisc", "replace", "dev", device, "clsact"], check=True, capture_output=True)
-    subprocess.run(
-        [*tc, "filter", "replace", "dev", device, "egress", "pref", _TC_PREF, "handle", "1",
-         "bpf", "direct-action", "object-pinned", str(prog_pin)],
-        check=True, capture_output=True, text=True,
-    )
+        return tc.attach(device, obj.program(PROGRAM).fd, tc.EGRESS, handle=_TC_HANDLE, priority=_TC_PRIORITY,
+                         netns=ns)
 
 
 def remove_pins(prefix: str) -> None:
@@ -128,20 +129,13 @@ class RouterMaps:
             os.close(fd)
 
 
-def _mix(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
 def flow_slot(src: str, dst: str, proto: int, sport: int, dport: int, count: int) -> int:
-    """Which target index the router picks for this inner flow: the Python twin of flow_hash()."""
+    """Which target index the router picks for this inner flow: the Python twin of router_encap.c's
+    flow_hash() (murmur3's finaliser chained over the tuple; not the balancers' murmur3 of WIRE.md)."""
     s = int(ipaddress.IPv4Address(src))
     d = int(ipaddress.IPv4Address(dst))
     ports = (sport << 16 | dport) if proto in (6, 17) else 0
-    h = _mix(s ^ 0x52525F31)
-    h = _mix(h ^ d)
-    h = _mix(h ^ ports)
-    return _mix(h ^ proto) % count
+    h = fmix32(s ^ RR_HASH_SEED)
+    h = fmix32(h ^ d)
+    h = fmix32(h ^ ports)
+    return fmix32(h ^ proto) % count
