@@ -10,13 +10,15 @@ import json
 import itertools
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
+from pyroute2 import IPRoute
 
-from rusty_rail.lab import Lab
-from rusty_rail.lab import decap, netns
+from rusty_rail import decap
+from rusty_rail.lab import Lab, netns
 from rusty_rail.lab.router import flow_slot, pin_dir
 from rusty_rail.lab.sniff import Sniffer
 
@@ -55,11 +57,13 @@ def test_up_down_leaves_nothing(prefix: str, topology: int) -> None:
         assert all(ns["exists"] for ns in st["namespaces"].values())
         assert all(st["decap"].values())
         assert st["router"]["targets"] == [b.address for b in lab.balancers]
+        assert st["logs"] == {"dir": str(lab.log_dir), "files": sorted(f"{s.name}-httpd.log" for s in lab.servers)}
         assert _names(_host_links()) == before, "the lab must not create links in the host namespace"
     finally:
         lab.down()
     assert netns.with_prefix(prefix) == []
     assert not pin_dir(prefix).exists()
+    assert not lab.log_dir.exists()
     lab.down()  # idempotent
 
 
@@ -127,12 +131,26 @@ def test_direct_gre_carries_tcp_with_dsr(prefix: str, topology: int) -> None:
         assert stats["no_target"] == stats["fib_fail"] == stats["room_fail"] == 0
 
 
+def _tx_packets(ns: str, device: str) -> int:
+    with IPRoute(netns=ns) as ipr:
+        (link,) = ipr.get_links(ifname=device)
+    return link.get("IFLA_STATS64")["tx_packets"]
+
+
 def test_direct_gre_large_transfers_both_ways(prefix: str) -> None:
     with Lab(1, prefix, direct=True) as lab:
         down = lab.traffic(n=2, path="/bytes/1000000", timeout=10)
+        sent_before = _tx_packets(lab.router.namespace, lab.router.device)
+        wire_before = lab.maps.stats()["encapsulated_wire"]
         up = lab.traffic(n=2, upload=1_000_000, timeout=10)  # GSO-sized segments through the encap
         assert [r.error for r in down + up if not r.ok] == []
         assert [r.size for r in down] == [1_000_000, 1_000_000]
+        # The uploads crossed the encap as GSO super-packets: more packets on the wire than skbs, and
+        # the wire count is what the router's device sent (give or take its own IPv6/ARP chatter).
+        stats = lab.maps.stats()
+        assert stats["encapsulated_wire"] > 2 * stats["encapsulated"] > 0
+        sent = _tx_packets(lab.router.namespace, lab.router.device) - sent_before
+        assert 0 <= sent - (stats["encapsulated_wire"] - wire_before) <= 3
 
 
 def test_no_targets_drops_and_counts(prefix: str) -> None:
@@ -194,7 +212,7 @@ def test_through_balancers(prefix: str, topology: int, engine: str, tmp_path) ->
             log.seek(0)
             print(log.read()[-3000:])  # shown by pytest with the failure
             raise
-        wrapped_before = lab.maps.stats()["encapsulated"]  # a first SYN may beat the balancer's start
+        wrapped_before = lab.maps.stats()["encapsulated_wire"]  # a first SYN may beat the balancer's start
         # The balancer's own host stays reachable while it balances: ping, and TCP to a local service.
         lb = lab.balancers[0]
         listener = lab.popen(lb.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "listen", "2222"], stdout=subprocess.PIPE)
@@ -206,7 +224,7 @@ def test_through_balancers(prefix: str, topology: int, engine: str, tmp_path) ->
             lab.run(lab.router.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "ping", lb.address])
             lab.run(lab.router.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "tcp", lb.address, "2222"])
         assert all(p.poll() is None for p in procs), "a balancer exited"
-        encapsulated = lab.maps.stats()["encapsulated"]
+        encapsulated = lab.maps.stats()["encapsulated_wire"]  # wire packets, as the balancers count
         reports = stop_balancers(procs)
         forwarded = [r["counters"]["forwarded"] for r in reports]
         # Every packet the router wrapped once the balancers were up was forwarded, and nothing else
@@ -236,8 +254,25 @@ def test_two_workers_keep_each_flow_on_one_worker(prefix: str) -> None:
         results = lab.traffic(n=40)
         assert [r.error for r in results if not r.ok] == []
         assert {r.server for r in results} == {s.name for s in lab.servers}
-        encapsulated = lab.maps.stats()["encapsulated"]
+        encapsulated = lab.maps.stats()["encapsulated_wire"]
         (report,) = stop_balancers(procs)
         assert report["engine_stats"]["workers"] == 2
         assert report["counters"]["forwarded"] <= encapsulated
         assert report["counters"]["forwarded"] >= len(results) * 5  # SYN, ACK, request, ACKs, FIN per request
+
+
+def test_cli_up_returns_through_a_pipe(prefix: str) -> None:
+    """`rusty-rail lab up ... | tail` ends: the servers and balancers it leaves running write to files
+    in the lab's log directory, not to the pipe."""
+    cli = [sys.executable, "-m", "rusty_rail", "lab", "--prefix", prefix]
+    up = subprocess.run([*cli, "up", "--topology", "2", "--balancers"], stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert up.returncode == 0, up.stdout
+    lab = Lab.existing(prefix)
+    assert f"logs: {lab.log_dir}" in up.stdout
+    st = json.loads(subprocess.run([*cli, "status"], capture_output=True, text=True, check=True).stdout)
+    assert st["logs"]["dir"] == str(lab.log_dir)
+    assert set(st["logs"]["files"]) == {"lb1.log", "server1-httpd.log", "server2-httpd.log"}
+    assert all(st["namespaces"][lb.namespace]["pids"] for lb in lab.balancers)  # still running, detached
+    subprocess.run([*cli, "down"], check=True, timeout=60)
+    assert netns.with_prefix(prefix) == [] and not lab.log_dir.exists()

@@ -34,9 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.cmd == "up":
         lab = Lab(a.topology, a.prefix, direct=a.direct).up()
         if a.balancers:
-            # Own session: they keep running after this command; `lab down` stops them.
+            # Own session: they keep running after this command; `lab down` stops them. Their output
+            # goes to log files, so a pipe after this command (`| tail`) still sees its end.
             lab.start_balancers(start_new_session=True)
         print(f"topology {a.topology} up: namespaces {', '.join(lab.plan.namespaces)}; VIP {lab.vip}")
+        print(f"logs: {lab.log_dir}")
         return 0
     if a.cmd == "down":
         Lab(1, a.prefix).down()  # removes everything with the prefix, whatever the topology

@@ -85,7 +85,8 @@ def run_demo(requests_per_client: int = 400, engine: str = "auto", prefix: str =
             counters = report.get("counters", {})
             drops = {k: v for k, v in counters.items() if k.startswith("drop_") and v}
             print(f"{lb.name} ({report.get('engine', '?')}): forwarded {counters.get('forwarded', '?')} packets, drops {drops or 'none'}")
-        print(f"router: {lab.maps.stats()['encapsulated']} packets wrapped in GRE")
+        router = lab.maps.stats()
+        print(f"router: {router['encapsulated_wire']} packets wrapped in GRE ({router['encapsulated']} skbs)")
         print("all requests answered" if failures == 0 else f"{failures} requests failed")
         return 0 if failures == 0 else 1
 

@@ -7,24 +7,26 @@
 Everything lives in namespaces whose names start with the prefix; nothing is created in the host's
 namespace (veth pairs are created in the lab's net namespace with the peer placed directly in the
 host's namespace). `down()` deletes every namespace with the prefix, so it also cleans up after a
-crashed run.
+crashed run. What the lab's long-running processes write (the servers' httpd, balancers started
+without explicit stdout/stderr) goes to files in `log_dir`, never to the caller's terminal or pipe.
 """
 
 from __future__ import annotations
 
-import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as _pynetns
 
-from . import decap, netns
-from .bpfobj import bpf_object
+from .. import decap
+from . import netns
 from . import router as _router
 from .topology import (
     C_BRIDGE,
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from .events import Events
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,15}$")
+RUN_DIR = Path("/run/rusty-rail-lab")
 
 
 def _check_prefix(prefix: str) -> str:
@@ -72,6 +75,7 @@ class Lab:
         self.direct = direct
         self.python = python
         self.maps = _router.RouterMaps(_router.pin_dir(prefix))
+        self.log_dir = RUN_DIR / prefix  # the prefix is checked above: a plain directory name
         self._procs: list[subprocess.Popen[bytes]] = []
         self._httpd: dict[str, subprocess.Popen[bytes]] = {}  # server name -> its running httpd
 
@@ -103,6 +107,7 @@ class Lab:
     def up(self) -> Lab:
         self.down()  # leftovers of a crashed run with the same prefix
         try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
             for ns in self.plan.namespaces:
                 netns.create(ns)
             self._links()
@@ -142,6 +147,7 @@ class Lab:
         self._procs.clear()
         self._httpd.clear()
         _router.remove_pins(self.prefix)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> Lab:
         return self.up()
@@ -159,7 +165,7 @@ class Lab:
         """Start argv in ns; the lab stops it in down() (it is in a lab namespace).
 
         host_bpffs=True enters only the network namespace (nsenter --net) so the process sees the
-        host's /sys/fs/bpf (pins); `ip netns exec`, the default, remounts /sys for the namespace's
+        host's bpffs (pins); `ip netns exec`, the default, remounts /sys for the namespace's
         /sys/class/net and so hides it."""
         p = netns.popen(ns, argv, env=env, host_bpffs=host_bpffs, **kw)
         self._procs.append(p)
@@ -182,9 +188,19 @@ class Lab:
         """Start one balancer (e.g. each with its own RR_CONTROL_SOCKET); the router's targets stay.
 
         argv defaults to `<python> -m rusty_rail`; env is added to balancer_env(lb). The process is
-        the balancer itself (`ip netns exec` execs it), so its pid is the one to signal."""
+        the balancer itself (`ip netns exec` execs it), so its pid is the one to signal. Without
+        stdout or stderr given, both go to log_dir/<lb.name>.log."""
         cmd = list(argv) if argv else [self.python, "-m", "rusty_rail"]
-        return self.popen(lb.namespace, cmd, env={**self.balancer_env(lb), **(env or {})}, **kw)
+        env = {**self.balancer_env(lb), **(env or {})}
+        if "stdout" in kw or "stderr" in kw:
+            return self.popen(lb.namespace, cmd, env=env, **kw)
+        with self._log(f"{lb.name}.log") as log:
+            return self.popen(lb.namespace, cmd, env=env, stdout=log, stderr=subprocess.STDOUT, **kw)
+
+    def _log(self, name: str) -> IO[bytes]:
+        """A log file in log_dir, appended to; the caller closes its copy once a child holds it."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.log_dir / name, "ab")
 
     def balancer_leftovers(self, lb: Host) -> dict[str, bool]:
         """What a balancer process leaves on its host if it dies without cleaning up: the AF_PACKET
@@ -193,18 +209,20 @@ class Lab:
         from ..engines.hostfilter import table_name
 
         tables = self.run(lb.namespace, ["nft", "list", "tables"], check=False).stdout.split()
-        link = self.run(lb.namespace, ["ip", "-j", "-d", "link", "show", "dev", lb.device], check=False).stdout
-        links = json.loads(link) if link.strip() else []
-        return {"nft": table_name(lb.device) in tables, "xdp": any("xdp" in entry for entry in links)}
+        with IPRoute(netns=lb.namespace) as ipr:
+            links = ipr.get_links(ifname=lb.device)
+        # IFLA_XDP_ATTACHED is the kernel's own answer: none, or the mode(s) a program runs in.
+        xdp = any(link.get_nested("IFLA_XDP", "IFLA_XDP_ATTACHED") for link in links)
+        return {"nft": table_name(lb.device) in tables, "xdp": xdp}
 
     def reset_balancer(self, lb: Host, check: bool = True) -> None:
         """Remove what a dead balancer left behind (see balancer_leftovers), so its host's stack and a
         new balancer start clean. The namespace's deletion in down() would take both along too."""
         from ..engines.hostfilter import table_name
+        from ..engines.xdp import detach_all
 
         self.run(lb.namespace, ["nft", "delete", "table", "netdev", table_name(lb.device)], check=False)
-        for mode in ("xdp", "xdpgeneric", "xdpdrv"):
-            self.run(lb.namespace, ["ip", "link", "set", "dev", lb.device, mode, "off"], check=False)
+        detach_all(lb.device, netns=lb.namespace)
         if check and any(self.balancer_leftovers(lb).values()):
             raise RuntimeError(f"{lb.name}: could not remove {self.balancer_leftovers(lb)}")
 
@@ -332,6 +350,8 @@ class Lab:
             st["router"] = {"service": service, "src": src, "targets": targets, "stats": self.maps.stats()}
         st["decap"] = {s.name: decap.status(s.device, s.namespace).attached
                        for s in self.servers if s.namespace in present}
+        st["logs"] = {"dir": str(self.log_dir),
+                      "files": sorted(p.name for p in self.log_dir.glob("*.log")) if self.log_dir.is_dir() else []}
         return st
 
     # -- building ------------------------------------------------------------------------------
@@ -352,9 +372,10 @@ class Lab:
                          master=ipr.link_lookup(ifname=br)[0], state="up")
         # A veth delivers what an XDP program sends with XDP_TX only when its peer runs XDP too:
         # give the balancers' bridge ports an XDP_PASS program, so an XDP balancer works here.
-        xdp_pass = str(bpf_object("xdp_pass"))
+        from ..engines.xdp import attach_pass
+
         for lb in p.balancers:
-            netns.run(p.net_ns, ["ip", "link", "set", "dev", lb.bridge_port, "xdpdrv", "obj", xdp_pass, "sec", "xdp"])
+            attach_pass(lb.bridge_port, mode="native", netns=p.net_ns)
 
     def _addresses_and_routes(self) -> None:
         p = self.plan
@@ -415,10 +436,11 @@ class Lab:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("0.0.0.0", 80))
             sock.listen(128)
-            self._httpd[s.name] = self.popen(
-                s.namespace, [self.python, "-m", "rusty_rail.lab.httpd", "--name", s.name, "--fd", str(sock.fileno())],
-                pass_fds=[sock.fileno()], start_new_session=True,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            with self._log(f"{s.name}-httpd.log") as log:
+                self._httpd[s.name] = self.popen(
+                    s.namespace, [self.python, "-m", "rusty_rail.lab.httpd", "--name", s.name, "--fd", str(sock.fileno())],
+                    pass_fds=[sock.fileno()], start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:
             sock.close()
 

@@ -1,10 +1,11 @@
 """Network-namespace plumbing: create, enter (by subprocess), clean up.
 
 Commands run in a namespace through `ip netns exec`, which also remounts /sys so that
-/sys/class/net describes that namespace (the balancer reads its device there). tc commands that
-must see the host's bpffs (pinned programs) use `nsenter --net` instead, which keeps the mount
-namespace. This process itself never calls setns(): a failure half-way could leave it in the
-wrong namespace, touching the host's interfaces.
+/sys/class/net describes that namespace (the balancer reads its device there). Processes that must
+see the host's bpffs (pinned maps) use `nsenter --net` instead, which keeps the mount namespace.
+The lab itself never calls setns(): a failure half-way could leave it in the wrong namespace,
+touching the host's interfaces. Netlink goes through pyroute2's per-namespace sockets, BPF
+attachment through functions that take the namespace's name (bpf/tc.py, the XDP engine's).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def ns_exec(ns: str) -> list[str]:
 
 
 def ns_enter(ns: str) -> list[str]:
-    """Enter only the network namespace (keeps the host's /sys/fs/bpf visible)."""
+    """Enter only the network namespace (keeps the host's bpffs visible)."""
     return ["nsenter", f"--net={NETNS_DIR}/{ns}"]
 
 
@@ -43,7 +44,7 @@ def run(ns: str, argv: Sequence[str], *, check: bool = True, **kw: object) -> su
 def popen(ns: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, host_bpffs: bool = False,
           **kw: object) -> subprocess.Popen[bytes]:
     """Start argv inside ns. env is added to (not replacing) this process's environment.
-    host_bpffs: enter with nsenter --net (keeps the host's /sys, so /sys/fs/bpf pins are visible)."""
+    host_bpffs: enter with nsenter --net (keeps the host's /sys, so bpffs pins are visible)."""
     full_env = {**os.environ, **(env or {})}
     enter = ns_enter(ns) if host_bpffs else ns_exec(ns)
     return subprocess.Popen([*enter, *argv], env=full_env, **kw)  # type: ignore[call-overload]

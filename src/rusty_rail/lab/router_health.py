@@ -1,6 +1,6 @@
 """The lab router's balancer checker: stop sending GRE to a balancer whose process died.
 
-    python -m rusty_rail.lab.router_health --pins /sys/fs/bpf/rusty_rail/<prefix>router \\
+    python -m rusty_rail.lab.router_health --pins <DEFAULT_PIN_ROOT>/<prefix>router \\
         --port 9100 --interval 0.1 --fall 2 --rise 2 192.168.137.11 192.168.137.12
 
 Runs in the router's namespace, entered with `nsenter --net` so the host's bpffs (the router's pinned
