@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import itertools
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from rusty_rail import decap
+from rusty_rail.core.constants import BPFFS
 from rusty_rail.lab import Lab, netns
 from rusty_rail.lab.router import flow_slot, pin_dir
 from rusty_rail.lab.sniff import Sniffer
@@ -151,6 +154,19 @@ def test_direct_gre_large_transfers_both_ways(prefix: str) -> None:
         assert stats["encapsulated_wire"] > 2 * stats["encapsulated"] > 0
         sent = _tx_packets(lab.router.namespace, lab.router.device) - sent_before
         assert 0 <= sent - (stats["encapsulated_wire"] - wire_before) <= 3
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def test_ensure_bpffs_mounts_when_nothing_is_there() -> None:
+    """In a mount namespace of its own (the host's bpffs stays as it is): with nothing mounted at
+    BPFFS, the first call mounts bpffs there and the second leaves it alone."""
+    code = "from rusty_rail.lab.router import ensure_bpffs; ensure_bpffs(); ensure_bpffs()"
+    script = (f"while umount {BPFFS} 2>/dev/null; do :; done; grep -c ' {BPFFS} ' /proc/self/mounts; "
+              f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} && grep ' {BPFFS} ' /proc/self/mounts")
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True).stdout.splitlines()
+    assert out[0] == "0"  # unmounted
+    assert [line.split()[:3] for line in out[1:]] == [["bpf", BPFFS, "bpf"]]
 
 
 def test_no_targets_drops_and_counts(prefix: str) -> None:
