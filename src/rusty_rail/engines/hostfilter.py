@@ -12,20 +12,23 @@ crashed run is replaced atomically (`add` + `delete` + define in one transaction
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 
 _NAME_OK = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
+CHAIN = "gre_to_engine"
 
 
 def table_name(device: str) -> str:
     return "rusty_rail_" + re.sub(r"[^A-Za-z0-9_]", "_", device)
 
 
-def _nft(script: str) -> subprocess.CompletedProcess[str]:
+def _nft(*args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs nft (Debian `nftables`); FileNotFoundError when it is not installed."""
     nft = shutil.which("nft") or "/usr/sbin/nft"
-    return subprocess.run([nft, "-f", "-"], input=script, capture_output=True, text=True)
+    return subprocess.run([nft, *args], input=script, capture_output=True, text=True)
 
 
 def install(device: str) -> str:
@@ -37,13 +40,13 @@ def install(device: str) -> str:
 table netdev {table}
 delete table netdev {table}
 table netdev {table} {{
-    chain gre_to_engine {{
+    chain {CHAIN} {{
         type filter hook ingress device "{device}" priority -500; policy accept;
         ether type ip ip protocol gre counter drop comment "balanced by rusty-rail's AF_PACKET engine"
     }}
 }}
 """
-    result = _nft(script)
+    result = _nft("-f", "-", script=script)
     if result.returncode != 0:
         raise RuntimeError(f"nft could not install {table}: {result.stderr.strip()}")
     return table
@@ -52,14 +55,23 @@ table netdev {table} {{
 def remove(device: str) -> bool:
     """Remove the table if it exists. True if it was there."""
     table = table_name(device)
-    return _nft(f"delete table netdev {table}\n").returncode == 0
+    return _nft("delete", "table", "netdev", table).returncode == 0
 
 
 def dropped(device: str) -> int | None:
-    """Packets the rule has kept from the host (its counter), or None if the table is not there."""
-    nft = shutil.which("nft") or "/usr/sbin/nft"
-    result = subprocess.run([nft, "list", "table", "netdev", table_name(device)], capture_output=True, text=True)
+    """Packets the rule has kept from the host (its counter), or None if the table is not there.
+
+    Read from nft's JSON listing (`nft -j`), whose layout is a documented schema (libnftables-json(5)),
+    not from the text listing meant for people."""
+    result = _nft("-j", "list", "table", "netdev", table_name(device))
     if result.returncode != 0:
         return None
-    m = re.search(r"counter packets (\d+)", result.stdout)
-    return int(m.group(1)) if m else 0
+    packets = 0
+    for item in json.loads(result.stdout).get("nftables", []):
+        rule = item.get("rule")
+        if rule is None or rule.get("chain") != CHAIN:
+            continue
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and "counter" in expr:
+                packets += expr["counter"]["packets"]
+    return packets
