@@ -22,6 +22,8 @@ from typing import Protocol
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from rusty_rail.dataplane import EngineError
+
 NTF_USE = 0x01
 NUD_INCOMPLETE = 0x01
 NUD_REACHABLE = 0x02
@@ -35,8 +37,9 @@ NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_
 NUD_FRESH = NUD_REACHABLE | NUD_NOARP | NUD_PERMANENT | NUD_DELAY | NUD_PROBE  # no nudge needed
 
 
-class DeviceError(RuntimeError):
-    """The data-plane device is missing or unusable (no IPv4 address)."""
+class DeviceError(EngineError):
+    """The data-plane device is missing or unusable (no Ethernet or IPv4 address): an engine cannot
+    start there, and the message names the device for the operator."""
 
 
 class NeighbourSink(Protocol):
@@ -84,7 +87,11 @@ class NeighbourResolver:
     def __init__(self, device: str) -> None:
         self.device = device
         self.ipr = IPRoute()
-        self.ifindex, self.mac, self.address = device_info(device, self.ipr)
+        try:
+            self.ifindex, self.mac, self.address = device_info(device, self.ipr)
+        except BaseException:
+            self.ipr.close()
+            raise
         self.known: dict[int, bytes | None] = {}
         """Last answer per backend, so refresh() only calls set_neighbour on a change."""
         self.unroutable: set[int] = set()
