@@ -1,100 +1,60 @@
 """The AF_PACKET engine in a namespace of its own, fed from a peer namespace over veth.
 
-The engine runs in a forked child that has joined the lb namespace; the test talks to it only through the
-wire (and nft's view of its table), as a router and a backend would.
+The engine runs in a forked child that joined the lb namespace (tests/afpacket_netns.py); the test talks
+to it as the control plane does (apply, counters, explain) and otherwise only through the wire, as a
+router and a backend would.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 from collections.abc import Callable
-from typing import Any
+from ipaddress import IPv4Address
 
 import pytest
+
+from rusty_rail.core.balancer import Balancer
+from rusty_rail.core.flow import FlowKey
+from rusty_rail.core.service import ServiceKey
+from rusty_rail.dataplane import DataplaneState, EngineError, EngineOptions, StateBuilder
+from rusty_rail.engines import hostfilter
+from rusty_rail.engines.afpacket.walker import BlockProcessor
+from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import (
     VethPair,
     drain,
     gre_frame,
     ipv4,
     is_icmp_protocol_unreachable,
-    ping,
     pending,
+    ping,
     udp,
     wait_for,
 )
-from pyroute2 import netns
-
-from rusty_rail.core.verdict import PASS, Drop, DropReason, Forward
-from rusty_rail.engines import hostfilter
 
 pytestmark = pytest.mark.netns
 
-CTX = multiprocessing.get_context("fork")
+
+def mark_and_swap(balancer: Balancer) -> BlockProcessor:
+    """Stand-in processing: GRE whose inner UDP payload ends in DROP or PASS is not sent; everything
+    else goes back to its sender with MACs swapped and 3 bytes appended (so the test knows the engine
+    sent *this*)."""
+    def process(frames: list[bytes], now: float) -> list[bytes]:
+        return [swapped(f) for f in frames if not f.endswith((b"DROP", b"PASS"))]
+    return process
 
 
-class RunningEngine:
-    def __init__(self, veth: VethPair, make: Callable[[], Any], workers: int = 1, **options: Any) -> None:
-        self.veth = veth
-        self.results: Any = CTX.Queue()
-        self.proc = CTX.Process(target=self._main, args=(make, workers, options))
-        self.proc.start()
-        wait_for(lambda: "gre_to_engine" in (self.table() or "") or not self.proc.is_alive(), timeout=20)
-        assert self.proc.is_alive(), "engine died while starting"
-
-    def _main(self, make: Callable[[], Any], workers: int, options: dict[str, Any]) -> None:
-        from rusty_rail.engines.afpacket import AfPacketEngine
-
-        netns.setns(self.veth.lb_ns)
-        if workers == 1:
-            engine = AfPacketEngine(self.veth.lb_dev, make(), **options)
-        else:
-            engine = AfPacketEngine(self.veth.lb_dev, workers=workers, factory=make, **options)
-        self.results.put(engine.serve_forever())
-
-    def table(self) -> str | None:
-        done = self.veth.run(self.veth.lb_ns, "nft", "list", "table", "netdev", hostfilter.table_name("lb0"),
-                             check=False)
-        return done.stdout if done.returncode == 0 else None
-
-    def stop(self) -> Any:
-        os.kill(self.proc.pid, signal.SIGTERM)
-        stats = self.results.get(timeout=10)
-        self.proc.join(10)
-        assert self.proc.exitcode == 0
-        return stats
-
-    def kill(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-
-
-def swap_and_mark(frame: bytes, now: float) -> Any:
-    """Stand-in balancer: GRE whose inner UDP payload says so is dropped or passed, else sent back
-    to its sender with MACs swapped and 3 bytes appended (so the test knows the engine sent *this*)."""
-    if frame[23] != 47:
-        return PASS
-    if frame.endswith(b"DROP"):
-        return Drop(DropReason.NO_BACKEND)
-    if frame.endswith(b"PASS"):
-        return PASS
-    return Forward(frame[6:12] + frame[0:6] + frame[12:] + b"OUT", 0)
-
-
-def expected(frame: bytes) -> bytes | None:
-    v = swap_and_mark(frame, 0.0)
-    return v.frame if isinstance(v, Forward) else None
+def swapped(frame: bytes) -> bytes:
+    return frame[6:12] + frame[0:6] + frame[12:] + b"OUT"
 
 
 def from_lb(v: VethPair) -> Callable[[bytes], bool]:
     return lambda f: f[6:12] == v.lb_mac and f[12:14] == b"\x08\x00" and f[23] == 47
 
 
-def test_forwards_exactly_what_decide_returns_and_host_traffic_still_works(veth: VethPair) -> None:
+def test_forwards_exactly_what_the_processor_returns_and_host_traffic_still_works(veth: VethPair) -> None:
     v = veth
     cap = v.peer_packet_socket()
     # Control: without the engine, the lb host answers GRE with ICMP protocol unreachable.
@@ -102,8 +62,7 @@ def test_forwards_exactly_what_decide_returns_and_host_traffic_still_works(veth:
     cap.send(probe)
     drain(cap, is_icmp_protocol_unreachable, 1)
 
-    engine = RunningEngine(v, lambda: swap_and_mark)
-    try:
+    with EngineProcess(v, processor=mark_and_swap) as engine:
         frames = []
         for i, size in enumerate([0, 1, 10, 100, 1000, 1400]):
             inner = ipv4(f"10.0.0.{i + 1}", "10.1.0.1", 17, udp(1000 + i, 80, bytes(size)))
@@ -113,9 +72,8 @@ def test_forwards_exactly_what_decide_returns_and_host_traffic_still_works(veth:
                                     ipv4("10.0.0.9", "10.1.0.1", 17, udp(9, 9, tail))))
         for f in frames:
             cap.send(f)
-        want = [e for e in map(expected, frames) if e is not None]
-        got = drain(cap, from_lb(v), len(want))
-        assert got == want
+        want = [swapped(f) for f in frames[:-2]]
+        assert drain(cap, from_lb(v), len(want)) == want
 
         # The host still answers ping and TCP on the same device while the engine runs.
         ping(v, v.peer_ns, v.lb_ip)
@@ -131,16 +89,17 @@ def test_forwards_exactly_what_decide_returns_and_host_traffic_still_works(veth:
 
         # The ping's reply came after any ICMP error for the GRE frames sent before it (same queue):
         # none came, nothing else was forwarded, and the nft rule counted every GRE frame.
-        queued = pending(cap, lambda f: is_icmp_protocol_unreachable(f) or from_lb(v)(f))
-        assert queued == []
-        assert f"counter packets {len(frames)} " in (engine.table() or "")
-        stats = engine.stop()
-    finally:
-        engine.kill()
+        assert pending(cap, lambda f: is_icmp_protocol_unreachable(f) or from_lb(v)(f)) == []
+        with v.inside(v.lb_ns):
+            assert hostfilter.dropped(v.lb_dev) == len(frames)
+        assert engine.counters().ready
+        report = engine.stop()
     assert engine.table() is None, "the nft table must go with the engine"
-    assert stats.rx_packets == len(frames), "the socket filter keeps ARP, ICMP and TCP out of the ring"
-    assert stats.tx_ring == len(want)
-    assert stats.tx_failed == 0
+    figures = report.counters.engine
+    assert not report.handed_over and not report.counters.ready
+    assert figures["rx_packets"] == len(frames), "the socket filter keeps ARP, ICMP and TCP out of the ring"
+    assert figures["tx_ring"] == len(want)
+    assert figures["tx_failed"] == 0 and figures["workers"] == 1
 
 
 def test_replaces_a_leftover_table_and_removes_it_on_stop(veth: VethPair) -> None:
@@ -148,30 +107,27 @@ def test_replaces_a_leftover_table_and_removes_it_on_stop(veth: VethPair) -> Non
     table = hostfilter.table_name(v.lb_dev)
     script = f'table netdev {table} {{ chain stale {{ type filter hook ingress device "{v.lb_dev}" priority 0; }}; }}'
     subprocess.run(["ip", "netns", "exec", v.lb_ns, "nft", "-f", "-"], input=script, text=True, check=True)
-    engine = RunningEngine(v, lambda: swap_and_mark)
-    try:
+    with EngineProcess(v, processor=mark_and_swap) as engine:
         listing = engine.table() or ""
-        assert "gre_to_engine" in listing and "stale" not in listing
+        assert hostfilter.CHAIN in listing and "stale" not in listing
         engine.stop()
-    finally:
-        engine.kill()
     assert engine.table() is None
 
 
-def worker_marker() -> Callable[[bytes, float], Any]:
-    """Stand-in for a per-worker balancer: appends the pid of the worker that decided."""
-    def decide(frame: bytes, now: float) -> Any:
-        if frame[23] != 47:
-            return PASS
-        return Forward(frame[6:12] + frame[0:6] + frame[12:] + os.getpid().to_bytes(4, "big"), 0)
-    return decide
+def mark_worker(balancer: Balancer) -> BlockProcessor:
+    """Stand-in processing for a worker: appends the pid of the worker that handled the frame (the
+    factory runs in the worker, after the fork)."""
+    pid = os.getpid().to_bytes(4, "big")
+
+    def process(frames: list[bytes], now: float) -> list[bytes]:
+        return [f[6:12] + f[0:6] + f[12:] + pid for f in frames]
+    return process
 
 
 def test_fanout_keeps_each_flow_on_one_worker_and_spreads_flows(veth: VethPair) -> None:
     v = veth
     cap = v.peer_packet_socket()
-    engine = RunningEngine(v, worker_marker, workers=2)
-    try:
+    with EngineProcess(v, workers=2, processor=mark_worker) as engine:
         flows = [(f"10.0.{i // 200}.{i % 200 + 1}", "10.1.0.1", 40000 + i) for i in range(64)]
         rounds = 4
         for r in range(rounds):
@@ -179,33 +135,27 @@ def test_fanout_keeps_each_flow_on_one_worker_and_spreads_flows(veth: VethPair) 
                 inner = ipv4(src, dst, 17, udp(sport, 80, bytes([r])))
                 cap.send(gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, inner))
         got = drain(cap, from_lb(v), len(flows) * rounds, timeout=10)
-        stats = engine.stop()
-    finally:
-        engine.kill()
+        report = engine.stop()
     workers_of: dict[bytes, set[int]] = {}
     for f in got:
         inner_src = f[14 + 24 + 12 : 14 + 24 + 16]
         workers_of.setdefault(inner_src, set()).add(int.from_bytes(f[-4:], "big"))
     assert len(workers_of) == len(flows)
     assert all(len(pids) == 1 for pids in workers_of.values()), "a flow moved between workers"
-    used = set().union(*workers_of.values())
-    assert len(used) == 2, "flows were not spread over both workers"
-    assert stats.rx_packets == len(flows) * rounds, "each frame reached exactly one worker"
-    assert stats.workers == 2
+    assert len(set().union(*workers_of.values())) == 2, "flows were not spread over both workers"
+    assert report.counters.engine["rx_packets"] == len(flows) * rounds, "each frame reached exactly one worker"
+    assert report.counters.engine["workers"] == 2
+
+
+def catch_all(*backends: str) -> DataplaneState:
+    return StateBuilder(251).build({ServiceKey.catch_all(): {IPv4Address(b): 1 for b in backends}})
 
 
 def test_with_the_real_balancer_resolves_the_backend_and_forwards(veth: VethPair) -> None:
     """End to end with rusty_rail.core: the backend (the peer) was never contacted from the lb before."""
-    from rusty_rail.core.balancer import Balancer
-
     v = veth
     cap = v.peer_packet_socket()
-
-    def make() -> Any:
-        return Balancer(local_address=v.lb_ip, local_mac=v.lb_mac, backends=[v.peer_ip])
-
-    engine = RunningEngine(v, make)
-    try:
+    with EngineProcess(v, catch_all(v.peer_ip)) as engine:
         inner = ipv4("10.0.0.1", "10.1.0.1", 6, bytes(20))
         frame = gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, inner)
 
@@ -217,25 +167,74 @@ def test_with_the_real_balancer_resolves_the_backend_and_forwards(veth: VethPair
         assert out[30:34] == socket.inet_aton(v.peer_ip)  # outer destination: the backend
         assert out[26:30] == socket.inet_aton(v.lb_ip)  # outer source: the device's address
         assert out[38:] == inner
-        stats = engine.stop()
-    finally:
-        engine.kill()
-    assert stats.balancer["forwarded"] >= 1
-    assert stats.neighbour_refreshes >= 1
+        counters = engine.counters()
+        assert counters.forwarded >= 1
+        assert counters.backends[(ServiceKey.catch_all(), IPv4Address(v.peer_ip))][0] == counters.forwarded
+
+        # A state applied while the packet loop runs takes effect: no services, no relay.
+        engine.apply(DataplaneState())
+        cap.send(frame)
+        wait_for(lambda: engine.counters().drops["no_service"] == 1, what="a NO_SERVICE drop")
+        report = engine.stop()
+    assert report.counters.forwarded == counters.forwarded
+    assert report.counters.engine["neighbour_refreshes"] >= 1
 
 
-def test_missing_device_is_a_clear_error(veth: VethPair) -> None:
+def test_two_workers_get_only_changes_add_up_and_explain_finds_the_entry(veth: VethPair) -> None:
+    v = veth
+    a, b = ServiceKey.parse("10.1.0.1:80/udp"), ServiceKey.parse("10.1.0.2:80/udp")
+    peer, other = IPv4Address(v.peer_ip), IPv4Address("10.77.0.3")
+    builder = StateBuilder(251)
+    first = builder.build({a: {peer: 1}, b: {peer: 1}})
+    cap = v.peer_packet_socket()
+    flows = [FlowKey(IPv4Address(f"10.0.0.{i + 1}"), IPv4Address("10.1.0.1"), 17, 40000 + i, 80) for i in range(64)]
+    with EngineProcess(v, first, workers=2) as engine:
+        def send_all() -> int:
+            for flow in flows:
+                inner = ipv4(str(flow.src), str(flow.dst), 17, udp(flow.sport, flow.dport, b"x"))
+                cap.send(gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, inner))
+            return engine.counters().forwarded
+
+        wait_for(lambda: send_all() >= len(flows), timeout=10, interval=0.2, what="forwards from both workers")
+        before = engine.counters()
+        assert before.engine["workers"] == 2 and before.engine["services_sent"] == 0  # forked with the state
+        assert before.connections == len(flows) and before.flows == {peer: len(flows)}
+        packets, nbytes = before.backends[(a, peer)]
+        assert packets == before.forwarded and nbytes == packets * 29  # inner IPv4 + UDP + 1 byte
+        assert before.backends[(b, peer)] == (0, 0)
+
+        engine.apply(builder.build({a: {peer: 1}, b: {peer: 1}}))  # equal: nothing to send
+        assert engine.counters().engine["services_sent"] == 0
+        engine.apply(builder.build({a: {peer: 1}, b: {peer: 1, other: 1}}))  # only b changed
+        after = engine.counters()
+        assert after.engine["services_sent"] == 2, "one service, to each of two workers"
+        assert after.engine["pools_built"] == before.engine["pools_built"] + 2
+        assert after.backends[(a, peer)] == (packets, nbytes), "service a's pool (and figures) kept"
+
+        # Each flow's entry is in one worker only; the engine answers from that one.
+        for flow in flows[:8]:
+            assert engine.explain(flow).reason == "connection entry"
+        unknown = FlowKey(IPv4Address("10.0.9.9"), IPv4Address("10.1.0.1"), 17, 1, 80)
+        assert engine.explain(unknown).reason.startswith("table slot ")
+
+        engine.apply(builder.build({a: {peer: 1}}))  # b removed: only its key travels
+        assert engine.counters().engine["services_sent"] == 2
+        report = engine.stop()
+    assert report.counters.forwarded >= len(flows)
+    assert report.counters.engine["workers"] == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_missing_device_is_a_clear_error(veth: VethPair, workers: int) -> None:
     from rusty_rail.engines.afpacket import AfPacketEngine
-    from rusty_rail.engines.neighbours import DeviceError
 
     with veth.inside(veth.lb_ns):
-        with pytest.raises(DeviceError, match="does not exist"):
-            AfPacketEngine("nosuchdev", swap_and_mark).run(_Never())
+        with pytest.raises(EngineError, match="'nosuchdev' does not exist"):
+            AfPacketEngine(EngineOptions("nosuchdev", workers=workers)).start()
         veth.ip(veth.lb_ns, "addr", "flush", "dev", veth.lb_dev)
-        with pytest.raises(DeviceError, match="no IPv4 address"):
-            AfPacketEngine(veth.lb_dev, swap_and_mark).run(_Never())
-
-
-class _Never:
-    def is_set(self) -> bool:
-        return False
+        engine = AfPacketEngine(EngineOptions(veth.lb_dev, workers=workers))
+        with pytest.raises(EngineError, match="no IPv4 address"):
+            engine.start()
+        assert not engine.ready
+        engine.close()
+    assert "rusty_rail" not in veth.run(veth.lb_ns, "nft", "list", "tables").stdout, "nothing was installed"

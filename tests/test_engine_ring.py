@@ -1,12 +1,15 @@
-"""TPACKET_V3 rings from pure Python: struct mirrors, and RX/TX round trips over a veth pair."""
+"""TPACKET_V3 rings and the ring walker the engine runs: struct mirrors, then RX and TX over a veth pair."""
 
 from __future__ import annotations
 
 import ctypes
+import socket
 
 import pytest
 
-from rusty_rail.engines import ring as R
+from rusty_rail.engines.afpacket import cbpf
+from rusty_rail.engines.afpacket import ring as R
+from rusty_rail.engines.afpacket.walker import RingWalker
 from tests.engine_netns import VethPair, drain, gre_frame, ipv4, udp, wait_for
 
 
@@ -45,53 +48,103 @@ def test_struct_mirrors_match_the_kernel_headers() -> None:
     assert R.BLOCK_DESC.unpack_from(bytes(desc)) == (5, 6, 7)
     assert R.BLOCK_STATUS_OFF == TpacketBlockDesc.hdr.offset
     assert R.TPACKET_REQ3.size == 28
-    assert len(R.inner_flow_fanout_program().fprog) == 16
+    assert len(cbpf.inner_flow_fanout_program().fprog) == 16 and cbpf.inner_flow_fanout_program().insns == 37
 
 
-def read_block(r: R.PacketRing) -> list[tuple[int, bytes]]:
-    """(tp_status, frame) of every packet in the next block, then release it."""
-    base, num, first = wait_for(r.rx_block)
-    out = []
-    off = base + first
-    for _ in range(num):
-        nxt, snap, status, mac = R.TPACKET3_HDR.unpack_from(r.map, off)
-        out.append((status, r.map[off + mac : off + mac + snap]))
-        off += nxt
-    r.rx_release(base)
-    return out
+class Recorder:
+    """A block processor that remembers each block and sends back `reply(frame)` for each frame."""
+
+    def __init__(self, reply=lambda f: None) -> None:  # type: ignore[no-untyped-def]
+        self.blocks: list[list[bytes]] = []
+        self.reply = reply
+
+    def __call__(self, frames: list[bytes], now: float) -> list[bytes]:
+        self.blocks.append(list(frames))
+        return [out for f in frames if (out := self.reply(f)) is not None]
+
+    @property
+    def frames(self) -> list[bytes]:
+        return [f for block in self.blocks for f in block]
 
 
 @pytest.mark.netns
-def test_rx_ring_sees_gre_only_and_tx_ring_sends(veth: VethPair) -> None:
+def test_walker_reads_gre_only_in_order_and_sends_what_the_processor_returns(veth: VethPair) -> None:
     v = veth
     with v.inside(v.lb_ns):
         r = R.PacketRing(v.lb_ifindex, tx_frames=16, tx_frame_size=4096)
     cap = v.peer_packet_socket()
+    answer = Recorder(lambda f: v.peer_mac + v.lb_mac + f[12:] + b"OUT")
+    walker = RingWalker(r, answer)
     try:
+        assert walker.step(0.0) == -1, "no block before any traffic"
         frames = [gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, ipv4("10.0.0.1", "10.1.0.1", 17, udp(1, i, b"x" * i)))
                   for i in range(5)]
         cap.send(v.lb_mac + v.peer_mac + b"\x08\x06" + bytes(28))  # not GRE: filtered out in the kernel
         for f in frames:
             cap.send(f)
-        got: list[bytes] = []
-        while len(got) < len(frames):
-            for status, frame in read_block(r):
-                assert status & R.TP_STATUS_USER
-                got.append(frame)
-        assert got == frames
-
-        # TX: 40 frames through a 16-slot ring, kicking whenever half of it is pending.
-        out = [v.peer_mac + v.lb_mac + b"\x08\x00" + ipv4(v.lb_ip, v.peer_ip, 47, bytes(4 + i)) for i in range(40)]
-        for f in out:
-            assert wait_for(lambda f=f: r.tx_put(f))
-            if r.tx_pending >= r.tx_kick_at:
-                r.tx_kick()
-        r.tx_kick()
-        received = drain(cap, lambda f: f[6:12] == v.lb_mac and f[23] == 47, len(out))
-        assert received == out
-        assert not r.tx_put(bytes(r.tx_max_len + 1)), "an oversized frame is refused, not truncated"
+        wait_for(lambda: walker.step(1.0) >= 0 and len(answer.frames) >= len(frames), what="the GRE frames")
+        assert answer.frames == frames
+        assert drain(cap, lambda f: f.endswith(b"OUT"), len(frames)) == [answer.reply(f) for f in frames]
+        s = walker.stats
+        assert (s.rx_packets, s.rx_blocks, s.tx_ring, s.tx_spilled, s.tx_failed) == (5, len(answer.blocks), 5, 0, 0)
+        assert r.next_block() is None, "every block went back to the kernel"
     finally:
         r.close()
+        cap.close()
+
+
+@pytest.mark.netns
+def test_walker_skips_vlan_tagged_frames_when_the_socket_filter_is_off(veth: VethPair) -> None:
+    v = veth
+    with v.inside(v.lb_ns):
+        r = R.PacketRing(v.lb_ifindex, gre_only=False)
+    cap = v.peer_packet_socket()
+    seen = Recorder()
+    walker = RingWalker(r, seen)
+    try:
+        plain = gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, ipv4("10.0.0.1", "10.1.0.1", 17, udp(1, 2, b"x")))
+        tagged = plain[:12] + b"\x81\x00\x00\x05" + plain[12:]  # 802.1Q, VLAN 5: the kernel moves the tag out
+        cap.send(tagged)
+        cap.send(plain)
+        wait_for(lambda: walker.step(0.0) >= 0 and plain in seen.frames, what="the untagged frame")
+        # The kernel strips the tag on receive, so both look like `plain` in the ring; only the flag differs.
+        assert walker.stats.rx_vlan_skipped == 1
+        assert seen.frames.count(plain) == 1
+    finally:
+        r.close()
+        cap.close()
+
+
+@pytest.mark.netns
+def test_walker_transmit_laps_a_small_tx_ring_in_order_and_spills_what_does_not_fit(veth: VethPair) -> None:
+    v = veth
+    for ns, dev in ((v.lb_ns, v.lb_dev), (v.peer_ns, v.peer_dev)):
+        v.ip(ns, "link", "set", dev, "mtu", "4000")  # a frame too big for a 2 KiB slot, not for the device
+    with v.inside(v.lb_ns):
+        r = R.PacketRing(v.lb_ifindex, tx_frames=16, tx_frame_size=2048)
+        spill = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        spill.bind((v.lb_dev, 0))
+    failed: list[int] = []
+    walker = RingWalker(r, Recorder(), spill, on_tx_failed=lambda: failed.append(1))
+    cap = v.peer_packet_socket()
+    try:
+        # 40 frames through a 16-slot ring: kicked whenever half of it is pending, so no slot is lapped.
+        out = [v.peer_mac + v.lb_mac + b"\x08\x00" + ipv4(v.lb_ip, v.peer_ip, 47, bytes(4 + i)) for i in range(40)]
+        walker.transmit(out)
+        assert drain(cap, lambda f: f[6:12] == v.lb_mac and f[23] == 47, len(out)) == out
+        assert walker.stats.tx_ring == 40
+
+        big = v.peer_mac + v.lb_mac + b"\x08\x00" + ipv4(v.lb_ip, v.peer_ip, 47, bytes(3000))
+        walker.transmit([big])  # beyond the slot: sent by the spill socket, whole
+        assert drain(cap, lambda f: f == big, 1) == [big]
+        assert (walker.stats.tx_spilled, walker.stats.tx_failed) == (1, 0)
+
+        huge = big + bytes(2000)  # beyond the device's MTU too: neither takes it, and it is counted
+        walker.transmit([huge])
+        assert (walker.stats.tx_spilled, walker.stats.tx_failed, failed) == (1, 1, [1])
+    finally:
+        r.close()
+        spill.close()
         cap.close()
 
 
@@ -101,7 +154,7 @@ def test_fanout_program_is_accepted(veth: VethPair) -> None:
         rings = [R.PacketRing(veth.lb_ifindex) for _ in range(2)]
     try:
         for r in rings:
-            r.join_fanout(0x4242, R.inner_flow_fanout_program())
+            r.join_fanout(0x4242, cbpf.inner_flow_fanout_program())
     finally:
         for r in rings:
             r.close()

@@ -1,7 +1,9 @@
 """TPACKET_V3 RX and TX rings on one AF_PACKET socket, from pure Python (socket + mmap + struct).
 
-Layouts mirror <linux/if_packet.h>; tests/test_engine_ring.py checks the offsets we rely on against the
-kernel's behaviour. One socket owns both rings; the mmap holds the RX ring first, then the TX ring.
+Layouts mirror <linux/if_packet.h>; tests/test_engine_ring.py checks the offsets we rely on against
+ctypes mirrors of the kernel's structs. One socket owns both rings; the mmap holds the RX ring first,
+then the TX ring. This module owns the socket, the mapping and the ring geometry; walker.py is the one
+code that reads and writes frames in it.
 
 RX (TPACKET_V3): the kernel fills whole blocks; a block belongs to us while its block_status has
 TP_STATUS_USER, and goes back when we write TP_STATUS_KERNEL. TX: V3 has no block mode for TX, so the TX
@@ -10,22 +12,22 @@ offset 48, then one send() kicks everything pending.
 
 Why "half the TX ring": the kernel walks the TX ring from its own head index and stops at the first frame
 that is not SEND_REQUEST. If we filled all of it in one go, a frame we lapped could still be in flight and
-the two indices disagree from then on (measured on this kernel, see docs/DESIGN.md). So `tx_put` refuses a
-frame that is not AVAILABLE, and `tx_pending >= tx_kick_at` (half the ring at most) tells the caller to kick.
+the two indices disagree from then on (measured on kernel 6.18). So the walker never writes a slot that is
+not AVAILABLE, and kicks once `tx_kick_at` frames (half the ring at most) are pending.
 
 Frames we hand to send() are attached to skbs zero-copy (page frags of the ring), so a frame only becomes
-AVAILABLE again when the skb is freed, possibly by a slow receiver; callers must not block on it.
+AVAILABLE again when the skb is freed, possibly by a slow receiver; nothing may block on it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import socket
 import struct
-from collections.abc import Sequence
 
-# <linux/if_packet.h>, <linux/if_ether.h>, <linux/filter.h>
+from rusty_rail.engines.afpacket.cbpf import SO_ATTACH_FILTER, SocketFilter, gre_only_filter
+
+# <linux/if_packet.h>, <linux/if_ether.h>
 SOL_PACKET = 263
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
@@ -37,7 +39,6 @@ PACKET_FANOUT_DATA = 22
 PACKET_IGNORE_OUTGOING = 23
 TPACKET_V3 = 2
 ETH_P_ALL = 0x0003
-SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 
@@ -71,105 +72,6 @@ TX_STATUS_OFF = 20
 # struct tpacket_stats_v3: tp_packets, tp_drops, tp_freeze_q_cnt
 TPACKET_STATS_V3 = struct.Struct("=III")
 
-# Classic BPF (struct sock_filter: u16 code, u8 jt, u8 jf, u32 k)
-SOCK_FILTER = struct.Struct("=HBBI")
-BPF_LD, BPF_LDX, BPF_ST, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = 0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x07
-BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
-BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0xA0
-BPF_ADD, BPF_MUL, BPF_RSH, BPF_XOR = 0x00, 0x20, 0x70, 0xA0
-BPF_JEQ, BPF_JSET = 0x10, 0x40
-BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
-BPF_TAX, BPF_TXA = 0x00, 0x80
-SKF_AD_OFF = -0x1000
-SKF_AD_VLAN_TAG_PRESENT = 48
-SKF_NET_OFF = -0x100000
-
-Insn = tuple[int, int, int, int]
-
-
-def _u32(k: int) -> int:
-    return k & 0xFFFFFFFF
-
-
-class BpfProgram:
-    """A classic BPF program and the `struct sock_fprog` pointing at it (kept alive with this object)."""
-
-    def __init__(self, insns: Sequence[Insn]) -> None:
-        raw = b"".join(SOCK_FILTER.pack(code, jt, jf, _u32(k)) for code, jt, jf, k in insns)
-        self._buf = ctypes.create_string_buffer(raw, len(raw))
-        # struct sock_fprog { unsigned short len; struct sock_filter *filter; } (pointer 8-aligned)
-        self.fprog = struct.pack("HL", len(insns), ctypes.addressof(self._buf))
-
-
-def gre_only_filter() -> BpfProgram:
-    """Socket filter: keep untagged IPv4 frames of protocol 47 only.
-
-    Everything else is PASS by docs/WIRE.md section 1, which needs no action from the engine: the host
-    stack has its own copy. Filtering in the kernel keeps ARP, SSH and the like out of the ring.
-    Offsets are from the Ethernet header (packet sockets see the frame from the MAC header).
-    """
-    return BpfProgram(
-        [
-            (BPF_LD | BPF_W | BPF_ABS, 0, 0, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT),
-            (BPF_JMP | BPF_JEQ | BPF_K, 0, 4, 0),  # tag in metadata: VLAN frame, not ours
-            (BPF_LD | BPF_H | BPF_ABS, 0, 0, 12),
-            (BPF_JMP | BPF_JEQ | BPF_K, 0, 2, 0x0800),
-            (BPF_LD | BPF_B | BPF_ABS, 0, 0, 23),
-            (BPF_JMP | BPF_JEQ | BPF_K, 1, 0, 47),
-            (BPF_RET | BPF_K, 0, 0, 0),
-            (BPF_RET | BPF_K, 0, 0, 0x40000),
-        ]
-    )
-
-
-def inner_flow_fanout_program() -> BpfProgram:
-    """PACKET_FANOUT_CBPF program: a hash of the INNER IPv4 src and dst of a GRE packet.
-
-    The kernel takes `return value % workers`. Hashing only inner addresses keeps every packet of a flow
-    (fragments, ICMP errors about it excepted) on one worker, and spreads clients over workers, while one
-    router's tunnel (a single outer src/dst pair) would put everything on one worker with an outer hash.
-    Non-GRE and outer fragments go to worker 0 (they are passed or dropped, no state involved).
-    Loads use SKF_NET_OFF so they are relative to the IP header whatever skb->data points at.
-    GRE header length = 4 + 4 for each of C (0x80), K (0x20), S (0x10) in the first flags byte.
-    """
-    n = SKF_NET_OFF
-    prog: list[Insn] = [
-        (BPF_LD | BPF_B | BPF_ABS, 0, 0, n + 9),  # 0: A = outer protocol
-        (BPF_JMP | BPF_JEQ | BPF_K, 0, 34, 47),  # 1: not GRE -> 36
-        (BPF_LD | BPF_H | BPF_ABS, 0, 0, n + 6),  # 2: A = flags/fragment offset
-        (BPF_JMP | BPF_JSET | BPF_K, 32, 0, 0x3FFF),  # 3: outer fragment -> 36
-        (BPF_LDX | BPF_B | BPF_MSH, 0, 0, n + 0),  # 4: X = outer IHL * 4
-        (BPF_LD | BPF_B | BPF_IND, 0, 0, n + 0),  # 5: A = GRE flags, first byte
-        (BPF_ST, 0, 0, 0),  # 6: M[0] = flags
-        (BPF_MISC | BPF_TXA, 0, 0, 0),  # 7: A = X
-        (BPF_ALU | BPF_ADD | BPF_K, 0, 0, 4),  # 8: + base GRE header
-        (BPF_ST, 0, 0, 1),  # 9: M[1] = offset of the inner header, so far
-    ]
-    for bit in (0x80, 0x20, 0x10):  # C, K, S: 10-14, 15-19, 20-24
-        prog += [
-            (BPF_LD | BPF_MEM, 0, 0, 0),
-            (BPF_JMP | BPF_JSET | BPF_K, 0, 3, bit),
-            (BPF_LD | BPF_MEM, 0, 0, 1),
-            (BPF_ALU | BPF_ADD | BPF_K, 0, 0, 4),
-            (BPF_ST, 0, 0, 1),
-        ]
-    prog += [
-        (BPF_LDX | BPF_MEM, 0, 0, 1),  # 25: X = inner header offset
-        (BPF_LD | BPF_W | BPF_IND, 0, 0, n + 12),  # 26: A = inner src
-        (BPF_ST, 0, 0, 2),  # 27: M[2] = src
-        (BPF_LD | BPF_W | BPF_IND, 0, 0, n + 16),  # 28: A = inner dst
-        (BPF_LDX | BPF_MEM, 0, 0, 2),  # 29: X = src
-        (BPF_ALU | BPF_XOR | BPF_X, 0, 0, 0),  # 30: A = src ^ dst
-        (BPF_ALU | BPF_MUL | BPF_K, 0, 0, 0x9E3779B1),  # 31: spread bits upwards
-        (BPF_MISC | BPF_TAX, 0, 0, 0),  # 32: X = A
-        (BPF_ALU | BPF_RSH | BPF_K, 0, 0, 16),  # 33
-        (BPF_ALU | BPF_XOR | BPF_X, 0, 0, 0),  # 34: fold the high half down (the kernel takes % n)
-        (BPF_RET | BPF_A, 0, 0, 0),  # 35
-        (BPF_RET | BPF_K, 0, 0, 0),  # 36: not GRE / fragment -> worker 0
-    ]
-    assert len(prog) == 37
-    return BpfProgram(prog)
-
 
 class PacketRing:
     """An AF_PACKET socket bound to one interface, with a TPACKET_V3 RX ring and a TX ring.
@@ -199,6 +101,7 @@ class PacketRing:
             raise ValueError("ring sizes must be page multiples (frames: multiples of 16)")
         self.ifindex = ifindex
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self._filters: list[SocketFilter] = []  # the kernel reads them at setsockopt; kept for clarity
         try:
             self._setup(rx_block_size, rx_blocks, rx_block_tov_ms, tx_frame_size, tx_frames, gre_only, qdisc_bypass)
         except BaseException:
@@ -221,8 +124,9 @@ class PacketRing:
         s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         if gre_only:
             # Attached before the ring and bind, so nothing else is ever queued.
-            self._filter = gre_only_filter()
-            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, self._filter.fprog)
+            gre = gre_only_filter()
+            self._filters.append(gre)
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, gre.fprog)
         if qdisc_bypass:
             s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
         # The rings are the buffers; these only matter for the skbs accounted to the socket (TX in flight).
@@ -251,19 +155,22 @@ class PacketRing:
         self.rx_block_size = rx_block_size
         self.rx_blocks = rx_blocks
         self.rx_index = 0
+        """The next block to read: the kernel hands blocks out strictly in order."""
         self.tx_frame_size = tx_frame_size
         self.tx_frames = tx_frames
         self.tx_base = self.rx_size
         self.tx_max_len = tx_frame_size - TPACKET3_HDRLEN
         self.tx_index = 0
+        """The next TX slot to write."""
         self.tx_pending = 0
+        """Slots written SEND_REQUEST since the last kick."""
         self.tx_kick_at = max(1, tx_frames // 2)
         s.bind((socket.if_indextoname(self.ifindex), ETH_P_ALL))
         s.setblocking(False)
 
     # -- fanout -----------------------------------------------------------------------------------
 
-    def join_fanout(self, group: int, program: BpfProgram | None = None) -> None:
+    def join_fanout(self, group: int, program: SocketFilter | None = None) -> None:
         """Join fanout `group` (16 bits): CBPF with `program`, else the kernel's flow hash."""
         flags = PACKET_FANOUT_FLAG_IGNORE_OUTGOING
         mode = PACKET_FANOUT_CBPF if program is not None else PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
@@ -274,12 +181,12 @@ class PacketRing:
             # Kernels before 6.9 lack FLAG_IGNORE_OUTGOING; our own forwards are skipped by the group anyway.
             self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, arg & ~(flags << 16))
         if program is not None:
-            self._fanout_prog = program
+            self._filters.append(program)
             self.sock.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, program.fprog)
 
-    # -- RX ---------------------------------------------------------------------------------------
+    # -- RX blocks --------------------------------------------------------------------------------
 
-    def rx_block(self) -> tuple[int, int, int] | None:
+    def next_block(self) -> tuple[int, int, int] | None:
         """(block offset, packet count, offset of the first packet) of the next block we own, else None."""
         base = self.rx_index * self.rx_block_size
         status, num, first = BLOCK_DESC.unpack_from(self.map, base)
@@ -287,30 +194,14 @@ class PacketRing:
             return None
         return base, num, first
 
-    def rx_release(self, base: int) -> None:
-        """Give the block back to the kernel and move on (blocks are handed out strictly in order)."""
+    def release_block(self, base: int) -> None:
+        """Give the block at `base` back to the kernel and move on to the next one."""
         TX_STATUS.pack_into(self.map, base + BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
-        self.rx_index = (self.rx_index + 1) % self.rx_blocks
+        self.rx_index += 1
+        if self.rx_index == self.rx_blocks:
+            self.rx_index = 0
 
     # -- TX ---------------------------------------------------------------------------------------
-
-    def tx_put(self, frame: bytes) -> bool:
-        """Queue one frame; False if the next slot is still in flight or the frame does not fit."""
-        n = len(frame)
-        if n > self.tx_max_len:
-            return False
-        off = self.tx_base + self.tx_index * self.tx_frame_size
-        m = self.map
-        status = TX_STATUS.unpack_from(m, off + TX_STATUS_OFF)[0]
-        if status != TP_STATUS_AVAILABLE:
-            if status != TP_STATUS_WRONG_FORMAT:
-                return False
-        data = off + TPACKET3_HDRLEN
-        m[data : data + n] = frame
-        TX_FIELDS.pack_into(m, off + TX_FIELDS_OFF, n, n, TP_STATUS_SEND_REQUEST)
-        self.tx_index = (self.tx_index + 1) % self.tx_frames
-        self.tx_pending += 1
-        return True
 
     def tx_kick(self) -> None:
         """Ask the kernel to send every SEND_REQUEST frame. Never blocks (frames may stay SENDING)."""
@@ -335,8 +226,8 @@ class PacketRing:
     def close(self) -> None:
         try:
             self.map.close()
-        except (BufferError, ValueError):
-            pass
+        except (AttributeError, BufferError, ValueError):
+            pass  # not mapped yet, or a view of it is still alive (the socket's close unmaps nothing)
         self.sock.close()
 
     def __enter__(self) -> PacketRing:

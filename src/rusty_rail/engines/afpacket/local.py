@@ -1,0 +1,134 @@
+"""One worker's Balancer as the engine drives it: services in, counters and explanations out.
+
+With one worker the engine calls this from the control plane's threads while the packet loop runs
+decide() in another; with several, each forked worker calls it on the supervisor's requests. Either way
+`Balancer.set_services` builds the new pools completely and swaps them in with plain attribute
+assignments (atomic under the GIL), so decide() sees the old services or the new ones, never half.
+A service whose table did not change keeps its pool, its resolved slots and its figures: a drain in one
+service costs no other service anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from ipaddress import IPv4Address
+
+from rusty_rail.core.balancer import Balancer
+from rusty_rail.core.flow import FlowKey
+from rusty_rail.core.service import Service, ServiceKey
+from rusty_rail.core.verdict import DropReason
+from rusty_rail.dataplane import Counters, Explanation
+
+FLOW_COUNT_LIMIT = 200_000
+"""Above this many connection entries, counters leave per-backend flow counts out: counting walks the
+whole table while holding the GIL, and the packet loop would stall for it."""
+
+_DROP_NAMES = tuple((reason, reason.name.lower()) for reason in DropReason)
+
+
+class LocalBalancer:
+    """The engine's handle on one in-process Balancer."""
+
+    def __init__(self, balancer: Balancer, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` must be the packet loop's (the `now` it passes to decide())."""
+        self.balancer = balancer
+        self.clock = clock
+        self._services: dict[ServiceKey, Service] = {key: pool.service for key, pool in balancer.services.items()}
+        self.pools_built = len(self._services)
+        """Pools (a table resolved to addresses) built so far: once per service and per change of it."""
+
+    @property
+    def services(self) -> dict[ServiceKey, Service]:
+        return dict(self._services)
+
+    def apply(self, services: Iterable[Service]) -> int:
+        """Serve exactly `services`; returns the pools built (services new or changed)."""
+        return self._serve({s.key: s for s in services})
+
+    def apply_changes(self, changed: Iterable[Service], removed: Iterable[ServiceKey]) -> int:
+        """Serve what is served now with `changed` services replaced or added and `removed` ones gone:
+        what a forked worker receives, so that a change of one service does not ship every table."""
+        wanted = dict(self._services)
+        for key in removed:
+            wanted.pop(key, None)
+        for service in changed:
+            wanted[service.key] = service
+        return self._serve(wanted)
+
+    def _serve(self, wanted: dict[ServiceKey, Service]) -> int:
+        if wanted == self._services:  # the same Service objects: compared by identity first, cheap
+            return 0
+        before = self.balancer.services
+        self.balancer.set_services(wanted[key] for key in sorted(wanted))
+        built = sum(1 for key, pool in self.balancer.services.items() if before.get(key) is not pool)
+        self._services = wanted
+        self.pools_built += built
+        return built
+
+    def counters(self, engine: Mapping[str, int] | None = None, ready: bool = False) -> Counters:
+        """The balancer's figures, with the engine's own (`engine`) alongside."""
+        b = self.balancer
+        drops = b.drops
+        return Counters(
+            forwarded=b.forwarded,
+            passed=b.passed,
+            drops={name: drops[reason] for reason, name in _DROP_NAMES},
+            connections=len(b.connections),
+            connection_evictions=b.connections.evictions,
+            backends=b.backend_figures(),
+            flows=self.flows(),
+            ready=ready,
+            engine=dict(engine or {}),
+        )
+
+    def flows(self) -> dict[IPv4Address, int] | None:
+        """Connection entries per backend; None above FLOW_COUNT_LIMIT entries (or while the packet loop
+        keeps changing the table under the walk)."""
+        table = self.balancer.connections
+        if len(table) > FLOW_COUNT_LIMIT:
+            return None
+        for _ in range(3):  # the packet loop may change the table while we walk it; try again
+            try:
+                counts = Counter(backend for _, backend in table.items())
+            except RuntimeError:
+                continue
+            return {IPv4Address(k): v for k, v in counts.items()}
+        return None
+
+    def explain(self, key: FlowKey) -> Explanation:
+        backend, reason = self.balancer.explain(key, self.clock())
+        return Explanation(backend, reason)
+
+
+def merge_counters(parts: list[Counters], ready: bool) -> Counters:
+    """Workers' counters added up (each worker has its own connection table and figures)."""
+    drops: dict[str, int] = {}
+    backends: dict[tuple[ServiceKey, IPv4Address], tuple[int, int]] = {}
+    flows: dict[IPv4Address, int] | None = {}
+    engine: dict[str, int] = {}
+    for part in parts:
+        for name, n in part.drops.items():
+            drops[name] = drops.get(name, 0) + n
+        for key, (packets, nbytes) in part.backends.items():
+            p0, b0 = backends.get(key, (0, 0))
+            backends[key] = (p0 + packets, b0 + nbytes)
+        if part.flows is None or flows is None:
+            flows = None  # one worker's table is too large to walk: no total is honest
+        else:
+            for address, n in part.flows.items():
+                flows[address] = flows.get(address, 0) + n
+        for name, n in part.engine.items():
+            engine[name] = engine.get(name, 0) + n
+    return Counters(
+        forwarded=sum(p.forwarded for p in parts),
+        passed=sum(p.passed for p in parts),
+        drops=drops,
+        connections=sum(p.connections for p in parts),
+        connection_evictions=sum(p.connection_evictions for p in parts),
+        backends=backends,
+        flows=flows,
+        ready=ready,
+        engine=engine,
+    )
