@@ -22,6 +22,7 @@ from pyroute2 import IPRoute
 from rusty_rail import decap
 from rusty_rail.core.constants import BPFFS
 from rusty_rail.lab import Lab, netns
+from rusty_rail.lab.events import logged
 from rusty_rail.lab.router import flow_slot, pin_dir
 from rusty_rail.lab.sniff import Sniffer
 
@@ -194,40 +195,40 @@ def test_decap_cli_detach_and_attach(prefix: str, capsys: pytest.CaptureFixture[
         assert r.ok
 
 
+def _logs(lab: Lab, size: int = 3000) -> str:
+    return "\n".join(f"-- {lb.name}:\n{lab.balancer_log(lb).read_text(errors='replace')[-size:]}"
+                     for lb in lab.balancers if lab.balancer_log(lb).exists())
+
+
 def _wait_until_served(lab: Lab, deadline_s: float) -> None:
     """Poll (one request at a time) until the balancers forward, or fail at the deadline."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if lab.traffic(n=1, timeout=0.5)[0].ok:
             return
-    pytest.fail("the balancers did not start forwarding before the deadline")
+    pytest.fail(f"the balancers did not start forwarding before the deadline\n{_logs(lab)}")
 
 
-def stop_balancers(procs: list[subprocess.Popen]) -> list[dict]:
-    """SIGTERM each balancer and return the one JSON line each prints when it stops."""
+def stop_balancers(lab: Lab, procs: list[subprocess.Popen]) -> list[dict]:
+    """SIGTERM each balancer (started with the lab's default logs) and return the "stopped" event
+    each logs as it exits."""
     for p in procs:
         p.terminate()
     reports = []
-    for p in procs:
-        out, _ = p.communicate(timeout=20)
-        assert p.returncode == 0, f"balancer exited {p.returncode}"
-        lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
-        reports.append(next(r for r in lines if r.get("event") == "stopped"))
+    for lb, p in zip(lab.balancers, procs):
+        assert p.wait(timeout=20) == 0, f"{lb.name} exited {p.returncode}\n{_logs(lab)}"
+        stopped = logged(lab.balancer_log(lb), "stopped")
+        assert stopped, f"{lb.name} logged no stopped event\n{_logs(lab)}"
+        reports.append(stopped[-1])
     return reports
 
 
 @pytest.mark.parametrize("engine", ["afpacket", "xdp"])
 @pytest.mark.parametrize("topology", [1, 2, 3, 4])
-def test_through_balancers(prefix: str, topology: int, engine: str, tmp_path) -> None:
-    log = (tmp_path / "balancers.log").open("w+")
+def test_through_balancers(prefix: str, topology: int, engine: str) -> None:
     with Lab(topology, prefix) as lab:
-        procs = lab.start_balancers(env={"RR_ENGINE": engine}, stdout=subprocess.PIPE, stderr=log)
-        try:
-            _wait_until_served(lab, 15)
-        except BaseException:
-            log.seek(0)
-            print(log.read()[-3000:])  # shown by pytest with the failure
-            raise
+        procs = lab.start_balancers(env={"RR_ENGINE": engine})  # output: lab.balancer_log(lb)
+        _wait_until_served(lab, 15)
         wrapped_before = lab.maps.stats()["encapsulated_wire"]  # a first SYN may beat the balancer's start
         # The balancer's own host stays reachable while it balances: ping, and TCP to a local service.
         lb = lab.balancers[0]
@@ -241,7 +242,7 @@ def test_through_balancers(prefix: str, topology: int, engine: str, tmp_path) ->
             lab.run(lab.router.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "tcp", lb.address, "2222"])
         assert all(p.poll() is None for p in procs), "a balancer exited"
         encapsulated = lab.maps.stats()["encapsulated_wire"]  # wire packets, as the balancers count
-        reports = stop_balancers(procs)
+        reports = stop_balancers(lab, procs)
         forwarded = [r["counters"]["forwarded"] for r in reports]
         # Every packet the router wrapped once the balancers were up was forwarded, and nothing else
         # was: the servers' replies (as many packets as the requests) never passed a balancer (DSR).
@@ -265,14 +266,14 @@ def test_two_workers_keep_each_flow_on_one_worker(prefix: str) -> None:
     same Maglev slot, but its connection entry would live twice; the fanout test in
     test_engine_afpacket.py checks placement), and both workers' counters add up in the report."""
     with Lab(2, prefix) as lab:
-        procs = lab.start_balancers(env={"RR_ENGINE": "afpacket", "RR_WORKERS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        procs = lab.start_balancers(env={"RR_ENGINE": "afpacket", "RR_WORKERS": "2"})
         _wait_until_served(lab, 15)
         results = lab.traffic(n=40)
         assert [r.error for r in results if not r.ok] == []
         assert {r.server for r in results} == {s.name for s in lab.servers}
         encapsulated = lab.maps.stats()["encapsulated_wire"]
-        (report,) = stop_balancers(procs)
-        assert report["engine_stats"]["workers"] == 2
+        (report,) = stop_balancers(lab, procs)
+        assert report["engine_counters"]["workers"] == 2
         assert report["counters"]["forwarded"] <= encapsulated
         assert report["counters"]["forwarded"] >= len(results) * 5  # SYN, ACK, request, ACKs, FIN per request
 

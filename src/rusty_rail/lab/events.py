@@ -1,4 +1,5 @@
-"""Follow a lab helper process that reports JSON lines on stdout (streams.py, router_health.py).
+"""Follow a lab helper process that reports JSON lines on stdout (streams.py, router_health.py), or
+read the events a daemon logged (its structured log: one JSON object a line, `event` naming it).
 
 A reader thread collects the events as they come, so a test can wait for one with a deadline while the
 process keeps running; nothing sleeps.
@@ -11,9 +12,24 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 Event = dict[str, Any]
+
+
+def logged(path: Path, name: str | None = None) -> list[Event]:
+    """The JSON objects in a log file, in order (other lines skipped); only those named `name` if given."""
+    events = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and (name is None or event.get("event") == name):
+                events.append(event)
+    return events
 
 
 class Events:

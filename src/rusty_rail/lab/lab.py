@@ -194,8 +194,12 @@ class Lab:
         env = {**self.balancer_env(lb), **(env or {})}
         if "stdout" in kw or "stderr" in kw:
             return self.popen(lb.namespace, cmd, env=env, **kw)
-        with self._log(f"{lb.name}.log") as log:
+        with self._log(self.balancer_log(lb).name) as log:
             return self.popen(lb.namespace, cmd, env=env, stdout=log, stderr=subprocess.STDOUT, **kw)
+
+    def balancer_log(self, lb: Host) -> Path:
+        """Where start_balancer() sends a balancer's output by default (read it with events.logged)."""
+        return self.log_dir / f"{lb.name}.log"
 
     def _log(self, name: str) -> IO[bytes]:
         """A log file in log_dir, appended to; the caller closes its copy once a child holds it."""
