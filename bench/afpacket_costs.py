@@ -10,13 +10,18 @@ Cases (84-byte GRE frames, 3 backends, M = 65537, same frame layout as engine_ra
   once the table has seen `capacity` flows; a small capacity is used to get there quickly).
 - the parts of the miss path, each alone: flow_hash, inner_flow_key, ConnectionTable.lookup (absent),
   insert (new key, with eviction), the outer checksum, slicing the frame, Forward's output bytes.
-Figures: median of 5 runs, nanoseconds of this thread's CPU time per packet (robust to other load). The engine's own per-packet cost (ring walk, slicing
-the frame out of the mmap, TX ring write) is engine_rates.py's "engine us/pkt" minus the decide figure.
+- the ring walker's own per-frame work (engines/afpacket/walker.py), on rings laid out in anonymous
+  memory in blocks of 64 frames: copying frames out of an RX block, the engine's block processor
+  (decide_blocks) over a block, and writing forwards into the TX ring (the kick, a syscall, left out).
+Figures: median of 5 runs, nanoseconds of this thread's CPU time per packet (robust to other load). What
+the kernel adds (the kick's transmit, the copy into the RX ring) is engine_rates.py's "engine us/pkt"
+minus these.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import statistics
@@ -33,6 +38,10 @@ from rusty_rail.core.checksum import ones_complement_sum  # noqa: E402
 from rusty_rail.core.conntrack import ConnectionTable  # noqa: E402
 from rusty_rail.core.flow import inner_flow_key  # noqa: E402
 from rusty_rail.core.flowhash import flow_hash  # noqa: E402
+from rusty_rail.core.maglev import build_table  # noqa: E402
+from rusty_rail.core.service import Service, ServiceKey  # noqa: E402
+from rusty_rail.engines.afpacket import ring as R  # noqa: E402
+from rusty_rail.engines.afpacket.walker import RingWalker, decide_blocks  # noqa: E402
 from tests.engine_netns import gre_frame, ipv4, udp  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,10 +58,69 @@ def frames(n: int, rng: random.Random) -> list[bytes]:
 
 
 def balancer(capacity: int = 1 << 20) -> Balancer:
-    b = Balancer(LB_IP, LB_MAC, list(BACKENDS), connections=ConnectionTable(capacity))
+    service = Service(ServiceKey.catch_all(), build_table(list(BACKENDS)))
+    b = Balancer(LB_IP, LB_MAC, (service,), connections=ConnectionTable(capacity))
     for ip, mac in BACKENDS.items():
         b.set_neighbour(ip, bytes.fromhex(mac))
     return b
+
+
+BLOCK = 64
+
+
+class MemoryRing:
+    """PacketRing's layout without a socket: one RX block holding BLOCK frames as the kernel writes them
+    (tpacket3_hdr, frame at tp_mac), then a TX ring of 2 * BLOCK slots whose kick sends nothing."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.rx_block_size, self.tx_frame_size, self.tx_frames = 1 << 17, 2048, 2 * BLOCK
+        self.tx_base = self.rx_block_size
+        self.map = mmap.mmap(-1, self.tx_base + self.tx_frames * self.tx_frame_size)
+        self.tx_max_len = self.tx_frame_size - R.TPACKET3_HDRLEN
+        self.tx_kick_at = self.tx_frames  # no kick inside a block: the syscall is not ours to time
+        self.tx_index = self.tx_pending = 0
+        self.first = 64
+        off = self.first
+        for frame in frames:
+            mac, nxt = 80, (80 + len(frame) + 15) & ~15
+            struct_into = R.TPACKET3_HDR.pack_into
+            struct_into(self.map, off, nxt, len(frame), R.TP_STATUS_USER, mac)
+            self.map[off + mac : off + mac + len(frame)] = frame
+            off += nxt
+
+    def tx_kick(self) -> None:
+        self.tx_pending = 0
+
+    def tx_reset(self) -> None:
+        """What the kernel does once the skbs are freed: every slot AVAILABLE again."""
+        self.map[self.tx_base :] = bytes(self.tx_frames * self.tx_frame_size)
+        self.tx_index = 0
+
+
+def walker_ns(frames: list[bytes], b: Balancer) -> dict[str, float]:
+    """The walker's per-frame costs over blocks of BLOCK frames (median of 5 runs over all `frames`)."""
+    blocks = [frames[i : i + BLOCK] for i in range(0, len(frames) - BLOCK + 1, BLOCK)]
+    rings = [MemoryRing(block) for block in blocks[:50]]  # 50 distinct blocks, walked round robin
+    walkers = [RingWalker(r, decide_blocks(b)) for r in rings]  # type: ignore[arg-type]
+    out = {"rx": [], "decide": [], "tx": []}  # type: dict[str, list[float]]
+    for _ in range(5):
+        t = {"rx": 0, "decide": 0, "tx": 0}
+        for i in range(len(blocks)):
+            w = walkers[i % len(walkers)]
+            t0 = time.thread_time_ns()
+            got = w.rx_frames(w.ring.first, BLOCK)  # type: ignore[attr-defined]
+            t1 = time.thread_time_ns()
+            sent = w.process(got, 1.0)
+            t2 = time.thread_time_ns()
+            w.transmit(sent)
+            t3 = time.thread_time_ns()
+            w.ring.tx_reset()  # type: ignore[attr-defined]
+            t["rx"] += t1 - t0
+            t["decide"] += t2 - t1
+            t["tx"] += t3 - t2
+        for k in t:
+            out[k].append(t[k] / (len(blocks) * BLOCK))
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 def per_item_ns(fn, items, runs: int = 5) -> float:
@@ -123,6 +191,11 @@ def main() -> int:
     prefix = b._prefixes[next(iter(b._prefixes))]
     r["  output bytes (4 concatenations)"] = per_item_ns(
         lambda items: [prefix[0] + b"x" * 20 + prefix[1] + b"\0\0\x08\0" + i for i in items], inners)
+
+    walked = walker_ns(rand, balancer(capacity=n // 4))
+    r[f"walker: RX frames out of a block of {BLOCK}"] = walked["rx"]
+    r["walker: decide_blocks (random flows, table full)"] = walked["decide"]
+    r["walker: TX ring writes (without the kick)"] = walked["tx"]
 
     width = max(map(len, r))
     print(f"{'case':{width}} {'ns/pkt':>8}")

@@ -3,10 +3,13 @@
     sudo .venv/bin/python bench/engine_afpacket.py [packets] [plain,engine,core]
 
 trafgen (CPU0, peer namespace) offers 84-byte GRE frames at its maximum rate; the forwarder (CPU1, lb
-namespace) sends each back out with a trivial decide(). Forwarded = the peer veth's rx counter (frames go to
-a MAC nobody has, so the peer drops them at the Ethernet layer and spends no CPU of ours). Reported: offered
-and forwarded pps over the sender's run time, and the forwarder's CPU time per packet. "core" runs the
-engine with the real rusty_rail.core Balancer (one backend) instead of the trivial decide().
+namespace) sends each back out. Forwarded = the peer veth's rx counter (frames go to a MAC nobody has, so
+the peer drops them at the Ethernet layer and spends no CPU of ours). Reported: offered and forwarded pps
+over the sender's run time, and the forwarder's CPU time per packet. Modes:
+- plain: recv()/send() per packet on a plain AF_PACKET socket, each frame through `trivial`;
+- engine: the AF_PACKET engine with a trivial block processor (walker.py's seam): the rings alone;
+- slow: the same with a 3 us busy wait per frame: is a slower decide() alone enough to lose frames?
+- core: the engine as it runs, the real rusty_rail.core Balancer (one catch-all service, one backend).
 """
 
 from __future__ import annotations
@@ -25,19 +28,37 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pyroute2 import netns  # noqa: E402
 
-from rusty_rail.core.verdict import Forward  # noqa: E402
+from rusty_rail.core.maglev import build_table  # noqa: E402
+from rusty_rail.core.service import Service, ServiceKey  # noqa: E402
+from rusty_rail.dataplane import DataplaneState, EngineOptions  # noqa: E402
 from tests.engine_netns import VethPair, gre_frame, ipv4, udp  # noqa: E402
 
 NOBODY = bytes.fromhex("020000000001")
 RATE = ["-b", os.environ["RATE"]] if os.environ.get("RATE") else []  # e.g. RATE=100kpps: trafgen's pacing
 
 
-def trivial(frame: bytes, now: float) -> Any:
-    return Forward(NOBODY + frame[6:], 0)  # one new bytes object, like the real balancer
+def trivial(frame: bytes) -> bytes:
+    return NOBODY + frame[6:]  # one new bytes object, like the real balancer
+
+
+def trivial_blocks(balancer: Any) -> Any:
+    return lambda frames, now: [NOBODY + f[6:] for f in frames]
+
+
+def slow_blocks(balancer: Any) -> Any:
+    def process(frames: list[bytes], now: float, pc: Any = time.perf_counter) -> list[bytes]:
+        out = []
+        for f in frames:
+            end = pc() + 3e-6
+            while pc() < end:
+                pass
+            out.append(trivial(f))
+        return out
+    return process
 
 
 def plain_loop(dev: str, stop: Any) -> None:
-    from rusty_rail.engines.ring import SO_ATTACH_FILTER, gre_only_filter
+    from rusty_rail.engines.afpacket.cbpf import SO_ATTACH_FILTER, gre_only_filter
 
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
     prog = gre_only_filter()
@@ -51,8 +72,8 @@ def plain_loop(dev: str, stop: Any) -> None:
             frame = recv(2048)
         except TimeoutError:
             continue
-        v = trivial(frame, mono())
-        send(v.frame)
+        mono()  # the engine reads the clock per block; this loop's "block" is one frame
+        send(trivial(frame))
 
 
 def forwarder(mode: str, v: VethPair, ready: Any, stop: Any) -> None:
@@ -65,27 +86,20 @@ def forwarder(mode: str, v: VethPair, ready: Any, stop: Any) -> None:
         return
     from rusty_rail.engines.afpacket import AfPacketEngine
 
-    if mode == "core":  # the real balancer; its backend's "MAC" is a permanent neighbour entry nobody owns
-        from rusty_rail.core.balancer import Balancer
-
-        balancer: Any = Balancer(local_address=v.lb_ip, local_mac=v.lb_mac, backends=["10.77.0.50"])
-    elif mode == "slow":  # trivial + a 3 us busy wait: is a slower decide() alone enough to lose frames?
-        def balancer(frame: bytes, now: float, pc: Any = time.perf_counter) -> Any:
-            end = pc() + 3e-6
-            while pc() < end:
-                pass
-            return trivial(frame, now)
-    else:
-        balancer = trivial
     # bench knob: RING="rx_blocks=32,rx_block_tov_ms=2" (PacketRing keyword arguments, integers)
     opts = {k: int(x, 0) for k, x in (kv.split("=") for kv in os.environ.get("RING", "").split(",") if kv)}
-    engine = AfPacketEngine(v.lb_dev, balancer, ring_options=opts or None)
-    import threading
-
-    threading.Thread(target=lambda: (engine.ready.wait(), ready.set()), daemon=True).start()
-    stats = engine.run(stop)
-    print(f"  engine stats: rx={stats.rx_packets} blocks={stats.rx_blocks} ring_drops={stats.rx_kernel_drops} "
-          f"tx_ring={stats.tx_ring} spilled={stats.tx_spilled} failed={stats.tx_failed}", flush=True)
+    kw: dict[str, Any] = {"ring_options": opts or None}
+    if mode != "core":
+        kw["processor"] = slow_blocks if mode == "slow" else trivial_blocks
+    engine = AfPacketEngine(EngineOptions(v.lb_dev), **kw)
+    # core: the real balancer; its backend's "MAC" is a permanent neighbour entry nobody owns
+    engine.apply(DataplaneState((Service(ServiceKey.catch_all(), build_table(["10.77.0.50"])),)))
+    engine.start()
+    ready.set()
+    figures = engine.serve(stop).counters.engine
+    print(f"  engine stats: rx={figures['rx_packets']} blocks={figures['rx_blocks']} "
+          f"ring_drops={figures['rx_kernel_drops']} tx_ring={figures['tx_ring']} spilled={figures['tx_spilled']} "
+          f"failed={figures['tx_failed']}", flush=True)
 
 
 def counter(v: VethPair, ns: str, dev: str, name: str) -> int:

@@ -171,11 +171,20 @@ def engine_child(kind: str, v: VethPair, conn: Any, ring: dict[str, int] | None,
             return Balancer(v.lb_ip, v.lb_mac, list(BACKENDS))
 
         if kind == "afpacket":
+            from rusty_rail.core.maglev import build_table
+            from rusty_rail.core.service import Service, ServiceKey
+            from rusty_rail.dataplane import DataplaneState, EngineOptions
             from rusty_rail.engines.afpacket import AfPacketEngine
 
-            balancer = make()
-            engine: Any = AfPacketEngine(v.lb_dev, balancer, ring_options=ring)
-            counters = balancer.counters
+            afpacket = AfPacketEngine(EngineOptions(v.lb_dev), ring_options=ring)
+            afpacket.apply(DataplaneState((Service(ServiceKey.catch_all(), build_table(list(BACKENDS))),)))
+            engine: Any = type("E", (), {"ready": threading.Event()})()  # the same handle as the others
+
+            def counters() -> dict[str, int]:
+                c = afpacket.counters()
+                return {"forwarded": c.forwarded, "passed": c.passed, "connections": c.connections,
+                        "connection_evictions": c.connection_evictions,
+                        **{f"drop_{k}": n for k, n in c.drops.items()}, **c.engine}
 
             def serve() -> None:
                 prof = None
@@ -184,11 +193,13 @@ def engine_child(kind: str, v: VethPair, conn: Any, ring: dict[str, int] | None,
 
                     prof = cProfile.Profile()
                     prof.enable()
-                stats = engine.run(stop)
+                afpacket.start()
+                engine.ready.set()
+                report = afpacket.serve(stop)
                 if prof is not None:
                     prof.disable()
                     prof.dump_stats(profile)
-                final.update({k: val for k, val in vars(stats).items() if k != "balancer"})
+                final.update(report.counters.engine)
         elif kind == "xdp":
             from rusty_rail.engines.xdp_engine import XdpEngine
 
