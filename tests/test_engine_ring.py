@@ -51,6 +51,31 @@ def test_struct_mirrors_match_the_kernel_headers() -> None:
     assert len(cbpf.inner_flow_fanout_program().fprog) == 16 and cbpf.inner_flow_fanout_program().insns == 37
 
 
+class RefusingSocket:
+    """Stands in for the ring's socket: refuses `refusals` kicks with EAGAIN, then takes them."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals, self.kicks = refusals, 0
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        self.kicks += 1
+        if self.refusals:
+            self.refusals -= 1
+            raise BlockingIOError(11, "send buffer full")
+        return 0
+
+
+def test_a_refused_kick_is_tried_again() -> None:
+    r = R.PacketRing.__new__(R.PacketRing)  # no socket, no mmap: only the kick's bookkeeping
+    r.sock, r.tx_pending = RefusingSocket(1), 3  # type: ignore[assignment]
+    r.tx_kick()
+    assert r.tx_pending == 3, "the frames are still SEND_REQUEST: the next kick must send them"
+    r.tx_kick()
+    assert (r.tx_pending, r.sock.kicks) == (0, 2)  # type: ignore[attr-defined]
+    r.tx_kick()
+    assert r.sock.kicks == 2, "nothing pending: no syscall"  # type: ignore[attr-defined]
+
+
 class Recorder:
     """A block processor that remembers each block and sends back `reply(frame)` for each frame."""
 

@@ -204,14 +204,18 @@ class PacketRing:
     # -- TX ---------------------------------------------------------------------------------------
 
     def tx_kick(self) -> None:
-        """Ask the kernel to send every SEND_REQUEST frame. Never blocks (frames may stay SENDING)."""
+        """Ask the kernel to send every SEND_REQUEST frame. Never blocks (frames may stay SENDING).
+
+        When the socket's send buffer is full (skbs still in flight) the kernel refuses with EAGAIN and
+        the frames stay SEND_REQUEST: `tx_pending` then stays too, so the next kick (the packet loop
+        kicks while idle) sends them, rather than leaving them in the ring until more traffic comes."""
         if not self.tx_pending:
             return
-        self.tx_pending = 0
         try:
             self.sock.send(b"", socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            pass  # frames stay SEND_REQUEST and go out with the next kick
+            return
+        self.tx_pending = 0
 
     # -- misc -------------------------------------------------------------------------------------
 

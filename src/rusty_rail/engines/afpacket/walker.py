@@ -173,7 +173,7 @@ class RingWalker:
                 if pending >= kick_at:  # never more than half the ring un-kicked (ring.py)
                     ring.tx_index, ring.tx_pending = index, pending
                     ring.tx_kick()
-                    pending = 0
+                    pending = ring.tx_pending  # 0, unless the kernel refused (EAGAIN): then kick again
             else:
                 self._spill(frame)
         ring.tx_index, ring.tx_pending = index, pending

@@ -118,7 +118,7 @@ class Worker:
         while not stop():
             now = monotonic()
             if step(now) < 0:  # no block ready: housekeeping, requests, then sleep in poll
-                ring.tx_kick()  # frames a kick could not hand over (EAGAIN) go now
+                ring.tx_kick()  # frames an earlier kick could not hand over (EAGAIN) go now
                 if now >= next_house:
                     next_house = now + self.neighbour_interval
                     self._housekeeping()
