@@ -1,7 +1,8 @@
-/* Rusty Rail: the XDP program's maps. Names are the contract with rusty_rail/engines/xdp.py, which
- * finds them with bpf_object__find_map_by_name and may resize rr_maglev, rr_conns, rr_services,
- * rr_members and rr_backend_stats before load (max_services * table size, max_services *
- * RR_MEMBER_WORDS, max_services * RR_MAX_BACKENDS, ...). */
+/* Rusty Rail: the XDP program's maps. Names are the contract with rusty_rail/engines/xdp/maps.py;
+ * engines/xdp/program.py finds them with bpf_object__find_map_by_name and resizes rr_maglev, rr_conns,
+ * rr_services, rr_members and rr_backend_stats before load (max_services * table size, max_services *
+ * RR_MEMBER_WORDS, max_services * RR_MAX_BACKENDS, ...); engines/xdp/planner.py computes what they
+ * hold. */
 #ifndef RR_MAPS_H
 #define RR_MAPS_H
 
@@ -23,8 +24,8 @@ struct {
 	__type(value, struct rr_backend);
 } rr_backends SEC(".maps");
 
-/* slot -> index into rr_backends. Open mode: one table of rr_config.table_size slots at 0. Services
- * mode: service i's table of rr_service.table_size slots at i * rr_config.table_stride. */
+/* slot -> index into rr_backends: service i's table (rr_service.table_size slots, or
+ * rr_config.catch_all_size for the catch-all) at i * rr_config.table_stride. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, RR_DEFAULT_TABLE_SIZE);
@@ -39,7 +40,8 @@ struct {
 	__type(value, struct rr_clock);
 } rr_clock SEC(".maps");
 
-/* Services mode only (rr_config.services): which service a flow belongs to (docs/WIRE.md section 10). */
+/* Which service with a VIP a flow belongs to (docs/WIRE.md section 10): the keys of core/service.py's
+ * ServiceMatcher.entries. Not looked up while rr_config.named_services is 0; the catch-all is not here. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 2 * RR_DEFAULT_MAX_SERVICES);   /* each service + each (VIP, protocol) fallback */
@@ -47,8 +49,8 @@ struct {
 	__type(value, struct rr_service);
 } rr_services SEC(".maps");
 
-/* Services mode only: word index * RR_MEMBER_WORDS + b / 64, bit b % 64: backend b is listed in the
- * service with that index. */
+/* Word index * RR_MEMBER_WORDS + b / 64, bit b % 64: backend b is listed in the service with that
+ * index. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, RR_DEFAULT_MAX_SERVICES * RR_MEMBER_WORDS);
@@ -65,7 +67,7 @@ struct {
 } rr_conns SEC(".maps");
 
 /* Counters by index (rr_structs.h): 0 forwarded, 1..18 drop reasons, 19 passed, 20 conn_hit,
- * 21 conn_new, 22 conn_insert (new rr_conns entries only: engines/xdp.py derives LRU evictions). */
+ * 21 conn_new, 22 conn_insert (new rr_conns entries only: engines/xdp/counters.py derives LRU evictions). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, RR_STAT_MAX);
@@ -74,7 +76,7 @@ struct {
 } rr_stats SEC(".maps");
 
 /* Per (service, backend): packets and inner bytes forwarded, at service index * RR_MAX_BACKENDS +
- * rr_backends index (open mode: service 0). Per CPU, so the forward path adds without atomics; the
+ * rr_backends index. Per CPU, so the forward path adds without atomics; the
  * control plane sums the CPUs' values. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

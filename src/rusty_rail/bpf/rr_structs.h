@@ -1,6 +1,6 @@
 /* Rusty Rail: the structs shared by the XDP program and its Python control plane.
  *
- * Every struct here has a ctypes mirror in rusty_rail/engines/xdp_maps.py; tests/test_xdp_layout.py
+ * Every struct here has a ctypes mirror in rusty_rail/engines/xdp/maps.py; tests/test_xdp_layout.py
  * compiles this header with the host compiler and checks sizes and offsets of the mirrors against it,
  * so the two cannot drift apart silently. Layouts are explicit (no implicit padding).
  */
@@ -9,17 +9,19 @@
 
 #include <linux/types.h>
 
-/* rr_config[0]: the balancer's own identity and the table parameters. */
+/* rr_config[0]: the balancer's own identity, and where its services are. There are only services
+ * (docs/WIRE.md section 10): those with a VIP are found in rr_services, the catch-all (every VIP; the
+ * environment form is exactly one) here, without a lookup. Service i's Maglev table is
+ * rr_maglev[i * table_stride ...], its member bitmap rr_members[i * RR_MEMBER_WORDS ...]. */
 struct rr_config {
 	__be32 local_addr;          /* outer source address of forwarded frames (network order) */
 	__u8 local_mac[6];          /* Ethernet source of forwarded frames */
 	__u16 pad;
-	__u32 table_size;           /* open mode: Maglev slots in use (M, prime); 0 = no table: NO_BACKEND */
-	__u32 backend_count;        /* open mode: 0 = no backends: NO_BACKEND for every new flow */
 	__u32 hash_seed;            /* murmur3 seed, docs/WIRE.md section 6 */
-	__u32 services;             /* 0: open mode (one table at rr_maglev[0..table_size)); 1: services
-				     * mode (docs/WIRE.md section 10): rr_services finds the table, or NO_SERVICE */
-	__u32 table_stride;         /* services mode: service i's table starts at rr_maglev[i * table_stride] */
+	__u32 named_services;       /* services with a VIP; 0: skip every rr_services lookup */
+	__u32 catch_all;            /* 0: no catch-all service; else 1 + its service index */
+	__u32 catch_all_size;       /* slots of the catch-all's table (0: no backend with a weight: NO_BACKEND) */
+	__u32 table_stride;         /* rr_maglev entries per service: the largest table the maps hold */
 	__u64 conn_timeout_ns[3];   /* at offset 32: 8-aligned without padding; idle timeouts, by RR_TIMEOUT_* */
 };
 
@@ -81,8 +83,8 @@ struct rr_service {
 };
 
 /* rr_backend_stats value, per CPU: what was forwarded to backend b for the service with index s, at
- * rr_backend_stats[s * RR_MAX_BACKENDS + b] (open mode: s = 0). Counted as core/balancer.py counts a
- * pool's packets and bytes: on XDP_TX only, bytes = the inner packet's total length. The control plane
+ * rr_backend_stats[s * RR_MAX_BACKENDS + b]. Counted as core/balancer.py counts a
+ * pool's packets and bytes: on XDP_TX only, bytes = the inner packet's total length. The map planner
  * zeroes a slot before its (service, backend index) pair starts naming another address or rejoins. */
 struct rr_backend_stats {
 	__u64 packets;
@@ -107,13 +109,14 @@ struct rr_backend_stats {
 #define RR_DROP_INNER_BAD_LENGTH 14
 #define RR_DROP_NO_BACKEND 15
 #define RR_DROP_NO_NEIGHBOUR 16
-#define RR_DROP_NO_SERVICE 17       /* services mode: no rr_services entry matches */
+#define RR_DROP_NO_SERVICE 17       /* no service matches (no rr_services entry, no catch-all) */
 #define RR_DROP_TX_FAILED 18        /* bpf_xdp_adjust_head/tail refused */
 #define RR_STAT_PASSED 19           /* not GRE over IPv4: XDP_PASS */
 #define RR_STAT_CONN_HIT 20         /* forwarded frames whose backend came from rr_conns */
 #define RR_STAT_CONN_NEW 21         /* rr_conns entries (re)written from the Maglev table */
 #define RR_STAT_CONN_INSERT 22      /* of those, written under a key with no entry at all (a new
-                                     * entry, not a rewrite): engines/xdp.py derives LRU evictions */
+                                     * entry, not a rewrite): engines/xdp/counters.py derives LRU
+                                     * evictions */
 #define RR_STAT_MAX 32
 
 #define RR_MAX_BACKENDS 4096
