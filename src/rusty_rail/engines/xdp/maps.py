@@ -1,8 +1,8 @@
-"""ctypes mirrors of src/rusty_rail/bpf/rr_structs.h, and the map names of rr_maps.h.
+"""ctypes mirrors of bpf/rr_structs.h, the map and program names of bpf/rr_maps.h, and the constants.
 
 tests/test_xdp_layout.py compiles rr_structs.h with the host compiler and checks every size and field
-offset here against it. Fields typed __be32/__be16 in C hold network-order bytes: they are mirrored as
-byte arrays (addresses) or set through the helpers below, so nothing depends on the host's byte order.
+offset here, and every constant, against it. Fields typed __be32/__be16 in C hold network-order bytes:
+they are mirrored as byte arrays, so nothing depends on the host's byte order.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 from ipaddress import IPv4Address
 
+from rusty_rail.core import constants
 from rusty_rail.core.verdict import DropReason
+from rusty_rail.dataplane.engine import DEFAULT_MAX_SERVICES  # noqa: F401 (RR_DEFAULT_MAX_SERVICES)
 
 MAP_CONFIG = "rr_config"
 MAP_BACKENDS = "rr_backends"
@@ -20,12 +22,17 @@ MAP_STATS = "rr_stats"
 MAP_SERVICES = "rr_services"
 MAP_MEMBERS = "rr_members"
 MAP_BACKEND_STATS = "rr_backend_stats"
+MAPS = (MAP_CONFIG, MAP_BACKENDS, MAP_MAGLEV, MAP_CONNS, MAP_STATS, MAP_SERVICES, MAP_MEMBERS, MAP_BACKEND_STATS)
+PERCPU_MAPS = (MAP_STATS, MAP_BACKEND_STATS)
+"""Per-CPU arrays: a value is read and written for every possible CPU."""
 PROGRAM = "rr_balance"
+PASS_PROGRAM = "rr_pass"
+"""bpf/xdp_pass.c's program (attach_pass)."""
 
 MAX_BACKENDS = 4096
-DEFAULT_TABLE_SIZE = 65537
-DEFAULT_CONNS = 1 << 20
-DEFAULT_MAX_SERVICES = 64
+"""rr_backends entries: distinct backend addresses over every service."""
+DEFAULT_TABLE_SIZE = constants.DEFAULT_TABLE_SIZE
+DEFAULT_CONNS = constants.DEFAULT_CONN_CAPACITY
 MEMBER_WORDS = MAX_BACKENDS // 64
 
 TIMEOUT_TCP, TIMEOUT_UDP, TIMEOUT_OTHER = 0, 1, 2
@@ -35,13 +42,15 @@ STAT_FORWARDED = 0
 STAT_PASSED = 19
 STAT_CONN_HIT = 20
 STAT_CONN_NEW = 21
-STAT_CONN_INSERT = 22  # new rr_conns entries (the lookup found none): XdpBalancer.connection_evictions
+STAT_CONN_INSERT = 22  # new rr_conns entries (the lookup found none): counters.connection_evictions
 STAT_MAX = 32
+ENGINE_STATS = {STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new", STAT_CONN_INSERT: "conn_insert"}
+"""Figures of this engine only (Counters.engine)."""
 
 
 def stat_names() -> dict[int, str]:
-    names = {STAT_FORWARDED: "forwarded", STAT_PASSED: "passed", STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new",
-             STAT_CONN_INSERT: "conn_insert"}
+    """rr_stats index -> name: forwarded, passed, drop_<reason>, conn_hit, conn_new, conn_insert."""
+    names = {STAT_FORWARDED: "forwarded", STAT_PASSED: "passed", **ENGINE_STATS}
     for reason in DropReason:
         names[int(reason)] = f"drop_{reason.name.lower()}"
     return names
@@ -52,10 +61,10 @@ class RrConfig(ctypes.Structure):
         ("local_addr", ctypes.c_uint8 * 4),
         ("local_mac", ctypes.c_uint8 * 6),
         ("pad", ctypes.c_uint16),
-        ("table_size", ctypes.c_uint32),
-        ("backend_count", ctypes.c_uint32),
         ("hash_seed", ctypes.c_uint32),
-        ("services", ctypes.c_uint32),
+        ("named_services", ctypes.c_uint32),
+        ("catch_all", ctypes.c_uint32),
+        ("catch_all_size", ctypes.c_uint32),
         ("table_stride", ctypes.c_uint32),
         ("conn_timeout_ns", ctypes.c_uint64 * 3),
     ]
@@ -92,6 +101,8 @@ class RrConn(ctypes.Structure):
 
 
 class RrServiceKey(ctypes.Structure):
+    """core/service.py's lookup entry: `ServiceMatcher.entries` keys are these 8 bytes."""
+
     _fields_ = [
         ("vip", ctypes.c_uint8 * 4),
         ("port", ctypes.c_uint8 * 2),
@@ -117,11 +128,6 @@ class RrBackendStats(ctypes.Structure):
     ]
 
 
-def backend_stats_slot(service_index: int, backend_index: int) -> int:
-    """rr_backend_stats index of (service, backend); open mode is service 0 (rr_maps.h)."""
-    return service_index * MAX_BACKENDS + backend_index
-
-
 class RrClock(ctypes.Structure):
     _fields_ = [
         ("jiffies", ctypes.c_uint64),
@@ -141,36 +147,23 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "rr_backend_stats": RrBackendStats,
 }
 
-
-def _bytes_array(n: int, data: bytes) -> ctypes.Array:
-    if len(data) != n:
-        raise ValueError(f"expected {n} bytes, got {len(data)}")
-    return (ctypes.c_uint8 * n)(*data)
+KEY_SIZES = {MAP_CONFIG: 4, MAP_BACKENDS: 4, MAP_MAGLEV: 4, MAP_CONNS: ctypes.sizeof(RrFlowKey), MAP_STATS: 4,
+             MAP_SERVICES: ctypes.sizeof(RrServiceKey), MAP_MEMBERS: 4, MAP_BACKEND_STATS: 4}
+"""Key size of every map: a write whose key holds several keys is a batch (program.XdpProgram.write)."""
 
 
-def make_config(
-    local_addr: IPv4Address | str,
-    local_mac: bytes,
-    table_size: int,
-    backend_count: int,
-    hash_seed: int,
-    timeouts_ns: tuple[int, int, int],
-) -> RrConfig:
-    cfg = RrConfig()
-    cfg.local_addr = _bytes_array(4, IPv4Address(local_addr).packed)
-    cfg.local_mac = _bytes_array(6, bytes(local_mac))
-    cfg.table_size = table_size
-    cfg.backend_count = backend_count
-    cfg.hash_seed = hash_seed & 0xFFFFFFFF
-    cfg.conn_timeout_ns = (ctypes.c_uint64 * 3)(*timeouts_ns)
-    return cfg
+def backend_stats_slot(service_index: int, backend_index: int) -> int:
+    """rr_backend_stats index of (service, backend) (rr_maps.h)."""
+    return service_index * MAX_BACKENDS + backend_index
 
 
 def make_backend(addr: IPv4Address | str | int, mac: bytes | None, in_use: bool = True) -> RrBackend:
     b = RrBackend()
-    b.addr = _bytes_array(4, IPv4Address(addr).packed)
+    b.addr = (ctypes.c_uint8 * 4)(*IPv4Address(addr).packed)
     if mac is not None:
-        b.mac = _bytes_array(6, bytes(mac))
+        if len(mac) != 6:
+            raise ValueError("a MAC is 6 bytes")
+        b.mac = (ctypes.c_uint8 * 6)(*mac)
     b.has_mac = 1 if mac is not None else 0
     b.in_use = 1 if in_use else 0
     return b
@@ -180,8 +173,3 @@ def flow_key_from_bytes(key: bytes) -> RrFlowKey:
     if len(key) != ctypes.sizeof(RrFlowKey):
         raise ValueError("a flow key is 16 bytes")
     return RrFlowKey.from_buffer_copy(key)
-
-
-def service_key_bytes(vip: IPv4Address | str | int, port: int, proto: int, fragment: bool = False) -> bytes:
-    """The 8 bytes of an rr_services key: vip | port (network order) | proto | fragment flag."""
-    return IPv4Address(vip).packed + port.to_bytes(2, "big") + bytes((proto, 1 if fragment else 0))

@@ -1,0 +1,126 @@
+"""The XDP program's figures as `rusty_rail.dataplane.Counters`.
+
+- rr_stats (per CPU, summed): forwarded, passed, a counter per drop reason, and the engine's own
+  conn_hit / conn_new / conn_insert;
+- rr_backend_stats (per CPU, summed): packets and inner bytes per (service, backend), for the slots
+  the map image says are in use (every backend listed now; one listed since the last sync shows 0, 0);
+- rr_conns: entries, and entries per backend address, from one BPF_MAP_LOOKUP_BATCH walk (the walk
+  runs in the kernel, off the packet path; counting per backend is the Python side's cost, hence
+  FLOW_COUNT_LIMIT);
+- connection evictions, derived: the kernel's LRU map evicts without counting (connection_evictions).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections import Counter
+from ipaddress import IPv4Address
+
+from rusty_rail.bpf import libbpf
+from rusty_rail.core.service import ServiceKey
+from rusty_rail.core.verdict import DropReason
+from rusty_rail.dataplane import Counters
+from rusty_rail.engines.xdp import maps as m
+from rusty_rail.engines.xdp.program import XdpProgram
+
+__all__ = ["FLOW_COUNT_LIMIT", "backend_figures", "connection_evictions", "connection_summary", "read",
+           "reset", "stats"]
+
+FLOW_COUNT_LIMIT = 200_000
+"""Above this many connection entries, per-backend flow counts are left out (Counters.flows = None)."""
+
+
+def stats(program: XdpProgram) -> list[int]:
+    """rr_stats summed over CPUs, by index (bpf/rr_structs.h)."""
+    return [_stat(program, i) for i in range(m.STAT_MAX)]
+
+
+def named(program: XdpProgram) -> dict[str, int]:
+    """rr_stats by name: forwarded, passed, drop_<reason>, conn_hit, conn_new, conn_insert."""
+    values = stats(program)
+    return {name: values[i] for i, name in sorted(m.stat_names().items())}
+
+
+def _stat(program: XdpProgram, index: int) -> int:
+    raw = program.lookup(m.MAP_STATS, ctypes.c_uint32(index), 8 * program.ncpus)
+    return sum(struct.unpack(f"={program.ncpus}Q", raw)) if raw is not None else 0
+
+
+def backend_figures(program: XdpProgram) -> dict[tuple[ServiceKey, IPv4Address], tuple[int, int]]:
+    """(packets, inner bytes) forwarded per (service, backend) listed now, summed over CPUs."""
+    size = ctypes.sizeof(m.RrBackendStats) * program.ncpus
+    out = {}
+    for (s, b), (service, address) in program.image.stat_slots.items():
+        raw = program.lookup(m.MAP_BACKEND_STATS, ctypes.c_uint32(m.backend_stats_slot(s, b)), size)
+        values = struct.unpack(f"={2 * program.ncpus}Q", raw) if raw is not None else (0, 0)
+        out[(service, IPv4Address(address))] = (sum(values[0::2]), sum(values[1::2]))
+    return out
+
+
+def connection_summary(program: XdpProgram, flow_limit: int | None = None) -> tuple[int, dict[IPv4Address, int] | None]:
+    """(entries in rr_conns, entries naming each backend address), in one BPF_MAP_LOOKUP_BATCH walk.
+
+    As core's ConnectionTable: every entry the table holds counts, including idle ones the program has
+    not rewritten yet (the LRU map forgets entries only by eviction). The per-backend counts are None
+    when there are more than `flow_limit` entries (the walk goes on for the total). Under traffic,
+    entries added or evicted during the walk may or may not be counted."""
+    key_size, value_size = ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)
+    words = value_size // 4  # rr_conn: backend_addr is its first 32-bit word
+    total = 0
+    counts: Counter[int] | None = Counter()
+    for n, _, values in libbpf.map_lookup_batches(program.fds[m.MAP_CONNS], key_size, value_size):
+        total += n
+        if counts is not None:
+            if flow_limit is not None and total > flow_limit:
+                counts = None
+            else:
+                counts.update(memoryview(values).cast("I")[0::words])
+    if counts is None:
+        return total, None
+    return total, {IPv4Address(struct.pack("=I", a)): c for a, c in counts.items()}
+
+
+def connection_evictions(program: XdpProgram, live: int | None = None) -> int:
+    """Entries the kernel's LRU evicted from rr_conns since this program loaded, derived: inserts (the
+    program's conn_insert: packets whose lookup found no entry at all) + the baseline (entries live in
+    a reused rr_conns at start, entries added by write_connection) - entries live now - entries Python
+    removed (delete_connection, clear_connections); never below 0.
+
+    `live`: the entry count of a walk just made (connection_summary()[0]); walked here if None. Exact
+    whenever the table is quiescent; under traffic it can lag (or lead) by the packets in flight during
+    the walk, and a predecessor still inserting into a handed-over table after the baseline was read
+    makes it low by those entries."""
+    if live is None:
+        live = program.count_connections()
+    inserts = _stat(program, m.STAT_CONN_INSERT) + program.conn_inserts_reset
+    return max(0, inserts + program.conn_baseline - live - program.conn_deleted)
+
+
+def reset(program: XdpProgram) -> None:
+    """Zero rr_stats and the rr_backend_stats slots in use (connection_evictions keeps counting: the
+    conn_insert figure zeroed here is kept aside)."""
+    program.conn_inserts_reset += _stat(program, m.STAT_CONN_INSERT)
+    zero = bytes(8 * program.ncpus)
+    for i in range(m.STAT_MAX):
+        libbpf.map_update(program.fds[m.MAP_STATS], ctypes.c_uint32(i), zero)
+    zero = bytes(ctypes.sizeof(m.RrBackendStats) * program.ncpus)
+    for s, b in program.image.stat_slots:
+        libbpf.map_update(program.fds[m.MAP_BACKEND_STATS], ctypes.c_uint32(m.backend_stats_slot(s, b)), zero)
+
+
+def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_LIMIT) -> Counters:
+    """Every figure of the program, in the shape every engine reports."""
+    values = stats(program)
+    live, flows = connection_summary(program, flow_limit)
+    return Counters(
+        forwarded=values[m.STAT_FORWARDED],
+        passed=values[m.STAT_PASSED],
+        drops={reason.name.lower(): values[reason] for reason in DropReason},
+        connections=live,
+        connection_evictions=connection_evictions(program, live),
+        backends=backend_figures(program),
+        flows=flows,
+        ready=ready,
+        engine={name: values[i] for i, name in m.ENGINE_STATS.items()},
+    )

@@ -1,0 +1,339 @@
+"""`XdpEngine`: the `rusty_rail.dataplane.Engine` whose decisions run in the kernel (bpf/xdp_balancer.c).
+
+    engine = XdpEngine(options)
+    engine.apply(state)          # before start(): kept, and written at start before attaching
+    engine.start()               # load, fill the maps, attach
+    report = engine.serve(stop)  # next hops kept current until stop; then detached (or handed over)
+
+This process is only the program's control plane. start(): the device's address and MAC; the program
+loaded with rr_maglev sized for the state's table size and options.max_services; a handover
+predecessor's pins taken over if there are any; next hops resolved once; the maps written (planner.py);
+the program attached. serve(): every `neighbour_interval` seconds (every `resolving_interval` while some
+backend's next hop is unknown: its new flows are dropped as NO_NEIGHBOUR meanwhile) the next hops are
+looked up again, and a change is written at once.
+
+Hitless restart (handover): request_handover(), then stop. Instead of detaching, the engine pins
+rr_conns and rr_backends in `handover_dir(device, pin_root)` and leaves the program attached: it keeps
+forwarding on its (now frozen) maps. The next engine started for the same device finds the pins, loads
+its program with the pinned rr_conns as its own connection table, takes the backend indices the
+entries name from the pinned rr_backends (planner.adopt), fills its other maps, and only then replaces
+the running program atomically (XDP_FLAGS_REPLACE): the device is never without a program and every
+established flow keeps its backend. It then removes the pins. A plain stop detaches; a killed run's
+leftover program is replaced at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from ipaddress import IPv4Address
+
+from rusty_rail.bpf import libbpf
+from rusty_rail.core.balancer import explain_choice
+from rusty_rail.core.conntrack import Timeouts
+from rusty_rail.core.constants import DEFAULT_PIN_ROOT, RR_HASH_SEED
+from rusty_rail.core.flow import FlowKey
+from rusty_rail.core.service import Service, ServiceMatcher
+from rusty_rail.dataplane import (Counters, DataplaneState, EngineError, EngineKind, EngineOptions, EngineReport,
+                                  Explanation, XdpMode)
+from rusty_rail.engines.neighbours import DeviceError, NeighbourResolver
+from rusty_rail.engines.xdp import counters
+from rusty_rail.engines.xdp import maps as m
+from rusty_rail.engines.xdp.planner import Desired
+from rusty_rail.engines.xdp.program import XdpProgram
+
+__all__ = ["XdpEngine", "attach_mode", "handover_dir"]
+
+log = logging.getLogger("rusty_rail.xdp")
+
+
+def handover_dir(device: str, root: str = DEFAULT_PIN_ROOT) -> str:
+    """The handover pin directory of `device` in this thread's network namespace: root/<netns inode>-<device>.
+    bpffs is one per host while device names repeat across namespaces, hence the namespace's inode."""
+    return os.path.join(root, f"{os.stat('/proc/thread-self/ns/net').st_ino}-{device}")
+
+
+def attach_mode(options: EngineOptions, device: str) -> tuple[str, str]:
+    """The attach mode for `device` ("native" or "skb") and why, in words for the log."""
+    if options.xdp_mode == XdpMode.GENERIC:
+        return "skb", "generic mode asked for"
+    if options.xdp_mode == XdpMode.NATIVE:
+        return "native", "native mode asked for"
+    return "native", "auto: native"
+
+
+class _Predecessor:
+    """What a handover left: the pinned maps and the program attached now (fds, closed by close())."""
+
+    def __init__(self, directory: str, device: str) -> None:
+        self.directory = directory
+        self.conns_fd: int | None = libbpf.obj_get(os.path.join(directory, m.MAP_CONNS))
+        self.backends_fd: int | None = None
+        self.prog_fd: int | None = None
+        self.prog_id = 0
+        try:
+            self.backends_fd = libbpf.obj_get(os.path.join(directory, m.MAP_BACKENDS))
+            self.prog_id = libbpf.xdp_query_id(socket.if_nametoindex(device), 0)
+            if self.prog_id:
+                self.prog_fd = libbpf.prog_get_fd_by_id(self.prog_id)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def find(cls, directory: str, device: str) -> _Predecessor | None:
+        if not os.path.exists(os.path.join(directory, m.MAP_CONNS)):
+            return None
+        try:
+            return cls(directory, device)
+        except OSError as exc:
+            log.warning("handover pins in %s are unusable (%s): starting afresh", directory, exc)
+            return None
+
+    def remove_pins(self) -> None:
+        for name in (m.MAP_CONNS, m.MAP_BACKENDS):
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except FileNotFoundError:
+                pass
+        for d in (self.directory, os.path.dirname(self.directory)):
+            try:
+                os.rmdir(d)  # only when empty: another device's handover may be pending
+            except OSError:
+                break
+
+    def close(self) -> None:
+        for fd in (self.conns_fd, self.backends_fd, self.prog_fd):
+            if fd is not None:
+                os.close(fd)
+        self.conns_fd = self.backends_fd = self.prog_fd = None
+
+
+class XdpEngine:
+    """Runs the XDP data plane on options.device, in the caller's network namespace."""
+
+    kind = EngineKind.XDP
+
+    def __init__(self, options: EngineOptions, *, object_path: str | os.PathLike | None = None,
+                 neighbour_interval: float = 1.0, resolving_interval: float = 0.1,
+                 timeouts: Timeouts = Timeouts()) -> None:
+        self.options = options
+        self.object_path = object_path
+        self.neighbour_interval = neighbour_interval
+        self.resolving_interval = resolving_interval
+        self.timeouts = timeouts
+        self.program: XdpProgram | None = None
+        self.replaced_program_id = 0
+        """A program an earlier (killed) run left on the device, which start() replaced."""
+        self.took_over_program_id = 0
+        """A handover predecessor's program start() replaced atomically (0: none)."""
+        self.adopted_connections = False
+        """Whether this run's connection table is its predecessor's."""
+        self.handed_over = False
+        self._state = DataplaneState()
+        self._matcher: ServiceMatcher[Service] = ServiceMatcher({})
+        self._macs: dict[int, bytes] = {}
+        self._address: IPv4Address | None = None
+        self._mac = b""
+        self._lock = threading.Lock()  # apply() comes from the control plane's threads
+        self._resolver: NeighbourResolver | None = None
+        self._handover_dir = ""
+        self._ready = False
+        self._handover = False
+
+    # -- the Engine protocol ----------------------------------------------------------------------
+
+    def apply(self, state: DataplaneState) -> None:
+        with self._lock:
+            if len(state.services) > self.options.max_services:
+                raise ValueError(f"{len(state.services)} services: more than max_services = "
+                                 f"{self.options.max_services}")
+            if len({b for s in state.services for b in s.backends}) > m.MAX_BACKENDS:
+                raise ValueError(f"more than {m.MAX_BACKENDS} backends")
+            if self.program is not None:
+                self.program.sync(self._desired(state))  # ValueError: the maps stay as they were
+            self._state, self._matcher = state, ServiceMatcher(state.by_key())
+
+    def start(self) -> None:
+        try:
+            self._resolver = NeighbourResolver(self.options.device)
+        except DeviceError as exc:
+            raise EngineError(f"XDP engine: {exc}") from None
+        resolver = self._resolver
+        self._address, self._mac = IPv4Address(resolver.address), resolver.mac
+        # Of this namespace (the thread's now): where a predecessor left pins, and where ours would go.
+        self._handover_dir = handover_dir(self.options.device, self.options.pin_root)
+        before = _Predecessor.find(self._handover_dir, self.options.device)
+        try:
+            self.program = self._load(before)
+            if before is not None and self.adopted_connections and before.backends_fd is not None:
+                self.program.adopt(before.backends_fd)
+            self._refresh()  # known next hops forward from the first packet
+            with self._lock:
+                self.program.sync(self._desired(self._state))
+            mode, why = attach_mode(self.options, self.options.device)
+            self._attach(mode, before)
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise EngineError(f"XDP engine on {self.options.device}: {exc}") from None
+        finally:
+            if before is not None:
+                before.close()  # the old program is gone from the device; its maps live on in ours
+        self._ready = True
+        log.info("XDP engine attached (%s: %s) on %s: %d services, %d backends", mode, why, self.options.device,
+                 len(self._state.services), len(self.program.image.backend_index))
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def counters(self) -> Counters:
+        with self._lock:  # the program stays open meanwhile (_let_go takes the lock too)
+            if self.program is None:
+                return Counters(backends={(s.key, b): (0, 0) for s in self._state.services for b in s.backends})
+            return counters.read(self.program, self._ready)
+
+    def explain(self, key: FlowKey) -> Explanation:
+        packed = key.packed
+        with self._lock:
+            service = self._matcher.match(packed)
+            remembered = self._remembered(packed)
+        backend, reason = explain_choice(service, packed, remembered, RR_HASH_SEED)
+        return Explanation(backend, reason)
+
+    def serve(self, stop: threading.Event) -> EngineReport:
+        if self.program is None:
+            raise EngineError("XDP engine: serve() before start()")
+        try:
+            while not stop.is_set():
+                unresolved = self._refresh()
+                stop.wait(self.resolving_interval if unresolved else self.neighbour_interval)
+            report = self.counters()
+        finally:
+            self._ready = False
+            self._let_go()
+        return EngineReport(EngineKind.XDP, self.handed_over, report)
+
+    def request_handover(self) -> str | None:
+        program = self.program
+        if program is None or program.attached_ifindex is None:
+            return "the XDP program is not attached"
+        self._handover = True  # a flag only: safe from a signal handler
+        return None
+
+    def close(self) -> None:
+        self._ready = False
+        if self.program is not None:
+            self._let_go()
+        if self._resolver is not None:
+            self._resolver.close()
+            self._resolver = None
+
+    # -- the parts --------------------------------------------------------------------------------
+
+    def _desired(self, state: DataplaneState) -> Desired:
+        assert self._address is not None
+        return Desired(state, self._address, self._mac, dict(self._macs), timeouts=self.timeouts)
+
+    def _load(self, before: _Predecessor | None) -> XdpProgram:
+        def load(reuse: int | None) -> XdpProgram:
+            return XdpProgram(self.object_path, table_size=self._state.table_size,
+                              conn_capacity=self.options.connection_capacity,
+                              max_services=self.options.max_services, reuse_conns_fd=reuse)
+
+        if before is not None:
+            try:
+                program = load(before.conns_fd)
+            except ValueError as exc:  # e.g. another connection capacity: flows are re-hashed
+                log.warning("not reusing the predecessor's connection table: %s", exc)
+            else:
+                self.adopted_connections = True
+                return program
+        return load(None)
+
+    def _attach(self, mode: str, before: _Predecessor | None) -> None:
+        assert self.program is not None
+        device = self.options.device
+        if before is not None and before.prog_fd is not None:
+            try:
+                self.program.attach(device, mode=mode, replace_fd=before.prog_fd)
+            except OSError as exc:  # another program meanwhile, another mode: the ordinary way
+                log.warning("atomic replacement of program %d failed (%s): replacing it the ordinary way",
+                            before.prog_id, exc)
+            else:
+                self.took_over_program_id = before.prog_id
+                before.remove_pins()
+                log.info("took over from program %d on %s without a gap: %s connection table", before.prog_id,
+                         device, "its" if self.adopted_connections else "a new")
+                return
+        self.program.attach(device, mode=mode)
+        if before is not None:
+            before.remove_pins()
+        self.replaced_program_id = self.program.replaced_program_id
+        if self.replaced_program_id:
+            log.warning("replaced XDP program id %d left on %s by an earlier run", self.replaced_program_id, device)
+
+    def _refresh(self) -> int:
+        """One neighbour pass, its changes written; returns how many backends are still unresolved."""
+        assert self._resolver is not None
+        with self._lock:
+            backends = sorted({int(b) for s in self._state.services for b in s.backends})
+        changes = _Changes()
+        self._resolver.refresh(backends, changes)
+        with self._lock:
+            for backend, mac in changes.items():
+                if mac is None:
+                    self._macs.pop(backend, None)
+                else:
+                    self._macs[backend] = mac
+            if changes and self.program is not None:
+                self.program.sync(self._desired(self._state))
+            return sum(1 for b in backends if b not in self._macs)
+
+    def _remembered(self, packed: bytes) -> int | None:
+        """The backend (as int) the flow's connection entry names, if the program would honour it."""
+        program = self.program
+        if program is None:
+            return None
+        entry = program.connection(packed)
+        if entry is None:
+            return None
+        backend = program.image.backends.get(entry.backend_index)
+        if backend is None or backend.address != int(entry.backend):
+            return None
+        timeout = {6: self.timeouts.tcp, 17: self.timeouts.udp}.get(packed[12], self.timeouts.other)
+        if time.monotonic_ns() - entry.last_seen_ns >= timeout * 1e9:
+            return None
+        return backend.address
+
+    def _let_go(self) -> None:
+        """Detach (or hand over) and release the program; once."""
+        with self._lock:
+            program, self.program = self.program, None
+            if program is None:
+                return
+            attached = program.attached_ifindex is not None
+            directory = self._handover_dir
+            if self._handover and attached:
+                try:
+                    program.hand_over(directory)
+                    self.handed_over = True
+                except OSError as exc:
+                    log.error("handover failed, detaching instead: %s", exc)
+            program.close()  # detaches (from the namespace it attached in); not after a handover
+        if self.handed_over:
+            log.info("XDP engine handed over on %s: its program stays attached, connection table pinned in %s",
+                     self.options.device, directory)
+        elif attached:
+            log.info("XDP engine stopped on %s: detached", self.options.device)
+
+
+class _Changes(dict[int, "bytes | None"]):
+    """NeighbourResolver's sink: the next hops that changed in one pass."""
+
+    def set_neighbour(self, backend: int, mac: bytes | None) -> None:
+        self[backend] = mac
+        log.info("next hop of %s: %s", IPv4Address(backend), mac.hex(":") if mac else "unresolved")
