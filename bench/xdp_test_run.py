@@ -5,8 +5,10 @@
 Programs (same process, same CPU, same 84-byte frame: Ethernet | IPv4 | GRE | IPv4 | UDP | 18 bytes):
 - baseline: bpf/xdp_baseline.o, swaps the Ethernet addresses and returns XDP_TX (the least a
   forwarder does; includes BPF_PROG_TEST_RUN's own per-repetition cost).
-- hit:  the balancer with the flow's connection entry present (M = 65537, 3 backends).
+- hit:  the balancer with the flow's connection entry present (M = 65537, 3 backends), serving the
+  environment form: one catch-all service, found without a map lookup.
 - miss: the balancer taking the table path every time (hash, Maglev slot, backend, LRU write).
+- hit, named service: the same flow's service given by its VIP, port and protocol (rr_services lookup).
 
 How the miss is measured, honestly. With repeat > 1 the kernel does not restore the frame between
 repetitions, so every repetition after the first sees the previous output — the same inner flow, so
@@ -34,9 +36,17 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from dataclasses import replace  # noqa: E402
+from ipaddress import IPv4Address  # noqa: E402
+
 from rusty_rail.bpf import libbpf  # noqa: E402
 from rusty_rail.core.balancer import Balancer  # noqa: E402
-from rusty_rail.engines.xdp import XdpAction, XdpBalancer  # noqa: E402
+from rusty_rail.core.conntrack import Timeouts  # noqa: E402
+from rusty_rail.core.constants import DEFAULT_TABLE_SIZE  # noqa: E402
+from rusty_rail.core.maglev import build_table  # noqa: E402
+from rusty_rail.core.service import Service, ServiceKey, ServiceProtocol  # noqa: E402
+from rusty_rail.engines.xdp import XdpAction, XdpProgram, counters  # noqa: E402
+from rusty_rail.engines.xdp.planner import Desired  # noqa: E402
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "src" / "rusty_rail" / "bpf"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,14 +89,16 @@ def main() -> int:
     except OSError:
         pass
     pkt = frame()
-    reference = Balancer(LB_ADDRESS, LB_MAC, list(BACKENDS))
+    table = build_table(list(BACKENDS), DEFAULT_TABLE_SIZE)
+    reference = Balancer(LB_ADDRESS, LB_MAC, [Service(ServiceKey.catch_all(), table)])
     for b, mac in BACKENDS.items():
         reference.set_neighbour(b, bytes.fromhex(mac))
+    desired = Desired.mirror(reference)
 
-    with libbpf.BpfObject(str(BPF_DIR / "xdp_baseline.o")) as base_obj, XdpBalancer(conn_capacity=65536) as x:
+    with libbpf.BpfObject(str(BPF_DIR / "xdp_baseline.o")) as base_obj, XdpProgram(conn_capacity=65536) as x:
         base_obj.load()
         base_fd = base_obj.program("rr_baseline").fd
-        x.sync_from_balancer(reference)
+        x.sync(desired)
         action, out = x.test_run(pkt)
         assert action == XdpAction.TX and out == reference.decide(pkt, now=0.0).frame, "program disagrees with core"
         conn_key = next(iter(x.connections())).key
@@ -100,16 +112,16 @@ def main() -> int:
         checks: dict[str, dict[str, int]] = {}
         results["baseline"] = median_ns(lambda: timed(base_fd, repeat), rounds)
 
-        x.reset_stats()
+        counters.reset(x)
         results["hit"] = median_ns(lambda: timed(x.prog_fd, repeat), rounds)
-        checks["hit"] = {k: v for k, v in x.counters().items() if v}
+        checks["hit"] = {k: v for k, v in counters.named(x).items() if v}
 
         # Miss, method 1: every entry is stale (idle timeouts 0), repeat = N.
-        x.configure(LB_ADDRESS, LB_MAC, timeouts=(0.0, 0.0, 0.0))
-        x.reset_stats()
+        x.sync(replace(desired, timeouts=Timeouts(0.0, 0.0, 0.0)))
+        counters.reset(x)
         results["miss_expired"] = median_ns(lambda: timed(x.prog_fd, repeat), rounds)
-        checks["miss_expired"] = {k: v for k, v in x.counters().items() if v}
-        x.configure(LB_ADDRESS, LB_MAC, timeouts=reference.connections.timeouts)
+        checks["miss_expired"] = {k: v for k, v in counters.named(x).items() if v}
+        x.sync(desired)
 
         # Miss, method 2: repeat = 1, entry deleted before each run; hit and baseline measured alike.
         def singles_avg(fd: int, delete: bool) -> float:
@@ -121,18 +133,26 @@ def main() -> int:
                 total += duration
             return total / singles
 
-        x.reset_stats()
+        counters.reset(x)
         results["baseline_r1"] = median_ns(lambda: singles_avg(base_fd, False), rounds)
         results["hit_r1"] = median_ns(lambda: singles_avg(x.prog_fd, False), rounds)
         results["miss_deleted_r1"] = median_ns(lambda: singles_avg(x.prog_fd, True), rounds)
-        checks["r1_runs"] = {k: v for k, v in x.counters().items() if v}
+        checks["r1_runs"] = {k: v for k, v in counters.named(x).items() if v}
         # The miss's extra cost at repeat=1, added to the hit at repeat=N: comparable with the rest.
         results["miss_deleted"] = results["hit"] + results["miss_deleted_r1"] - results["hit_r1"]
+
+        # Hit, the flow's service named by VIP, port and protocol (same table, same backends).
+        named = Service(ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.UDP, 53), table)
+        x.sync(replace(desired, state=replace(desired.state, services=(named,))))
+        counters.reset(x)
+        results["hit_named"] = median_ns(lambda: timed(x.prog_fd, repeat), rounds)
+        checks["hit_named"] = {k: v for k, v in counters.named(x).items() if v}
 
     base = results["baseline"]
     rows = [
         ("baseline (swap MACs, XDP_TX)", "baseline", f"repeat={repeat:,}"),
         ("balancer, connection HIT", "hit", f"repeat={repeat:,}"),
+        ("balancer, HIT, named service", "hit_named", f"repeat={repeat:,}"),
         ("balancer, MISS (entry expired)", "miss_expired", f"repeat={repeat:,}"),
         ("balancer, MISS (entry deleted)", "miss_deleted", "hit + (miss_r1 - hit_r1)"),
         ("baseline, repeat=1", "baseline_r1", f"{singles:,} runs"),

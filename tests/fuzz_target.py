@@ -18,6 +18,7 @@ from rusty_rail.core.gre import GRE_PROTO_IPV4, parse_gre
 from rusty_rail.core.ipv4 import IpProtocol, parse_ipv4
 from rusty_rail.core.verdict import Action
 from tests.fixtures.golden import BACKENDS, LB_ADDRESS, LB_MAC, fixtures
+from tests.services import catch_all
 
 # Long timeouts: the two engines keep time differently (the caller's clock, the kernel's tick), and a
 # fuzz run must not see an entry expire in one and not in the other.
@@ -52,15 +53,16 @@ class Target:
         self.balancer = self._balancer()
         self.xdp = None
         if with_xdp:
-            from rusty_rail.engines.xdp import XdpBalancer
+            from rusty_rail.engines.xdp import XdpProgram
+            from tests.xdp_support import mirror
 
-            self.xdp = XdpBalancer(table_size=TABLE_SIZE, conn_capacity=1 << 16)
-            self.xdp.sync_from_balancer(self.balancer)
+            self.xdp = XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 16, max_services=1)
+            mirror(self.xdp, self.balancer)
         self.inputs = 0
 
     @staticmethod
     def _balancer() -> Balancer:
-        balancer = Balancer(LB_ADDRESS, mac_to_bytes(LB_MAC), list(BACKENDS), table_size=TABLE_SIZE,
+        balancer = Balancer(LB_ADDRESS, mac_to_bytes(LB_MAC), [catch_all(list(BACKENDS), TABLE_SIZE)],
                             connections=ConnectionTable(capacity=1 << 16, timeouts=_TIMEOUTS))
         for backend, mac in BACKENDS.items():
             balancer.set_neighbour(backend, mac_to_bytes(mac))

@@ -1,5 +1,6 @@
 """The XDP program attached natively to a veth inside throwaway namespaces: a GRE frame in, the
-re-encapsulated frame back out of the same device (XDP_TX); clean detach; a leftover program replaced.
+re-encapsulated frame back out of the same device (XDP_TX); clean detach; a leftover program replaced;
+attach_pass / detach_all in a namespace given by name (what the lab uses instead of `ip link set xdp`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from scapy.layers.l2 import GRE, Ether
 
 from rusty_rail.bpf import libbpf
 from rusty_rail.core.balancer import Balancer
-from rusty_rail.engines.xdp import XdpBalancer, default_object_path
+from rusty_rail.engines.xdp import XdpProgram, attach_pass, counters, default_object_path, detach_all
 from tests.engine_netns import VethPair, drain
+from tests.services import catch_all
+from tests.xdp_support import mirror
 
 pytestmark = [
     pytest.mark.netns,
@@ -39,44 +42,43 @@ def _attached_id(pair: VethPair, ns: str, ifindex: int) -> int:
         return libbpf.xdp_query_id(ifindex)
 
 
+def _here() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
 def test_forward_through_native_xdp_on_veth(pair) -> None:
-    reference = Balancer(pair.lb_ip, pair.lb_mac, [BACKEND], table_size=251)
+    reference = Balancer(pair.lb_ip, pair.lb_mac, [catch_all([BACKEND], 251)])
     reference.set_neighbour(BACKEND, pair.peer_mac)  # the backend's next hop is the peer
-    pass_fd = libbpf.prog_load(libbpf.BPF_PROG_TYPE_XDP, libbpf.XDP_PASS_INSNS)
-    try:
-        with XdpBalancer(table_size=251, conn_capacity=1024) as x:
-            x.sync_from_balancer(reference)
-            with pair.inside(pair.lb_ns):
-                x.attach(pair.lb_dev, mode="native")
-            # XDP_TX on a veth is delivered only when the peer runs an XDP program too.
-            with pair.inside(pair.peer_ns):
-                libbpf.xdp_attach(pair.peer_ifindex, pass_fd, libbpf.XDP_FLAGS_DRV_MODE)
-            assert _attached_id(pair, pair.lb_ns, pair.lb_ifindex) != 0
+    with XdpProgram(table_size=251, conn_capacity=1024) as x:
+        mirror(x, reference)
+        with pair.inside(pair.lb_ns):
+            x.attach(pair.lb_dev, mode="native")
+        # XDP_TX on a veth is delivered only when the peer runs an XDP program too.
+        assert attach_pass(pair.peer_dev, netns=pair.peer_ns) != 0
+        assert _attached_id(pair, pair.lb_ns, pair.lb_ifindex) != 0
 
-            sock = pair.peer_packet_socket()
-            try:
-                frames = []
-                for sport in (40000, 40001, 40002):
-                    inner = IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="S")
-                    frame = bytes(Ether(src=pair.peer_mac, dst=pair.lb_mac)
-                                  / IP(src=pair.peer_ip, dst=pair.lb_ip, proto=47) / GRE(proto=0x0800) / inner)
-                    frames.append(frame)
-                    sock.send(frame)
-                expected = {reference.decide(f, now=0.0).frame for f in frames}
-                got = drain(sock, lambda f: f[6:12] == pair.lb_mac and f[23] == 47, count=3)
-            finally:
-                sock.close()
-            assert set(got) == expected
-            assert x.counters()["forwarded"] == 3
+        sock = pair.peer_packet_socket()
+        try:
+            frames = []
+            for sport in (40000, 40001, 40002):
+                inner = IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="S")
+                frame = bytes(Ether(src=pair.peer_mac, dst=pair.lb_mac)
+                              / IP(src=pair.peer_ip, dst=pair.lb_ip, proto=47) / GRE(proto=0x0800) / inner)
+                frames.append(frame)
+                sock.send(frame)
+            expected = {reference.decide(f, now=0.0).frame for f in frames}
+            got = drain(sock, lambda f: f[6:12] == pair.lb_mac and f[23] == 47, count=3)
+        finally:
+            sock.close()
+        assert set(got) == expected
+        assert counters.named(x)["forwarded"] == 3
 
-            x.detach()
-            assert _attached_id(pair, pair.lb_ns, pair.lb_ifindex) == 0
-    finally:
-        os.close(pass_fd)
+        x.detach()
+        assert _attached_id(pair, pair.lb_ns, pair.lb_ifindex) == 0
 
 
 def test_leftover_program_is_replaced_and_detach_is_clean(pair) -> None:
-    with XdpBalancer(table_size=251, conn_capacity=64) as first, XdpBalancer(table_size=251, conn_capacity=64) as second:
+    with XdpProgram(table_size=251, conn_capacity=64) as first, XdpProgram(table_size=251, conn_capacity=64) as second:
         with pair.inside(pair.lb_ns):
             first.attach(pair.lb_ifindex)
             leftover = libbpf.xdp_query_id(pair.lb_ifindex)
@@ -89,8 +91,33 @@ def test_leftover_program_is_replaced_and_detach_is_clean(pair) -> None:
             assert libbpf.xdp_query_id(pair.lb_ifindex) == 0
 
 
+def test_detach_from_the_namespace_it_attached_in(pair) -> None:
+    """detach() after leaving the namespace acts on that namespace's interface, not on ours."""
+    with XdpProgram(table_size=251, conn_capacity=64) as x:
+        with pair.inside(pair.lb_ns):
+            x.attach(pair.lb_dev, mode="skb")
+            assert libbpf.xdp_query_id(pair.lb_ifindex, libbpf.XDP_FLAGS_SKB_MODE) != 0
+        x.detach()
+        assert _attached_id(pair, pair.lb_ns, pair.lb_ifindex) == 0
+
+
+def test_attach_pass_and_detach_all_by_namespace_name(pair) -> None:
+    here = _here()
+    native = attach_pass(pair.peer_dev, netns=pair.peer_ns)
+    assert _here() == here  # only the call ran there
+    assert native != 0 and _attached_id(pair, pair.peer_ns, pair.peer_ifindex) == native
+    generic = attach_pass(pair.peer_dev, mode="skb", netns=pair.peer_ns)  # replaces the native one
+    assert generic not in (0, native)
+    with pair.inside(pair.peer_ns):
+        assert libbpf.xdp_query_id(pair.peer_ifindex, libbpf.XDP_FLAGS_SKB_MODE) == generic
+    assert detach_all(pair.peer_dev, netns=pair.peer_ns) == generic
+    assert _attached_id(pair, pair.peer_ns, pair.peer_ifindex) == 0
+    assert detach_all(pair.peer_dev, netns=pair.peer_ns) == 0  # nothing there: nothing to do
+    assert _here() == here
+
+
 def test_attach_to_a_missing_interface_fails_cleanly() -> None:
-    with XdpBalancer(table_size=251, conn_capacity=64) as x:
+    with XdpProgram(table_size=251, conn_capacity=64) as x:
         with pytest.raises(OSError):
             x.attach("rr-no-such-if0")
         assert x.attached_ifindex is None

@@ -1,12 +1,12 @@
-"""Per-backend figures of the XDP program (rr_backend_stats) and the connection-table walk, against the
-Python core, through BPF_PROG_TEST_RUN; then XdpDataplane.counters()/explain() over a loaded (not
-attached) program.
+"""Per-backend figures of the XDP program (rr_backend_stats), the connection-table walk and the derived
+evictions (engines/xdp/counters.py), against the Python core, through BPF_PROG_TEST_RUN.
 
 Every forwarded frame is tallied independently here (backend = the output's outer destination, bytes =
 the inner packet's total length, as core/balancer.py counts) and the kernel's per-(service, backend)
-figures must equal that tally and BalancerDataplane's figures for the same frames, exactly, in open
-mode and in services mode; slots reused by another address or by another service start from zero.
-Needs root (loading BPF).
+figures must equal that tally and the Balancer's figures for the same frames, exactly, for the
+environment form (one catch-all service) and for services with a VIP; slots reused by another address
+or by another service start from zero. The engine's Counters and explain() over these figures are in
+tests/test_xdp_engine.py. Needs root (loading BPF).
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from ipaddress import IPv4Address
 import pytest
 
 from rusty_rail.bpf import libbpf
-from rusty_rail.control.balancer_dataplane import BalancerDataplane
-from rusty_rail.control.model import DataplaneState
 from rusty_rail.core.balancer import Balancer
-from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
-from rusty_rail.engines import xdp_maps as m
-from rusty_rail.engines.xdp import XdpAction, XdpBalancer, default_object_path
-from rusty_rail.engines.xdp_dataplane import XdpDataplane
-from tests.test_xdp_differential import LB_ADDRESS, LB_MAC, POOL, VERDICT, addr, ipv4
+from rusty_rail.dataplane import StateBuilder
+from rusty_rail.engines.xdp import XdpAction, XdpProgram, counters, default_object_path
+from rusty_rail.engines.xdp import maps as m
+from tests.test_xdp_differential import LB_ADDRESS, LB_MAC, POOL, addr, ipv4
 from tests.test_xdp_services import CLIENTS, tcp, udp, wrap
+from tests.xdp_support import VERDICT, backend_index, mirror
 
 pytestmark = [
     pytest.mark.netns,  # root only
@@ -37,6 +35,7 @@ pytestmark = [
 
 TABLE_SIZE = 61
 B = sorted(POOL)  # 10.2.0.1 .. 10.2.0.5
+ALL = ServiceKey.catch_all()
 
 class Expected:
     """The independent tally: what each forwarded frame adds to its (service, backend)."""
@@ -45,7 +44,7 @@ class Expected:
         self.packets: Counter = Counter()
         self.bytes: Counter = Counter()
 
-    def add(self, service: ServiceKey | None, frame: bytes, out: bytes) -> None:
+    def add(self, service: ServiceKey, frame: bytes, out: bytes) -> None:
         backend = IPv4Address(out[30:34])
         inner_total = struct.unpack("!H", out[40:42])[0]  # the inner header follows 38 bytes of output headers
         self.packets[(service, backend)] += 1
@@ -54,12 +53,12 @@ class Expected:
     def figures(self) -> dict:
         return {k: (self.packets[k], self.bytes[k]) for k in self.packets}
 
-    def forget(self, service: ServiceKey | None, backend: str) -> None:
+    def forget(self, service: ServiceKey, backend: str) -> None:
         self.packets.pop((service, IPv4Address(backend)), None)
         self.bytes.pop((service, IPv4Address(backend)), None)
 
 
-def run(reference: Balancer, x: XdpBalancer, frame: bytes, expected: Expected, service=None) -> str | None:
+def run(reference: Balancer, x: XdpProgram, frame: bytes, expected: Expected, service=ALL) -> str | None:
     """`frame` through both engines (they must agree); a forward is added to `expected`."""
     verdict = reference.decide(frame, now=time.monotonic())
     action, out = x.test_run(frame)
@@ -75,37 +74,45 @@ def nonzero(figures: dict) -> dict:
     return {k: v for k, v in figures.items() if v != (0, 0)}
 
 
-def assert_figures(reference: Balancer, x: XdpBalancer, expected: Expected) -> None:
-    kernel = x.backend_stats()
-    python = BalancerDataplane(reference).counters()["backends"]
+def assert_figures(reference: Balancer, x: XdpProgram, expected: Expected) -> None:
+    kernel = counters.backend_figures(x)
+    python = reference.backend_figures()
     assert set(kernel) == set(python)               # the same (service, backend) pairs are listed
     assert kernel == python                         # with the same figures
     assert nonzero(kernel) == expected.figures()    # which are what was forwarded
 
 
-def assert_connections(reference: Balancer, x: XdpBalancer) -> None:
-    total, flows = x.connection_summary()
+def assert_connections(reference: Balancer, x: XdpProgram) -> None:
+    total, flows = counters.connection_summary(x)
     assert total == len(reference.connections)
     assert flows == {IPv4Address(b): n for b, n in Counter(b for _, b in reference.connections.items()).items()}
 
 
 @pytest.fixture(scope="module")
 def program():
-    with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=1 << 14, max_services=4) as x:
+    with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 14, max_services=4) as x:
         yield x
 
 
 @pytest.fixture
 def clean(program):
     program.clear_connections()
-    program.reset_stats()
+    counters.reset(program)
     return program
 
 
-def open_reference(backends, macs=POOL) -> Balancer:
-    reference = Balancer(LB_ADDRESS, LB_MAC, backends, table_size=TABLE_SIZE)
+def configure(reference: Balancer, x: XdpProgram, config: dict[ServiceKey, list[str]]) -> None:
+    """Both serve `config` (service -> backends, weight 1 each)."""
+    state = StateBuilder(TABLE_SIZE).build({k: {IPv4Address(b): 1 for b in v} for k, v in config.items()})
+    reference.set_services(state.services)
+    mirror(x, reference)
+
+
+def reference_of(config: dict[ServiceKey, list[str]], x: XdpProgram, macs=POOL) -> Balancer:
+    reference = Balancer(LB_ADDRESS, LB_MAC)
     for b, mac in macs.items():
         reference.set_neighbour(b, mac)
+    configure(reference, x, config)
     return reference
 
 
@@ -123,24 +130,23 @@ def varied_frames(n: int, dst: str = "10.1.0.1", dport: int = 80) -> list[bytes]
     return frames
 
 
-def flow_key(frame: bytes) -> FlowKey:
-    inner = frame[38 + (8 if frame[34] & 0x30 else 0):]
-    return FlowKey(IPv4Address(inner[12:16]), IPv4Address(inner[16:20]), inner[9], *struct.unpack("!HH", inner[20:24]))
+def figures(x: XdpProgram) -> dict:
+    return nonzero(counters.backend_figures(x))
 
 
-# -- open mode -----------------------------------------------------------------------------------------
+# -- the environment form: one catch-all service --------------------------------------------------------
 
 
-def test_open_mode_figures_are_exact(clean) -> None:
+def test_catch_all_figures_are_exact(clean) -> None:
     x, expected = clean, Expected()
-    reference = open_reference(B[:3])
-    x.sync_from_balancer(reference)
-    assert nonzero(x.backend_stats()) == {}
+    reference = reference_of({ALL: B[:3]}, x)
+    assert figures(x) == {}
     frames = varied_frames(40)
     for _ in range(3):                      # first round: table path; then connection hits
         for f in frames:
             assert run(reference, x, f, expected) is not None
-    assert x.counters()["conn_new"] == 40 and x.counters()["conn_hit"] == 80
+    named = counters.named(x)
+    assert named["conn_new"] == 40 and named["conn_hit"] == 80
     assert_figures(reference, x, expected)
     assert len({b for (_, b) in expected.figures()}) == 3   # every backend took some flows
     assert_connections(reference, x)
@@ -148,11 +154,10 @@ def test_open_mode_figures_are_exact(clean) -> None:
 
 def test_drops_are_not_counted_per_backend(clean) -> None:
     x, expected = clean, Expected()
-    reference = open_reference(B[:2], macs={B[0]: POOL[B[0]]})  # B[1]'s next hop unknown
-    x.sync_from_balancer(reference)
+    reference = reference_of({ALL: B[:2]}, x, macs={B[0]: POOL[B[0]]})  # B[1]'s next hop unknown
     for f in varied_frames(20):
         run(reference, x, f, expected)
-    assert 0 < x.counters()["drop_no_neighbour"] < 20
+    assert 0 < counters.named(x)["drop_no_neighbour"] < 20
     assert_figures(reference, x, expected)
     assert {b for (_, b) in expected.figures()} == {IPv4Address(B[0])}
 
@@ -160,56 +165,36 @@ def test_drops_are_not_counted_per_backend(clean) -> None:
 @pytest.fixture
 def fresh():
     """A program of its own: backend and service indices are handed out from the start (0, 1, ...)."""
-    with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=1 << 12, max_services=2) as x:
+    with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 12, max_services=2) as x:
         yield x
 
 
 def test_a_reused_index_starts_from_zero(fresh) -> None:
     x, expected = fresh, Expected()
-    reference = open_reference(B[:2])
-    x.sync_from_balancer(reference)
+    reference = reference_of({ALL: B[:2]}, x)
     frames = varied_frames(16)
     for f in frames:
         run(reference, x, f, expected)
-    gone = x.backend_index(B[1])
-    reference.set_backends([B[0]])          # B[1] leaves; its index is freed
-    x.sync_from_balancer(reference)
-    expected.forget(None, B[1])
+    gone = backend_index(x, B[1])
+    configure(reference, x, {ALL: [B[0]]})          # B[1] leaves; its index is freed
+    expected.forget(ALL, B[1])
     assert_figures(reference, x, expected)
-    reference.set_backends([B[0], B[2]])    # B[2] takes B[1]'s index, and none of its counts
-    x.sync_from_balancer(reference)
-    assert x.backend_index(B[2]) == gone
-    assert x.backend_stats()[(None, IPv4Address(B[2]))] == (0, 0)
+    configure(reference, x, {ALL: [B[0], B[2]]})    # B[2] takes B[1]'s index, and none of its counts
+    assert backend_index(x, B[2]) == gone
+    assert counters.backend_figures(x)[(ALL, IPv4Address(B[2]))] == (0, 0)
     for f in frames:
         run(reference, x, f, expected)
     assert_figures(reference, x, expected)
-    reference.set_backends([B[0], B[1], B[2]])  # B[1] again, at a new index, from zero
-    x.sync_from_balancer(reference)
-    assert x.backend_stats()[(None, IPv4Address(B[1]))] == (0, 0)
+    configure(reference, x, {ALL: B[:3]})           # B[1] again, at a new index, from zero
+    assert counters.backend_figures(x)[(ALL, IPv4Address(B[1]))] == (0, 0)
     assert_figures(reference, x, expected)
 
 
-# -- services mode --------------------------------------------------------------------------------------
+# -- services with a VIP --------------------------------------------------------------------------------
 
 S80 = ServiceKey.parse("10.1.0.1:80/tcp")
 S53 = ServiceKey.parse("10.1.0.1:53/udp")
 SANY = ServiceKey.parse("10.1.0.2")
-
-
-def services_reference(config) -> Balancer:
-    reference = Balancer(LB_ADDRESS, LB_MAC, table_size=TABLE_SIZE, services=True)
-    set_services(reference, config)
-    for b, mac in POOL.items():
-        reference.set_neighbour(b, mac)
-    return reference
-
-
-def set_services(reference: Balancer, config) -> None:
-    for key in list(reference.services):
-        if key not in config:
-            reference.remove_service(key)
-    for key, backends in config.items():
-        reference.set_service(key, list(backends), {b: 1 for b in backends})
 
 
 def services_frames() -> list[tuple[ServiceKey, bytes]]:
@@ -221,11 +206,10 @@ def services_frames() -> list[tuple[ServiceKey, bytes]]:
     return out
 
 
-def test_services_mode_figures_are_exact(clean) -> None:
+def test_services_figures_are_exact(clean) -> None:
     x, expected = clean, Expected()
     # B[0] is in all three services: its figures are kept per service.
-    reference = services_reference({S80: B[0:2], S53: [B[0], B[2]], SANY: [B[0], B[3], B[4]]})
-    x.sync_from_balancer(reference)
+    reference = reference_of({S80: B[0:2], S53: [B[0], B[2]], SANY: [B[0], B[3], B[4]]}, x)
     frames = services_frames()
     for _ in range(2):
         for service, f in frames:
@@ -235,47 +219,42 @@ def test_services_mode_figures_are_exact(clean) -> None:
     assert_connections(reference, x)
     # Dropped as NO_SERVICE: counted nowhere per backend.
     run(reference, x, wrap(tcp(1, 81)), expected)
-    assert x.counters()["drop_no_service"] == 1
+    assert counters.named(x)["drop_no_service"] == 1
     assert_figures(reference, x, expected)
 
 
 def test_services_leave_rejoin_and_reuse_start_from_zero(fresh) -> None:
     x, expected = fresh, Expected()
     config = {S80: B[0:2], S53: [B[0], B[2]]}
-    reference = services_reference(config)
-    x.sync_from_balancer(reference)
+    reference = reference_of(config, x)
     frames = services_frames()
     for service, f in frames:
         if service != SANY:
             run(reference, x, f, expected, service)
     # B[1] leaves S80 and comes back: from zero, as core's Pool (its connection entries do not count).
-    set_services(reference, {S80: [B[0]], S53: [B[0], B[2]]})
-    x.sync_from_balancer(reference)
+    configure(reference, x, {S80: [B[0]], S53: [B[0], B[2]]})
     expected.forget(S80, B[1])
     assert_figures(reference, x, expected)
-    set_services(reference, config)
-    x.sync_from_balancer(reference)
-    assert x.backend_stats()[(S80, IPv4Address(B[1]))] == (0, 0)
+    configure(reference, x, config)
+    assert counters.backend_figures(x)[(S80, IPv4Address(B[1]))] == (0, 0)
     assert_figures(reference, x, expected)
     # S53 goes; SANY takes its service index: none of S53's counts show up under SANY.
-    index = x.service_index(S53)
-    set_services(reference, {S80: B[0:2]})
-    x.sync_from_balancer(reference)
+    index = x.image.service_index[S53]
+    configure(reference, x, {S80: B[0:2]})
     expected.forget(S53, B[0])
     expected.forget(S53, B[2])
-    set_services(reference, {S80: B[0:2], SANY: [B[0], B[2]]})
-    x.sync_from_balancer(reference)
-    assert x.service_index(SANY) == index
-    assert x.backend_stats()[(SANY, IPv4Address(B[0]))] == (0, 0)
-    assert x.backend_stats()[(SANY, IPv4Address(B[2]))] == (0, 0)
+    configure(reference, x, {S80: B[0:2], SANY: [B[0], B[2]]})
+    assert x.image.service_index[SANY] == index
+    assert counters.backend_figures(x)[(SANY, IPv4Address(B[0]))] == (0, 0)
+    assert counters.backend_figures(x)[(SANY, IPv4Address(B[2]))] == (0, 0)
     for service, f in frames:
         if service != S53:
             run(reference, x, f, expected, service)
     assert_figures(reference, x, expected)
-    # Back to open mode: service 0's slots start from zero too.
-    reference = open_reference(B[:2])
-    x.sync_from_balancer(reference)
-    assert nonzero(x.backend_stats()) == {}
+    # To the environment form: the catch-all takes a used index, and starts from zero too.
+    configure(reference, x, {ALL: B[:2]})
+    assert x.image.service_index[ALL] in (0, 1)
+    assert figures(x) == {}
 
 
 # -- the connection walk ------------------------------------------------------------------------------------
@@ -283,16 +262,15 @@ def test_services_leave_rejoin_and_reuse_start_from_zero(fresh) -> None:
 
 def test_connection_summary_counts_and_limit(clean) -> None:
     x, expected = clean, Expected()
-    reference = open_reference(B[:3])
-    x.sync_from_balancer(reference)
-    assert x.connection_summary() == (0, {})
+    reference = reference_of({ALL: B[:3]}, x)
+    assert counters.connection_summary(x) == (0, {})
     for i in range(3000):  # more than one batch of the walk at a small chunk, below
         run(reference, x, wrap(udp(1000 + i % 60000, 53, src=f"10.0.{i // 250}.{i % 250}")), expected)
     assert_connections(reference, x)
-    total, flows = x.connection_summary(flow_limit=2999)
+    total, flows = counters.connection_summary(x, flow_limit=2999)
     assert (total, flows) == (3000, None)
-    assert x.connection_summary(flow_limit=3000)[1] is not None
-    chunks = list(libbpf.map_lookup_batches(x._fd[m.MAP_CONNS], 16, 16, chunk=256))
+    assert counters.connection_summary(x, flow_limit=3000)[1] is not None
+    chunks = list(libbpf.map_lookup_batches(x.fds[m.MAP_CONNS], 16, 16, chunk=256))
     assert len(chunks) > 1 and sum(n for n, _, _ in chunks) == 3000
     assert len({keys[i : i + 16] for _, keys, _ in chunks for i in range(0, len(keys), 16)}) == 3000  # none twice
 
@@ -300,7 +278,7 @@ def test_connection_summary_counts_and_limit(clean) -> None:
 # -- connection evictions (derived: the kernel does not count them) -----------------------------------
 
 
-def flood(x: XdpBalancer, reference: Balancer, start: int, n: int) -> None:
+def flood(x: XdpProgram, reference: Balancer, start: int, n: int) -> None:
     expected = Expected()
     for i in range(start, start + n):  # distinct flows: a new entry each
         run(reference, x, wrap(udp(1000 + i % 60000, 53, src=f"10.0.{i // 60000}.{1 + i % 200}")), expected)
@@ -309,94 +287,57 @@ def flood(x: XdpBalancer, reference: Balancer, start: int, n: int) -> None:
 def test_connection_evictions_identity() -> None:
     """Far more flows than a 64-entry table: evictions = inserted - live, exactly (the per-CPU free
     lists of the kernel's LRU may evict a little before the table is full: no fixed number)."""
-    with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=64, max_services=1) as x:
-        reference = open_reference(B[:3])
-        x.sync_from_balancer(reference)
-        assert x.connection_evictions() == 0
+    with XdpProgram(table_size=TABLE_SIZE, conn_capacity=64, max_services=1) as x:
+        reference = reference_of({ALL: B[:3]}, x)
+        evictions = lambda live=None: counters.connection_evictions(x, live)  # noqa: E731
+        assert evictions() == 0
         flood(x, reference, 0, 10)
-        live = x.connection_summary()[0]
-        assert x.counters()["conn_insert"] == 10
-        assert x.connection_evictions() == 10 - live == x.connection_evictions(live)
+        live = counters.connection_summary(x)[0]
+        assert counters.named(x)["conn_insert"] == 10
+        assert evictions() == 10 - live == evictions(live)
         flood(x, reference, 10, 990)
-        live = x.connection_summary()[0]
+        live = counters.connection_summary(x)[0]
         assert 0 < live <= 64
-        assert x.counters()["conn_insert"] == 1000
-        evictions = x.connection_evictions()
-        assert evictions == 1000 - live and evictions >= 1000 - 64
+        assert counters.named(x)["conn_insert"] == 1000
+        evicted = evictions()
+        assert evicted == 1000 - live and evicted >= 1000 - 64
         for c in x.connections()[:5]:
             assert x.delete_connection(c.key)
-        assert x.connection_evictions() == evictions  # Python's deletions are not evictions
-        x.reset_stats()                               # nor does zeroing rr_stats lose the inserts
-        assert x.connection_evictions() == evictions
+        assert evictions() == evicted  # Python's deletions are not evictions
+        counters.reset(x)              # nor does zeroing rr_stats lose the inserts
+        assert evictions() == evicted
         removed = x.clear_connections()
-        assert removed == live - 5 and x.connection_evictions() == evictions
+        assert removed == live - 5 and evictions() == evicted
         # A table that has never been full (after the clear): inserts without evictions.
         flood(x, reference, 5000, 20)
-        assert x.connection_evictions() - evictions == 20 - x.connection_summary()[0]
+        assert evictions() - evicted == 20 - counters.connection_summary(x)[0]
 
 
 def test_connection_evictions_zero_below_capacity(clean) -> None:
-    x, reference = clean, open_reference(B[:3])
-    x.sync_from_balancer(reference)
-    before = x.connection_evictions()
+    x = clean
+    reference = reference_of({ALL: B[:3]}, x)
+    before = counters.connection_evictions(x)
     flood(x, reference, 0, 500)  # 500 of 16384 entries
     flood(x, reference, 0, 500)  # the same flows again: hits, no inserts
-    assert x.connection_summary()[0] == 500 and x.counters()["conn_insert"] == 500
-    assert x.connection_evictions() == before == 0
+    assert counters.connection_summary(x)[0] == 500 and counters.named(x)["conn_insert"] == 500
+    assert counters.connection_evictions(x) == before == 0
     key = x.connections()[0].key
     assert x.delete_connection(key)
     x.write_connection(key, B[0], time.monotonic_ns())  # written by Python: part of the baseline
-    assert x.connection_evictions() == 0
+    assert counters.connection_evictions(x) == 0
 
 
 def test_connection_evictions_baseline_of_a_reused_table() -> None:
     """A handover's table: the entries live at start are the baseline, not evictions."""
-    with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=64, max_services=1) as first:
-        reference = open_reference(B[:3])
-        first.sync_from_balancer(reference)
+    with XdpProgram(table_size=TABLE_SIZE, conn_capacity=64, max_services=1) as first:
+        reference = reference_of({ALL: B[:3]}, first)
         flood(first, reference, 0, 30)
-        live = first.connection_summary()[0]
-        fd = first._fd[m.MAP_CONNS]
-        with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=64, max_services=1, reuse_conns_fd=fd) as second:
-            second.sync_from_balancer(reference)
-            assert second.connection_summary()[0] == live
-            assert second.connection_evictions() == 0
+        live = counters.connection_summary(first)[0]
+        fd = first.fds[m.MAP_CONNS]
+        with XdpProgram(table_size=TABLE_SIZE, conn_capacity=64, max_services=1, reuse_conns_fd=fd) as second:
+            mirror(second, reference)
+            assert counters.connection_summary(second)[0] == live
+            assert counters.connection_evictions(second) == 0
             flood(second, reference, 1000, 500)
-            assert second.counters()["conn_insert"] == 500
-            assert second.connection_evictions() == 500 + live - second.connection_summary()[0] > 0
-
-
-# -- XdpDataplane over a loaded program (not attached: no device needed) ------------------------------
-
-
-def test_dataplane_counters_and_explain_round_trip() -> None:
-    expected = Expected()
-    dp = XdpDataplane("unused0", lambda: open_reference([B[0]]), conn_capacity=1 << 12)
-    engine = dp.engine
-    # What XdpEngine._run does before attaching: build the balancer, load, copy the maps.
-    balancer = engine.balancer_factory()
-    x = XdpBalancer(table_size=balancer.table_size, conn_capacity=1 << 12, max_services=1)
-    try:
-        engine.balancer, engine.xdp = balancer, x
-        dp.apply(DataplaneState(open_backends={IPv4Address(B[0]): 1, IPv4Address(B[1]): 1}))
-        x.sync_from_balancer(balancer)
-        frames = varied_frames(30)
-        for f in frames:
-            run(balancer, x, f, expected)
-        keys = [flow_key(f) for f in frames]
-        assert len(set(keys)) == 30
-        c = dp.counters()
-        assert c["forwarded"] == 30
-        assert c["backends"] == expected.figures() == BalancerDataplane(balancer).counters()["backends"]
-        assert c["connections"] == 30
-        assert c["flows"] == {b: n for (_, b), (n, _) in expected.figures().items()}
-        assert c["connection_evictions"] == 0  # 30 flows in 4096 entries: none evicted
-        for key in keys:
-            assert dp.explain(key)[1] == "connection entry"
-            assert dp.explain(key)[0] == balancer.explain(key, time.monotonic())[0]
-        # A backend added by the control plane shows up at once, from zero.
-        dp.apply(DataplaneState(open_backends={IPv4Address(b): 1 for b in B[:3]}))
-        assert dp.counters()["backends"][(None, IPv4Address(B[2]))] == (0, 0)
-    finally:
-        engine.xdp = None
-        x.close()
+            assert counters.named(second)["conn_insert"] == 500
+            assert counters.connection_evictions(second) == 500 + live - counters.connection_summary(second)[0] > 0

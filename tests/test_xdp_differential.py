@@ -2,8 +2,9 @@
 
 Hypothesis generates lists of frames (valid GRE-wrapped TCP/UDP/ICMP/fragments with random tuples and
 GRE options and checksums, then malformed ones: truncations, bit flips, byte overwrites, random bytes)
-plus a backend-set / neighbour change in the middle of each list. Every frame goes to both
-`Balancer.decide` and `XdpBalancer.test_run`, which hold the same table, neighbours and (because both
+plus a backend-set / neighbour change in the middle of each list. Both serve the environment form (one
+catch-all service; tests/test_xdp_services.py runs services with VIPs the same way). Every frame goes to
+both `Balancer.decide` and `XdpProgram.test_run`, which hold the same table, neighbours and (because both
 start empty and see the same frames) the same connection table. Per frame: the verdict and the output
 bytes must agree. Per example: every counter (forwarded, passed, each drop reason) must agree, which
 pins each drop's reason to within the example; Hypothesis then shrinks any disagreement.
@@ -25,8 +26,10 @@ from hypothesis import strategies as st
 
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.verdict import Action, DropReason
-from rusty_rail.engines import xdp_maps as m
-from rusty_rail.engines.xdp import XdpAction, XdpBalancer, default_object_path
+from rusty_rail.engines.xdp import XdpProgram, counters, default_object_path
+from rusty_rail.engines.xdp import maps as m
+from tests.services import catch_all
+from tests.xdp_support import VERDICT, mirror
 
 pytestmark = [
     pytest.mark.netns,  # root only
@@ -41,7 +44,6 @@ LB_MAC = bytes.fromhex("020000000011")
 POOL = {f"10.2.0.{i}": bytes.fromhex(f"0200000002{i:02x}") for i in range(1, 6)}
 CLIENTS = ["10.0.0.1", "10.0.0.2", "10.0.3.77"]
 VIPS = ["10.1.0.1", "10.1.0.2"]
-VERDICT = {Action.FORWARD: XdpAction.TX, Action.PASS: XdpAction.PASS, Action.DROP: XdpAction.DROP}
 
 # -- frame building (RFC 791, RFC 2784/2890), independent of rusty_rail.core -------------------------
 
@@ -207,11 +209,11 @@ def scenario(draw):
 # -- the test ----------------------------------------------------------------------------------------
 
 
-def configure(reference: Balancer, x: XdpBalancer, backends: set[str], unresolved: set[str]) -> None:
-    reference.set_backends(sorted(backends))
+def configure(reference: Balancer, x: XdpProgram, backends: set[str], unresolved: set[str]) -> None:
+    reference.set_services([catch_all(sorted(backends), TABLE_SIZE)])
     for b, mac in POOL.items():
         reference.set_neighbour(b, None if b in unresolved else mac)
-    x.sync_from_balancer(reference)
+    mirror(x, reference)
 
 
 def python_counters(reference: Balancer) -> list[int]:
@@ -225,7 +227,7 @@ def python_counters(reference: Balancer) -> list[int]:
 
 def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
     seen: Counter[str] = Counter()
-    with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=1 << 16) as x:
+    with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 16, max_services=1) as x:
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -233,9 +235,9 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
         def check(case) -> None:
             backends, unresolved, batch, (change_at, after, after_unresolved) = case
             # Fresh state per example, so Hypothesis can replay and shrink it.
-            reference = Balancer(LB_ADDRESS, LB_MAC, table_size=TABLE_SIZE)
+            reference = Balancer(LB_ADDRESS, LB_MAC)
             x.clear_connections()
-            x.reset_stats()
+            counters.reset(x)
             configure(reference, x, backends, unresolved)
             for i, frame in enumerate(batch):
                 if i == change_at:
@@ -252,7 +254,7 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
                     assert out.hex() == verdict.frame.hex()
                 elif verdict.action == Action.PASS:
                     assert out == frame
-            got = x.stats()
+            got = counters.stats(x)
             want = python_counters(reference)
             names = m.stat_names()
             assert {names[i]: got[i] for i in names if i not in (m.STAT_CONN_HIT, m.STAT_CONN_NEW, m.STAT_CONN_INSERT)} == \

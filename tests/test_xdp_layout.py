@@ -1,4 +1,4 @@
-"""The ctypes mirrors in engines/xdp_maps.py against the C layout of bpf/rr_structs.h.
+"""The ctypes mirrors in engines/xdp/maps.py against the C layout of bpf/rr_structs.h.
 
 The header is compiled with the host C compiler (x86-64, the same ABI as the BPF target for these
 fixed-width fields) into a program that prints every sizeof and offsetof, and the constants.
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from rusty_rail.core.verdict import DropReason
-from rusty_rail.engines import xdp_maps as m
+from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.engines.xdp import maps as m
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "src" / "rusty_rail" / "bpf"
 
@@ -91,8 +92,18 @@ def test_flow_key_bytes_are_the_wire_key() -> None:
     assert bytes(mirror) == key
 
 
-def test_service_key_bytes_are_the_c_key() -> None:
-    key = m.RrServiceKey.from_buffer_copy(m.service_key_bytes("10.1.0.1", 80, 6, fragment=True))
+def test_service_lookup_entries_are_the_c_key() -> None:
+    """core/service.py's lookup entries (ServiceMatcher.entries) are rr_services keys as they are."""
+    from ipaddress import IPv4Address
+
+    entry = ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.TCP, 80).entry(fragment=True)
+    assert len(entry) == ctypes.sizeof(m.RrServiceKey) == m.KEY_SIZES[m.MAP_SERVICES]
+    key = m.RrServiceKey.from_buffer_copy(entry)
     assert bytes(key.vip) == bytes([10, 1, 0, 1])
     assert bytes(key.port) == (80).to_bytes(2, "big")
     assert key.proto == 6 and key.fragment == 1
+
+
+def test_key_sizes_are_the_structs() -> None:
+    assert m.KEY_SIZES[m.MAP_CONNS] == ctypes.sizeof(m.RrFlowKey) == 16
+    assert set(m.KEY_SIZES) == set(m.MAPS)

@@ -1,5 +1,6 @@
 """The XDP program through BPF_PROG_TEST_RUN: golden fixtures, hand-built frames, and a differential
-run against the Python core (rusty_rail.core.balancer). Frames are built with scapy.
+run against the Python core (rusty_rail.core.balancer), serving the environment form (one catch-all
+service; tests/test_xdp_services.py has services with VIPs). Frames are built with scapy.
 
 Needs root (loading BPF); skipped otherwise, except in CI where conftest refuses to skip.
 """
@@ -19,9 +20,9 @@ from scapy.packet import Raw
 
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.ethernet import mac_to_bytes
-from rusty_rail.core.maglev import build_table
 from rusty_rail.core.verdict import Action
-from rusty_rail.engines.xdp import XdpAction, XdpBalancer, default_object_path
+from rusty_rail.dataplane import DataplaneState
+from rusty_rail.engines.xdp import XdpAction, XdpProgram, counters, default_object_path
 from tests.fixtures.golden import (
     BACKENDS,
     CLIENT,
@@ -33,16 +34,18 @@ from tests.fixtures.golden import (
     fixtures,
     forwarded,
     golden_balancer,
+    golden_services,
     wrapped,
 )
 from tests.oracle import oracle_hash, oracle_key, oracle_maglev
+from tests.services import catch_all
+from tests.xdp_support import VERDICT, backend_index, catch_all_state, desired, mirror, nonzero
 
 pytestmark = [
     pytest.mark.netns,  # root only: the conftest skips these without it, and CI must run them
     pytest.mark.skipif(not default_object_path().exists(), reason="run `make bpf` first"),
 ]
 
-VERDICT = {Action.FORWARD: XdpAction.TX, Action.PASS: XdpAction.PASS, Action.DROP: XdpAction.DROP}
 EXTRA = {"10.2.0.4": "02:00:00:00:02:04", "10.2.0.5": "02:00:00:00:02:05", "10.2.0.6": "02:00:00:00:02:06"}
 ALL_MACS = {**BACKENDS, **EXTRA}
 
@@ -54,25 +57,27 @@ def golden_reference() -> Balancer:
 
 
 @pytest.fixture
-def xdp(golden_reference):
-    """A fresh program configured like the golden balancer (3 backends, M = 65537)."""
-    with XdpBalancer(conn_capacity=4096) as x:
-        x.sync_from_balancer(golden_reference)
+def xdp():
+    """A fresh program serving golden_services() (the catch-all over 3 backends, M = 65537) with the
+    golden balancer's address and next hops."""
+    with XdpProgram(conn_capacity=4096) as x:
+        x.sync(desired(DataplaneState(golden_services(), TABLE_SIZE), LB_ADDRESS, LB_MAC, BACKENDS))
         yield x
 
 
-def sync(x: XdpBalancer, backends, weights=None) -> None:
-    table = build_table(list(backends), TABLE_SIZE, weights)
-    x.sync_table(table, {int(IPv4Address(b)): mac_to_bytes(ALL_MACS[b]) for b in backends})
+def sync(x: XdpProgram, backends, weights=None, macs=None) -> None:
+    """Serve a catch-all over `backends` (next hops from ALL_MACS unless `macs` is given)."""
+    macs = {b: ALL_MACS[b] for b in backends} if macs is None else macs
+    x.sync(desired(catch_all_state(backends, TABLE_SIZE, weights), LB_ADDRESS, LB_MAC, macs))
 
 
 def tcp(sport: int, dport: int = 80, src: str = CLIENT, dst: str = VIP, **kw):
     return IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="A", **kw)
 
 
-def backend_of(x: XdpBalancer, frame: bytes) -> str:
+def backend_of(x: XdpProgram, frame: bytes) -> str:
     action, out = x.test_run(frame)
-    assert action == XdpAction.TX, x.counters()
+    assert action == XdpAction.TX, nonzero(x)
     return str(IPv4Address(out[30:34]))
 
 
@@ -86,26 +91,24 @@ def table_backend(backends, src, dst, proto, sport=0, dport=0) -> str:
     return table[oracle_hash(oracle_key(src, dst, proto, sport, dport)) % TABLE_SIZE]
 
 
-def nonzero(counters: dict[str, int]) -> dict[str, int]:
-    return {k: v for k, v in counters.items() if v}
-
-
 # -- golden fixtures ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fx", fixtures(), ids=lambda fx: fx.description)
-def test_golden_fixture(xdp, fx) -> None:
+def test_golden_fixture(xdp, golden_reference, fx) -> None:
     action, out = xdp.test_run(fx.frame)
     assert action == VERDICT[fx.action]
-    counters = nonzero(xdp.counters())
+    verdict = golden_reference.decide(fx.frame, now=0.0)  # the Python verdict, the same
+    assert action == VERDICT[verdict.action] and getattr(verdict, "reason", None) == fx.reason
+    figures = nonzero(xdp)
     if fx.action == Action.FORWARD:
-        assert out.hex() == fx.output.hex()
-        assert counters == {"forwarded": 1, "conn_new": 1, "conn_insert": 1}
+        assert out.hex() == fx.output.hex() == verdict.frame.hex()
+        assert figures == {"forwarded": 1, "conn_new": 1, "conn_insert": 1}
     elif fx.action == Action.DROP:
-        assert counters == {f"drop_{fx.reason.name.lower()}": 1}
+        assert figures == {f"drop_{fx.reason.name.lower()}": 1}
     else:
         assert out == fx.frame
-        assert counters == {"passed": 1}
+        assert figures == {"passed": 1}
 
 
 # -- hand-built frames -------------------------------------------------------------------------------
@@ -144,12 +147,12 @@ def test_gre_checksum_over_every_tail_length(xdp, extra) -> None:
     inner = IP(src=CLIENT, dst=VIP) / UDP(sport=2000 + extra, dport=53) / Raw(b"\xa5" * extra)
     frame = wrapped(inner, chksum_present=1)
     action, out = xdp.test_run(frame)
-    assert action == XdpAction.TX, xdp.counters()
+    assert action == XdpAction.TX, nonzero(xdp)
     assert out == forwarded(bytes(inner), expected_backend(CLIENT, VIP, 17, 2000 + extra, 53))
     # Corrupt the last byte of the payload: the tail must be part of the sum.
     broken = frame[:-1] + bytes([frame[-1] ^ 0x01])
     assert xdp.test_run(broken)[0] == XdpAction.DROP
-    assert xdp.counters()["drop_gre_checksum"] == 1
+    assert nonzero(xdp)["drop_gre_checksum"] == 1
 
 
 @pytest.mark.parametrize("size", [1400, 1473, 3000])
@@ -159,7 +162,7 @@ def test_gre_checksum_on_large_frames(xdp, size) -> None:
     assert xdp.test_run(frame)[0] == XdpAction.TX
     broken = frame[:-2] + bytes([frame[-2] ^ 0x80]) + frame[-1:]
     assert xdp.test_run(broken)[0] == XdpAction.DROP
-    assert nonzero(xdp.counters()) == {"forwarded": 1, "conn_new": 1, "conn_insert": 1, "drop_gre_checksum": 1}
+    assert nonzero(xdp) == {"forwarded": 1, "conn_new": 1, "conn_insert": 1, "drop_gre_checksum": 1}
 
 
 def test_non_gre_passes_unchanged(xdp) -> None:
@@ -170,7 +173,7 @@ def test_non_gre_passes_unchanged(xdp) -> None:
     ]
     for frame in frames:
         assert xdp.test_run(frame) == (XdpAction.PASS, frame)
-    assert nonzero(xdp.counters()) == {"passed": 3}
+    assert nonzero(xdp) == {"passed": 3}
 
 
 def test_fragments_follow_the_three_tuple(xdp) -> None:
@@ -216,9 +219,9 @@ def test_connections_stick_after_the_table_changes(xdp) -> None:
     before = {p: backend_of(xdp, wrapped(tcp(p))) for p in ports}
     assert before == {p: table_backend(old, CLIENT, VIP, 6, p, 80) for p in ports}
     sync(xdp, new)
-    xdp.reset_stats()
+    counters.reset(xdp)
     assert {p: backend_of(xdp, wrapped(tcp(p))) for p in ports} == before
-    assert xdp.counters()["conn_hit"] == len(ports)
+    assert nonzero(xdp)["conn_hit"] == len(ports)
     moved = [p for p in ports if table_backend(new, CLIENT, VIP, 6, p, 80) != before[p]]
     assert moved, "the new table must move some flows for this test to mean anything"
     # New flows follow the new table.
@@ -240,14 +243,14 @@ def test_flows_of_a_removed_backend_move(xdp) -> None:
 
 def test_a_reused_backend_index_does_not_inherit_flows(xdp) -> None:
     gone, newcomer = "10.2.0.2", "10.2.0.4"
-    index = xdp.backend_index(gone)
+    index = backend_index(xdp, gone)
     p = next(p for p in range(52000, 53000) if table_backend(BACKENDS, CLIENT, VIP, 6, p, 80) == gone)
     assert backend_of(xdp, wrapped(tcp(p))) == gone
     now = [b for b in BACKENDS if b != gone]
     sync(xdp, now)  # a freed index is reused only by a later change, never while the table names it
     now.append(newcomer)
     sync(xdp, now)
-    assert xdp.backend_index(newcomer) == index
+    assert backend_index(xdp, newcomer) == index
     assert backend_of(xdp, wrapped(tcp(p))) == table_backend(now, CLIENT, VIP, 6, p, 80)
 
 
@@ -276,7 +279,7 @@ def test_idle_timeout(xdp) -> None:
 def test_no_backend(xdp) -> None:
     sync(xdp, [])
     assert xdp.test_run(wrapped(tcp(1234)))[0] == XdpAction.DROP
-    assert nonzero(xdp.counters()) == {"drop_no_backend": 1}
+    assert nonzero(xdp) == {"drop_no_backend": 1}
 
 
 def test_drained_backends_keep_their_connections(xdp) -> None:
@@ -284,31 +287,31 @@ def test_drained_backends_keep_their_connections(xdp) -> None:
     p = 54000
     first = backend_of(xdp, wrapped(tcp(p)))
     sync(xdp, list(BACKENDS), weights={b: 0 for b in BACKENDS})
-    assert xdp.read_config().table_size == 0
+    assert xdp.read_config().catch_all_size == 0
     assert backend_of(xdp, wrapped(tcp(p))) == first
     assert xdp.test_run(wrapped(tcp(p + 1)))[0] == XdpAction.DROP
-    assert xdp.counters()["drop_no_backend"] == 1
+    assert nonzero(xdp)["drop_no_backend"] == 1
 
 
 def test_no_neighbour_then_resolved(xdp) -> None:
     p = 55000
     backend = expected_backend(CLIENT, VIP, 6, p, 80)
-    xdp.set_neighbour(backend, None)
+    sync(xdp, list(BACKENDS), macs={b: m for b, m in BACKENDS.items() if b != backend})
     assert xdp.test_run(wrapped(tcp(p)))[0] == XdpAction.DROP
-    assert nonzero(xdp.counters()) == {"drop_no_neighbour": 1, "conn_new": 1, "conn_insert": 1}
+    assert nonzero(xdp) == {"drop_no_neighbour": 1, "conn_new": 1, "conn_insert": 1}
     # The flow was recorded for its backend (as core/balancer.py does) and goes there once resolved.
     assert xdp.connection(oracle_key(CLIENT, VIP, 6, p, 80)).backend == IPv4Address(backend)
-    xdp.set_neighbour(backend, mac_to_bytes("02:00:00:00:09:09"))
+    sync(xdp, list(BACKENDS), macs={**BACKENDS, backend: "02:00:00:00:09:09"})
     action, out = xdp.test_run(wrapped(tcp(p)))
     assert action == XdpAction.TX and out[:6] == mac_to_bytes("02:00:00:00:09:09")
 
 
 def test_hash_seed_comes_from_the_config(xdp) -> None:
     seed = 0x12345678
-    reference = Balancer(LB_ADDRESS, mac_to_bytes(LB_MAC), list(BACKENDS), table_size=TABLE_SIZE, hash_seed=seed)
+    reference = Balancer(LB_ADDRESS, mac_to_bytes(LB_MAC), golden_services(), hash_seed=seed)
     for b, mac in BACKENDS.items():
         reference.set_neighbour(b, mac_to_bytes(mac))
-    xdp.sync_from_balancer(reference)
+    mirror(xdp, reference)
     assert xdp.read_config().hash_seed == seed
     for p in range(100):
         frame = wrapped(tcp(10000 + p))
@@ -316,12 +319,14 @@ def test_hash_seed_comes_from_the_config(xdp) -> None:
 
 
 def test_smaller_prime_table() -> None:
-    with XdpBalancer(table_size=251, conn_capacity=64) as x:
-        reference = Balancer(LB_ADDRESS, mac_to_bytes(LB_MAC), list(ALL_MACS), table_size=251)
+    with XdpProgram(table_size=251, conn_capacity=64) as x:
+        service = catch_all(list(ALL_MACS), 251)
+        reference = Balancer(LB_ADDRESS, mac_to_bytes(LB_MAC), [service])
         for b, mac in ALL_MACS.items():
             reference.set_neighbour(b, mac_to_bytes(mac))
-        x.sync_from_balancer(reference)
-        assert x.read_table() == [x.backend_index(reference.table.backends[i]) for i in reference.table.slots]
+        mirror(x, reference)
+        table = service.table
+        assert x.read_table(0, 251) == [backend_index(x, table.backends[i]) for i in table.slots]
         for p in range(200):  # more flows than the connection table holds: LRU eviction is harmless
             frame = wrapped(tcp(p))
             assert x.test_run(frame)[1] == reference.decide(frame, now=0.0).frame
@@ -329,15 +334,16 @@ def test_smaller_prime_table() -> None:
 
 
 def test_table_larger_than_the_map_is_refused() -> None:
-    with XdpBalancer(table_size=251, conn_capacity=64) as x:
+    with XdpProgram(table_size=251, conn_capacity=64) as x:
         with pytest.raises(ValueError):
-            x.write_table([0] * 257)
+            x.sync(desired(catch_all_state(list(BACKENDS), 257), LB_ADDRESS, LB_MAC, BACKENDS))
+        assert x.image.config is None  # nothing was written
 
 
 def test_timed_run(xdp) -> None:
     action, out, ns = xdp.test_run_timed(wrapped(tcp(7)), repeat=2000)
     assert action == XdpAction.TX and ns > 0
-    assert xdp.counters()["forwarded"] == 2000
+    assert nonzero(xdp)["forwarded"] == 2000
 
 
 # -- differential: random and mutated frames against the Python core ---------------------------------
@@ -391,10 +397,10 @@ def _mutate(rng: random.Random, frame: bytes) -> bytes:
     return bytes(b)
 
 
-def _compare(x: XdpBalancer, reference: Balancer, frame: bytes) -> None:
-    before = x.stats()
+def _compare(x: XdpProgram, reference: Balancer, frame: bytes) -> None:
+    before = counters.stats(x)
     action, out = x.test_run(frame)
-    after = x.stats()
+    after = counters.stats(x)
     verdict = reference.decide(frame, now=0.0)
     assert action == VERDICT[verdict.action], (frame.hex(), verdict)
     if verdict.action == Action.FORWARD:

@@ -1,8 +1,9 @@
-"""Services mode (docs/WIRE.md section 10): the XDP program (BPF_PROG_TEST_RUN) against the Python core.
+"""Services (docs/WIRE.md section 10): the XDP program (BPF_PROG_TEST_RUN) against the Python core.
 
-Both engines hold the same services (set_service / remove_service on a `Balancer(services=True)`, then
-`XdpBalancer.sync_from_balancer`). Hand-written cases pin the lookup order, the fragment and ICMP rules,
-drain, removal and connection entries that no longer belong to their flow's service; a Hypothesis
+Both engines hold the same services (a `DataplaneState` from a StateBuilder, given to the Balancer with
+set_services and to the program through the map planner). Hand-written cases pin the lookup order, the
+fragment and ICMP rules, the catch-all next to services with a VIP, drain, removal and connection
+entries that no longer belong to their flow's service; a Hypothesis
 differential runs generated frames (valid, malformed, for configured and unconfigured VIPs, ports and
 protocols) through both with a service change in the middle, comparing verdicts, output bytes and
 every counter (NO_SERVICE included). Needs root (loading BPF).
@@ -20,11 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rusty_rail.core.balancer import Balancer
-from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.core.service import ServiceKey, ServiceProtocol, lookup_entry
 from rusty_rail.core.verdict import Action
-from rusty_rail.engines import xdp_maps as m
-from rusty_rail.engines.xdp import XdpAction, XdpBalancer, default_object_path
-from tests.test_xdp_differential import LB_ADDRESS, LB_MAC, POOL, VERDICT, addr, ipv4, malformed, python_counters
+from rusty_rail.dataplane import StateBuilder
+from rusty_rail.engines.xdp import XdpAction, XdpProgram, counters, default_object_path
+from rusty_rail.engines.xdp import maps as m
+from tests.test_xdp_differential import LB_ADDRESS, LB_MAC, POOL, addr, ipv4, malformed, python_counters
+from tests.xdp_support import VERDICT, backend_index, mirror, nonzero
 
 pytestmark = [
     pytest.mark.netns,  # root only
@@ -44,6 +47,7 @@ CANDIDATES = [
     ServiceKey(IPv4Address("10.1.0.2"), TCP, 80),      # more specific than the line above
     ServiceKey(IPv4Address("10.1.0.3"), TCP, 8080),
     ServiceKey(IPv4Address("10.1.0.3"), UDP, 53),
+    ServiceKey.catch_all(),                            # every VIP: after every service with one
 ]
 B = sorted(POOL)  # 10.2.0.1 .. 10.2.0.5
 
@@ -118,7 +122,7 @@ def services_config(draw, before=None):
     out = {}
     for key in CANDIDATES:
         if before is None:
-            if draw(st.integers(0, 3)):
+            if bool(draw(st.integers(0, 3))) != key.is_catch_all:  # services 3 in 4, the catch-all 1 in 4
                 out[key] = draw(pool())
             continue
         what = draw(st.sampled_from(["keep", "keep", "drain", "other", "absent"]))
@@ -145,18 +149,17 @@ def scenario(draw):
 # -- both engines ------------------------------------------------------------------------------------
 
 
-def apply(reference: Balancer, x: XdpBalancer, config, unresolved=frozenset()) -> None:
-    for key in list(reference.services):
-        if key not in config:
-            reference.remove_service(key)
-    for key, (backends, weights) in config.items():
-        reference.set_service(key, list(backends), dict(zip(backends, weights)))
+def apply(reference: Balancer, x: XdpProgram, config, unresolved=frozenset()) -> None:
+    """Both serve `config`: {service: (backends, weights)}; next hops of `unresolved` unknown."""
+    state = StateBuilder(TABLE_SIZE).build(
+        {key: {IPv4Address(b): w for b, w in zip(backends, weights)} for key, (backends, weights) in config.items()})
+    reference.set_services(state.services)
     for b, mac in POOL.items():
         reference.set_neighbour(b, None if b in unresolved else mac)
-    x.sync_from_balancer(reference)
+    mirror(x, reference)
 
 
-def both(reference: Balancer, x: XdpBalancer, frame: bytes):
+def both(reference: Balancer, x: XdpProgram, frame: bytes):
     """Run `frame` through both; assert they agree; return the Python verdict."""
     verdict = reference.decide(frame, now=time.monotonic())
     if len(frame) < 14:  # the kernel refuses runts (EINVAL); the contract says PASS
@@ -164,35 +167,35 @@ def both(reference: Balancer, x: XdpBalancer, frame: bytes):
         reference.passed -= 1  # not seen by the program: keep the counters comparable
         return verdict
     action, out = x.test_run(frame)
-    assert action == VERDICT[verdict.action], (frame.hex(), verdict, x.counters())
+    assert action == VERDICT[verdict.action], (frame.hex(), verdict, nonzero(x))
     if verdict.action == Action.FORWARD:
         assert out.hex() == verdict.frame.hex()
     return verdict
 
 
-def backend(reference: Balancer, x: XdpBalancer, frame: bytes) -> str | None:
+def backend(reference: Balancer, x: XdpProgram, frame: bytes) -> str | None:
     verdict = both(reference, x, frame)
     return str(IPv4Address(verdict.frame[30:34])) if verdict.action == Action.FORWARD else None
 
 
-def assert_counters_agree(reference: Balancer, x: XdpBalancer) -> None:
-    got, want, names = x.stats(), python_counters(reference), m.stat_names()
+def assert_counters_agree(reference: Balancer, x: XdpProgram) -> None:
+    got, want, names = counters.stats(x), python_counters(reference), m.stat_names()
     skip = (m.STAT_CONN_HIT, m.STAT_CONN_NEW, m.STAT_CONN_INSERT)
     assert {names[i]: got[i] for i in names if i not in skip} == {names[i]: want[i] for i in names if i not in skip}
 
 
 @pytest.fixture(scope="module")
 def program():
-    with XdpBalancer(table_size=TABLE_SIZE, conn_capacity=1 << 14, max_services=len(CANDIDATES)) as x:
+    with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 14, max_services=len(CANDIDATES)) as x:
         yield x
 
 
 @pytest.fixture
 def pair(program):
     program.clear_connections()
-    program.reset_stats()
-    reference = Balancer(LB_ADDRESS, LB_MAC, table_size=TABLE_SIZE, services=True)
-    program.sync_from_balancer(reference)  # no services: a clean slate, services mode
+    counters.reset(program)
+    reference = Balancer(LB_ADDRESS, LB_MAC)
+    mirror(program, reference)  # no services: a clean slate
     return reference, program
 
 
@@ -215,7 +218,7 @@ def test_lookup_order_and_no_service(pair) -> None:
     assert backend(reference, x, wrap(udp(40000, 80))) == B[2]          # (vip, any port, any proto)
     assert backend(reference, x, wrap(ipv4(addr(CLIENTS[0]), addr("10.1.0.1"), 1, bytes(8)))) == B[2]
     assert backend(reference, x, wrap(tcp(40000, 80, dst="10.1.0.9"))) is None
-    assert x.counters()["drop_no_service"] == 1
+    assert nonzero(x)["drop_no_service"] == 1
     assert_counters_agree(reference, x)
 
 
@@ -273,11 +276,11 @@ def test_drain_keeps_flows_and_removal_drops_them(pair) -> None:
     apply(reference, x, {key: (tuple(B[:3]), (0, 0, 0))})
     assert backend(reference, x, wrap(tcp(41001, 80))) == flows[41001]
     assert backend(reference, x, wrap(tcp(43000, 80))) is None
-    assert x.counters()["drop_no_backend"] == 1
+    assert nonzero(x)["drop_no_backend"] == 1
     # Removed: NO_SERVICE, for old flows too; added back: the flows find their backends again.
     apply(reference, x, {})
     assert backend(reference, x, wrap(tcp(41002, 80))) is None
-    assert x.counters()["drop_no_service"] == 1
+    assert nonzero(x)["drop_no_service"] == 1
     assert x.service_entries() == {}
     apply(reference, x, {key: (tuple(B[:3]), (1, 1, 1))})
     assert backend(reference, x, wrap(tcp(41002, 80))) == flows[41002]
@@ -310,41 +313,69 @@ def test_maps_hold_the_services(pair) -> None:
     reference, x = pair
     apply(reference, x, {svc("10.1.0.1:80/tcp"): ((B[0], B[1]), (1, 1)), svc("10.1.0.1:53/udp"): ((B[1],), (0,))})
     entries = x.service_entries()
-    i80, i53 = x.service_index(svc("10.1.0.1:80/tcp")), x.service_index(svc("10.1.0.1:53/udp"))
+    i80, i53 = x.image.service_index[svc("10.1.0.1:80/tcp")], x.image.service_index[svc("10.1.0.1:53/udp")]
+    vip = IPv4Address("10.1.0.1").packed
     assert entries == {
-        m.service_key_bytes("10.1.0.1", 80, 6): (i80, TABLE_SIZE),
-        m.service_key_bytes("10.1.0.1", 0, 6, fragment=True): (i80, TABLE_SIZE),
-        m.service_key_bytes("10.1.0.1", 53, 17): (i53, 0),
-        m.service_key_bytes("10.1.0.1", 0, 17, fragment=True): (i53, 0),
+        lookup_entry(vip, (80).to_bytes(2, "big"), 6): (i80, TABLE_SIZE),
+        lookup_entry(vip, b"\x00\x00", 6, fragment=True): (i80, TABLE_SIZE),
+        lookup_entry(vip, (53).to_bytes(2, "big"), 17): (i53, 0),
+        lookup_entry(vip, b"\x00\x00", 17, fragment=True): (i53, 0),
     }
     pool = reference.services[svc("10.1.0.1:80/tcp")]
-    assert x.read_table(service=svc("10.1.0.1:80/tcp")) == [x.backend_index(pool.table.backends[s])
-                                                             for s in pool.table.slots]
+    assert x.read_table(i80, TABLE_SIZE) == [backend_index(x, pool.service.table.backends[s])
+                                             for s in pool.service.table.slots]
     cfg = x.read_config()
-    assert cfg.services == 1 and cfg.table_stride == TABLE_SIZE and cfg.backend_count == 2
+    assert (cfg.named_services, cfg.catch_all, cfg.table_stride) == (2, 0, TABLE_SIZE)
+    assert {backend_index(x, b) for b in (B[0], B[1])} == {0, 1} and x.read_backend(1).in_use
 
 
 def test_too_many_services_is_refused(pair) -> None:
     reference, x = pair
-    with pytest.raises(ValueError):
-        x.sync_services({ServiceKey(IPv4Address(f"10.9.0.{i}")): reference.set_service(
-            ServiceKey(IPv4Address(f"10.9.0.{i}")), [B[0]]) for i in range(len(CANDIDATES) + 1)})
+    apply(reference, x, {svc("10.1.0.1:80/tcp"): ((B[0],), (1,))})
+    before = x.image
+    with pytest.raises(ValueError, match="max_services"):
+        apply(Balancer(LB_ADDRESS, LB_MAC), x, {ServiceKey(IPv4Address(f"10.9.0.{i}")): ((B[0],), (1,))
+                                                for i in range(len(CANDIDATES) + 1)})
+    assert x.image is before and x.service_entries() == before.services  # nothing was written
 
 
-def test_open_mode_after_services_mode(program) -> None:
-    """One program, switched between modes: open mode balances everything again, exactly as core."""
+def test_catch_all_after_the_services_with_a_vip(pair) -> None:
+    """The catch-all takes what no service with a VIP matches, after all of their rules (fragments too)."""
+    reference, x = pair
+    apply(reference, x, {svc("10.1.0.1:80/tcp"): ((B[0],), (1,)), svc("*"): ((B[1], B[2]), (1, 1))})
+    assert backend(reference, x, wrap(tcp(40000, 80))) == B[0]
+    assert backend(reference, x, wrap(tcp(1, 2, frag=0x0010))) == B[0]         # the fragment fallback
+    assert backend(reference, x, wrap(udp(40000, 80))) in (B[1], B[2])          # no UDP service there
+    assert backend(reference, x, wrap(tcp(40000, 80, dst="10.1.0.9"))) in (B[1], B[2])
+    cfg = x.read_config()
+    assert cfg.named_services == 1 and cfg.catch_all == 1 + x.image.service_index[svc("*")]
+    assert cfg.catch_all_size == TABLE_SIZE
+    # The catch-all drained: its flows stay, new ones are NO_BACKEND (not NO_SERVICE).
+    kept = backend(reference, x, wrap(udp(5, 5)))
+    apply(reference, x, {svc("10.1.0.1:80/tcp"): ((B[0],), (1,)), svc("*"): ((B[1], B[2]), (0, 0))})
+    assert x.read_config().catch_all_size == 0
+    assert backend(reference, x, wrap(udp(5, 5))) == kept
+    assert backend(reference, x, wrap(udp(6, 6))) is None and nonzero(x)["drop_no_backend"] == 1
+    # Without it: NO_SERVICE again.
+    apply(reference, x, {svc("10.1.0.1:80/tcp"): ((B[0],), (1,))})
+    assert x.read_config().catch_all == 0
+    assert backend(reference, x, wrap(udp(5, 5))) is None and nonzero(x)["drop_no_service"] == 1
+    assert_counters_agree(reference, x)
+
+
+def test_environment_form_after_services(program) -> None:
+    """One program, from services with a VIP to the environment form: every VIP balanced, exactly as
+    core, and rr_services empty (the catch-all is found without a lookup)."""
     program.clear_connections()
-    program.reset_stats()
-    services = Balancer(LB_ADDRESS, LB_MAC, table_size=TABLE_SIZE, services=True)
+    counters.reset(program)
+    services = Balancer(LB_ADDRESS, LB_MAC)
     apply(services, program, {svc("10.1.0.1:80/tcp"): ((B[0],), (1,))})
     assert program.test_run(wrap(udp(1, 53)))[0] == XdpAction.DROP
     program.clear_connections()
-    program.reset_stats()
-    reference = Balancer(LB_ADDRESS, LB_MAC, B[:3], table_size=TABLE_SIZE)
-    for b, mac in POOL.items():
-        reference.set_neighbour(b, mac)
-    program.sync_from_balancer(reference)
-    assert program.read_config().services == 0 and program.service_entries() == {}
+    counters.reset(program)
+    reference = Balancer(LB_ADDRESS, LB_MAC)
+    apply(reference, program, {ServiceKey.catch_all(): (tuple(B[:3]), (1, 1, 1))})
+    assert program.read_config().named_services == 0 and program.service_entries() == {}
     for p in range(50):
         assert backend(reference, program, wrap(udp(p, 53, dst=VIPS[p % 4]))) in B[:3]
     assert_counters_agree(reference, program)
@@ -362,9 +393,9 @@ def test_xdp_matches_python_in_services_mode(program) -> None:
     def check(case) -> None:
         before, after, unresolved, batch, change_at = case
         program.clear_connections()
-        program.reset_stats()
-        reference = Balancer(LB_ADDRESS, LB_MAC, table_size=TABLE_SIZE, services=True)
-        program.sync_from_balancer(reference)  # forget the previous example's services
+        counters.reset(program)
+        reference = Balancer(LB_ADDRESS, LB_MAC)
+        mirror(program, reference)  # forget the previous example's services
         apply(reference, program, before, unresolved)
         for i, frame in enumerate(batch):
             if i == change_at:

@@ -1,0 +1,44 @@
+"""Shared by the XDP tests: the Python verdict's XDP action, and a program holding what a Balancer holds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Address
+
+from rusty_rail.core.balancer import Balancer
+from rusty_rail.core.ethernet import mac_to_bytes
+from rusty_rail.core.maglev import build_table
+from rusty_rail.core.service import Service, ServiceKey
+from rusty_rail.core.verdict import Action
+from rusty_rail.dataplane import DataplaneState
+from rusty_rail.engines.xdp import XdpAction, XdpProgram, counters
+from rusty_rail.engines.xdp.planner import Desired
+
+VERDICT = {Action.FORWARD: XdpAction.TX, Action.PASS: XdpAction.PASS, Action.DROP: XdpAction.DROP}
+
+
+def mirror(program: XdpProgram, balancer: Balancer) -> None:
+    """Make the program's maps hold the balancer's services, neighbours, address, seed and timeouts."""
+    program.sync(Desired.mirror(balancer, program.max_table_size))
+
+
+def catch_all_state(backends: Iterable[str], size: int, weights: Mapping[str, int] | None = None) -> DataplaneState:
+    """The environment form: one catch-all service."""
+    return DataplaneState((Service(ServiceKey.catch_all(), build_table(list(backends), size, weights)),), size)
+
+
+def desired(state: DataplaneState, address: str, mac: str | bytes, macs: Mapping[str, str | bytes]) -> Desired:
+    """`state` served from (address, mac), next hops `macs` (backend -> MAC; absent: unknown)."""
+    def raw(x: str | bytes) -> bytes:
+        return x if isinstance(x, bytes) else mac_to_bytes(x)
+
+    return Desired(state, IPv4Address(address), raw(mac), {int(IPv4Address(b)): raw(v) for b, v in macs.items()})
+
+
+def nonzero(program: XdpProgram) -> dict[str, int]:
+    """The program's rr_stats counters that are not zero, by name."""
+    return {k: v for k, v in counters.named(program).items() if v}
+
+
+def backend_index(program: XdpProgram, backend: str | IPv4Address) -> int | None:
+    return program.image.backend_index.get(int(IPv4Address(backend)))
