@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from ipaddress import IPv4Address
+from typing import cast
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -17,8 +18,8 @@ from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.conntrack import ConnectionTable
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
-from rusty_rail.core.verdict import Action, DropReason
-from rusty_rail.dataplane import Counters, DataplaneState, EngineKind, Explanation
+from rusty_rail.core.verdict import Drop, DropReason, Pass
+from rusty_rail.dataplane import Counters, DataplaneState, Engine, EngineKind, Explanation
 from rusty_rail.engines.afpacket import local
 from rusty_rail.engines.afpacket.local import LocalBalancer, merge_counters
 from tests.fixtures.golden import LB_ADDRESS, wrapped
@@ -48,6 +49,12 @@ class InProcess:
         return self.local.explain(key)
 
 
+def _state(plane: ControlPlane) -> DataplaneState:
+    state = plane.dataplane_state()
+    assert state is not None
+    return state
+
+
 def _setup(catch_all: bool = False) -> tuple[ControlPlane, Balancer, list[float]]:
     now = [0.0]
     balancer = Balancer(LB_ADDRESS, b"\x02" * 6, connections=ConnectionTable(1 << 16))
@@ -57,8 +64,8 @@ def _setup(catch_all: bool = False) -> tuple[ControlPlane, Balancer, list[float]
     services = [ServiceSpec(key, tuple(BackendSpec(b) for b in BACKENDS), HealthSpec())]
     if not catch_all:
         services.append(ServiceSpec(DNS, (BackendSpec(BACKENDS[0]),), HealthSpec()))
-    plane = ControlPlane(Config("eth0", tuple(services), table_size=251),
-                         InProcess(LocalBalancer(balancer, clock=lambda: now[0])))
+    engine = cast(Engine, InProcess(LocalBalancer(balancer, clock=lambda: now[0])))  # all the plane calls
+    plane = ControlPlane(Config("eth0", tuple(services), table_size=251), engine)
     return plane, balancer, now
 
 
@@ -71,7 +78,8 @@ def _send(balancer: Balancer, now: float, dport: int = 80, sport_offset: int = 0
     out: dict[tuple[str, int], IPv4Address | DropReason] = {}
     for client, sport in CLIENTS:
         verdict = balancer.decide(_frame(client, sport + sport_offset, dport), now)
-        out[(client, sport)] = verdict.reason if verdict.action == Action.DROP else IPv4Address(verdict.backend)
+        assert not isinstance(verdict, Pass)
+        out[(client, sport)] = verdict.reason if isinstance(verdict, Drop) else IPv4Address(verdict.backend)
     return out
 
 
@@ -114,7 +122,7 @@ def test_a_change_rebuilds_only_its_own_service_and_unmatched_is_dropped() -> No
     assert plane.tables_built == tables + 1 and adapter.pools_built == built + 1
     assert balancer.services[WEB].service.table.slot_counts()[2] > 100
     assert balancer.services[DNS] is pools[DNS], "the other service keeps its pool and its figures"
-    assert adapter.apply(plane.dataplane_state().services) == 0, "the same services again: nothing rebuilt"
+    assert adapter.apply(_state(plane).services) == 0, "the same services again: nothing rebuilt"
     assert set(_send(balancer, 0.0, dport=443).values()) == {DropReason.NO_SERVICE}
 
 
@@ -122,11 +130,11 @@ def test_apply_changes_is_the_same_as_applying_the_whole_state() -> None:
     plane, balancer, now = _setup()
     whole = LocalBalancer(Balancer(LB_ADDRESS, b"\x02" * 6))
     parts = LocalBalancer(Balancer(LB_ADDRESS, b"\x02" * 6))
-    first = plane.dataplane_state().services
+    first = _state(plane).services
     whole.apply(first)
     parts.apply(first)
     plane.drain(WEB, BACKENDS[0])
-    second = plane.dataplane_state().services
+    second = _state(plane).services
     assert whole.apply(second) == 1
     changed = tuple(s for s in second if s not in first)
     assert parts.apply_changes(changed, ()) == 1
