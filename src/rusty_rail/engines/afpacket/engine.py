@@ -107,12 +107,14 @@ class AfPacketEngine:
                     self._worker = self._make_worker(self._state.services, None, None)
             else:
                 fanout_group = os.getpid() & 0xFFFF
-                with self._lock:  # the children are forked with `_state`; apply() sends changes from it on
+                # The children are forked with `_state`, and apply() sends the changes from it on; it
+                # waits meanwhile (the lock), so a change made while the workers start is not lost.
+                with self._lock:
                     services = self._state.services
                     self._sent = {s.key: s for s in services}
                     self._pool = WorkerPool(self.options.workers,
                                             lambda control: self._make_worker(services, fanout_group, control))
-                self._pool.start()
+                    self._pool.start()
         except PermissionError as exc:
             self.close()
             raise EngineError(f"AF_PACKET on {device} needs CAP_NET_RAW (run as root): {exc}") from exc

@@ -101,7 +101,7 @@ class PacketRing:
             raise ValueError("ring sizes must be page multiples (frames: multiples of 16)")
         self.ifindex = ifindex
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self._filters: list[SocketFilter] = []  # the kernel reads them at setsockopt; kept for clarity
+        self._filters: list[SocketFilter] = []  # their buffers must outlive the setsockopt calls that read them
         try:
             self._setup(rx_block_size, rx_blocks, rx_block_tov_ms, tx_frame_size, tx_frames, gre_only, qdisc_bypass)
         except BaseException:
