@@ -64,7 +64,7 @@ class Rig:
     def start(self) -> None:
         log = self.log_path.open("ab")
         try:
-            self.procs = self.lab.start_balancers_with_config(str(self.config), stdout=subprocess.PIPE, stderr=log)
+            self.procs = self.lab.start_balancers_with_config(str(self.config), stdout=log, stderr=log)
         finally:
             log.close()
         _wait_until_served(self.lab, 20)
@@ -123,7 +123,7 @@ class Rig:
         return counts
 
     def stop(self) -> dict[str, Any]:
-        (report,) = stop_balancers(self.procs)
+        (report,) = stop_balancers(self.procs, logs=[self.log_path])
         self.procs = []
         assert report["engine"] == self.engine
         return report
@@ -450,7 +450,7 @@ def test_unconfigured_vips_and_ports_never_reach_a_backend(engine: str, tmp_path
         service_net, _, _ = lab.maps.config()
         assert service_net == "10.1.0.0/24", service_net  # the router wraps all of S, not only the VIP
         before = rig.status()["counters"]
-        wrapped_before = lab.maps.stats()["encapsulated"]
+        wrapped_before = lab.maps.stats()["encapsulated_wire"]
         sniffers = {s.name: Sniffer(s.namespace, s.device) for s in lab.servers}
         try:
             sent = 0
@@ -469,7 +469,7 @@ def test_unconfigured_vips_and_ports_never_reach_a_backend(engine: str, tmp_path
         finally:
             for s in sniffers.values():
                 s.close()
-        assert lab.maps.stats()["encapsulated"] - wrapped_before >= sent  # they did reach the balancer
+        assert lab.maps.stats()["encapsulated_wire"] - wrapped_before >= sent  # they did reach the balancer
         after = rig.status()["counters"]
         print(f"{engine}: sent >= {sent}, no_service drops {drops}, forwarded {after['forwarded'] - before['forwarded']}")
         for name, fs in frames.items():

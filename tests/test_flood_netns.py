@@ -122,7 +122,7 @@ def test_flood_of_new_flows(engine: str, tmp_path: Path) -> None:
         lb, router = lab.balancers[0], lab.router
         conf = tmp_path / "flood.trafgen"
         conf.write_text(trafgen_config(lb.mac, router.mac, router.address, lb.address, lab.vip))
-        procs = lab.start_balancers(env=env, stdout=subprocess.PIPE, stderr=log)
+        procs = lab.start_balancers(env=env, stdout=log, stderr=log)
         try:
             (proc,) = procs
             _wait_until_served(lab, 20)
@@ -171,7 +171,7 @@ def test_flood_of_new_flows(engine: str, tmp_path: Path) -> None:
                 assert int(info["bytes_memlock"]) <= CAPACITY * 128 + (64 << 10)
                 assert counters["forwarded"] > 2 * CAPACITY  # (a loaded machine's veth may drop some)
                 assert counters["connections"] > CAPACITY // 2  # the flood filled the table
-            (report,) = stop_balancers(procs)
+            (report,) = stop_balancers(procs, logs=[tmp_path / "balancer.log"])
             assert report["engine"] == engine
         except BaseException:
             log.seek(0)

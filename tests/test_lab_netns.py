@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 import sys
 import time
 from collections.abc import Iterator
@@ -209,24 +210,22 @@ def _wait_until_served(lab: Lab, deadline_s: float) -> None:
     pytest.fail(f"the balancers did not start forwarding before the deadline\n{_logs(lab)}")
 
 
-def stop_balancers(procs: list[subprocess.Popen], lab: Lab | None = None) -> list[dict]:
-    """SIGTERM each balancer and return the "stopped" event each logs as it exits: from its log
-    file when `lab` is given (balancers started with the lab's default logs, one per balancer, in
-    lab.balancers' order), else from the JSON lines on its stdout (a PIPE)."""
+def stop_balancers(procs: list[subprocess.Popen], lab: Lab | None = None, logs: list[Path] | None = None) -> list[dict]:
+    """SIGTERM each balancer and return the "stopped" event each logs (on stderr) as it exits: from
+    `logs[i]` when given (the file its stderr went to), else from the lab's default log of
+    lab.balancers[i]."""
     for p in procs:
         p.terminate()
     reports = []
     for i, p in enumerate(procs):
-        if lab is not None:
-            lb = lab.balancers[i]
-            assert p.wait(timeout=20) == 0, f"{lb.name} exited {p.returncode}\n{_logs(lab)}"
-            stopped = logged(lab.balancer_log(lb), "stopped")
+        if logs is not None:
+            path = logs[i]
         else:
-            out, _ = p.communicate(timeout=20)
-            assert p.returncode == 0, f"balancer exited {p.returncode}"
-            lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
-            stopped = [r for r in lines if r.get("event") == "stopped"]
-        assert stopped, "no stopped event (the daemon logs it on stderr: start the balancers with the lab's logs, pass lab)"
+            assert lab is not None, "give the lab (its default logs) or the log files"
+            path = lab.balancer_log(lab.balancers[i])
+        assert p.wait(timeout=20) == 0, f"balancer {i} exited {p.returncode}\n{path.read_text(errors='replace')[-3000:]}"
+        stopped = logged(path, "stopped")
+        assert stopped, f"no stopped event in {path}"
         reports.append(stopped[-1])
     return reports
 

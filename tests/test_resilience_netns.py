@@ -72,7 +72,7 @@ class Balancers:
     def __init__(self, lab: Lab, engine: str, tmp_path: Path, metrics: bool = False) -> None:
         self.lab = lab
         self.engine = engine
-        self.log_path = tmp_path / "balancers.log"
+        self.log_paths = {lb.name: tmp_path / f"{lb.name}.log" for lb in lab.balancers}
         self.sockets = {lb.name: str(tmp_path / f"{lb.name}.sock") for lb in lab.balancers}
         self.metrics = metrics
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -88,11 +88,13 @@ class Balancers:
         env = {"RR_ENGINE": self.engine, "RR_CONTROL_SOCKET": self.sockets[lb.name], "RR_TABLE_SIZE": str(TABLE_SIZE)}
         if self.metrics:
             env["RR_METRICS"] = f"0.0.0.0:{METRICS_PORT}"  # the router's checker probes it
-        with self.log_path.open("ab") as log:
-            self.procs[lb.name] = self.lab.start_balancer(lb, env=env, stdout=subprocess.PIPE, stderr=log)
+        with self.log_paths[lb.name].open("ab") as log:
+            self.procs[lb.name] = self.lab.start_balancer(lb, env=env, stdout=log, stderr=log)
 
     def show_log(self) -> None:
-        print(self.log_path.read_text(errors="replace")[-4000:])
+        for name, path in self.log_paths.items():
+            if path.exists():
+                print(f"-- {name}:\n{path.read_text(errors='replace')[-3000:]}")
 
     def request(self, lb: Host, request: dict[str, Any]) -> Any:
         with ControlClient(self.sockets[lb.name]) as client:
@@ -107,8 +109,9 @@ class Balancers:
         return int(self.request(lb, {"cmd": "status"})["counters"]["forwarded"])
 
     def stop(self, names: list[str] | None = None) -> list[dict[str, Any]]:
-        procs = [self.procs.pop(n) for n in (names or list(self.procs))]
-        reports = stop_balancers(procs)
+        names = names or list(self.procs)
+        procs = [self.procs.pop(n) for n in names]
+        reports = stop_balancers(procs, logs=[self.log_paths[n] for n in names])
         assert all(r["engine"] == self.engine for r in reports)
         return reports
 
@@ -269,7 +272,7 @@ class ConfigBalancer:
         self.config.write_text(config_text(engine, self.socket, [b.address for b in backends]))
         self.log_path = tmp_path / "balancer.log"
         with self.log_path.open("ab") as log:
-            self.procs = lab.start_balancers_with_config(str(self.config), stdout=subprocess.PIPE, stderr=log)
+            self.procs = lab.start_balancers_with_config(str(self.config), stdout=log, stderr=log)
         try:
             wait_served_by_each(lab)
         except BaseException:
@@ -297,7 +300,7 @@ class ConfigBalancer:
         return out
 
     def stop(self) -> None:
-        (report,) = stop_balancers(self.procs)
+        (report,) = stop_balancers(self.procs, logs=[self.log_path])
         assert report["engine"] == self.engine
 
 

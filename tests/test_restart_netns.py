@@ -30,8 +30,10 @@ from pathlib import Path
 import pytest
 
 from rusty_rail.bpf import libbpf
-from rusty_rail.engines.xdp import _in_netns, default_object_path
+from rusty_rail.engines.xdp import default_object_path
+from rusty_rail.bpf.netns import in_netns as _in_netns
 from rusty_rail.lab import Lab
+from rusty_rail.lab.events import logged
 from tests.test_lab_netns import _wait_until_served
 
 pytestmark = [pytest.mark.netns,
@@ -120,21 +122,23 @@ def _ctl(lab: Lab, socket_path: Path, *args: str) -> str:
     return r.stdout
 
 
-def _stopped_report(out: bytes) -> dict:
-    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
-    return next(r for r in lines if r.get("event") == "stopped")
+def _stopped_report(log: Path) -> dict:
+    """The "stopped" event a daemon logged (on stderr, into `log`) as it exited."""
+    (report,) = logged(log, "stopped")
+    return report
 
 
 def test_restart_hands_over_without_a_gap(tmp_path: Path) -> None:
     prefix = f"rh{os.getpid() % 100000}x{next(_counter)}-"
     socket_path = tmp_path / "ctl.sock"
     env = {"RR_ENGINE": "xdp", "RR_TABLE_SIZE": "1009", "RR_CONTROL_SOCKET": str(socket_path)}
-    log = (tmp_path / "balancer.log").open("w+b")
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    log = old_log.open("w+b")
     with Lab(2, prefix) as lab:
         lb, client = lab.balancers[0], lab.clients[0]
         handover_dir = f"/sys/fs/bpf/rusty_rail/{os.stat(f'/run/netns/{lb.namespace}').st_ino}-{lb.device}"
         try:
-            (old,) = lab.start_balancers(env=env, host_bpffs=True, stdout=subprocess.PIPE, stderr=log)
+            (old,) = lab.start_balancers(env=env, host_bpffs=True, stdout=log, stderr=log)
             _wait_until_served(lab, 20)
             receivers = [lab.popen(s.namespace, [lab.python, "-c", RECEIVER], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE) for s in lab.servers]
@@ -162,10 +166,11 @@ def test_restart_hands_over_without_a_gap(tmp_path: Path) -> None:
                     first_id = watch.ids[-1][1]
                     assert first_id != 0
                     started = time.monotonic()
-                    new = lab.popen(lb.namespace, [lab.python, "-m", "rusty_rail", "restart"],
-                                    env={**lab.balancer_env(lb), **env}, host_bpffs=True,
-                                    stdout=subprocess.PIPE, stderr=log)
-                    old_out, _ = old.communicate(timeout=30)
+                    with new_log.open("ab") as new_err:
+                        new = lab.popen(lb.namespace, [lab.python, "-m", "rusty_rail", "restart"],
+                                        env={**lab.balancer_env(lb), **env}, host_bpffs=True,
+                                        stdout=new_err, stderr=new_err)
+                    old.wait(timeout=30)
                     old_exited = time.monotonic()
                     deadline = time.monotonic() + 30
                     while watch.ids[-1][1] == first_id:
@@ -189,7 +194,7 @@ def test_restart_hands_over_without_a_gap(tmp_path: Path) -> None:
 
             # The old daemon handed over (exit 75, a report saying so) and left no gap.
             assert old.returncode == 75
-            assert _stopped_report(old_out)["handover"] is True
+            assert _stopped_report(old_log)["handover"] is True
             ids = [pid for _, pid in watch.ids]
             print(f"program ids seen: {ids} in {watch.polls} polls; old exited {old_exited - started:.3f}s "
                   f"after restart began, program replaced {replaced - started:.3f}s after "
@@ -220,12 +225,13 @@ def test_restart_hands_over_without_a_gap(tmp_path: Path) -> None:
 
             # A plain stop still detaches and cleans up.
             new.send_signal(signal.SIGTERM)
-            new_out, _ = new.communicate(timeout=30)
-            assert new.returncode == 0 and _stopped_report(new_out)["handover"] is False
+            new.wait(timeout=30)
+            assert new.returncode == 0 and _stopped_report(new_log)["handover"] is False
             (link,) = json.loads(lab.run(lb.namespace, ["ip", "-j", "-d", "link", "show", "dev", lb.device]).stdout)
             assert "xdp" not in link, "a stopped balancer leaves nothing attached"
             assert not os.path.exists(handover_dir)
         except BaseException:
-            log.seek(0)
-            print(log.read().decode(errors="replace")[-4000:])
+            for path in (old_log, new_log):
+                if path.exists():
+                    print(f"-- {path.name}:\n{path.read_text(errors='replace')[-4000:]}")
             raise

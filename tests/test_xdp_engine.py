@@ -33,7 +33,7 @@ from rusty_rail.core.service import ServiceKey
 from rusty_rail.dataplane import EngineError, EngineKind, EngineOptions
 from rusty_rail.engines import choose_engine
 from rusty_rail.engines.xdp import XdpEngine, attach_pass, default_object_path, handover_dir, xdp_available
-from rusty_rail.engines.xdp.program import in_netns
+from rusty_rail.bpf.netns import in_netns
 from tests.engine_netns import LB_IP, PEER_IP, VethPair, drain, gre_frame, ipv4, ping, udp, wait_for
 from tests.xdp_support import catch_all_state
 
@@ -272,7 +272,7 @@ _SCRIPT = """
 import os, signal, sys, threading, time
 from rusty_rail.dataplane import EngineOptions
 from rusty_rail.engines.xdp import XdpEngine
-from rusty_rail.engines.xdp.program import in_netns
+from rusty_rail.bpf.netns import in_netns
 from tests.xdp_support import catch_all_state
 ns, dev, pin_root = sys.argv[1:4]
 stop = threading.Event()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from . import libbpf
+from .netns import in_netns
 
 __all__ = ["EGRESS", "INGRESS", "TcProgram", "attach", "detach", "program_name", "query"]
 
@@ -35,14 +36,12 @@ INGRESS = "ingress"
 EGRESS = "egress"
 DEFAULT_HANDLE = 1
 DEFAULT_PRIORITY = 49
-NETNS_DIR = "/run/netns"
 
 # enum bpf_tc_attach_point and bpf_tc_flags (libbpf.h)
 _BPF_TC_INGRESS = 1 << 0
 _BPF_TC_EGRESS = 1 << 1
 _BPF_TC_F_REPLACE = 1 << 0
 _POINTS = {INGRESS: _BPF_TC_INGRESS, EGRESS: _BPF_TC_EGRESS}
-_CLONE_NEWNET = 0x40000000
 
 
 class _TcHook(ctypes.Structure):
@@ -77,8 +76,6 @@ for _name in ("bpf_tc_hook_create", "bpf_tc_attach", "bpf_tc_query", "bpf_tc_det
 _lib.libbpf_set_print.restype = ctypes.c_void_p
 _lib.libbpf_set_print.argtypes = [ctypes.c_void_p]
 _quiet_lock = threading.Lock()
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 _T = TypeVar("_T")
 
@@ -116,31 +113,8 @@ def _call(fn: Callable[..., int], what: str, *args: object, ok: tuple[int, ...] 
 
 def _in_netns(netns: str | None, fn: Callable[[], _T]) -> _T:
     """fn() in the network namespace `netns` (a name under /run/netns, or a path); None: here."""
-    if netns is None:
+    with in_netns(netns):
         return fn()
-    path = netns if "/" in netns else f"{NETNS_DIR}/{netns}"
-    nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # here, so a missing namespace raises here
-    result: list[_T] = []
-    failure: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            if _libc.setns(nsfd, _CLONE_NEWNET) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, f"setns({path}): {os.strerror(code)}")
-            result.append(fn())
-        except BaseException as e:  # handed to the caller's thread below
-            failure.append(e)
-
-    try:
-        t = threading.Thread(target=body, name=f"netns {netns}")
-        t.start()
-        t.join()
-    finally:
-        os.close(nsfd)
-    if failure:
-        raise failure[0]
-    return result[0]
 
 
 def _hook(interface: str, direction: str) -> _TcHook:

@@ -3,9 +3,9 @@
 Commands run in a namespace through `ip netns exec`, which also remounts /sys so that
 /sys/class/net describes that namespace (the balancer reads its device there). Processes that must
 see the host's bpffs (pinned maps) use `nsenter --net` instead, which keeps the mount namespace.
-The lab itself never calls setns(): a failure half-way could leave it in the wrong namespace,
-touching the host's interfaces. Netlink goes through pyroute2's per-namespace sockets, BPF
-attachment through functions that take the namespace's name (bpf/tc.py, the XDP engine's).
+Netlink goes through pyroute2's per-namespace sockets, BPF attachment through functions that take
+the namespace's name (bpf/tc.py, the XDP engine's), which enter it for one thread and always come
+back (bpf/netns.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 from pyroute2 import netns as _netns
 
-NETNS_DIR = "/run/netns"
+from rusty_rail.bpf.netns import NETNS_DIR
 
 
 def ns_exec(ns: str) -> list[str]:

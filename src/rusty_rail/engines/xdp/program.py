@@ -12,30 +12,27 @@ when the peer runs an XDP program too, and bpf/xdp_pass.o is the least such prog
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from rusty_rail.bpf import libbpf
+from rusty_rail.bpf import build, libbpf
+from rusty_rail.bpf.netns import in_netns
 from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY, DEFAULT_TABLE_SIZE
 from rusty_rail.dataplane.engine import DEFAULT_MAX_SERVICES
 from rusty_rail.engines.xdp import maps as m
 from rusty_rail.engines.xdp.planner import Desired, MapImage, Write, adopt, plan
 
 __all__ = ["XdpAction", "XdpConnection", "XdpProgram", "attach_pass", "default_object_path", "detach_all",
-           "in_netns", "read_backend_indices"]
+           "read_backend_indices"]
 
-_BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 _MODES = {"native": libbpf.XDP_FLAGS_DRV_MODE, "skb": libbpf.XDP_FLAGS_SKB_MODE}
 """Attach modes: "native" (the driver's; veth has it) or "skb" (generic: any device, slower)."""
 
@@ -58,41 +55,8 @@ class XdpConnection:
 
 
 def default_object_path() -> Path:
-    """The compiled program next to its source (`make bpf`)."""
-    return _BPF_DIR / "xdp_balancer.o"
-
-
-# -- network namespaces (this thread only) ------------------------------------------------------------
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"setns: {os.strerror(code)}")
-
-
-@contextlib.contextmanager
-def in_netns(netns: int | str | None) -> Iterator[None]:
-    """Run the block in a network namespace, then come back; this thread only (setns is per thread).
-    `netns`: an fd, a name under /run/netns, or None (stay where we are)."""
-    if netns is None:
-        yield
-        return
-    there = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC) if isinstance(netns, str) else netns
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if os.fstat(here).st_ino == os.fstat(there).st_ino:
-            yield
-            return
-        _setns(there)
-        try:
-            yield
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
-        if isinstance(netns, str):
-            os.close(there)
+    """The compiled program (bpf/build.py compiles it when missing or older than its sources)."""
+    return build.object_path("xdp_balancer")
 
 
 def _ifindex(interface: str | int) -> int:
@@ -122,7 +86,7 @@ def attach_pass(interface: str | int, mode: str = "native", netns: str | None = 
     """Attach bpf/xdp_pass.o (XDP_PASS for every frame) to `interface`, replacing whatever XDP program
     is there; in the namespace named `netns`, or this thread's. Returns the attached program's id.
     It stays attached (the interface holds it) until detach_all() or the interface goes."""
-    path = _BPF_DIR / "xdp_pass.o"
+    path = build.object_path("xdp_pass")
     if not path.exists():
         raise FileNotFoundError(f"{path} (run `make bpf`)")
     with in_netns(netns), libbpf.BpfObject(str(path)) as obj:
