@@ -18,7 +18,7 @@ import pytest
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
-from rusty_rail.dataplane import DataplaneState, EngineError, EngineOptions, StateBuilder
+from rusty_rail.dataplane import Counters, DataplaneState, EngineError, EngineOptions, StateBuilder
 from rusty_rail.engines import hostfilter
 from rusty_rail.engines.afpacket.walker import BlockProcessor
 from tests.afpacket_netns import EngineProcess
@@ -159,15 +159,22 @@ def test_with_the_real_balancer_resolves_the_backend_and_forwards(veth: VethPair
         inner = ipv4("10.0.0.1", "10.1.0.1", 6, bytes(20))
         frame = gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, inner)
 
+        sent = [0]
+
         def forwarded() -> list[bytes]:
             cap.send(frame)  # the first ones may be NO_NEIGHBOUR drops while the kernel resolves
+            sent[0] += 1
             return pending(cap, lambda f: from_lb(v)(f) and f[0:6] == v.peer_mac)
+
+        def settled() -> Counters | None:  # every frame sent so far forwarded, or dropped while resolving
+            c = engine.counters()
+            return c if c.forwarded + c.drops["no_neighbour"] == sent[0] else None
 
         out = wait_for(forwarded, timeout=10, interval=0.05)[0]
         assert out[30:34] == socket.inet_aton(v.peer_ip)  # outer destination: the backend
         assert out[26:30] == socket.inet_aton(v.lb_ip)  # outer source: the device's address
         assert out[38:] == inner
-        counters = engine.counters()
+        counters = wait_for(settled, what="every frame handled")
         assert counters.forwarded >= 1
         assert counters.backends[(ServiceKey.catch_all(), IPv4Address(v.peer_ip))][0] == counters.forwarded
 
@@ -188,15 +195,21 @@ def test_two_workers_get_only_changes_add_up_and_explain_finds_the_entry(veth: V
     first = builder.build({a: {peer: 1}, b: {peer: 1}})
     cap = v.peer_packet_socket()
     flows = [FlowKey(IPv4Address(f"10.0.0.{i + 1}"), IPv4Address("10.1.0.1"), 17, 40000 + i, 80) for i in range(64)]
+    sent = [0]
     with EngineProcess(v, first, workers=2) as engine:
         def send_all() -> int:
             for flow in flows:
                 inner = ipv4(str(flow.src), str(flow.dst), 17, udp(flow.sport, flow.dport, b"x"))
                 cap.send(gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, inner))
+            sent[0] += len(flows)
             return engine.counters().forwarded
 
+        def settled() -> Counters | None:  # every frame sent so far forwarded, or dropped while resolving
+            c = engine.counters()
+            return c if c.forwarded + c.drops["no_neighbour"] == sent[0] else None
+
         wait_for(lambda: send_all() >= len(flows), timeout=10, interval=0.2, what="forwards from both workers")
-        before = engine.counters()
+        before = wait_for(settled, what="every frame handled")
         assert before.engine["workers"] == 2 and before.engine["services_sent"] == 0  # forked with the state
         assert before.connections == len(flows) and before.flows == {peer: len(flows)}
         packets, nbytes = before.backends[(a, peer)]
