@@ -85,7 +85,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from pyroute2 import netns  # noqa: E402
 
-from tests.engine_netns import VethPair, checksum  # noqa: E402
+from bench.procstat import cpu_stat, jiffies, napi_threads, task_ns  # noqa: E402
+from bench.trafgen_frames import trafgen_config  # noqa: E402
+from tests.engine_netns import VethPair  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = {"10.77.0.101": "02:00:00:00:01:01", "10.77.0.102": "02:00:00:00:01:02", "10.77.0.103": "02:00:00:00:01:03"}
@@ -97,23 +99,6 @@ TARGETS = {"afpacket": ("paced", 0.99), "xdp": ("max", 0.98)}
 
 
 # -- traffic ------------------------------------------------------------------------------------------
-
-def trafgen_config(v: VethPair, flows: str) -> str:
-    """The frame as a trafgen config: fixed Ethernet + outer IPv4 + GRE; inner source and port random."""
-    outer = bytearray(bytes([0x45, 0]) + (20 + 4 + 46).to_bytes(2, "big") + b"\0\0\x40\x00" + bytes([64, 47]) + b"\0\0"
-                      + bytes(map(int, v.peer_ip.split("."))) + bytes(map(int, v.lb_ip.split("."))))
-    outer[10:12] = checksum(bytes(outer)).to_bytes(2, "big")
-    fixed = v.lb_mac + SENDER_MAC + b"\x08\x00" + bytes(outer) + b"\x00\x00\x08\x00"
-    inner_head = bytes([0x45, 0, 0, 46, 0, 0, 0x40, 0, 64, 17, 0, 0])  # checksum 0: not verified (WIRE.md 4)
-    dst, dport, ulen = bytes([10, 1, 0, 1]), (80).to_bytes(2, "big"), (26).to_bytes(2, "big")
-    hx = lambda b: ", ".join(f"0x{x:02x}" for x in b)  # noqa: E731
-    if flows == "random":
-        src, sport = "0x0a, drnd(3)", "drnd(2)"
-    else:
-        src, sport = hx(bytes([10, 0, 0, 1])), hx((40000).to_bytes(2, "big"))
-    parts = [hx(fixed), hx(inner_head), src, hx(dst), sport, hx(dport), hx(ulen), "0x00, 0x00", "fill(0x78, 18)"]
-    return "{ " + ", ".join(parts) + " }\n"
-
 
 def trafgen(v: VethPair, cfg: str, packets: int, rate: int | None) -> tuple[int, float]:
     """Runs trafgen in the peer namespace on CPU0; returns (packets it sent, wall seconds)."""
@@ -150,7 +135,6 @@ def boost_self() -> None:
             f.write(str(NICE))
     except OSError:
         pass
-
 
 # -- the engine process -------------------------------------------------------------------------------
 
@@ -302,39 +286,6 @@ class Engine:
 
 # -- measurements ------------------------------------------------------------------------------------
 
-def task_ns(pid: int) -> int:
-    """CPU time (ns) of all threads of `pid`, from schedstat."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            total += int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
-
-
-def cpu_stat(cpu: int) -> dict[str, int]:
-    """Jiffies of one CPU from /proc/stat."""
-    for line in open("/proc/stat"):
-        if line.startswith(f"cpu{cpu} "):
-            f = list(map(int, line.split()[1:]))
-            return {"user": f[0] + f[1], "system": f[2], "idle": f[3] + f[4], "irq": f[5], "softirq": f[6],
-                    "steal": f[7], "busy": f[0] + f[1] + f[2] + f[5] + f[6] + f[7]}
-    raise LookupError(cpu)
-
-
-def napi_threads(dev: str) -> set[int]:
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if open(f"/proc/{pid}/comm").read().startswith(f"napi/{dev}-"):
-                    out.add(int(pid))
-            except OSError:
-                pass
-    return out
-
-
 def threaded_napi(v: VethPair) -> list[int]:
     """Switch lb0 to threaded NAPI (XDP must be attached) and pin its kthread(s) to the engine's CPU."""
     before = napi_threads(v.lb_dev)
@@ -364,12 +315,6 @@ def snapshot(v: VethPair, engine: Engine, cpu_pids: list[int]) -> dict[str, Any]
         "cpu1": cpu_stat(ENGINE_CPU),
         "engine": engine.ask("counters"),
     }
-
-
-def jiffies(pid: int) -> tuple[int, int]:
-    """utime, stime (clock ticks), minor and major page faults of a process (all threads)."""
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return int(f[11]), int(f[12]), int(f[7]), int(f[9])
 
 
 def phase(v: VethPair, engine: Engine, cpu_pids: list[int], cfg: str, packets: int, rate: int | None) -> dict[str, Any]:
@@ -428,7 +373,7 @@ def run_engine(kind: str, args: argparse.Namespace, ring: dict[str, int] | None)
             with v.inside(v.peer_ns):
                 attach_xdp_pass(v.peer_dev)  # XDP_TX on a veth delivers only to a peer running XDP
         with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as f:
-            f.write(trafgen_config(v, args.flows))
+            f.write(trafgen_config(v, args.flows, SENDER_MAC))
         profile = str(RESULTS / f"engine_rates-{kind}.prof") if args.profile and kind == "afpacket" else None
         engine = Engine(kind, v, ring, profile)
         cpu_pids = threaded_napi(v) if kind in ("xdp", "baseline") else [engine.proc.pid]

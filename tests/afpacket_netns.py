@@ -93,7 +93,7 @@ class EngineProcess:
 
     def table(self) -> str | None:
         """nft's listing of the engine's host-filter table, or None when there is none."""
-        from rusty_rail.engines import hostfilter
+        from rusty_rail.engines.afpacket import hostfilter
 
         done = self.veth.run(self.veth.lb_ns, "nft", "list", "table", "netdev",
                              hostfilter.table_name(self.veth.lb_dev), check=False)

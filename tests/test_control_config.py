@@ -136,6 +136,13 @@ def test_connection_capacity() -> None:
             loads_config(f"connection_capacity = {value}\n" + MINIMAL)
 
 
+def test_a_file_may_add_a_catch_all_service() -> None:
+    config = loads_config(MINIMAL + '[[services]]\nvip = "*"\nbackends = ["10.2.0.9"]\n')
+    assert [s.key for s in config.services] == [ServiceKey.parse("10.1.0.1:80"), ServiceKey.catch_all()]
+    with pytest.raises(ConfigError, match=r'^services\[0\].port: 80: the catch-all service \(vip "\*"\) covers'):
+        loads_config('device = "eth0"\n[[services]]\nvip = "*"\nport = 80\nbackends = []\n')
+
+
 def test_xdp_mode_and_pin_root() -> None:
     config = loads_config('xdp_mode = "generic"\npin_root = "/sys/fs/bpf/rr-test"\n' + MINIMAL)
     assert config.xdp_mode == XdpMode.GENERIC and config.pin_root == "/sys/fs/bpf/rr-test"

@@ -390,14 +390,14 @@ def test_ctl_against_a_running_balancer(engine: str, tmp_path: Path) -> None:
     with running(engine, tmp_path) as rig:
         rig.traffic(10)
         table = rig.ctl("status").stdout
-        assert f"rusty-rail on eth0 ({engine}), services mode, table size {TABLE_SIZE}" in table
+        assert f"rusty-rail on eth0 ({engine}), table size {TABLE_SIZE}" in table
         assert f"TCP  {SERVICE}" in table and "tcp:80" in table
         for s in rig.lab.servers:
             (line,) = [ln for ln in table.splitlines() if f"-> {s.address}" in ln]
             assert line.split()[2:5] == ["1", "active", "up"], line
 
         status = rig.status()
-        assert (status["mode"], status["device"], status["engine"], status["table_size"]) == ("services", "eth0", engine, TABLE_SIZE)
+        assert (status["device"], status["engine"], status["table_size"]) == ("eth0", engine, TABLE_SIZE)
         (svc,) = status["services"]
         assert (svc["vip"], svc["protocol"], svc["port"]) == (VIP, "tcp", 80)
         assert svc["health"] == {"type": "tcp", "port": 80, "path": "/", "interval": INTERVAL, "timeout": TIMEOUT,

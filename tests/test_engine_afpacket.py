@@ -19,7 +19,7 @@ from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
 from rusty_rail.dataplane import Counters, DataplaneState, EngineError, EngineOptions, StateBuilder
-from rusty_rail.engines import hostfilter
+from rusty_rail.engines.afpacket import hostfilter
 from rusty_rail.engines.afpacket.walker import BlockProcessor
 from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import (

@@ -11,6 +11,7 @@
 #include <linux/pkt_cls.h>
 
 #include "router_encap.h"
+#include "rr_hash.h"
 #include "rr_tc.h"
 
 #define AF_INET 2
@@ -83,25 +84,15 @@ static __always_inline void count_sent(struct __sk_buff *skb, __u32 inner_hlen)
 	count_n(RR_ENCAP_OK_WIRE, wire);
 }
 
-/* murmur3's finaliser (fmix32) over the mixed tuple: cheap, deterministic, and router.py's flow_slot. */
-static __always_inline __u32 mix(__u32 h)
-{
-	h ^= h >> 16;
-	h *= 0x85ebca6b;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35;
-	h ^= h >> 16;
-	return h;
-}
-
-/* Tuple words are taken as the host reads them from the wire (big-endian values). */
+/* murmur3's finaliser over the mixed tuple: cheap, deterministic, and router.py's flow_slot.
+ * Tuple words are taken as the host reads them from the wire (big-endian values). */
 static __always_inline __u32 flow_hash(__u32 src, __u32 dst, __u32 ports, __u32 proto)
 {
-	__u32 h = mix(src ^ RR_HASH_SEED);
+	__u32 h = rr_fmix32(src ^ RR_HASH_SEED);
 
-	h = mix(h ^ dst);
-	h = mix(h ^ ports);
-	return mix(h ^ proto);
+	h = rr_fmix32(h ^ dst);
+	h = rr_fmix32(h ^ ports);
+	return rr_fmix32(h ^ proto);
 }
 
 SEC("tc")

@@ -7,8 +7,6 @@
 #include <linux/types.h>
 
 #define RR_ENCAP_MAX_TARGETS 64
-/* core/constants.py RR_HASH_SEED: the router's hash is not the balancers', but shares their seed. */
-#define RR_HASH_SEED 0x52525f31
 
 /* Key 0 of rr_encap_cfg. Addresses and the service prefix are in network byte order. */
 struct rr_encap_cfg {

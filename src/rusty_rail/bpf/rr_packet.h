@@ -11,6 +11,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "rr_hash.h"
 #include "rr_structs.h"
 
 #define IP4_LEN 20
@@ -159,13 +160,7 @@ static __always_inline __u32 flow_hash(const struct rr_flow_key *key, __u32 seed
 		h = rotl32(h, 13);
 		h = h * 5 + 0xE6546B64;
 	}
-	h ^= 16;
-	h ^= h >> 16;
-	h *= 0x85EBCA6B;
-	h ^= h >> 13;
-	h *= 0xC2B2AE35;
-	h ^= h >> 16;
-	return h;
+	return rr_fmix32(h ^ 16);
 }
 
 static __always_inline int is_icmp_error(__u8 type)

@@ -19,9 +19,9 @@ services. The file form (deploy/config.example.toml):
     metrics = "127.0.0.1:9100"      # absent = off                          (RR_METRICS)
     workers = 1                     # AF_PACKET worker processes            (RR_WORKERS)
     connection_capacity = 1048576   # connection table entries, LRU beyond  (RR_CONN_CAPACITY)
-    pin_root = "/sys/fs/bpf/rusty_rail"   # hitless restart pins           (RR_PIN_ROOT)
+    pin_root = "/sys/fs/bpf/..."    # hitless restart pins (RR_PIN_ROOT; default DEFAULT_PIN_ROOT)
     [[services]]
-    vip = "10.1.0.1"
+    vip = "10.1.0.1"                # "*": the catch-all, every VIP (what the environment form serves)
     protocol = "tcp"                # tcp | udp | any; default tcp with a port, any without
     port = 80                       # 0 = every port
     backends = ["10.2.0.1", { address = "10.2.0.2", weight = 2 }]
@@ -57,7 +57,7 @@ from rusty_rail.core.constants import (
     MAX_WEIGHT,
 )
 from rusty_rail.core.maglev import is_prime
-from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceProtocol
 from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode
 
 DEFAULT_CONTROL_SOCKET = "/run/rusty-rail/control.sock"
@@ -336,6 +336,13 @@ def _service(value: Any, path: str) -> ServiceSpec:
     table = _table(value, path, _SERVICE_KEYS)
     if "vip" not in table:
         raise _fail(_join(path, "vip"), "missing")
+    if table["vip"] == CATCH_ALL_NAME:  # every VIP, protocol and port: what the environment form serves
+        for key in ("protocol", "port"):
+            if key in table and table[key] not in ("any", 0):
+                raise _fail(_join(path, key), f"{_show(table[key])}: the catch-all service (vip \"*\") covers "
+                            "every protocol and port")
+        backends = _backends(table.get("backends", []), _join(path, "backends"))
+        return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), _join(path, "health"), 0))
     vip = _ipv4(table["vip"], _join(path, "vip"))
     port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
     protocol_text = _choice(table.get("protocol", "tcp" if port else "any"), _join(path, "protocol"), ("tcp", "udp", "any"))

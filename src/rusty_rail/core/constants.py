@@ -19,6 +19,10 @@ DEFAULT_CONN_CAPACITY = 1 << 20
 MAX_CONN_CAPACITY = 1 << 26
 """64 Mi entries: the XDP map alone would take several GiB beyond this."""
 
+FLOW_COUNT_LIMIT = 200_000
+"""Above this many connection entries, status leaves per-backend flow counts out: counting walks the
+whole table (in Python on AF_PACKET, holding the GIL the packet loop needs)."""
+
 MAX_WEIGHT = 1000
 """A weight is extra Maglev turns per round; beyond this the ratios are finer than the table can show."""
 

@@ -210,7 +210,7 @@ class Lab:
         """What a balancer process leaves on its host if it dies without cleaning up: the AF_PACKET
         engine's nftables table (it drops GRE before the host stack) and the XDP engine's program
         (attached by netlink, it stays and keeps forwarding)."""
-        from ..engines.hostfilter import table_name
+        from ..engines.afpacket.hostfilter import table_name
 
         tables = self.run(lb.namespace, ["nft", "list", "tables"], check=False).stdout.split()
         with IPRoute(netns=lb.namespace) as ipr:
@@ -222,7 +222,7 @@ class Lab:
     def reset_balancer(self, lb: Host, check: bool = True) -> None:
         """Remove what a dead balancer left behind (see balancer_leftovers), so its host's stack and a
         new balancer start clean. The namespace's deletion in down() would take both along too."""
-        from ..engines.hostfilter import table_name
+        from ..engines.afpacket.hostfilter import table_name
         from ..engines.xdp import detach_all
 
         self.run(lb.namespace, ["nft", "delete", "table", "netdev", table_name(lb.device)], check=False)

@@ -33,7 +33,7 @@ from rusty_rail.dataplane import (
     EngineReport,
     Explanation,
 )
-from rusty_rail.engines import hostfilter
+from rusty_rail.engines.afpacket import hostfilter
 from rusty_rail.engines.afpacket.local import merge_counters
 from rusty_rail.engines.afpacket.pool import WorkerPool
 from rusty_rail.engines.afpacket.walker import ProcessorFactory, decide_blocks

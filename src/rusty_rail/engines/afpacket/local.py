@@ -16,14 +16,11 @@ from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address
 
 from rusty_rail.core.balancer import Balancer
+from rusty_rail.core.constants import FLOW_COUNT_LIMIT
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import Service, ServiceKey
 from rusty_rail.core.verdict import DropReason
 from rusty_rail.dataplane import Counters, Explanation
-
-FLOW_COUNT_LIMIT = 200_000
-"""Above this many connection entries, counters leave per-backend flow counts out: counting walks the
-whole table while holding the GIL, and the packet loop would stall for it."""
 
 _DROP_NAMES = tuple((reason, reason.name.lower()) for reason in DropReason)
 

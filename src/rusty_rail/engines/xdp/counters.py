@@ -18,17 +18,16 @@ from collections import Counter
 from ipaddress import IPv4Address
 
 from rusty_rail.bpf import libbpf
+from rusty_rail.core.constants import FLOW_COUNT_LIMIT
 from rusty_rail.core.service import ServiceKey
 from rusty_rail.core.verdict import DropReason
 from rusty_rail.dataplane import Counters
 from rusty_rail.engines.xdp import maps as m
 from rusty_rail.engines.xdp.program import XdpProgram
 
-__all__ = ["FLOW_COUNT_LIMIT", "backend_figures", "connection_evictions", "connection_summary", "read",
+__all__ = ["backend_figures", "connection_evictions", "connection_summary", "read",
            "reset", "stats"]
 
-FLOW_COUNT_LIMIT = 200_000
-"""Above this many connection entries, per-backend flow counts are left out (Counters.flows = None)."""
 
 
 def stats(program: XdpProgram) -> list[int]:
