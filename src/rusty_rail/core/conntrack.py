@@ -32,10 +32,9 @@ class Timeouts:
         return self.other
 
 
-
-
 class ConnectionTable:
-    """Flow key (16 bytes, see flow.py) -> backend address (int), LRU-bounded, with idle timeouts."""
+    """Flow key (16 bytes for IPv4, 40 for IPv6: flow.py) -> backend address (int, either family:
+    core/address.py), LRU-bounded, with idle timeouts. One table for both families."""
 
     def __init__(self, capacity: int = DEFAULT_CONN_CAPACITY, timeouts: Timeouts = Timeouts()) -> None:
         if capacity < 1:
@@ -55,7 +54,8 @@ class ConnectionTable:
         return key in self._entries
 
     def _timeout(self, key: bytes) -> float:
-        return self._timeout_by_proto.get(key[12], self.timeouts.other)
+        # key[-4]: flow.PROTOCOL_FROM_END as a literal (a constant index, no global lookup per packet).
+        return self._timeout_by_proto.get(key[-4], self.timeouts.other)
 
     def lookup(self, key: bytes, now: float) -> int | None:
         """The backend remembered for `key`, refreshing the entry; None when absent or idle too long."""

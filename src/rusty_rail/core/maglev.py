@@ -2,8 +2,8 @@
 
 Tables are built here only; data planes receive the finished slots. Every balancer that builds a table
 from the same backend set gets the same table, because the backends are put in a canonical order
-(numeric address order) and `offset` and `skip` come from fixed, keyed BLAKE2b hashes of the address,
-never from Python's per-process hash().
+((version, address): IPv4 backends in address order, then IPv6 ones) and `offset` and `skip` come from
+fixed, keyed BLAKE2b hashes of the address's bytes (4 or 16), never from Python's per-process hash().
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from rusty_rail.core.address import Address, AddressLike, as_address, canonical_key
 
 DEFAULT_TABLE_SIZE = 65537
 _OFFSET_KEY = b"rusty-rail/maglev/offset"
 _SKIP_KEY = b"rusty-rail/maglev/skip"
 
-BackendLike = IPv4Address | str | int
+BackendLike = AddressLike
 
 
 def is_prime(n: int) -> bool:
@@ -37,7 +37,7 @@ def _h(key: bytes, name: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(name, key=key, digest_size=8).digest(), "big")
 
 
-def permutation_params(backend: IPv4Address, size: int) -> tuple[int, int]:
+def permutation_params(backend: Address, size: int) -> tuple[int, int]:
     """(offset, skip) of a backend's preference list, `(offset + j * skip) mod size`."""
     name = backend.packed
     return _h(_OFFSET_KEY, name) % size, _h(_SKIP_KEY, name) % (size - 1) + 1
@@ -45,7 +45,7 @@ def permutation_params(backend: IPv4Address, size: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class MaglevTable:
-    backends: tuple[IPv4Address, ...]
+    backends: tuple[Address, ...]
     """The backends in canonical order; `slots` index into this."""
     slots: Sequence[int]
     """One entry per table slot, an index into `backends`; empty when there are no backends."""
@@ -55,7 +55,7 @@ class MaglevTable:
     def size(self) -> int:
         return len(self.slots)
 
-    def backend_for(self, flow_hash: int) -> IPv4Address | None:
+    def backend_for(self, flow_hash: int) -> Address | None:
         if not self.backends:
             return None
         return self.backends[self.slots[flow_hash % len(self.slots)]]
@@ -67,9 +67,10 @@ class MaglevTable:
         return counts
 
 
-def canonical_backends(backends: Iterable[BackendLike]) -> tuple[IPv4Address, ...]:
-    unique = {IPv4Address(b) for b in backends}
-    return tuple(sorted(unique))
+def canonical_backends(backends: Iterable[BackendLike]) -> tuple[Address, ...]:
+    """Each backend once, in (version, address) order: every balancer lists a set the same way."""
+    unique = {as_address(b) for b in backends}
+    return tuple(sorted(unique, key=canonical_key))
 
 
 def build_table(
@@ -86,12 +87,12 @@ def build_table(
     """
     if not is_prime(size):
         raise ValueError(f"table size {size} is not prime")
-    given = [IPv4Address(b) for b in backends]
+    given = [as_address(b) for b in backends]
     ordered = canonical_backends(given)
     if weights is None:
         weight_of = {b: 1 for b in ordered}
     elif isinstance(weights, Mapping):
-        weight_of = {IPv4Address(b): int(w) for b, w in weights.items()}
+        weight_of = {as_address(b): int(w) for b, w in weights.items()}
         missing = set(ordered) - weight_of.keys()
         if missing:
             raise ValueError(f"no weight for {sorted(map(str, missing))}")
@@ -107,7 +108,7 @@ def build_table(
     return MaglevTable(ordered, _populate(ordered, turns, size), turns)
 
 
-def _populate(backends: Sequence[IPv4Address], turns: Sequence[int], size: int) -> list[int]:
+def _populate(backends: Sequence[Address], turns: Sequence[int], size: int) -> list[int]:
     params = [permutation_params(b, size) for b in backends]
     # next_slot[i] is the next candidate of backend i's preference list, kept as a slot number so each
     # step is one addition, not a multiplication (offset + j * skip, advanced by skip).

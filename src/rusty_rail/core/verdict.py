@@ -28,6 +28,9 @@ class DropReason(IntEnum):
     NO_NEIGHBOUR = 16
     NO_SERVICE = 17
     TX_FAILED = 18
+    # 19-23 index the XDP program's other counters (bpf/rr_structs.h).
+    INNER_EXT_HEADERS = 24
+    OUTPUT_TOO_BIG = 25
 
 
 class Action(IntEnum):
