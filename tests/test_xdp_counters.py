@@ -11,10 +11,11 @@ tests/test_xdp_engine.py. Needs root (loading BPF).
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import time
 from collections import Counter
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
 import pytest
 
@@ -67,7 +68,7 @@ def run(reference: Balancer, x: XdpProgram, frame: bytes, expected: Expected, se
         return None
     assert out == verdict.frame
     expected.add(service, frame, out)
-    return str(IPv4Address(out[30:34]))
+    return str(ip_address(out[30:34] if out[12:14] == b"\x08\x00" else out[38:54]))
 
 
 def nonzero(figures: dict) -> dict:
@@ -85,7 +86,7 @@ def assert_figures(reference: Balancer, x: XdpProgram, expected: Expected) -> No
 def assert_connections(reference: Balancer, x: XdpProgram) -> None:
     total, flows = counters.connection_summary(x)
     assert total == len(reference.connections)
-    assert flows == {IPv4Address(b): n for b, n in Counter(b for _, b in reference.connections.items()).items()}
+    assert flows == {ip_address(b): n for b, n in Counter(b for _, b in reference.connections.items()).items()}
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +271,7 @@ def test_connection_summary_counts_and_limit(clean) -> None:
     total, flows = counters.connection_summary(x, flow_limit=2999)
     assert (total, flows) == (3000, None)
     assert counters.connection_summary(x, flow_limit=3000)[1] is not None
-    chunks = list(libbpf.map_lookup_batches(x.fds[m.MAP_CONNS], 16, 16, chunk=256))
+    chunks = list(libbpf.map_lookup_batches(x.fds[m.MAP_CONNS], 16, ctypes.sizeof(m.RrConn), chunk=256))
     assert len(chunks) > 1 and sum(n for n, _, _ in chunks) == 3000
     assert len({keys[i : i + 16] for _, keys, _ in chunks for i in range(0, len(keys), 16)}) == 3000  # none twice
 

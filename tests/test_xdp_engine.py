@@ -210,7 +210,8 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
                                                                 "gre_version", "gre_reserved", "gre_checksum",
                                                                 "gre_protocol", "inner_truncated", "inner_version",
                                                                 "inner_bad_ihl", "inner_bad_length", "no_backend",
-                                                                "no_neighbour", "no_service", "tx_failed"}
+                                                                "no_neighbour", "no_service", "tx_failed",
+                                                                "inner_ext_headers", "output_too_big"}
         for f in frames:
             inner = f[38:]
             key = FlowKey(IPv4Address(inner[12:16]), IPv4Address(inner[16:20]), inner[9],
@@ -246,7 +247,7 @@ def test_handover_keeps_the_program_and_the_flows(pair, pin_root) -> None:
     assert report.handed_over and attached_id(pair) == old_id
     with in_netns(pair.lb_ns):
         directory = handover_dir(pair.lb_dev, pin_root)
-    assert sorted(os.listdir(directory)) == ["rr_backends", "rr_conns"]
+    assert sorted(os.listdir(directory)) == ["rr_backends", "rr_conns", "rr_conns6"]
     assert send(pair, gre_frames(pair, 3, first=31000))  # the old program still forwards, on its own
 
     # The successor lists the backends the other way round and one more: the indices stay the old ones.

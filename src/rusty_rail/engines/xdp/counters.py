@@ -4,9 +4,9 @@
   conn_hit / conn_new / conn_insert;
 - rr_backend_stats (per CPU, summed): packets and inner bytes per (service, backend), for the slots
   the map image says are in use (every backend listed now; one listed since the last sync shows 0, 0);
-- rr_conns: entries, and entries per backend address, from one BPF_MAP_LOOKUP_BATCH walk (the walk
-  runs in the kernel, off the packet path; counting per backend is the Python side's cost, hence
-  FLOW_COUNT_LIMIT);
+- rr_conns and rr_conns6: entries (of each family), and entries per backend address, from one
+  BPF_MAP_LOOKUP_BATCH walk of each (the walk runs in the kernel, off the packet path; counting per
+  backend is the Python side's cost, hence FLOW_COUNT_LIMIT);
 - connection evictions, derived: the kernel's LRU map evicts without counting (connection_evictions).
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections import Counter
-from ipaddress import IPv4Address
 
 from rusty_rail.bpf import libbpf
+from rusty_rail.core.address import Address, as_address
 from rusty_rail.core.constants import FLOW_COUNT_LIMIT
 from rusty_rail.core.service import ServiceKey
 from rusty_rail.core.verdict import DropReason
@@ -46,38 +46,48 @@ def _stat(program: XdpProgram, index: int) -> int:
     return sum(struct.unpack(f"={program.ncpus}Q", raw)) if raw is not None else 0
 
 
-def backend_figures(program: XdpProgram) -> dict[tuple[ServiceKey, IPv4Address], tuple[int, int]]:
+def backend_figures(program: XdpProgram) -> dict[tuple[ServiceKey, Address], tuple[int, int]]:
     """(packets, inner bytes) forwarded per (service, backend) listed now, summed over CPUs."""
     size = ctypes.sizeof(m.RrBackendStats) * program.ncpus
     out = {}
     for (s, b), (service, address) in program.image.stat_slots.items():
         raw = program.lookup(m.MAP_BACKEND_STATS, ctypes.c_uint32(m.backend_stats_slot(s, b)), size)
         values = struct.unpack(f"={2 * program.ncpus}Q", raw) if raw is not None else (0, 0)
-        out[(service, IPv4Address(address))] = (sum(values[0::2]), sum(values[1::2]))
+        out[(service, as_address(address))] = (sum(values[0::2]), sum(values[1::2]))
     return out
 
 
-def connection_summary(program: XdpProgram, flow_limit: int | None = None) -> tuple[int, dict[IPv4Address, int] | None]:
-    """(entries in rr_conns, entries naming each backend address), in one BPF_MAP_LOOKUP_BATCH walk.
+def connection_summary(program: XdpProgram, flow_limit: int | None = None) -> tuple[int, dict[Address, int] | None]:
+    """(entries in rr_conns and rr_conns6, entries naming each backend address), in one
+    BPF_MAP_LOOKUP_BATCH walk of each (_walk says more)."""
+    total, flows, _ = _walk(program, flow_limit)
+    return total, flows
 
-    As core's ConnectionTable: every entry the table holds counts, including idle ones the program has
-    not rewritten yet (the LRU map forgets entries only by eviction). The per-backend counts are None
+
+def _walk(program: XdpProgram, flow_limit: int | None) -> tuple[int, dict[Address, int] | None, int]:
+    """connection_summary's answer and the entries of rr_conns6 (IPv6 flows), from one walk of each map.
+
+    As core's ConnectionTable: every entry the tables hold counts, including idle ones the program has
+    not rewritten yet (the LRU maps forget entries only by eviction). The per-backend counts are None
     when there are more than `flow_limit` entries (the walk goes on for the total). Under traffic,
     entries added or evicted during the walk may or may not be counted."""
-    key_size, value_size = ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)
-    words = value_size // 4  # rr_conn: backend_addr is its first 32-bit word
-    total = 0
-    counts: Counter[int] | None = Counter()
-    for n, _, values in libbpf.map_lookup_batches(program.fds[m.MAP_CONNS], key_size, value_size):
-        total += n
-        if counts is not None:
-            if flow_limit is not None and total > flow_limit:
-                counts = None
-            else:
-                counts.update(memoryview(values).cast("I")[0::words])
+    value_size = ctypes.sizeof(m.RrConn)
+    words = value_size // 8  # rr_conn: backend_addr (16 bytes) is its first two 64-bit words
+    total = total6 = 0
+    counts: Counter[tuple[int, int]] | None = Counter()
+    for name in m.CONN_MAPS:
+        for n, _, values in libbpf.map_lookup_batches(program.fds[name], m.KEY_SIZES[name], value_size):
+            total += n
+            total6 += n if name == m.MAP_CONNS6 else 0
+            if counts is not None:
+                if flow_limit is not None and total > flow_limit:
+                    counts = None
+                else:
+                    view = memoryview(values).cast("Q")
+                    counts.update(zip(view[0::words], view[1::words]))
     if counts is None:
-        return total, None
-    return total, {IPv4Address(struct.pack("=I", a)): c for a, c in counts.items()}
+        return total, None, total6
+    return total, {as_address(m.from_identity(struct.pack("=QQ", *words))): c for words, c in counts.items()}, total6
 
 
 def connection_evictions(program: XdpProgram, live: int | None = None) -> int:
@@ -111,9 +121,11 @@ def reset(program: XdpProgram) -> None:
 def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_LIMIT) -> Counters:
     """Every figure of the program, in the shape every engine reports."""
     values = stats(program)
-    live, flows = connection_summary(program, flow_limit)
+    live, flows, live6 = _walk(program, flow_limit)
     return Counters(
         forwarded=values[m.STAT_FORWARDED],
+        forwarded_ipv6=values[m.STAT_FORWARDED_IPV6],
+        connections_ipv6=live6,
         passed=values[m.STAT_PASSED],
         drops={reason.name.lower(): values[reason] for reason in DropReason},
         connections=live,

@@ -13,7 +13,7 @@ backend's next hop is unknown: its new flows are dropped as NO_NEIGHBOUR meanwhi
 looked up again, and a change is written at once.
 
 Hitless restart (handover): request_handover(), then stop. Instead of detaching, the engine pins
-rr_conns and rr_backends in `handover_dir(device, pin_root)` and leaves the program attached: it keeps
+rr_conns, rr_conns6 and rr_backends in `handover_dir(device, pin_root)` and leaves the program attached: it keeps
 forwarding on its (now frozen) maps. The next engine started for the same device finds the pins, loads
 its program with the pinned rr_conns as its own connection table, takes the backend indices the
 entries name from the pinned rr_backends (planner.adopt), fills its other maps, and only then replaces
@@ -29,11 +29,13 @@ import os
 import socket
 import threading
 import time
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from rusty_rail.bpf import libbpf
+from rusty_rail.core.address import as_address
 from rusty_rail.core.balancer import explain_choice
 from rusty_rail.core.conntrack import Timeouts
+from rusty_rail.core.constants import DEFAULT_MTU
 from rusty_rail.core.constants import DEFAULT_PIN_ROOT, RR_HASH_SEED
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import Service, ServiceMatcher
@@ -71,11 +73,15 @@ class _Predecessor:
     def __init__(self, directory: str, device: str) -> None:
         self.directory = directory
         self.conns_fd: int | None = libbpf.obj_get(os.path.join(directory, m.MAP_CONNS))
+        self.conns6_fd: int | None = None
+        """A predecessor that pinned no rr_conns6 (an IPv4-only release) leaves None: a new one."""
         self.backends_fd: int | None = None
         self.prog_fd: int | None = None
         self.prog_id = 0
         try:
             self.backends_fd = libbpf.obj_get(os.path.join(directory, m.MAP_BACKENDS))
+            if os.path.exists(os.path.join(directory, m.MAP_CONNS6)):
+                self.conns6_fd = libbpf.obj_get(os.path.join(directory, m.MAP_CONNS6))
             self.prog_id = libbpf.xdp_query_id(socket.if_nametoindex(device), 0)
             if self.prog_id:
                 self.prog_fd = libbpf.prog_get_fd_by_id(self.prog_id)
@@ -94,7 +100,7 @@ class _Predecessor:
             return None
 
     def remove_pins(self) -> None:
-        for name in (m.MAP_CONNS, m.MAP_BACKENDS):
+        for name in (m.MAP_CONNS, m.MAP_CONNS6, m.MAP_BACKENDS):
             try:
                 os.unlink(os.path.join(self.directory, name))
             except FileNotFoundError:
@@ -106,10 +112,10 @@ class _Predecessor:
                 break
 
     def close(self) -> None:
-        for fd in (self.conns_fd, self.backends_fd, self.prog_fd):
+        for fd in (self.conns_fd, self.conns6_fd, self.backends_fd, self.prog_fd):
             if fd is not None:
                 os.close(fd)
-        self.conns_fd = self.backends_fd = self.prog_fd = None
+        self.conns_fd = self.conns6_fd = self.backends_fd = self.prog_fd = None
 
 
 class XdpEngine:
@@ -137,6 +143,8 @@ class XdpEngine:
         self._matcher: ServiceMatcher[Service] = ServiceMatcher({})
         self._macs: dict[int, bytes] = {}
         self._address: IPv4Address | None = None
+        self._address6: IPv6Address | None = None
+        self._mtu = DEFAULT_MTU
         self._mac = b""
         self._lock = threading.Lock()  # apply() comes from the control plane's threads
         self._resolver: NeighbourResolver | None = None
@@ -163,7 +171,12 @@ class XdpEngine:
         except DeviceError as exc:
             raise EngineError(f"XDP engine: {exc}") from None
         resolver = self._resolver
-        self._address, self._mac = IPv4Address(resolver.address), resolver.mac
+        self._address, self._address6, self._mac, self._mtu = resolver.address, resolver.address6, resolver.mac, resolver.mtu
+        try:
+            resolver.info.check_backends({int(b) for s in self._state.services for b in s.backends}, self.options.device)
+        except DeviceError as exc:
+            self.close()
+            raise EngineError(f"XDP engine: {exc}") from None
         # Of this namespace (the thread's now): where a predecessor left pins, and where ours would go.
         self._handover_dir = handover_dir(self.options.device, self.options.pin_root)
         before = _Predecessor.find(self._handover_dir, self.options.device)
@@ -235,18 +248,18 @@ class XdpEngine:
     # -- the parts --------------------------------------------------------------------------------
 
     def _desired(self, state: DataplaneState) -> Desired:
-        assert self._address is not None
-        return Desired(state, self._address, self._mac, dict(self._macs), timeouts=self.timeouts)
+        return Desired(state, self._address, self._mac, dict(self._macs), timeouts=self.timeouts,
+                       local_address6=self._address6, mtu=self._mtu)
 
     def _load(self, before: _Predecessor | None) -> XdpProgram:
-        def load(reuse: int | None) -> XdpProgram:
+        def load(reuse: int | None, reuse6: int | None = None) -> XdpProgram:
             return XdpProgram(self.object_path, table_size=self._state.table_size,
                               conn_capacity=self.options.connection_capacity,
-                              max_services=self.options.max_services, reuse_conns_fd=reuse)
+                              max_services=self.options.max_services, reuse_conns_fd=reuse, reuse_conns6_fd=reuse6)
 
         if before is not None:
             try:
-                program = load(before.conns_fd)
+                program = load(before.conns_fd, before.conns6_fd)
             except ValueError as exc:  # e.g. another connection capacity: flows are re-hashed
                 log.warning("not reusing the predecessor's connection table: %s", exc)
             else:
@@ -304,7 +317,7 @@ class XdpEngine:
         backend = program.image.backends.get(entry.backend_index)
         if backend is None or backend.address != int(entry.backend):
             return None
-        timeout = {6: self.timeouts.tcp, 17: self.timeouts.udp}.get(packed[12], self.timeouts.other)
+        timeout = {6: self.timeouts.tcp, 17: self.timeouts.udp}.get(packed[-4], self.timeouts.other)  # the protocol
         if time.monotonic_ns() - entry.last_seen_ns >= timeout * 1e9:
             return None
         return backend.address
@@ -336,4 +349,4 @@ class _Changes(dict[int, "bytes | None"]):
 
     def set_neighbour(self, backend: int, mac: bytes | None) -> None:
         self[backend] = mac
-        log.info("next hop of %s: %s", IPv4Address(backend), mac.hex(":") if mac else "unresolved")
+        log.info("next hop of %s: %s", as_address(backend), mac.hex(":") if mac else "unresolved")
