@@ -267,9 +267,7 @@ class Balancer:
                 self.drops[DropReason.NO_NEIGHBOUR] += 1
                 return Drop(DropReason.NO_NEIGHBOUR, backend)
             return self._forward6(prefix6, key, tos, inner, inner_total, six, pool, backend)
-        out_total = 24 + inner_total
-        if out_total > self.mtu:
-            return self._drop(DropReason.OUTPUT_TOO_BIG)
+        out_total = 24 + inner_total  # never longer than the input: no MTU check (WIRE.md section 8)
         ethernet, addresses, fixed_sum = prefix
         s = fixed_sum + ((0x45 << 8) | tos) + out_total
         s = (s & 0xFFFF) + (s >> 16)

@@ -46,6 +46,8 @@ class ConnectionTable:
         self._timeout_by_proto = {int(IpProtocol.TCP): timeouts.tcp, int(IpProtocol.UDP): timeouts.udp}
         self.evictions = 0
         self.expirations = 0
+        self.ipv6 = 0
+        """Entries whose key is an IPv6 flow's (40 bytes): figures per family."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,6 +67,8 @@ class ConnectionTable:
         if now >= entry[1]:
             del self._entries[key]
             self.expirations += 1
+            if len(key) != 16:
+                self.ipv6 -= 1
             return None
         entry[1] = now + self._timeout(key)
         self._entries.move_to_end(key)
@@ -87,12 +91,16 @@ class ConnectionTable:
             entries.move_to_end(key)
             return
         if len(entries) >= self.capacity:
-            entries.popitem(last=False)
+            if len(entries.popitem(last=False)[0]) != 16:
+                self.ipv6 -= 1
             self.evictions += 1
         entries[key] = [backend, now + self._timeout(key)]
+        if len(key) != 16:
+            self.ipv6 += 1
 
     def remove(self, key: bytes) -> None:
-        self._entries.pop(key, None)
+        if self._entries.pop(key, None) is not None and len(key) != 16:
+            self.ipv6 -= 1
 
     def expire(self, now: float, limit: int = 1024) -> int:
         """Drop up to `limit` idle entries from the least recently used end; returns how many.
@@ -108,6 +116,8 @@ class ConnectionTable:
                 break
             del entries[key]
             removed += 1
+            if len(key) != 16:
+                self.ipv6 -= 1
         self.expirations += removed
         return removed
 

@@ -121,9 +121,8 @@ def inner6_flow_key(inner: bytes) -> bytes | DropReason:
             nh, at = inner[at], at + 8  # an atomic fragment (RFC 6946): a whole packet
         else:
             break
-    else:
-        if nh == 0 or nh == 43 or nh == 60 or nh == 44:
-            return DropReason.INNER_EXT_HEADERS
+    if nh == 0 or nh == 43 or nh == 60 or nh == 44:  # a fifth extension header
+        return DropReason.INNER_EXT_HEADERS
     if nh == _TCP or nh == _UDP:
         if at + 4 > n:
             return DropReason.INNER_TRUNCATED
