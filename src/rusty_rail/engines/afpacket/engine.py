@@ -100,7 +100,9 @@ class AfPacketEngine:
         if self._worker is not None or self._pool is not None:
             return
         device = self.options.device
-        device_info(device)  # DeviceError (an EngineError) naming the device, before anything is set up
+        # DeviceError (an EngineError) naming the device, before anything is set up: no such device, no
+        # address, or none of a backend's family (docs/WIRE.md section 8).
+        device_info(device).check_backends({int(b) for s in self._state.services for b in s.backends}, device)
         try:
             if self.options.workers == 1:
                 with self._lock:

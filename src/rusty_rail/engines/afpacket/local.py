@@ -13,8 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from ipaddress import IPv4Address
-
+from rusty_rail.core.address import Address, as_address
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.constants import FLOW_COUNT_LIMIT
 from rusty_rail.core.flow import FlowKey
@@ -70,6 +69,8 @@ class LocalBalancer:
         drops = b.drops
         return Counters(
             forwarded=b.forwarded,
+            forwarded_ipv6=b.forwarded6,
+            connections_ipv6=b.connections.ipv6,
             passed=b.passed,
             drops={name: drops[reason] for reason, name in _DROP_NAMES},
             connections=len(b.connections),
@@ -80,7 +81,7 @@ class LocalBalancer:
             engine=dict(engine or {}),
         )
 
-    def flows(self) -> dict[IPv4Address, int] | None:
+    def flows(self) -> dict[Address, int] | None:
         """Connection entries per backend; None above FLOW_COUNT_LIMIT entries (or while the packet loop
         keeps changing the table under the walk)."""
         table = self.balancer.connections
@@ -91,7 +92,7 @@ class LocalBalancer:
                 counts = Counter(backend for _, backend in table.items())
             except RuntimeError:
                 continue
-            return {IPv4Address(k): v for k, v in counts.items()}
+            return {as_address(k): v for k, v in counts.items()}
         return None
 
     def explain(self, key: FlowKey) -> Explanation:
@@ -102,8 +103,8 @@ class LocalBalancer:
 def merge_counters(parts: list[Counters], ready: bool) -> Counters:
     """Workers' counters added up (each worker has its own connection table and figures)."""
     drops: dict[str, int] = {}
-    backends: dict[tuple[ServiceKey, IPv4Address], tuple[int, int]] = {}
-    flows: dict[IPv4Address, int] | None = {}
+    backends: dict[tuple[ServiceKey, Address], tuple[int, int]] = {}
+    flows: dict[Address, int] | None = {}
     engine: dict[str, int] = {}
     for part in parts:
         for name, n in part.drops.items():
@@ -120,6 +121,8 @@ def merge_counters(parts: list[Counters], ready: bool) -> Counters:
             engine[name] = engine.get(name, 0) + n
     return Counters(
         forwarded=sum(p.forwarded for p in parts),
+        forwarded_ipv6=sum(p.forwarded_ipv6 for p in parts),
+        connections_ipv6=sum(p.connections_ipv6 for p in parts),
         passed=sum(p.passed for p in parts),
         drops=drops,
         connections=sum(p.connections for p in parts),
