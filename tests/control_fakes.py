@@ -23,6 +23,7 @@ class FakeEngine:
         self.canned = Counters(
             forwarded=10, passed=3, drops={"no_service": 2, "no_backend": 0}, connections=5, connection_evictions=1,
             backends={(WEB, B1): (7, 700), (WEB, B2): (3, 300)}, flows={B1: 4, B2: 1}, ready=True,
+            forwarded_ipv6=4, connections_ipv6=2,
         )
         self.fail_next = False
         self.explained: list[FlowKey] = []

@@ -42,6 +42,9 @@ def test_scrape_over_http() -> None:
     assert samples[("rusty_rail_table_rebuilds_total", ())] == 3  # WEB, DNS, WEB again without B2
     assert samples[("rusty_rail_health_transitions_total", ())] == 1
     assert samples[("rusty_rail_backend_flows", (("backend", "10.2.0.1"),))] == 4
+    assert samples[("rusty_rail_family_forwarded_packets_total", (("family", "ipv6"),))] == 4
+    assert samples[("rusty_rail_family_forwarded_packets_total", (("family", "ipv4"),))] == 6
+    assert samples[("rusty_rail_family_connections", (("family", "ipv6"),))] == 2
     # our own registry: no process or Python collector metrics from the global one
     assert not any(name.startswith(("process_", "python_")) for name, _ in samples)
 
