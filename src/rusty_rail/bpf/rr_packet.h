@@ -39,6 +39,16 @@ static __always_inline __u16 ld16(const void *p)
 	return *(const __u16 *)p;
 }
 
+static __always_inline __u64 ld64(const void *p)
+{
+	return *(const __u64 *)p;
+}
+
+static __always_inline void st64(void *p, __u64 v)
+{
+	*(__u64 *)p = v;
+}
+
 static __always_inline void st32(void *p, __u32 v)
 {
 	*(__u32 *)p = v;
