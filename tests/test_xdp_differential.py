@@ -229,7 +229,7 @@ def configure(reference: Balancer, x: XdpProgram, backends: set[str], unresolved
 
 def python_counters(reference: Balancer) -> list[int]:
     out = [0] * m.STAT_MAX
-    out[m.STAT_FORWARDED] = reference.forwarded
+    out[m.STAT_FORWARDED] = reference.forwarded - reference.forwarded6  # rr_stats counts by family
     out[m.STAT_FORWARDED_IPV6] = reference.forwarded6
     out[m.STAT_PASSED] = reference.passed
     for reason in DropReason:

@@ -50,6 +50,8 @@ static __always_inline int inner6_flow_key(__u8 *inner, void *data_end, __u32 in
 	copy16(key->src, inner + 8);
 	copy16(key->dst, inner + 24);
 	st64(&key->sport, 0);   /* sport, dport, proto, pad */
+	if (nh == IPPROTO_TCP || nh == IPPROTO_UDP)
+		goto ports;     /* no extension headers: the usual case, without walking */
 
 #pragma clang loop unroll(full)
 	for (i = 0; i < RR_EXT_HEADERS; i++) {
@@ -84,10 +86,12 @@ static __always_inline int inner6_flow_key(__u8 *inner, void *data_end, __u32 in
 	key->proto = nh;
 
 	if (nh == IPPROTO_TCP || nh == IPPROTO_UDP) {
+ports:
 		h = inner + at;
 		if (at + 4 > inner_len || (void *)(h + 4) > data_end)
 			return RR_DROP_INNER_TRUNCATED;
 		st32(&key->sport, ld32(h));     /* sport, dport: the 4 port bytes as they are */
+		key->proto = nh;
 		return 0;
 	}
 

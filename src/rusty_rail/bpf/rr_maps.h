@@ -83,9 +83,9 @@ struct {
 	__type(value, struct rr_conn);
 } rr_conns6 SEC(".maps");
 
-/* Counters by index (rr_structs.h): 0 forwarded, 1..18, 24, 25 drop reasons, 19 passed, 20 conn_hit,
- * 21 conn_new, 22 conn_insert (new rr_conns / rr_conns6 entries only: engines/xdp/counters.py derives LRU
- * evictions), 26 forwarded with an inner IPv6 packet. */
+/* Counters by index (rr_structs.h): 0 forwarded with an inner IPv4 packet, 26 with an inner IPv6 one,
+ * 1..18, 24, 25 drop reasons, 19 passed, 20 conn_hit, 21 conn_new, 22 conn_insert (new rr_conns /
+ * rr_conns6 entries only: engines/xdp/counters.py derives LRU evictions). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, RR_STAT_MAX);

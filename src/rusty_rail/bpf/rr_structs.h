@@ -121,7 +121,9 @@ struct rr_backend_stats {
 	__u64 bytes;
 };
 
-/* rr_stats indexes. 1..18, 24 and 25 are the drop reasons of docs/WIRE.md section 9, numbered as there. */
+/* rr_stats indexes. 1..18, 24 and 25 are the drop reasons of docs/WIRE.md section 9, numbered as there.
+ * A forward is counted once, by its inner packet's family: RR_STAT_FORWARDED (IPv4) or
+ * RR_STAT_FORWARDED_IPV6; the figure "forwarded" is their sum (engines/xdp/counters.py). */
 #define RR_STAT_FORWARDED 0
 #define RR_DROP_OUTER_BAD_IHL 1
 #define RR_DROP_OUTER_OPTIONS 2
@@ -149,7 +151,7 @@ struct rr_backend_stats {
                                      * evictions */
 #define RR_DROP_INNER_EXT_HEADERS 24 /* more than RR_EXT_HEADERS inner IPv6 extension headers, or one cut short */
 #define RR_DROP_OUTPUT_TOO_BIG 25   /* the output's IP packet is longer than rr_config.mtu */
-#define RR_STAT_FORWARDED_IPV6 26   /* of RR_STAT_FORWARDED, those whose inner packet is IPv6 */
+#define RR_STAT_FORWARDED_IPV6 26   /* forwards whose inner packet is IPv6 (RR_STAT_FORWARDED: IPv4) */
 #define RR_STAT_MAX 32
 
 #define RR_EXT_HEADERS 4            /* inner IPv6 extension headers walked (core/ipv6.py EXTENSION_HEADER_LIMIT) */

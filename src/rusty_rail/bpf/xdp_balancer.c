@@ -207,7 +207,7 @@ int rr_balance(struct xdp_md *ctx)
 	/* -- 4, 5. The inner packet and its flow key ---------------------------------------------- */
 	__u32 inner_avail = gre_avail - gre_len;
 	__u8 *inner = gre + gre_len;
-	struct rr_flow_key key = {};
+	struct rr_flow_key key;         /* zeroed in the IPv4 branch: the IPv6 path writes key6 instead */
 	struct rr_flow_key6 key6;
 	__u32 inner_len;
 	__u8 tos;               /* IPv4 TOS or IPv6 traffic class: the outer header's */
@@ -227,6 +227,7 @@ int rr_balance(struct xdp_md *ctx)
 		inner_len = be16_at(inner + 2);
 		if (inner_len < ihl4 || inner_len > inner_avail)
 			return drop(RR_DROP_INNER_BAD_LENGTH);
+		__builtin_memset(&key, 0, sizeof(key));
 		reason = inner_flow_key(inner, data_end, inner_len, ihl4, &key);
 		tos = inner[1];
 	} else {
@@ -390,9 +391,7 @@ int rr_balance(struct xdp_md *ctx)
 	st16(out + 4, ld16(backend->mac + 4));
 	st32(out + 6, ld32(cfg->local_mac));
 	st16(out + 10, ld16(cfg->local_mac + 4));
-	count(RR_STAT_FORWARDED);
-	if (six)
-		count(RR_STAT_FORWARDED_IPV6);
+	count(six ? RR_STAT_FORWARDED_IPV6 : RR_STAT_FORWARDED);     /* once, by the inner family */
 	{
 		/* What went to this backend for this service (core/balancer.py: pool.packets, pool.bytes). */
 		__u32 slot = svc_index * RR_MAX_BACKENDS + backend_index;

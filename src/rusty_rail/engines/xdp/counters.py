@@ -36,9 +36,12 @@ def stats(program: XdpProgram) -> list[int]:
 
 
 def named(program: XdpProgram) -> dict[str, int]:
-    """rr_stats by name: forwarded, passed, drop_<reason>, conn_hit, conn_new, conn_insert."""
+    """rr_stats by name: forwarded (both families), forwarded_ipv6, passed, drop_<reason>, conn_hit,
+    conn_new, conn_insert."""
     values = stats(program)
-    return {name: values[i] for i, name in sorted(m.stat_names().items())}
+    out = {name: values[i] for i, name in sorted(m.stat_names().items())}
+    out["forwarded"] = out.pop("forwarded_ipv4") + out["forwarded_ipv6"]
+    return out
 
 
 def _stat(program: XdpProgram, index: int) -> int:
@@ -123,7 +126,7 @@ def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_L
     values = stats(program)
     live, flows, live6 = _walk(program, flow_limit)
     return Counters(
-        forwarded=values[m.STAT_FORWARDED],
+        forwarded=values[m.STAT_FORWARDED] + values[m.STAT_FORWARDED_IPV6],  # counted once, by family
         forwarded_ipv6=values[m.STAT_FORWARDED_IPV6],
         connections_ipv6=live6,
         passed=values[m.STAT_PASSED],

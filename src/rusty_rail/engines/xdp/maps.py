@@ -45,21 +45,24 @@ TIMEOUT_TCP, TIMEOUT_UDP, TIMEOUT_OTHER = 0, 1, 2
 EXT_HEADERS = 4
 """RR_EXT_HEADERS: inner IPv6 extension headers walked (core/ipv6.py EXTENSION_HEADER_LIMIT)."""
 
-# rr_stats indexes (rr_structs.h): 0 forwarded, DropReason's numbers (1..18, 24, 25), then these.
+# rr_stats indexes (rr_structs.h): 0 and 26 forwarded (inner IPv4, inner IPv6: each forward is counted
+# once, by family; "forwarded" is their sum), DropReason's numbers (1..18, 24, 25), then these.
 STAT_FORWARDED = 0
 STAT_PASSED = 19
 STAT_CONN_HIT = 20
 STAT_CONN_NEW = 21
 STAT_CONN_INSERT = 22  # new rr_conns / rr_conns6 entries (the lookup found none): connection_evictions
-STAT_FORWARDED_IPV6 = 26  # of forwarded, those whose inner packet is IPv6
+STAT_FORWARDED_IPV6 = 26  # forwards whose inner packet is IPv6 (STAT_FORWARDED: IPv4)
 STAT_MAX = 32
 ENGINE_STATS = {STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new", STAT_CONN_INSERT: "conn_insert"}
 """Figures of this engine only (Counters.engine)."""
 
 
 def stat_names() -> dict[int, str]:
-    """rr_stats index -> name: forwarded, passed, drop_<reason>, conn_hit, conn_new, conn_insert."""
-    names = {STAT_FORWARDED: "forwarded", STAT_PASSED: "passed", STAT_FORWARDED_IPV6: "forwarded_ipv6", **ENGINE_STATS}
+    """rr_stats index -> name: forwarded_ipv4, forwarded_ipv6, passed, drop_<reason>, conn_hit, conn_new,
+    conn_insert (counters.named adds "forwarded", the sum of the first two)."""
+    names = {STAT_FORWARDED: "forwarded_ipv4", STAT_PASSED: "passed", STAT_FORWARDED_IPV6: "forwarded_ipv6",
+             **ENGINE_STATS}
     for reason in DropReason:
         names[int(reason)] = f"drop_{reason.name.lower()}"
     return names
