@@ -15,7 +15,8 @@ attach_pass): XDP_TX in native mode on a veth only delivers when the peer runs a
 Asserted: >= 99% of the frames sent come back re-wrapped (after a warm-up that waits for both next hops:
 frames sent while a next hop is unknown are NO_NEIGHBOUR drops by design); every flow on one backend;
 each backend's share of the flows within 35-65%; the outer source is the balancer's address of the
-backend's family; the inner packet's bytes are unchanged; the status counts the forwards as IPv6.
+backend's family; the inner packet's bytes are unchanged; the status counts the forwards as IPv6, and
+`explain` names a flow's backend from its connection entry.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class Daemon:
                            capture_output=True, text=True, timeout=30)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
+    def explain(self, client: str, service: str) -> str:
+        """`python -m rusty_rail explain CLIENT SERVICE` against the running daemon."""
+        r = subprocess.run([sys.executable, "-m", "rusty_rail", "explain", "--socket", str(self.socket), client, service],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
     def ready(self) -> dict | None:
         assert self.proc.poll() is None, f"the daemon exited:\n{self.log.read_text(errors='replace')[-3000:]}"
         status = self.status()
@@ -134,6 +142,7 @@ def test_environment_form_balances_inner_ipv6(veth: VethPair, tmp_path: Path, en
         got = drain(cap, lambda f: is_gre_from(v.lb_mac, f), int(len(sent) * 0.99), timeout=20)
         got += pending(cap, lambda f: is_gre_from(v.lb_mac, f))
         status = daemon.status()
+        explained = daemon.explain("[2001:db8:c::1]:40001", f"[{VIP6}]:443")
         daemon.stop()
     finally:
         daemon.kill()
@@ -152,3 +161,5 @@ def test_environment_form_balances_inner_ipv6(veth: VethPair, tmp_path: Path, en
     assert set().union(*backends_of.values()) == set(backends)
     assert all(0.35 <= share <= 0.65 for share in shares.values()), shares
     assert status is not None and status["counters"]["by_family"]["ipv6"]["forwarded"] - forwarded_before >= len(got)
+    (first_backend,) = backends_of[(1, 40001)]
+    assert explained.endswith(f"backend {first_backend} (connection entry)"), explained
