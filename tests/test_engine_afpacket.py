@@ -215,6 +215,8 @@ def test_with_the_real_balancer_resolves_the_backend_and_forwards(veth: VethPair
             c = engine.counters()
             return c if c.forwarded + c.drops["no_neighbour"] == sent[0] else None
 
+        with pytest.raises(RuntimeError, match="'lb0' has no global IPv6 address, and backend 2001:db8::9 is IPv6"):
+            engine.apply(catch_all(v.peer_ip, "2001:db8::9"))  # refused: it keeps serving the state it had
         out = wait_for(forwarded, timeout=10, interval=0.05)[0]
         assert out[30:34] == socket.inet_aton(v.peer_ip)  # outer destination: the backend
         assert out[26:30] == socket.inet_aton(v.lb_ip)  # outer source: the device's address

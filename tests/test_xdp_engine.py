@@ -205,6 +205,8 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
         assert c.forwarded == 30 and c.connections == 30 and c.connection_evictions == 0
         assert dict(c.backends) == python.backend_figures()
         assert dict(c.flows) == {b: n for (_, b), (n, _) in python.backend_figures().items() if n}
+        with pytest.raises(ValueError, match="'lb0' has no global IPv6 address, and backend 2001:db8::9 is IPv6"):
+            engine.apply(catch_all_state([*BACKENDS, "2001:db8::9"], 251))  # refused: the maps stay as they were
         assert c.drops["no_service"] == 0 and set(c.drops) == {"outer_bad_ihl", "outer_options", "outer_bad_length",
                                                                 "outer_bad_checksum", "outer_fragment", "gre_truncated",
                                                                 "gre_version", "gre_reserved", "gre_checksum",

@@ -38,7 +38,7 @@ from rusty_rail.engines.afpacket.local import merge_counters
 from rusty_rail.engines.afpacket.pool import WorkerPool
 from rusty_rail.engines.afpacket.walker import ProcessorFactory, decide_blocks
 from rusty_rail.engines.afpacket.worker import Worker
-from rusty_rail.engines.neighbours import device_info
+from rusty_rail.engines.neighbours import DeviceError, DeviceInfo, device_info
 
 NO_HANDOVER = "the AF_PACKET engine has nothing to leave running (its rings close with the process)"
 
@@ -77,11 +77,19 @@ class AfPacketEngine:
         self._filtered = False
         self._ready = threading.Event()
         self._final: Counters | None = None
+        self._device: DeviceInfo | None = None
+        """The device as start() found it: its addresses decide which backends apply() may take."""
 
     # -- state ---------------------------------------------------------------------------------------
 
     def apply(self, state: DataplaneState) -> None:
         with self._lock:
+            if self._device is not None:  # started: a backend needs an address of its family to send from
+                try:
+                    self._device.check_backends({int(b) for s in state.services for b in s.backends},
+                                                self.options.device)
+                except DeviceError as exc:
+                    raise ValueError(str(exc)) from None
             self._state = state
             if self._worker is not None:
                 self._worker.local.apply(state.services)
@@ -102,7 +110,8 @@ class AfPacketEngine:
         device = self.options.device
         # DeviceError (an EngineError) naming the device, before anything is set up: no such device, no
         # address, or none of a backend's family (docs/WIRE.md section 8).
-        device_info(device).check_backends({int(b) for s in self._state.services for b in s.backends}, device)
+        info = device_info(device)
+        info.check_backends({int(b) for s in self._state.services for b in s.backends}, device)
         try:
             if self.options.workers == 1:
                 with self._lock:
@@ -133,6 +142,7 @@ class AfPacketEngine:
                 self.close()
                 raise EngineError(f"cannot keep the balanced GRE from the host stack on {device}: {exc}") from exc
             self._filtered = True
+        self._device = info
         self._ready.set()
 
     def _make_worker(self, services: tuple[Service, ...], fanout_group: int | None, control: Any) -> Worker:
@@ -179,6 +189,7 @@ class AfPacketEngine:
         if self._filtered:
             self._filtered = False
             hostfilter.remove(self.options.device)
+        self._device = None
 
     # -- inspection ----------------------------------------------------------------------------------
 

@@ -161,6 +161,12 @@ class XdpEngine:
                                  f"{self.options.max_services}")
             if len({b for s in state.services for b in s.backends}) > m.MAX_BACKENDS:
                 raise ValueError(f"more than {m.MAX_BACKENDS} backends")
+            if self._resolver is not None:  # started: a backend needs an address of its family to send from
+                try:
+                    self._resolver.info.check_backends({int(b) for s in state.services for b in s.backends},
+                                                       self.options.device)
+                except DeviceError as exc:
+                    raise ValueError(str(exc)) from None
             if self.program is not None:
                 self.program.sync(self._desired(state))  # ValueError: the maps stay as they were
             self._state, self._matcher = state, ServiceMatcher(state.by_key())
