@@ -21,8 +21,9 @@ loop is sequential, so it is computed here in two exact ways, turn times standin
   (M is prime); the last turns are resolved on that small (turns x empty slots) matrix.
 
 Unit weights with many backends use rounds (`_Rounds`); weighted or small pools use `_Chunks`, which
-runs deferred acceptance over chunks of many turns: a backend takes its turns in list order, so its
-k-th turn takes the k-th slot of its list that no earlier turn holds (a running count per list).
+runs deferred acceptance over chunks of many turns at once: a backend's turns go down one list in
+order, each taking the first slot after its predecessor's that no earlier turn holds (a running count
+along each list, iterated to its fixed point).
 """
 
 from __future__ import annotations
