@@ -180,11 +180,11 @@ def test_catch_all_service() -> None:
 
 def test_workers_counters_add_up() -> None:
     a = Counters(forwarded=3, drops={"no_service": 1}, connections=2, backends={(WEB, BACKENDS[0]): (3, 30)},
-                 flows={BACKENDS[0]: 2}, engine={"rx_packets": 4, "workers": 1})
+                 flows={(WEB, BACKENDS[0]): 2}, engine={"rx_packets": 4, "workers": 1})
     b = Counters(forwarded=1, drops={"no_service": 2}, connections=1, backends={(WEB, BACKENDS[0]): (1, 10)},
-                 flows={BACKENDS[0]: 1}, engine={"rx_packets": 1, "workers": 1})
+                 flows={(WEB, BACKENDS[0]): 1}, engine={"rx_packets": 1, "workers": 1})
     total = merge_counters([a, b], ready=True)
     assert (total.forwarded, total.connections, total.ready) == (4, 3, True)
     assert total.drops == {"no_service": 3} and total.backends == {(WEB, BACKENDS[0]): (4, 40)}
-    assert total.flows == {BACKENDS[0]: 3} and total.engine == {"rx_packets": 5, "workers": 2}
+    assert total.flows == {(WEB, BACKENDS[0]): 3} and total.engine == {"rx_packets": 5, "workers": 2}
     assert merge_counters([a, Counters(flows=None)], ready=True).flows is None, "a partial total is not a total"

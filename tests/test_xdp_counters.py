@@ -85,7 +85,8 @@ def assert_figures(reference: Balancer, x: XdpProgram, expected: Expected) -> No
 def assert_connections(reference: Balancer, x: XdpProgram) -> None:
     total, flows = counters.connection_summary(x)
     assert total == len(reference.connections)
-    assert flows == {IPv4Address(b): n for b, n in Counter(b for _, b in reference.connections.items()).items()}
+    by_service = Counter((reference.pool_for(k).service.key, IPv4Address(b)) for k, b in reference.connections.items())
+    assert flows == dict(by_service)
 
 
 @pytest.fixture(scope="module")

@@ -204,7 +204,7 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
         c = engine.counters()
         assert c.forwarded == 30 and c.connections == 30 and c.connection_evictions == 0
         assert dict(c.backends) == python.backend_figures()
-        assert dict(c.flows) == {b: n for (_, b), (n, _) in python.backend_figures().items() if n}
+        assert dict(c.flows) == {key: n for key, (n, _) in python.backend_figures().items() if n}
         assert c.drops["no_service"] == 0 and set(c.drops) == {"outer_bad_ihl", "outer_options", "outer_bad_length",
                                                                 "outer_bad_checksum", "outer_fragment", "gre_truncated",
                                                                 "gre_version", "gre_reserved", "gre_checksum",

@@ -82,8 +82,9 @@ class Counters:
     connection_evictions: int = 0
     backends: Mapping[tuple[ServiceKey, IPv4Address], tuple[int, int]] = field(default_factory=dict)
     """(service, backend) -> (packets, inner bytes) forwarded, for every backend listed now."""
-    flows: Mapping[IPv4Address, int] | None = None
-    """Connection entries naming each backend (None when the table is too large to walk cheaply)."""
+    flows: Mapping[tuple[ServiceKey, IPv4Address], int] | None = None
+    """(service, backend) -> connection entries of that service's flows naming the backend (an entry's
+    key names its service: ServiceMatcher.tally); None when the table is too large to walk cheaply."""
     ready: bool = False
     """True once the engine forwards (rings open, program attached)."""
     engine: Mapping[str, int] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from ipaddress import IPv4Address
 
 from rusty_rail.bpf import libbpf
 from rusty_rail.core.constants import FLOW_COUNT_LIMIT
-from rusty_rail.core.service import ServiceKey
+from rusty_rail.core.service import ServiceKey, ServiceMatcher
 from rusty_rail.core.verdict import DropReason
 from rusty_rail.dataplane import Counters
 from rusty_rail.engines.xdp import maps as m
@@ -57,27 +57,35 @@ def backend_figures(program: XdpProgram) -> dict[tuple[ServiceKey, IPv4Address],
     return out
 
 
-def connection_summary(program: XdpProgram, flow_limit: int | None = None) -> tuple[int, dict[IPv4Address, int] | None]:
-    """(entries in rr_conns, entries naming each backend address), in one BPF_MAP_LOOKUP_BATCH walk.
+def connection_summary(program: XdpProgram, flow_limit: int | None = None,
+                       matcher: ServiceMatcher[ServiceKey] | None = None
+                       ) -> tuple[int, dict[tuple[ServiceKey, IPv4Address], int] | None]:
+    """(entries in rr_conns, entries per (service, backend address)), in one BPF_MAP_LOOKUP_BATCH walk.
 
-    As core's ConnectionTable: every entry the table holds counts, including idle ones the program has
-    not rewritten yet (the LRU map forgets entries only by eviction). The per-backend counts are None
-    when there are more than `flow_limit` entries (the walk goes on for the total). Under traffic,
-    entries added or evicted during the walk may or may not be counted."""
+    An entry's service is the one its key matches in `matcher` (default: the services the map image
+    holds now); entries of no service are left out of the counts. As core's ConnectionTable: every
+    entry the table holds counts, including idle ones the program has not rewritten yet (the LRU map
+    forgets entries only by eviction). The counts are None when there are more than `flow_limit`
+    entries (the walk goes on for the total). Under traffic, entries added or evicted during the walk
+    may or may not be counted."""
+    if matcher is None:
+        matcher = ServiceMatcher({key: key for key in program.image.service_index})
     key_size, value_size = ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)
     words = value_size // 4  # rr_conn: backend_addr is its first 32-bit word
     total = 0
-    counts: Counter[int] | None = Counter()
-    for n, _, values in libbpf.map_lookup_batches(program.fds[m.MAP_CONNS], key_size, value_size):
+    counts: Counter[tuple[ServiceKey, int]] | None = Counter()
+    for n, keys, values in libbpf.map_lookup_batches(program.fds[m.MAP_CONNS], key_size, value_size):
         total += n
         if counts is not None:
             if flow_limit is not None and total > flow_limit:
                 counts = None
             else:
-                counts.update(memoryview(values).cast("I")[0::words])
+                entries = zip((keys[i:i + key_size] for i in range(0, n * key_size, key_size)),
+                              memoryview(values).cast("I")[0:n * words:words])
+                counts.update(matcher.tally(entries))
     if counts is None:
         return total, None
-    return total, {IPv4Address(struct.pack("=I", a)): c for a, c in counts.items()}
+    return total, {(s, IPv4Address(struct.pack("=I", a))): c for (s, a), c in counts.items()}
 
 
 def connection_evictions(program: XdpProgram, live: int | None = None) -> int:
