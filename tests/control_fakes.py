@@ -46,7 +46,7 @@ class FakeEngine:
     def start(self) -> None:
         pass
 
-    def counters(self) -> Counters:
+    def counters(self, *, walk: bool = True) -> Counters:
         return self.canned
 
     def explain(self, key: FlowKey) -> Explanation:

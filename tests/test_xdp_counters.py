@@ -271,6 +271,8 @@ def test_connection_summary_counts_and_limit(clean) -> None:
     total, flows = counters.connection_summary(x, flow_limit=2999)
     assert (total, flows) == (3000, None)
     assert counters.connection_summary(x, flow_limit=3000)[1] is not None
+    unwalked = counters.read(x, True, walk=False)
+    assert (unwalked.connections, unwalked.flows, unwalked.forwarded) == (0, None, counters.read(x, True).forwarded)
     chunks = list(libbpf.map_lookup_batches(x.fds[m.MAP_CONNS], 16, 16, chunk=256))
     assert len(chunks) > 1 and sum(n for n, _, _ in chunks) == 3000
     assert len({keys[i : i + 16] for _, keys, _ in chunks for i in range(0, len(keys), 16)}) == 3000  # none twice

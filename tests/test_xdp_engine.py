@@ -210,7 +210,9 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
                                                                 "gre_version", "gre_reserved", "gre_checksum",
                                                                 "gre_protocol", "inner_truncated", "inner_version",
                                                                 "inner_bad_ihl", "inner_bad_length", "no_backend",
-                                                                "no_neighbour", "no_service", "tx_failed"}
+                                                                "no_neighbour", "no_service", "tx_failed",
+                                                                "tx_refused"}
+        assert c.drops["tx_refused"] == 0  # the peer runs XDP_PASS: native XDP_TX delivers
         for f in frames:
             inner = f[38:]
             key = FlowKey(IPv4Address(inner[12:16]), IPv4Address(inner[16:20]), inner[9],

@@ -75,6 +75,7 @@ class Counters:
     """An engine's figures, summed over its workers or CPUs."""
 
     forwarded: int = 0
+    """Frames sent out of the device, less those it refused to transmit (drops tx_refused, tx_failed)."""
     passed: int = 0
     drops: Mapping[str, int] = field(default_factory=dict)
     """Drop reason (DropReason name, lower case) -> packets."""
@@ -115,7 +116,10 @@ class Engine(Protocol):
     def ready(self) -> bool:
         """True once frames are being forwarded."""
 
-    def counters(self) -> Counters: ...
+    def counters(self, *, walk: bool = True) -> Counters:
+        """Every figure. walk=False: without walking the connection table, whose cost grows with it:
+        `flows` is None and, where only a walk counts them (XDP), `connections` and
+        `connection_evictions` are 0. For callers that need only the packet figures (the self-check)."""
 
     def explain(self, key: FlowKey) -> Explanation:
         """Where a flow would go now and why, without changing any state."""

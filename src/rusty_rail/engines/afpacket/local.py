@@ -63,18 +63,18 @@ class LocalBalancer:
         self.pools_built += built
         return built
 
-    def counters(self, engine: Mapping[str, int] | None = None, ready: bool = False) -> Counters:
-        """The balancer's figures, with the engine's own (`engine`) alongside."""
+    def counters(self, engine: Mapping[str, int] | None = None, ready: bool = False, walk: bool = True) -> Counters:
+        """The balancer's figures, with the engine's own (`engine`) alongside; walk=False: no flows."""
         b = self.balancer
         drops = b.drops
         return Counters(
-            forwarded=b.forwarded,
+            forwarded=b.forwarded - drops[DropReason.TX_FAILED],  # decided, but neither TX path took it
             passed=b.passed,
             drops={name: drops[reason] for reason, name in _DROP_NAMES},
             connections=len(b.connections),
             connection_evictions=b.connections.evictions,
             backends=b.backend_figures(),
-            flows=self.flows(),
+            flows=self.flows() if walk else None,
             ready=ready,
             engine=dict(engine or {}),
         )

@@ -4,10 +4,13 @@
   conn_hit / conn_new / conn_insert;
 - rr_backend_stats (per CPU, summed): packets and inner bytes per (service, backend), for the slots
   the map image says are in use (every backend listed now; one listed since the last sync shows 0, 0);
-- rr_conns: entries, and entries per backend address, from one BPF_MAP_LOOKUP_BATCH walk (the walk
+- rr_conns: entries, and entries per (service, backend), from one BPF_MAP_LOOKUP_BATCH walk (the walk
   runs in the kernel, off the packet path; counting per backend is the Python side's cost, hence
-  FLOW_COUNT_LIMIT);
-- connection evictions, derived: the kernel's LRU map evicts without counting (connection_evictions).
+  FLOW_COUNT_LIMIT; an entry's key names its service, ServiceMatcher.tally);
+- connection evictions, derived: the kernel's LRU map evicts without counting (connection_evictions);
+- tx_refused, from the device (engines/device.py): the program counts a frame forwarded when it returns
+  XDP_TX, and the device may still refuse it (native mode on a veth whose peer runs no XDP program
+  drops them all). `forwarded` is the program's figure less those.
 """
 
 from __future__ import annotations
@@ -116,16 +119,21 @@ def reset(program: XdpProgram) -> None:
         libbpf.map_update(program.fds[m.MAP_BACKEND_STATS], ctypes.c_uint32(m.backend_stats_slot(s, b)), zero)
 
 
-def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_LIMIT) -> Counters:
-    """Every figure of the program, in the shape every engine reports."""
+def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_LIMIT, *, refused: int = 0,
+         matcher: ServiceMatcher[ServiceKey] | None = None, walk: bool = True) -> Counters:
+    """Every figure of the program, in the shape every engine reports. `refused`: frames the device
+    refused to transmit (engines/device.py TxRefusals), reported as tx_refused and not as forwarded.
+    walk=False: rr_conns is not walked (connections, evictions 0 and flows None: the Engine protocol)."""
     values = stats(program)
-    live, flows = connection_summary(program, flow_limit)
+    live, flows = connection_summary(program, flow_limit, matcher) if walk else (0, None)
+    drops = {reason.name.lower(): values[reason] for reason in DropReason}
+    drops[DropReason.TX_REFUSED.name.lower()] = refused  # the device's figure: the program never counts it
     return Counters(
-        forwarded=values[m.STAT_FORWARDED],
+        forwarded=max(0, values[m.STAT_FORWARDED] - refused),
         passed=values[m.STAT_PASSED],
-        drops={reason.name.lower(): values[reason] for reason in DropReason},
+        drops=drops,
         connections=live,
-        connection_evictions=connection_evictions(program, live),
+        connection_evictions=connection_evictions(program, live) if walk else 0,
         backends=backend_figures(program),
         flows=flows,
         ready=ready,
