@@ -22,7 +22,8 @@ class FakeEngine:
         self.applied: list[DataplaneState] = []
         self.canned = Counters(
             forwarded=10, passed=3, drops={"no_service": 2, "no_backend": 0}, connections=5, connection_evictions=1,
-            backends={(WEB, B1): (7, 700), (WEB, B2): (3, 300)}, flows={B1: 4, B2: 1}, ready=True,
+            backends={(WEB, B1): (7, 700), (WEB, B2): (3, 300)}, flows={(WEB, B1): 4, (WEB, B2): 1, (DNS, B1): 2},
+            ready=True,
         )
         self.fail_next = False
         self.explained: list[FlowKey] = []
@@ -45,7 +46,7 @@ class FakeEngine:
     def start(self) -> None:
         pass
 
-    def counters(self) -> Counters:
+    def counters(self, *, walk: bool = True) -> Counters:
         return self.canned
 
     def explain(self, key: FlowKey) -> Explanation:

@@ -211,7 +211,7 @@ def test_two_workers_get_only_changes_add_up_and_explain_finds_the_entry(veth: V
         wait_for(lambda: send_all() >= len(flows), timeout=10, interval=0.2, what="forwards from both workers")
         before = wait_for(settled, what="every frame handled")
         assert before.engine["workers"] == 2 and before.engine["services_sent"] == 0  # forked with the state
-        assert before.connections == len(flows) and before.flows == {peer: len(flows)}
+        assert before.connections == len(flows) and before.flows == {(a, peer): len(flows)}
         packets, nbytes = before.backends[(a, peer)]
         assert packets == before.forwarded and nbytes == packets * 29  # inner IPv4 + UDP + 1 byte
         assert before.backends[(b, peer)] == (0, 0)

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+from collections import Counter
 from ipaddress import IPv4Address
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw
 
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.flow import FlowKey
-from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.core.service import ServiceKey, ServiceMatcher, ServiceProtocol
 from rusty_rail.core.verdict import Action, DropReason
 from tests.fixtures.golden import LB_ADDRESS, wrapped
 from tests.services import catch_all, service
@@ -109,3 +112,25 @@ def test_parse_service_key(text: str, expected: ServiceKey) -> None:
     assert ServiceKey.parse(text) == expected
     with pytest.raises(ValueError):
         ServiceKey(IPv4Address("10.1.0.1"), ServiceProtocol.ANY, 80)
+
+
+_VIPS = [IPv4Address("10.1.0.1").packed, IPv4Address("10.1.0.2").packed, IPv4Address("10.1.0.3").packed]
+_flow_keys = st.builds(
+    lambda src, vip, sport, dport, proto: src + vip + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes([proto, 0, 0, 0]),
+    st.binary(min_size=4, max_size=4), st.sampled_from(_VIPS), st.sampled_from([0, 1, 999, 65535]),
+    st.sampled_from([0, 53, 80, 443]), st.sampled_from([1, 6, 17, 47]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_flow_keys, st.sampled_from([1, 2, 3])), max_size=60), st.booleans())
+def test_tally_counts_each_entry_under_the_service_match_gives_it(entries, with_catch_all: bool) -> None:
+    keys = [WEB, DNS, ALL, ServiceKey(IPv4Address("10.1.0.3"), ServiceProtocol.TCP, 0),
+            ServiceKey(IPv4Address("10.1.0.3"), ServiceProtocol.TCP, 8080)]
+    if with_catch_all:
+        keys.append(ServiceKey.catch_all())
+    matcher = ServiceMatcher({k: k for k in keys})
+    one_by_one = Counter((matcher.match(k), b) for k, b in entries if matcher.match(k) is not None)
+    assert matcher.tally(entries) == dict(one_by_one)
+    only_catch_all = ServiceMatcher({ServiceKey.catch_all(): "all"})
+    assert only_catch_all.tally(entries) == dict(Counter(("all", b) for _, b in entries))
+    assert ServiceMatcher({}).tally(entries) == {}

@@ -85,7 +85,8 @@ def assert_figures(reference: Balancer, x: XdpProgram, expected: Expected) -> No
 def assert_connections(reference: Balancer, x: XdpProgram) -> None:
     total, flows = counters.connection_summary(x)
     assert total == len(reference.connections)
-    assert flows == {IPv4Address(b): n for b, n in Counter(b for _, b in reference.connections.items()).items()}
+    by_service = Counter((reference.pool_for(k).service.key, IPv4Address(b)) for k, b in reference.connections.items())
+    assert flows == dict(by_service)
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +271,8 @@ def test_connection_summary_counts_and_limit(clean) -> None:
     total, flows = counters.connection_summary(x, flow_limit=2999)
     assert (total, flows) == (3000, None)
     assert counters.connection_summary(x, flow_limit=3000)[1] is not None
+    unwalked = counters.read(x, True, walk=False)
+    assert (unwalked.connections, unwalked.flows, unwalked.forwarded) == (0, None, counters.read(x, True).forwarded)
     chunks = list(libbpf.map_lookup_batches(x.fds[m.MAP_CONNS], 16, 16, chunk=256))
     assert len(chunks) > 1 and sum(n for n, _, _ in chunks) == 3000
     assert len({keys[i : i + 16] for _, keys, _ in chunks for i in range(0, len(keys), 16)}) == 3000  # none twice

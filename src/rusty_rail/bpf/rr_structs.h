@@ -91,7 +91,7 @@ struct rr_backend_stats {
 	__u64 bytes;
 };
 
-/* rr_stats indexes. 1..18 are the drop reasons of docs/WIRE.md section 9, numbered as there. */
+/* rr_stats indexes. 1..18 and 23 are the drop reasons of docs/WIRE.md section 9, numbered as there. */
 #define RR_STAT_FORWARDED 0
 #define RR_DROP_OUTER_BAD_IHL 1
 #define RR_DROP_OUTER_OPTIONS 2
@@ -117,6 +117,9 @@ struct rr_backend_stats {
 #define RR_STAT_CONN_INSERT 22      /* of those, written under a key with no entry at all (a new
                                      * entry, not a rewrite): engines/xdp/counters.py derives LRU
                                      * evictions */
+#define RR_DROP_TX_REFUSED 23       /* never counted by the program: frames the device refused to transmit
+                                     * after XDP_TX, which the engine reads from the device (docs/WIRE.md
+                                     * section 9); reserved so that every drop reason has one number */
 #define RR_STAT_MAX 32
 
 #define RR_MAX_BACKENDS 4096

@@ -34,8 +34,8 @@ class PlaneCollector(Collector):
         up = GaugeMetricFamily("rusty_rail_backend_up", "1 while the backend passes its health check (or has none)", labels=labels)
         weight = GaugeMetricFamily("rusty_rail_backend_weight", "Configured weight", labels=labels)
         drained = GaugeMetricFamily("rusty_rail_backend_drained", "1 while the backend is drained", labels=labels)
-        flows = GaugeMetricFamily("rusty_rail_backend_flows", "Connection entries naming the backend", labels=["backend"])
-        seen_flows: set[str] = set()
+        flows = GaugeMetricFamily("rusty_rail_backend_flows", "Connection entries of the service's flows naming the backend",
+                                  labels=labels)
         for svc in status["services"]:
             for b in svc["backends"]:
                 key = [svc["service"], b["address"]]
@@ -44,9 +44,8 @@ class PlaneCollector(Collector):
                 up.add_metric(key, 0.0 if b["health"] == "down" else 1.0)
                 weight.add_metric(key, b["weight"])
                 drained.add_metric(key, 1.0 if b["drained"] else 0.0)
-                if b["flows"] is not None and b["address"] not in seen_flows:
-                    seen_flows.add(b["address"])
-                    flows.add_metric([b["address"]], b["flows"])
+                if b["flows"] is not None:
+                    flows.add_metric(key, b["flows"])
         yield from (packets, nbytes, up, weight, drained, flows)
 
         c: dict[str, Any] = status["counters"]

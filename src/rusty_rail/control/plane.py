@@ -330,7 +330,7 @@ class ControlPlane:
                     "state": "down" if not b.healthy else "drained" if b.drained or b.weight == 0 else "active",
                     "packets": packets,
                     "bytes": nbytes,
-                    "flows": flows.get(b.address) if counters.flows is not None else None,
+                    "flows": flows.get((state.key, b.address), 0) if counters.flows is not None else None,
                 })
             key = state.key
             out_services.append({

@@ -1,4 +1,5 @@
-"""The control plane's runtime around an engine: health checks, the control socket, metrics, reloads.
+"""The control plane's runtime around an engine: health checks, the control socket, metrics, reloads, and
+the delivery self-check (selfcheck.py: a warning when the device refuses what the engine sends).
 
     runtime = ControlRuntime(config, engine, config_path="/etc/rusty-rail/config.toml")
     runtime.start()                # the engine has its state; health, socket and metrics run
@@ -22,6 +23,7 @@ from rusty_rail.control.config import Config, ConfigError, load_config
 from rusty_rail.control.health import HealthChecker
 from rusty_rail.control.metrics import MetricsServer
 from rusty_rail.control.plane import ControlError, ControlPlane
+from rusty_rail.control.selfcheck import DeliveryCheck
 from rusty_rail.control.socket_server import Commands, ControlServer
 from rusty_rail.dataplane import Engine
 
@@ -48,6 +50,7 @@ class ControlRuntime:
             else None
         )
         self.metrics = MetricsServer.from_address(config.metrics, self.plane) if config.metrics else None
+        self.delivery = DeliveryCheck(engine, config.device)
         self._reload_lock = threading.Lock()
         self._reload_wanted = threading.Event()
         self._closing = threading.Event()
@@ -69,10 +72,12 @@ class ControlRuntime:
             raise
         self._reloader = threading.Thread(target=self._reload_loop, name="rr-reload", daemon=True)
         self._reloader.start()
+        self.delivery.start()
 
     def stop(self) -> None:
         self._closing.set()
         self._reload_wanted.set()
+        self.delivery.stop()
         self.checker.stop()
         if self.server is not None:
             self.server.stop()

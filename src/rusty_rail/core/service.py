@@ -22,6 +22,7 @@ looks up in rr_services, so the planner writes exactly what this module matches 
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -32,6 +33,7 @@ from typing import Generic, TypeVar
 from rusty_rail.core.maglev import MaglevTable
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 CATCH_ALL_NAME = "*"
 """How the catch-all service is written (status, ctl, explain)."""
@@ -148,6 +150,26 @@ class ServiceMatcher(Generic[T]):
             if found is not None:
                 return found
         return self.catch_all
+
+    def tally(self, entries: Iterable[tuple[bytes, B]]) -> dict[tuple[T, B], int]:
+        """Connection entries (16-byte flow key, backend) counted per (value of the key's service,
+        backend), by match(); entries whose key matches no service are left out.
+
+        match() reads only the VIP, the destination port, the protocol and whether both ports are 0, so
+        keys are grouped by those first and the rule runs once per group, not once per entry."""
+        if not self.named:
+            if self.catch_all is None:
+                return {}
+            return {(self.catch_all, b): n for b, n in Counter(b for _, b in entries).items()}
+        groups = Counter((k[4:8] + k[10:13] + (b"\x01" if k[8:12] == b"\x00\x00\x00\x00" else b"\x00"), b)
+                         for k, b in entries)
+        out: dict[tuple[T, B], int] = {}
+        for (group, backend), n in groups.items():
+            sport = b"\x00\x00" if group[7] else b"\xff\xff"  # any non-zero source port: not port-less
+            value = self.match(bytes(4) + group[0:4] + sport + group[4:7] + bytes(3))
+            if value is not None:
+                out[(value, backend)] = out.get((value, backend), 0) + n
+        return out
 
 
 @dataclass(frozen=True)

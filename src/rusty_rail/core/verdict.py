@@ -8,7 +8,9 @@ from typing import NamedTuple
 
 
 class DropReason(IntEnum):
-    """docs/WIRE.md section 9; the numbers index the XDP program's counters too."""
+    """docs/WIRE.md section 9; the numbers index the XDP program's counters too (19..22 are its other
+    counters there, bpf/rr_structs.h). TX_REFUSED is counted by the engines from the device, never
+    by the decision or the program."""
 
     OUTER_BAD_IHL = 1
     OUTER_OPTIONS = 2
@@ -28,6 +30,8 @@ class DropReason(IntEnum):
     NO_NEIGHBOUR = 16
     NO_SERVICE = 17
     TX_FAILED = 18
+    TX_REFUSED = 23
+    """Sent out of the device, which refused to transmit it (its tx_dropped; engines/device.py)."""
 
 
 class Action(IntEnum):

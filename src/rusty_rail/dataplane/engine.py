@@ -75,6 +75,7 @@ class Counters:
     """An engine's figures, summed over its workers or CPUs."""
 
     forwarded: int = 0
+    """Frames sent out of the device, less those it refused to transmit (drops tx_refused, tx_failed)."""
     passed: int = 0
     drops: Mapping[str, int] = field(default_factory=dict)
     """Drop reason (DropReason name, lower case) -> packets."""
@@ -82,8 +83,9 @@ class Counters:
     connection_evictions: int = 0
     backends: Mapping[tuple[ServiceKey, IPv4Address], tuple[int, int]] = field(default_factory=dict)
     """(service, backend) -> (packets, inner bytes) forwarded, for every backend listed now."""
-    flows: Mapping[IPv4Address, int] | None = None
-    """Connection entries naming each backend (None when the table is too large to walk cheaply)."""
+    flows: Mapping[tuple[ServiceKey, IPv4Address], int] | None = None
+    """(service, backend) -> connection entries of that service's flows naming the backend (an entry's
+    key names its service: ServiceMatcher.tally); None when the table is too large to walk cheaply."""
     ready: bool = False
     """True once the engine forwards (rings open, program attached)."""
     engine: Mapping[str, int] = field(default_factory=dict)
@@ -114,7 +116,10 @@ class Engine(Protocol):
     def ready(self) -> bool:
         """True once frames are being forwarded."""
 
-    def counters(self) -> Counters: ...
+    def counters(self, *, walk: bool = True) -> Counters:
+        """Every figure. walk=False: without walking the connection table, whose cost grows with it:
+        `flows` is None and, where only a walk counts them (XDP), `connections` and
+        `connection_evictions` are 0. For callers that need only the packet figures (the self-check)."""
 
     def explain(self, key: FlowKey) -> Explanation:
         """Where a flow would go now and why, without changing any state."""

@@ -87,8 +87,8 @@ class Worker:
         return {**self.stats.figures(), "neighbour_refreshes": self.neighbour_refreshes,
                 "pools_built": self.local.pools_built, "workers": 1}
 
-    def counters(self, ready: bool) -> Counters:
-        return self.local.counters(self.figures(), ready)
+    def counters(self, ready: bool, walk: bool = True) -> Counters:
+        return self.local.counters(self.figures(), ready, walk)
 
     def refresh_neighbours(self) -> None:
         self.resolver.refresh(self.balancer.backends, self.balancer)
@@ -140,7 +140,7 @@ class Worker:
         self._housekeeping()
 
     def serve_control(self) -> None:
-        """Answer the supervisor: ("apply", changed, removed) -> pools built, ("counters",) -> Counters,
+        """Answer the supervisor: ("apply", changed, removed) -> pools built, ("counters", walk) -> Counters,
         ("explain", FlowKey) -> Explanation. An error is reported, and the worker keeps forwarding."""
         control = self.control
         assert control is not None
@@ -150,7 +150,7 @@ class Worker:
                 if request[0] == "apply":
                     reply: Any = self.local.apply_changes(request[1], request[2])
                 elif request[0] == "counters":
-                    reply = self.counters(ready=True)
+                    reply = self.counters(ready=True, walk=request[1])
                 elif request[0] == "explain":
                     reply = self.local.explain(request[1])
                 else:

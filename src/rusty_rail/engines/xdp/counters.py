@@ -4,10 +4,13 @@
   conn_hit / conn_new / conn_insert;
 - rr_backend_stats (per CPU, summed): packets and inner bytes per (service, backend), for the slots
   the map image says are in use (every backend listed now; one listed since the last sync shows 0, 0);
-- rr_conns: entries, and entries per backend address, from one BPF_MAP_LOOKUP_BATCH walk (the walk
+- rr_conns: entries, and entries per (service, backend), from one BPF_MAP_LOOKUP_BATCH walk (the walk
   runs in the kernel, off the packet path; counting per backend is the Python side's cost, hence
-  FLOW_COUNT_LIMIT);
-- connection evictions, derived: the kernel's LRU map evicts without counting (connection_evictions).
+  FLOW_COUNT_LIMIT; an entry's key names its service, ServiceMatcher.tally);
+- connection evictions, derived: the kernel's LRU map evicts without counting (connection_evictions);
+- tx_refused, from the device (engines/device.py): the program counts a frame forwarded when it returns
+  XDP_TX, and the device may still refuse it (native mode on a veth whose peer runs no XDP program
+  drops them all). `forwarded` is the program's figure less those.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ipaddress import IPv4Address
 
 from rusty_rail.bpf import libbpf
 from rusty_rail.core.constants import FLOW_COUNT_LIMIT
-from rusty_rail.core.service import ServiceKey
+from rusty_rail.core.service import ServiceKey, ServiceMatcher
 from rusty_rail.core.verdict import DropReason
 from rusty_rail.dataplane import Counters
 from rusty_rail.engines.xdp import maps as m
@@ -57,27 +60,35 @@ def backend_figures(program: XdpProgram) -> dict[tuple[ServiceKey, IPv4Address],
     return out
 
 
-def connection_summary(program: XdpProgram, flow_limit: int | None = None) -> tuple[int, dict[IPv4Address, int] | None]:
-    """(entries in rr_conns, entries naming each backend address), in one BPF_MAP_LOOKUP_BATCH walk.
+def connection_summary(program: XdpProgram, flow_limit: int | None = None,
+                       matcher: ServiceMatcher[ServiceKey] | None = None
+                       ) -> tuple[int, dict[tuple[ServiceKey, IPv4Address], int] | None]:
+    """(entries in rr_conns, entries per (service, backend address)), in one BPF_MAP_LOOKUP_BATCH walk.
 
-    As core's ConnectionTable: every entry the table holds counts, including idle ones the program has
-    not rewritten yet (the LRU map forgets entries only by eviction). The per-backend counts are None
-    when there are more than `flow_limit` entries (the walk goes on for the total). Under traffic,
-    entries added or evicted during the walk may or may not be counted."""
+    An entry's service is the one its key matches in `matcher` (default: the services the map image
+    holds now); entries of no service are left out of the counts. As core's ConnectionTable: every
+    entry the table holds counts, including idle ones the program has not rewritten yet (the LRU map
+    forgets entries only by eviction). The counts are None when there are more than `flow_limit`
+    entries (the walk goes on for the total). Under traffic, entries added or evicted during the walk
+    may or may not be counted."""
+    if matcher is None:
+        matcher = ServiceMatcher({key: key for key in program.image.service_index})
     key_size, value_size = ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)
     words = value_size // 4  # rr_conn: backend_addr is its first 32-bit word
     total = 0
-    counts: Counter[int] | None = Counter()
-    for n, _, values in libbpf.map_lookup_batches(program.fds[m.MAP_CONNS], key_size, value_size):
+    counts: Counter[tuple[ServiceKey, int]] | None = Counter()
+    for n, keys, values in libbpf.map_lookup_batches(program.fds[m.MAP_CONNS], key_size, value_size):
         total += n
         if counts is not None:
             if flow_limit is not None and total > flow_limit:
                 counts = None
             else:
-                counts.update(memoryview(values).cast("I")[0::words])
+                entries = zip((keys[i:i + key_size] for i in range(0, n * key_size, key_size)),
+                              memoryview(values).cast("I")[0:n * words:words])
+                counts.update(matcher.tally(entries))
     if counts is None:
         return total, None
-    return total, {IPv4Address(struct.pack("=I", a)): c for a, c in counts.items()}
+    return total, {(s, IPv4Address(struct.pack("=I", a))): c for (s, a), c in counts.items()}
 
 
 def connection_evictions(program: XdpProgram, live: int | None = None) -> int:
@@ -108,16 +119,21 @@ def reset(program: XdpProgram) -> None:
         libbpf.map_update(program.fds[m.MAP_BACKEND_STATS], ctypes.c_uint32(m.backend_stats_slot(s, b)), zero)
 
 
-def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_LIMIT) -> Counters:
-    """Every figure of the program, in the shape every engine reports."""
+def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_LIMIT, *, refused: int = 0,
+         matcher: ServiceMatcher[ServiceKey] | None = None, walk: bool = True) -> Counters:
+    """Every figure of the program, in the shape every engine reports. `refused`: frames the device
+    refused to transmit (engines/device.py TxRefusals), reported as tx_refused and not as forwarded.
+    walk=False: rr_conns is not walked (connections, evictions 0 and flows None: the Engine protocol)."""
     values = stats(program)
-    live, flows = connection_summary(program, flow_limit)
+    live, flows = connection_summary(program, flow_limit, matcher) if walk else (0, None)
+    drops = {reason.name.lower(): values[reason] for reason in DropReason}
+    drops[DropReason.TX_REFUSED.name.lower()] = refused  # the device's figure: the program never counts it
     return Counters(
-        forwarded=values[m.STAT_FORWARDED],
+        forwarded=max(0, values[m.STAT_FORWARDED] - refused),
         passed=values[m.STAT_PASSED],
-        drops={reason.name.lower(): values[reason] for reason in DropReason},
+        drops=drops,
         connections=live,
-        connection_evictions=connection_evictions(program, live),
+        connection_evictions=connection_evictions(program, live) if walk else 0,
         backends=backend_figures(program),
         flows=flows,
         ready=ready,

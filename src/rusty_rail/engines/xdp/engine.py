@@ -38,14 +38,16 @@ from rusty_rail.core.constants import DEFAULT_PIN_ROOT, RR_HASH_SEED
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import Service, ServiceMatcher
 from rusty_rail.dataplane import (Counters, DataplaneState, EngineError, EngineKind, EngineOptions, EngineReport,
-                                  Explanation, XdpMode)
+                                  Explanation)
+from rusty_rail.engines.device import TxRefusals
 from rusty_rail.engines.neighbours import DeviceError, NeighbourResolver
 from rusty_rail.engines.xdp import counters
 from rusty_rail.engines.xdp import maps as m
+from rusty_rail.engines.xdp.mode import AttachChoice, attach_mode
 from rusty_rail.engines.xdp.planner import Desired
 from rusty_rail.engines.xdp.program import XdpProgram
 
-__all__ = ["XdpEngine", "attach_mode", "handover_dir"]
+__all__ = ["XdpEngine", "handover_dir"]
 
 log = logging.getLogger("rusty_rail.xdp")
 
@@ -54,15 +56,6 @@ def handover_dir(device: str, root: str = DEFAULT_PIN_ROOT) -> str:
     """The handover pin directory of `device` in this thread's network namespace: root/<netns inode>-<device>.
     bpffs is one per host while device names repeat across namespaces, hence the namespace's inode."""
     return os.path.join(root, f"{os.stat('/proc/thread-self/ns/net').st_ino}-{device}")
-
-
-def attach_mode(options: EngineOptions, device: str) -> tuple[str, str]:
-    """The attach mode for `device` ("native" or "skb") and why, in words for the log."""
-    if options.xdp_mode == XdpMode.GENERIC:
-        return "skb", "generic mode asked for"
-    if options.xdp_mode == XdpMode.NATIVE:
-        return "native", "native mode asked for"
-    return "native", "auto: native"
 
 
 class _Predecessor:
@@ -119,8 +112,11 @@ class XdpEngine:
 
     def __init__(self, options: EngineOptions, *, object_path: str | os.PathLike | None = None,
                  neighbour_interval: float = 1.0, resolving_interval: float = 0.1,
-                 timeouts: Timeouts = Timeouts()) -> None:
+                 timeouts: Timeouts = Timeouts(), attach: AttachChoice | None = None) -> None:
+        """`attach`: the attach mode decided already (create_engine's, for its log line); else start()
+        decides it (mode.attach_mode)."""
         self.options = options
+        self.attach = attach
         self.object_path = object_path
         self.neighbour_interval = neighbour_interval
         self.resolving_interval = resolving_interval
@@ -140,6 +136,7 @@ class XdpEngine:
         self._mac = b""
         self._lock = threading.Lock()  # apply() comes from the control plane's threads
         self._resolver: NeighbourResolver | None = None
+        self._refusals: TxRefusals | None = None
         self._handover_dir = ""
         self._ready = False
         self._handover = False
@@ -164,6 +161,11 @@ class XdpEngine:
             raise EngineError(f"XDP engine: {exc}") from None
         resolver = self._resolver
         self._address, self._mac = IPv4Address(resolver.address), resolver.mac
+        try:
+            self._refusals = TxRefusals(self.options.device)  # before the first XDP_TX: only ours count
+        except OSError as exc:
+            self.close()
+            raise EngineError(f"XDP engine: the counters of {self.options.device} cannot be read: {exc}") from None
         # Of this namespace (the thread's now): where a predecessor left pins, and where ours would go.
         self._handover_dir = handover_dir(self.options.device, self.options.pin_root)
         before = _Predecessor.find(self._handover_dir, self.options.device)
@@ -174,8 +176,10 @@ class XdpEngine:
             self._refresh()  # known next hops forward from the first packet
             with self._lock:
                 self.program.sync(self._desired(self._state))
-            mode, why = attach_mode(self.options, self.options.device)
-            self._attach(mode, before)
+            choice = self.attach or attach_mode(self.options)
+            if choice.warning:
+                log.warning("%s", choice.warning, extra={"event": "xdp_mode_loses_frames"})
+            self._attach(choice.mode, before)
         except (OSError, ValueError) as exc:
             self.close()
             raise EngineError(f"XDP engine on {self.options.device}: {exc}") from None
@@ -183,18 +187,20 @@ class XdpEngine:
             if before is not None:
                 before.close()  # the old program is gone from the device; its maps live on in ours
         self._ready = True
-        log.info("XDP engine attached (%s: %s) on %s: %d services, %d backends", mode, why, self.options.device,
-                 len(self._state.services), len(self.program.image.backend_index))
+        log.info("XDP engine attached (%s) on %s: %d services, %d backends", choice.why, self.options.device,
+                 len(self._state.services), len(self.program.image.backend_index),
+                 extra={"event": "xdp_attached", "xdp_mode": "generic" if choice.mode == "skb" else choice.mode})
 
     @property
     def ready(self) -> bool:
         return self._ready
 
-    def counters(self) -> Counters:
+    def counters(self, *, walk: bool = True) -> Counters:
         with self._lock:  # the program stays open meanwhile (_let_go takes the lock too)
             if self.program is None:
                 return Counters(backends={(s.key, b): (0, 0) for s in self._state.services for b in s.backends})
-            return counters.read(self.program, self._ready)
+            refused = self._refusals.read() if self._refusals is not None else 0
+            return counters.read(self.program, self._ready, refused=refused, walk=walk)
 
     def explain(self, key: FlowKey) -> Explanation:
         packed = key.packed
@@ -231,6 +237,9 @@ class XdpEngine:
         if self._resolver is not None:
             self._resolver.close()
             self._resolver = None
+        if self._refusals is not None:
+            self._refusals.close()
+            self._refusals = None
 
     # -- the parts --------------------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ MEMBER_WORDS = MAX_BACKENDS // 64
 
 TIMEOUT_TCP, TIMEOUT_UDP, TIMEOUT_OTHER = 0, 1, 2
 
-# rr_stats indexes (rr_structs.h): 0 forwarded, 1..18 DropReason, then these.
+# rr_stats indexes (rr_structs.h): 0 forwarded, 1..18 DropReason, then these; 23 is DropReason.TX_REFUSED,
+# which the program never counts (counters.py reads it from the device).
 STAT_FORWARDED = 0
 STAT_PASSED = 19
 STAT_CONN_HIT = 20
