@@ -209,6 +209,7 @@ class _Fill:
         # a block of k steps must not overflow int32: (M - 1) * k < 2**31
         self.kmax = max(1, min(self.BLOCK, (2**31 - 1) // size - 1))
         self.steps = np.arange(self.kmax + 1, dtype=np.int32)[:, None]
+        self.cols = np.arange(max(self.N, self.BLOCK), dtype=np.intp)
         self._inverse: np.ndarray | None = None
 
     def inverse(self) -> np.ndarray:
@@ -230,20 +231,22 @@ class _Fill:
         return out
 
     def _first_open(self, skip: np.ndarray, start: np.ndarray, before: np.ndarray, k: int) -> np.ndarray:
-        M = self.M
+        M, n = self.M, len(start)
         slots = skip * self.steps[:k]
         slots += start
         slots -= slots // M * M
         ok = self.claim.take(slots) >= before
-        j = ok.argmax(0)
-        rows = np.arange(len(start))
-        out = slots[j, rows]
-        miss = (~ok[j, rows]).nonzero()[0]
-        if len(miss):
+        at = ok.argmax(0) * n  # flat index of each column's first open slot
+        at += self.cols[:n]
+        out = slots.take(at)
+        hit = ok.take(at)
+        if not hit.all():
             # no open slot within k steps: go on from the block's end with longer blocks
-            resume = slots[-1].take(miss) + skip.take(miss)
-            resume -= (resume >= M) * M
-            out[miss] = self.first_open(skip.take(miss), resume, before.take(miss), 4 * k)
+            miss = (~hit).nonzero()[0]
+            sk = skip.take(miss)
+            resume = slots[-1].take(miss) + sk
+            resume %= M
+            out[miss] = self.first_open(sk, resume, before.take(miss), 4 * k)
         return out
 
 
@@ -286,20 +289,19 @@ class _Rounds(_Fill):
         while len(moving):
             # rejected turns propose further down their lists; a proposal that wins may displace a
             # later turn of this round, which then moves on as well
-            start = slot.take(moving) + skip.take(moving)
-            start -= (start >= M) * M
-            who = (moving + t0).astype(np.int32)
-            new = self.first_open(skip.take(moving), start, who, k)
+            sk, who = skip.take(moving), turn.take(moving)
+            start = slot.take(moving) + sk
+            start %= M
+            new = self.first_open(sk, start, who, k)
             slot[moving] = new
             held = claim.take(new)
             np.minimum.at(claim, new, who)
             lost = claim.take(new) < who
-            displaced = held[~lost]
-            displaced = displaced[displaced != _UNCLAIMED] - t0
+            displaced = held[(held != _UNCLAIMED) & ~lost] - t0
             moving = np.concatenate((moving[lost], displaced))
-        nxt = slot + skip
-        nxt -= (nxt >= M) * M
-        self.cur[i0:i0 + n] = nxt
+        slot += skip
+        slot %= M
+        self.cur[i0:i0 + n] = slot
 
     def by_position(self, t0: int, n: int) -> None:
         """Turns t0 .. t0+n-1 (backends i0.., one turn each) on the matrix of the empty slots'
