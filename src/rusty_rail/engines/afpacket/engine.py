@@ -158,8 +158,12 @@ class AfPacketEngine:
             self.close()
         return EngineReport(self.kind, False, self.counters())
 
-    def request_handover(self) -> str | None:
-        return NO_HANDOVER
+    def hand_over(self, pin_root: str) -> bool:
+        """Nothing to leave running (NO_HANDOVER): a handover's stop is a plain one."""
+        return False
+
+    def cancel_handover(self) -> None:
+        pass
 
     def close(self) -> None:
         """Stop the workers, close the rings, remove the host filter; the last counters are kept."""
