@@ -14,9 +14,10 @@ the config form (the default pin root: bpffs mounted on /sys/fs/bpf):
   pins; (config form) a backend the checks had found down is down in the new daemon without a check of
   its own having failed (the health state came with the handover).
 
-And a pin root that cannot be used: the restart fails, naming RR_PIN_ROOT, before asking anything of
-the running daemon, which goes on forwarding (traffic proves it). The Lab tears everything down, also
-on failure.
+And a restart that cannot hand over: a pin root that cannot be used fails it, naming RR_PIN_ROOT,
+before anything is asked of the running daemon; a daemon that cannot pin answers why. Either way the
+daemon serves on, its program attached throughout (traffic proves it). The Lab tears everything down,
+also on failure.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def _restart_under_stream(tmp_path: Path, config_form: bool) -> None:
                          what="the new daemon's program")
                 assert new.poll() is None, "the new daemon exited"
                 replaced = watch.ids[-1][0]
-                after = wait_for(lambda: _answers(socket_path), 10, what="the new daemon's control socket")
+                answered = wait_for(lambda: _answers(socket_path), 10, what="the new daemon's control socket")
                 # Stream through the new program for a while: a duration of traffic, not a wait for an event.
                 time.sleep(0.5)
             finally:
@@ -270,6 +271,7 @@ def _restart_under_stream(tmp_path: Path, config_form: bool) -> None:
             assert all(len(where) == 1 for where in servers_of.values())
 
             # The handover: reported by the old daemon, taken over (its table) by the new one, pins gone.
+            after: dict[str, Any] = answered or {}
             (stopped,) = logged(old_log, "stopped")
             assert stopped["handover"] is True
             assert after["counters"]["connections"] >= FLOWS
@@ -299,7 +301,11 @@ def test_restart_config_form_under_200_flows_keeps_health(tmp_path: Path) -> Non
     _restart_under_stream(tmp_path, config_form=True)
 
 
-def test_unusable_pin_root_fails_the_restart_and_the_daemon_forwards_on(tmp_path: Path) -> None:
+def test_a_restart_that_cannot_hand_over_leaves_the_daemon_forwarding(tmp_path: Path) -> None:
+    """Twice: the restarter's pin root cannot be used (a plain directory with something in it, where
+    bpffs is not mounted over files), and the running daemon cannot pin in the restarter's bpffs (a
+    directory sits where rr_backends goes). Each restart exits 1 naming why; the daemon never stops,
+    its program never leaves the device, and traffic still reaches both servers."""
     pin_root = tmp_path / "not-bpffs"
     pin_root.mkdir()
     (pin_root / "keep").write_text("a directory with something in it: bpffs is not mounted over it")
@@ -311,18 +317,33 @@ def test_unusable_pin_root_fails_the_restart_and_the_daemon_forwards_on(tmp_path
         lb = lab.balancers[0]
         (old,) = lab.start_balancers(env=env)
         _wait_until_both_serve(lab)
+        restart_env = {**os.environ, **lab.balancer_env(lb), **env}
         watch = ProgramWatch(lb.namespace, lb.device)
         try:
-            restart = lab.run(lb.namespace, [lab.python, "-m", "rusty_rail", "restart"],
-                              env={**os.environ, **lab.balancer_env(lb), **env}, check=False, timeout=60)
+            unusable = lab.run(lb.namespace, [lab.python, "-m", "rusty_rail", "restart"], env=restart_env,
+                               check=False, timeout=60)
+            # A bpffs of the restarter's own (a mount namespace of its own, so the host never sees it)
+            # with a directory where the daemon would pin rr_backends.
+            bpf = tmp_path / "bpf"
+            bpf.mkdir()
+            blocked = bpf / f"{os.stat(f'/run/netns/{lb.namespace}').st_ino}-{lb.device}" / "rr_backends"
+            script = (f"mount -t bpf bpf {bpf} && mkdir -p {blocked} && "
+                      f"exec ip netns exec {lb.namespace} {lab.python} -m rusty_rail restart")
+            refused = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                     env={**restart_env, "RR_PIN_ROOT": str(bpf)}, capture_output=True, text=True,
+                                     timeout=60)
         finally:
             watch.stop()
-        print(restart.stderr)
-        assert restart.returncode == 1
-        assert f"RR_PIN_ROOT={pin_root}" in restart.stderr and "not a bpffs" in restart.stderr
-        assert "serves on" in restart.stderr
+        print(unusable.stderr, refused.stderr, sep="\n")
+        assert unusable.returncode == 1
+        assert f"RR_PIN_ROOT={pin_root}" in unusable.stderr and "not a bpffs" in unusable.stderr
+        assert "not asked to hand over and serves on" in unusable.stderr
+        assert refused.returncode == 1
+        assert "did not hand over" in refused.stderr and "rr_backends" in refused.stderr
+        assert "serves on" in refused.stderr
         assert old.poll() is None, "the running daemon kept running"
         assert len(watch.ids) == 1 and watch.ids[0][1] != 0, "its program stayed attached throughout"
         results = lab.traffic(n=10)
         assert all(r.ok for r in results) and len({r.server for r in results}) == len(lab.servers)
         assert os.listdir(pin_root) == ["keep"]  # nothing mounted over it, nothing pinned
+        assert "handover_refused" in {e.get("event") for e in logged(lab.balancer_log(lb))}

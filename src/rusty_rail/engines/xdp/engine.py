@@ -234,7 +234,7 @@ class XdpEngine:
             try:
                 program.pin(directory)
             except OSError as exc:
-                raise EngineError(f"pinning in {directory} failed: {exc.strerror or exc}") from None
+                raise EngineError(f"pinning in {exc.filename or directory} failed: {exc.strerror or exc}") from None
             self._pinned, self.handed_over = directory, True
         log.info("XDP engine on %s: connection table pinned in %s for a successor", self.options.device, directory)
         return True

@@ -400,14 +400,17 @@ class XdpProgram:
         complete. Nothing else changes: the program stays attached and this instance keeps serving.
         On failure the pins made are removed again and OSError raised."""
         os.makedirs(directory, exist_ok=True)
+        made: list[str] = []
         try:
             for name in (m.MAP_BACKENDS, m.MAP_CONNS):
                 path = os.path.join(directory, name)
-                if os.path.exists(path):
+                if os.path.lexists(path):
                     os.unlink(path)  # a stale pin of an earlier handover nobody took over
                 libbpf.obj_pin(self.fds[name], path)
+                made.append(path)
         except OSError:
-            self.unpin(directory)
+            for path in made:
+                os.unlink(path)
             raise
 
     def unpin(self, directory: str) -> None:
