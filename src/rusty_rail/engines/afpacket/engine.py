@@ -40,8 +40,6 @@ from rusty_rail.engines.afpacket.walker import ProcessorFactory, decide_blocks
 from rusty_rail.engines.afpacket.worker import Worker
 from rusty_rail.engines.neighbours import device_info
 
-NO_HANDOVER = "the AF_PACKET engine has nothing to leave running (its rings close with the process)"
-
 
 class AfPacketEngine:
     """The pure-Python engine. Keyword arguments beyond `options` are for tests and benchmarks:
@@ -159,7 +157,7 @@ class AfPacketEngine:
         return EngineReport(self.kind, False, self.counters())
 
     def hand_over(self, pin_root: str) -> bool:
-        """Nothing to leave running (NO_HANDOVER): a handover's stop is a plain one."""
+        """Nothing to leave running (the rings close with the process): a handover's stop is a plain one."""
         return False
 
     def cancel_handover(self) -> None:

@@ -292,8 +292,12 @@ class XdpEngine:
         if before is not None:
             before.remove_pins()
             self.took_over_program_id = replaced
-            log.info("took over from program %d on %s without a gap: %s connection table", replaced, device,
-                     "its" if self.adopted_connections else "a new")
+            table = "its" if self.adopted_connections else "a new"
+            if replaced:
+                log.info("took over from program %d on %s without a gap: %s connection table", replaced, device, table)
+            else:
+                log.warning("handover pins on %s, but no program ran there: attached with %s connection table",
+                            device, table)
         elif replaced:
             self.replaced_program_id = replaced
             log.warning("replaced XDP program %d on %s without a gap (an earlier run's, without pins here)",

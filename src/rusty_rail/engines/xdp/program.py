@@ -4,7 +4,8 @@ What it does: load (sized for the largest table, the connection capacity and the
 hold, optionally with a handover's pinned rr_conns as its connection table), write the maps (`sync`
 executes planner.plan's writes and keeps the image of what the maps hold), attach (replacing whatever
 runs there atomically) and detach, pin for a handover, run the program on a frame (BPF_PROG_TEST_RUN)
-and read or write connection entries (tests, explain). The decision itself is the C program's (docs/WIRE.md); the counters are read by counters.py.
+and read or write connection entries (tests, explain). The decision itself is the C program's
+(docs/WIRE.md); the counters are read by counters.py.
 
 Also `attach_pass` and `detach_all`, for the lab and the tests: XDP_TX from a veth reaches its peer only
 when the peer runs an XDP program too, and bpf/xdp_pass.o is the least such program.
