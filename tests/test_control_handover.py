@@ -60,7 +60,8 @@ def test_a_runtime_starts_from_carried_health() -> None:
     changes: list[tuple] = []
     checker = HealthChecker(on_change=lambda *a: changes.append(a), clock=lambda: 0.0, probe=script,
                             executor=Inline())
-    runtime = ControlRuntime(two_services(), engine, checker=checker, carried_health=[DOWN, UP])
+    config = dataclasses.replace(two_services(), control_socket=None)  # no socket: nothing on the host's /run
+    runtime = ControlRuntime(config, engine, checker=checker, carried_health=[DOWN, UP])
     assert engine.applied[0].services[0].table.backends == (B1,)  # never served B2
     assert runtime.plane.status()["control"]["health_carried"] == 2
     runtime.start()
