@@ -11,7 +11,8 @@ The environment form is one catch-all service like any other (named "*"; "open" 
 Tables are built by the `StateBuilder` (dataplane/state.py) for the services whose weights changed.
 
 Policies (chosen, so written down):
-- Health: backends start up (see health.py). With every backend of a service down the service has none
+- Health: backends start up (see health.py), or, after a hitless restart, as the predecessor's checks
+  left them (`health`, from control/handover.py). With every backend of a service down the service has none
   and its packets are dropped as NO_BACKEND, as IPVS does with no real servers: visible in the drop
   counters, rather than sending traffic to backends the checks say are dead.
 - Reload: the file is the truth for services, backends and weights, so runtime add/remove/weight changes
@@ -28,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
@@ -89,11 +90,18 @@ def parse_backend(text: str) -> IPv4Address:
         raise ControlError(f"{text!r} is not an IPv4 address") from None
 
 
-def _services_from(config: Config) -> dict[ServiceKey, ServiceState]:
+HealthKey = tuple[ServiceKey, IPv4Address]
+
+
+def _services_from(config: Config, health: Mapping[HealthKey, tuple[bool, str]] | None = None
+                   ) -> dict[ServiceKey, ServiceState]:
+    health = health or {}
     services: dict[ServiceKey, ServiceState] = {}
     for spec in config.services:
         state = ServiceState(spec.key, spec.health)
-        state.backends = {b.address: BackendState(b.address, b.weight) for b in spec.backends}
+        for b in spec.backends:
+            healthy, reason = health.get((spec.key, b.address), (True, ""))
+            state.backends[b.address] = BackendState(b.address, b.weight, healthy=healthy, health_reason=reason)
         services[spec.key] = state
     return services
 
@@ -104,13 +112,15 @@ class ControlPlane:
         config: Config,
         engine: Engine,
         on_targets: Callable[[list[Target]], None] | None = None,
+        health: Mapping[HealthKey, tuple[bool, str]] | None = None,
     ) -> None:
-        """Applies the configuration at once. `on_targets` hears the health-check targets on each change."""
+        """Applies the configuration at once. `on_targets` hears the health-check targets on each change;
+        `health`: (up, reason) of backends whose state is known already (a restart's), else they start up."""
         self.config = config
         self.engine = engine
         self.on_targets = on_targets
         self._lock = threading.RLock()
-        self._services = _services_from(config)
+        self._services = _services_from(config, health)
         self._builder = StateBuilder(config.table_size)
         self._applied: DataplaneState | None = None
         self.applies = 0
@@ -118,6 +128,8 @@ class ControlPlane:
         self.reload_failures = 0
         self.last_reload_error: str | None = None
         self.health_transitions = 0
+        self.health_carried = len(health or {})
+        """Backends whose health state came from a predecessor (restart)."""
         self._push()
 
     # -- the data plane's view ---------------------------------------------------------------------
@@ -248,6 +260,11 @@ class ControlPlane:
             self.health_transitions += 1
             self._commit(services, targets_changed=False)
 
+    def health_reasons(self) -> dict[HealthKey, str]:
+        """Why each backend is up or down, as the last check reported (status shows it too)."""
+        with self._lock:
+            return {(s.key, b.address): b.health_reason for s in self._services.values() for b in s.backends.values()}
+
     # -- reload ------------------------------------------------------------------------------------
 
     def reload(self, config: Config) -> list[str]:
@@ -311,6 +328,7 @@ class ControlPlane:
                 "reload_failures": self.reload_failures,
                 "last_reload_error": self.last_reload_error,
                 "health_transitions": self.health_transitions,
+                "health_carried": self.health_carried,
             }
         counters = self.engine.counters()
         flows = counters.flows or {}

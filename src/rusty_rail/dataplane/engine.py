@@ -3,7 +3,8 @@
     engine = create_engine(kind, options)        # rusty_rail.engines
     engine.apply(state)                          # before start(): served from the first packet
     engine.start()                               # rings open / program loaded and attached
-    report = engine.serve(stop)                  # until stop is set; then detached (or handed over)
+    report = engine.serve(stop)                  # until stop is set; then detached (or handed over:
+                                                 # engine.hand_over(pin_root) before the stop)
 
 Every engine makes the same decisions byte for byte (docs/WIRE.md); they differ only in where the
 decision runs: a Python process reading TPACKET_V3 rings (AF_PACKET) or a BPF program in the kernel (XDP).
@@ -127,9 +128,15 @@ class Engine(Protocol):
     def serve(self, stop: threading.Event) -> EngineReport:
         """Run until `stop` is set (from the calling thread), then let go of the device."""
 
-    def request_handover(self) -> str | None:
-        """Make the coming stop a handover (safe from a signal handler). None when it will hand over,
-        else why it cannot (the stop is then a plain one)."""
+    def hand_over(self, pin_root: str) -> bool:
+        """Prepare a hitless restart: pin what a successor needs below `pin_root` (a bpffs directory,
+        as this process reaches the successor's view of it) and make the coming stop leave the device
+        served. True when done; False when the engine has nothing to leave running (its stop stays a
+        plain one). Raises EngineError with the reason when it cannot: then nothing changed, the engine
+        keeps serving and a stop is a plain one."""
+
+    def cancel_handover(self) -> None:
+        """Undo a hand_over() (the successor never heard of it): pins removed, serving on as before."""
 
     def close(self) -> None:
         """Let go of everything start() took, when serve() will not run (idempotent)."""

@@ -8,7 +8,6 @@ itself needs no pin: the tc filter holds it.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import shutil
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bpf import libbpf, tc
+from ..bpf import bpffs, libbpf, tc
 from ..bpf.build import object_path
 from ..core.constants import BPFFS, DEFAULT_PIN_ROOT, RR_HASH_SEED
 from ..core.flowhash import fmix32
@@ -35,15 +34,8 @@ _TC_HANDLE = 1
 
 
 def ensure_bpffs() -> None:
-    """Mount bpffs at BPFFS when nothing is mounted there (a fresh machine)."""
-    with open("/proc/self/mounts") as f:
-        if any(line.split()[1:3] == [BPFFS, "bpf"] for line in f):
-            return
-    libc = ctypes.CDLL(None, use_errno=True)
-    # mount(2), as `mount -t bpf bpf BPFFS` would do it (default options), without needing mount(8).
-    if libc.mount(b"bpf", BPFFS.encode(), b"bpf", ctypes.c_ulong(0), None) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"mount -t bpf bpf {BPFFS}: {os.strerror(code)}")
+    """Mount bpffs at BPFFS when nothing is mounted there (a fresh machine); bpffs.PinRootError if not."""
+    bpffs.prepare(BPFFS)
 
 
 def pin_dir(prefix: str) -> Path:

@@ -47,8 +47,6 @@ from rusty_rail.engines.afpacket.worker import Worker
 from rusty_rail.engines.device import TxRefusals
 from rusty_rail.engines.neighbours import device_info
 
-NO_HANDOVER = "the AF_PACKET engine has nothing to leave running (its rings close with the process)"
-
 
 class AfPacketEngine:
     """The pure-Python engine. Keyword arguments beyond `options` are for tests and benchmarks:
@@ -167,8 +165,12 @@ class AfPacketEngine:
             self.close()
         return EngineReport(self.kind, False, self.counters())
 
-    def request_handover(self) -> str | None:
-        return NO_HANDOVER
+    def hand_over(self, pin_root: str) -> bool:
+        """Nothing to leave running (the rings close with the process): a handover's stop is a plain one."""
+        return False
+
+    def cancel_handover(self) -> None:
+        pass
 
     def close(self) -> None:
         """Stop the workers, close the rings, remove the host filter; the last counters are kept."""
