@@ -7,8 +7,9 @@ C, written to a temporary directory, compiled with `gcc -O2` at run time and cal
 Both sides get the same offset and skip arrays (rusty_rail's keyed BLAKE2b, computed once in Python),
 so only the fill is compared; the hash cost is reported on its own. Per case: median and minimum of
 `repeats` runs of each (C and numpy interleaved, so both see the same machine load), the ratio of
-the medians, and a check that the two tables are identical. Then a full build_table() with a cold
-hash cache against a rebuild after one backend joins or leaves (warm cache: one hash at most).
+the medians in wall-clock and in CPU time (steadier when other work shares the machine), and a check
+that the two tables are identical. Then a full build_table() with a cold hash cache against a
+rebuild after one backend joins or leaves (warm cache: one hash at most).
 
 Prints one line per figure and a final JSON line; `run(repeats) -> dict` is the same for
 `rusty-rail bench`.
@@ -88,14 +89,17 @@ def addresses(n: int, first: str = "10.64.0.1") -> list[IPv4Address]:
     return [IPv4Address(int(IPv4Address(first)) + i) for i in range(n)]
 
 
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def seconds(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and CPU time of one call: on a shared machine the CPU time is the steadier one."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def summary(samples: list[float]) -> dict[str, float]:
-    return {"median_ms": statistics.median(samples) * 1e3, "min_ms": min(samples) * 1e3}
+def summary(samples: list[tuple[float, float]]) -> dict[str, float]:
+    wall, cpu = [w for w, _ in samples], [c for _, c in samples]
+    return {"median_ms": statistics.median(wall) * 1e3, "min_ms": min(wall) * 1e3,
+            "cpu_median_ms": statistics.median(cpu) * 1e3}
 
 
 def hashes(backends: list[IPv4Address], size: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -113,7 +117,6 @@ def fill_case(lib: ctypes.CDLL, size: int, n: int, repeats: int) -> dict:
     offset, skip, hash_s = hashes(backends, size)
     weights = np.ones(n, np.int64)
     c_times, np_times = [], []
-    same = True
     for _ in range(repeats):
         c_times.append(seconds(lambda: c_fill(lib, offset, skip, size)))
         np_times.append(seconds(lambda: maglev._fill(offset, skip, weights, size)))
@@ -121,7 +124,7 @@ def fill_case(lib: ctypes.CDLL, size: int, n: int, repeats: int) -> dict:
     c, ours = summary(c_times), summary(np_times)
     return {"size": size, "backends": n, "identical": same, "c": c, "numpy": ours,
             "ratio_median": ours["median_ms"] / c["median_ms"], "ratio_min": ours["min_ms"] / c["min_ms"],
-            "hash_ms": hash_s * 1e3}
+            "ratio_cpu_median": ours["cpu_median_ms"] / c["cpu_median_ms"], "hash_ms": hash_s * 1e3}
 
 
 def rebuild_case(size: int, n: int, repeats: int) -> dict:
@@ -137,6 +140,7 @@ def rebuild_case(size: int, n: int, repeats: int) -> dict:
     out = {"size": size, "backends": n, "full_cold": summary(full), "join_warm": summary(join),
            "leave_warm": summary(leave)}
     out["join_vs_full"] = out["join_warm"]["median_ms"] / out["full_cold"]["median_ms"]
+    out["join_vs_full_cpu"] = out["join_warm"]["cpu_median_ms"] / out["full_cold"]["cpu_median_ms"]
     return out
 
 
@@ -152,15 +156,19 @@ def run(repeats: int = 7) -> dict:
 
 def report(result: dict) -> None:
     print(f"maglev build, medians of {result['repeats']} runs (min in brackets); C = gcc -O2 Pseudocode 1")
-    print(f"{'M':>8} {'N':>5} {'C ms':>14} {'numpy ms':>16} {'ratio':>6} {'hash ms':>8} identical")
+    print(f"{'M':>8} {'N':>5} {'C ms':>14} {'numpy ms':>16} {'ratio':>6} {'CPU ms C/numpy':>16} {'ratio':>6}"
+          f" {'hash ms':>8} identical")
     for f in result["fills"]:
-        print(f"{f['size']:>8} {f['backends']:>5} {f['c']['median_ms']:>7.2f} ({f['c']['min_ms']:>5.2f})"
-              f" {f['numpy']['median_ms']:>8.2f} ({f['numpy']['min_ms']:>6.2f}) {f['ratio_median']:>6.2f}"
+        c, ours = f["c"], f["numpy"]
+        print(f"{f['size']:>8} {f['backends']:>5} {c['median_ms']:>7.2f} ({c['min_ms']:>5.2f})"
+              f" {ours['median_ms']:>8.2f} ({ours['min_ms']:>6.2f}) {f['ratio_median']:>6.2f}"
+              f" {c['cpu_median_ms']:>7.2f}/{ours['cpu_median_ms']:<8.2f} {f['ratio_cpu_median']:>6.2f}"
               f" {f['hash_ms']:>8.2f} {f['identical']}")
     r = result["rebuild"]
-    print(f"build_table M={r['size']} N={r['backends']}: full (cold hash cache) {r['full_cold']['median_ms']:.2f} ms,"
-          f" rebuild after one joins {r['join_warm']['median_ms']:.2f} ms, after one leaves"
-          f" {r['leave_warm']['median_ms']:.2f} ms ({r['join_vs_full']:.2f} of full)")
+    for what, key in (("wall", "median_ms"), ("CPU", "cpu_median_ms")):
+        print(f"build_table M={r['size']} N={r['backends']} ({what}): full, cold hash cache {r['full_cold'][key]:.2f}"
+              f" ms; rebuild after one joins {r['join_warm'][key]:.2f} ms, after one leaves"
+              f" {r['leave_warm'][key]:.2f} ms ({r['join_warm'][key] / r['full_cold'][key]:.2f} of full)")
 
 
 def main() -> int:
