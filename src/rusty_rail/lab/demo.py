@@ -12,7 +12,6 @@ from collections import Counter
 
 from .events import Event, logged
 from .lab import Lab
-from .router import flow_slot
 
 READY_DEADLINE_S = 20.0
 
@@ -64,7 +63,6 @@ def _serve(lab: Lab, procs: list[subprocess.Popen[bytes]], requests_per_client: 
             print("the balancers did not start forwarding; the end of their logs:")
             print(_tails(lab))
             return 1
-    targets = lab.maps.config()[2]
     lb_name = {lb.address: lb.name for lb in lab.balancers}
     per_backend: Counter[tuple[str, str]] = Counter()
     per_balancer: Counter[tuple[str, str]] = Counter()
@@ -77,8 +75,8 @@ def _serve(lab: Lab, procs: list[subprocess.Popen[bytes]], requests_per_client: 
             if not r.ok:
                 failures += 1
                 continue
-            # The router's choice is a pure function of the flow: replay it to name the balancer.
-            lb = targets[flow_slot(client.address, lab.vip, 6, r.sport or 0, 80, len(targets))]
+            # The router's kernel picked the balancer by its multipath hash: ask it which, for this flow.
+            lb = lab.route_choice(client, r.sport or 0) or "?"
             per_backend[(client.name, r.server or "?")] += 1
             per_balancer[(client.name, lb_name.get(lb, lb))] += 1
         print(f"{client.name}: {len(results)} requests in {elapsed:.1f}s ({len(results) / elapsed:.0f}/s)")
