@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
-from rusty_rail.control.config import RESTART_FIELDS, Config, HealthSpec, HealthType
+from rusty_rail.control.bgp import ServiceRoute
+from rusty_rail.control.config import RESTART_FIELDS, Config, HealthSpec, HealthType, RouteSpec
 from rusty_rail.control.health import Target
 from rusty_rail.core.constants import MAX_WEIGHT
 from rusty_rail.core.flow import FlowKey
@@ -68,6 +69,7 @@ class ServiceState:
     key: ServiceKey
     health: HealthSpec
     backends: dict[IPv4Address, BackendState] = field(default_factory=dict)
+    route: RouteSpec = RouteSpec()
 
     @property
     def name(self) -> str:
@@ -92,7 +94,7 @@ def parse_backend(text: str) -> IPv4Address:
 def _services_from(config: Config) -> dict[ServiceKey, ServiceState]:
     services: dict[ServiceKey, ServiceState] = {}
     for spec in config.services:
-        state = ServiceState(spec.key, spec.health)
+        state = ServiceState(spec.key, spec.health, route=spec.route)
         state.backends = {b.address: BackendState(b.address, b.weight) for b in spec.backends}
         services[spec.key] = state
     return services
@@ -104,11 +106,14 @@ class ControlPlane:
         config: Config,
         engine: Engine,
         on_targets: Callable[[list[Target]], None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
-        """Applies the configuration at once. `on_targets` hears the health-check targets on each change."""
+        """Applies the configuration at once. `on_targets` hears the health-check targets on each change;
+        `on_change` is told after every change the data plane took (BGP re-decides its routes)."""
         self.config = config
         self.engine = engine
         self.on_targets = on_targets
+        self.on_change = on_change
         self._lock = threading.RLock()
         self._services = _services_from(config)
         self._builder = StateBuilder(config.table_size)
@@ -159,6 +164,8 @@ class ControlPlane:
             raise ControlError(f"the data plane refused the change: {exc}") from exc
         if targets_changed and self.on_targets is not None:
             self.on_targets(self.targets())
+        if self.on_change is not None:
+            self.on_change()
 
     def targets(self) -> list[Target]:
         """What the health checker should check: every backend of every service with a check."""
@@ -174,7 +181,7 @@ class ControlPlane:
 
     def _copy(self) -> dict[ServiceKey, ServiceState]:
         return {
-            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()})
+            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()}, s.route)
             for k, s in self._services.items()
         }
 
@@ -289,6 +296,12 @@ class ControlPlane:
             self.last_reload_error = reason
 
     # -- inspection --------------------------------------------------------------------------------
+
+    def route_view(self) -> list[ServiceRoute]:
+        """What BGP's rule reads of each service (bgp.wanted_routes)."""
+        with self._lock:
+            return [ServiceRoute(s.name, s.key.vip, s.route, sum(b.healthy for b in s.backends.values()))
+                    for s in self._services.values()]
 
     def explain(self, flow: FlowKey) -> dict[str, Any]:
         with self._lock:
