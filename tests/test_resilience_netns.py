@@ -197,18 +197,21 @@ class BgpBalancers:
     """Balancers run from a config file with [bgp]: each announces the VIP to the lab's BIRD router,
     which spreads the flows over them by ECMP (a lab with bgp=True has no static routes at all)."""
 
-    def __init__(self, lab: Lab, engine: str, tmp_path: Path, *, health: str = "tcp") -> None:
+    def __init__(self, lab: Lab, engine: str, tmp_path: Path, *, balancers: list[Host] | None = None,
+                 bgp: str = BGP_SECTION) -> None:
+        """balancers: which to run (default all); bgp: their [bgp] section."""
         self.lab, self.engine = lab, engine
-        self.sockets = {lb.name: tmp_path / f"{lb.name}.sock" for lb in lab.balancers}
-        self.configs = {lb.name: tmp_path / f"{lb.name}.toml" for lb in lab.balancers}
-        self.log_paths = {lb.name: tmp_path / f"{lb.name}.log" for lb in lab.balancers}
+        chosen = balancers if balancers is not None else list(lab.balancers)
+        self.sockets = {lb.name: tmp_path / f"{lb.name}.sock" for lb in chosen}
+        self.configs = {lb.name: tmp_path / f"{lb.name}.toml" for lb in chosen}
+        self.log_paths = {lb.name: tmp_path / f"{lb.name}.log" for lb in chosen}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        for lb in lab.balancers:
+        for lb in chosen:
             self.configs[lb.name].write_text(config_text(engine, self.sockets[lb.name],
-                                                         [s.address for s in lab.servers], health=health, bgp=BGP_SECTION))
+                                                         [s.address for s in lab.servers], bgp=bgp))
             self.start(lb)
         try:
-            self.wait_next_hops([lb.address for lb in lab.balancers])
+            self.wait_next_hops([lb.address for lb in chosen])
         except BaseException:
             self.show_log()
             raise

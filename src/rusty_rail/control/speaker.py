@@ -73,7 +73,9 @@ def exabgp_environment() -> dict[str, str]:
         "exabgp_api_ack": "true",
         "exabgp_api_respawn": "false",
         "exabgp_log_destination": "stdout",
-        "exabgp_log_level": "INFO",
+        # Its INFO lines are mostly capability tables; session changes reach us as API events (logged
+        # by the announcer), its warnings and errors as log lines.
+        "exabgp_log_level": "WARNING",
         "exabgp_log_statistics": "false",
         "exabgp_log_packets": "false",
         "exabgp_log_routes": "false",
@@ -195,7 +197,7 @@ class Speaker:
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             if line:
-                log.info("exabgp: %s", line, extra={"event": "exabgp_log"})
+                log.warning("exabgp: %s", line, extra={"event": "exabgp_log"})
 
     def _serve(self, sock: socket.socket) -> None:
         """Read the relay until the link breaks."""
@@ -222,12 +224,12 @@ class Speaker:
                       extra={"event": "bgp_speaker_lost"})
 
     def _from_exabgp(self, line: str) -> None:
-        if line in ("done",):
-            return
         try:
             event = json.loads(line)
-        except ValueError:
-            log.warning("exabgp answered: %s", line, extra={"event": "exabgp_answer"})  # "error", ...
+        except ValueError:  # an acknowledgement: "done", "error", "shutdown in progress"
+            if line != "done":
+                level = logging.WARNING if line == "error" else logging.INFO
+                log.log(level, "exabgp answered: %s", line, extra={"event": "exabgp_answer"})
             return
         if isinstance(event, dict):
             self.on_event(event)
