@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -214,4 +215,55 @@ def test_unreachable_peer_and_flapping_session(tmp_path: Path) -> None:
             assert report["counters"]["forwarded"] > 0
         except BaseException:
             lbs.show_log()
+            raise
+
+
+def test_hitless_restart_keeps_the_route(tmp_path: Path) -> None:
+    """`rusty-rail restart` (XDP): the old daemon's speaker is held and the new daemon takes it over, so
+    the router's route to the VIP never loses the balancer; a plain stop afterwards withdraws it."""
+    with lab_up(2, bgp=True) as lab:
+        lb = lab.balancers[0]
+        config, socket_path = tmp_path / "lb1.toml", tmp_path / "lb1.sock"
+        config.write_text(config_text("xdp", socket_path, [s.address for s in lab.servers], bgp=BGP_SECTION))
+        old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+        argv = [lab.python, "-m", "rusty_rail", "run", "--config", str(config)]
+        with old_log.open("ab") as log:  # nsenter --net: the handover pins live in the host's bpffs
+            old = lab.start_balancer(lb, argv, host_bpffs=True, stdout=log, stderr=log)
+        new = None
+        try:
+            wait_for(timeout=30, interval=0.01, what="the VIP announced",
+                     predicate=lambda: lab.vip_next_hops() == [lb.address])
+            seen: list[list[str]] = []
+            stop = threading.Event()
+
+            def watch() -> None:
+                while not stop.is_set():
+                    seen.append(lab.vip_next_hops())
+                    time.sleep(0.005)  # a sampling period, not a synchronisation
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            try:
+                with new_log.open("ab") as log:
+                    new = lab.popen(lb.namespace, [lab.python, "-m", "rusty_rail", "restart", "--config", str(config)],
+                                    env=lab.balancer_env(lb), host_bpffs=True, stdout=log, stderr=log)
+                assert old.wait(30) == 75
+                wait_for(timeout=30, interval=0.05, what="the new daemon took the speaker over",
+                         predicate=lambda: logged(new_log, "bgp_speaker_adopted"))
+                results = lab.traffic(n=10)
+                assert [r.error for r in results if not r.ok] == []
+            finally:
+                stop.set()
+                watcher.join(5)
+            assert seen and all(hops == [lb.address] for hops in seen), Counter(map(tuple, seen))
+            assert not logged(new_log, "bgp_announce")  # nothing to announce: the held speaker had the route
+            print(f"restart: the router's route to the VIP named {lb.address} in all {len(seen)} samples "
+                  f"through the handover; the new daemon adopted the old one's speaker")
+            new.send_signal(signal.SIGTERM)
+            assert new.wait(30) == 0
+            assert lab.vip_next_hops() == []
+        except BaseException:
+            for path in (old_log, new_log):
+                if path.exists():
+                    print(f"-- {path.name}:\n{path.read_text(errors='replace')[-4000:]}")
             raise

@@ -55,6 +55,7 @@ def run(config: Config, config_path: str | None = None, engine: Engine | None = 
         return 1
 
     def handover() -> None:
+        runtime.freeze_routes()  # before the engine stops calling itself ready: the routes are the successor's
         why_not = engine.request_handover()
         if why_not is not None:
             log.warning("SIGUSR2: %s; stopping", why_not)

@@ -10,7 +10,8 @@
 The rule (wanted_routes), for each VIP of a service with `announce = true`:
 - announced (a /32, next hop self, the service's MED and communities) while the engine is ready, the
   balancer is not drained or stopping, and some service on that VIP has a healthy backend (a drained
-  backend counts: its established flows still need the route);
+  backend counts: its established flows still need the route); until the engine is ready nothing
+  changes (a speaker taken over in a hitless restart keeps its routes: the old program still forwards);
 - withdrawn otherwise, and when no service names the VIP any more.
 Every announce and withdraw is one JSON log line (`event` bgp_announce / bgp_withdraw) with the reason.
 """
@@ -115,6 +116,8 @@ class Announcer:
         self.clock = clock
         self.drained = False
         self.stopping = False
+        self.frozen = False
+        """Set when a handover begins: the routes stay as they are for the next daemon."""
         self.announced: dict[str, str] = {}  # prefix -> the announce command the speaker holds
         self.reasons: dict[str, str] = {}  # prefix -> why it is (not) announced, as last decided
         self.peers = {str(p.address): PeerState(str(p.address), p.asn) for p in spec.peers}
@@ -152,8 +155,14 @@ class Announcer:
             self.stopping = True
             self.reconcile()
 
+    def freeze(self) -> None:
+        """No more changes (safe from a signal handler): a handover is starting, and the engine stops
+        calling itself ready while its program keeps forwarding for the next daemon."""
+        self.frozen = True
+
     def hold_for_handover(self) -> bool:
         """The routes stay announced while the next daemon takes over (the XDP program keeps forwarding)."""
+        self.freeze()
         return self.speaker.hold(HOLD_FOR_HANDOVER_S)
 
     def close(self, handover: bool = False) -> None:
@@ -199,8 +208,15 @@ class Announcer:
         """Make the speaker announce exactly the wanted routes. Without a speaker linked nothing is
         sent; on_connect() reconciles again."""
         with self._lock:
-            wanted = wanted_routes(self.routes(), ready=self.ready(), drained=self.drained, stopping=self.stopping)
+            if self.frozen:
+                return
+            ready = self.ready()
+            wanted = wanted_routes(self.routes(), ready=ready, drained=self.drained, stopping=self.stopping)
             self.reasons = {prefix: reason for prefix, (_, reason) in wanted.items()}
+            if not ready and not (self.drained or self.stopping):
+                # Until the engine forwards, the speaker keeps what it holds: nothing at a fresh start; after a
+                # handover, the previous daemon's routes, which its program still serves meanwhile.
+                return
             gone = {p: "no service announces it any more" for p in self.announced if p not in wanted}
             for prefix, reason in gone.items():
                 self._withdraw(prefix, reason)

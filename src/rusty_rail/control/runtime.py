@@ -129,6 +129,11 @@ class ControlRuntime:
                  time.monotonic() - started, extra={"event": "drained", "quiet": quiet,
                                                     "seconds": round(time.monotonic() - started, 2)})
 
+    def freeze_routes(self) -> None:
+        """Safe from a signal handler: the announced routes stay as they are (a handover is starting)."""
+        if self.bgp is not None:
+            self.bgp.freeze()
+
     def prepare_handover(self) -> None:
         """A hitless restart is coming: keep the routes announced for the next daemon."""
         if self.bgp is not None and self.bgp.hold_for_handover():

@@ -42,6 +42,7 @@ RELAY_SOCKET = "relay.sock"
 CONNECT_TIMEOUT_S = 20.0
 """How long a starting ExaBGP may take until its relay answers (Python start-up on a busy machine)."""
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
+_EXABGP_FAMILY_TABLE = ("the connection can not carry", "is not configured for", "no routes of this kind", "-----")
 
 
 def render_exabgp(spec: BgpSpec, router_id: IPv4Address, local_address: IPv4Address, relay_argv: list[str]) -> str:
@@ -192,11 +193,12 @@ class Speaker:
         return sock
 
     def _forward_logs(self, proc: subprocess.Popen[bytes]) -> None:
-        """ExaBGP's own log lines (connection attempts, failures, notifications) into ours."""
+        """ExaBGP's own warnings and errors into our log, less the table of address families a session
+        cannot carry that it prints (as warnings) for every session it opens."""
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
-            if line:
+            if line and not any(noise in line for noise in _EXABGP_FAMILY_TABLE):
                 log.warning("exabgp: %s", line, extra={"event": "exabgp_log"})
 
     def _serve(self, sock: socket.socket) -> None:
