@@ -244,3 +244,16 @@ def test_relay_holds_for_the_next_daemon() -> None:
     assert hello["routes"] == [] and relay.deadline is None
     for s in (b, daemon_side, listener_side):
         s.close()
+
+
+def test_a_bad_bgp_key_stops_the_start_in_one_line(tmp_path: Any) -> None:
+    """As an operator runs it: one line naming the key and the value, exit status 1, no traceback."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bad.toml"
+    path.write_text(BASE + BGP + "hold_time = 1\n")
+    done = subprocess.run([sys.executable, "-m", "rusty_rail", "run", "--config", str(path)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"rusty-rail: {path}: bgp.peers[0].hold_time: 1 is not 0 or >= 3 (RFC 4271)"

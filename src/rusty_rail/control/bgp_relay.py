@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import selectors
+import signal
 import socket
 import sys
 import time
@@ -132,6 +133,8 @@ def _listen(path: str) -> socket.socket:
 
 
 def run(path: str) -> int:
+    # ExaBGP stops its API process with SIGTERM: leave through `finally`, removing the socket.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     relay = Relay(path)
     listener = _listen(path)
     sel = selectors.DefaultSelector()

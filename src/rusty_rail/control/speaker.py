@@ -145,15 +145,25 @@ class Speaker:
             held = self.config_path.read_text()
         except OSError:
             held = None
-        if held != self._config_text():
-            return None  # another configuration: its relay shuts it down when nobody comes
         try:
             sock = self._connect()
         except OSError:
-            return None
-        log.info("bgp speaker taken over from the previous daemon (its sessions and routes stay)",
-                 extra={"event": "bgp_speaker_adopted"})
-        return sock
+            return None  # nobody there: a dead daemon's leftover
+        if held == self._config_text():
+            log.info("bgp speaker taken over from the previous daemon (its sessions and routes stay)",
+                     extra={"event": "bgp_speaker_adopted"})
+            return sock
+        # Held for us, but with other peers or settings: shut it down now rather than let it hold its
+        # sessions (and a second session from this address) until its hold runs out.
+        with sock, sock.makefile("rb") as reader:
+            hello = json.loads(reader.readline() or b"{}").get("hello", {})
+            sock.sendall(json.dumps({"shutdown": True}).encode() + b"\n")
+            self.exabgp_pid = hello.get("exabgp_pid")
+            self._wait_exabgp_gone(10.0)
+        log.info("bgp speaker held by the previous daemon shut down: the configuration changed",
+                 extra={"event": "bgp_speaker_replaced"})
+        self.exabgp_pid = None
+        return None
 
     def _config_text(self) -> str:
         relay = [self.python, "-m", "rusty_rail.control.bgp_relay", "--socket", str(self.socket_path)]
