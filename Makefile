@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := clang llvm libbpf-dev bpftool netsniff-ng nftables iproute2
+DEB_PACKAGES := clang llvm libbpf-dev bpftool netsniff-ng nftables iproute2 bird2
 BPF_SRC := $(wildcard src/rusty_rail/bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 

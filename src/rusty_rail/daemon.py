@@ -6,12 +6,15 @@ Both configuration forms arrive here as one `Config` (services only). The order 
 2. the control socket and the metrics endpoint start: a taken port fails here, with nothing attached;
 3. the engine takes the device (rings opened / program attached) and serves until stopped.
 
-Signals: SIGTERM/SIGINT stop (the device is let go, everything cleaned up); SIGHUP reloads the file;
+Signals: SIGTERM/SIGINT stop (the device is let go, everything cleaned up); with [bgp] the stop is a
+drain first: the VIPs are withdrawn and the daemon waits until their traffic stops arriving (or
+[bgp] drain_timeout) before letting go; a second SIGTERM/SIGINT stops at once. SIGHUP reloads the file;
 SIGUSR2 hands over where the engine can (XDP: the program stays attached with its connection table
-pinned below RR_PIN_ROOT for the next daemon) and is a plain stop where it has nothing to leave running
-(AF_PACKET); an XDP engine that cannot pin logs why and serves on. `rusty-rail restart` asks through
-the control socket instead and gets an answer (control/handover.py); either way the daemon stops only
-after the pins are in place, and the program stays attached.
+pinned below RR_PIN_ROOT for the next daemon, the BGP speaker held with its routes announced) and is a
+plain stop where it has nothing to leave running (AF_PACKET); an XDP engine that cannot pin logs why and
+serves on. `rusty-rail restart` asks through the control socket instead and gets an answer
+(control/handover.py); either way the daemon stops only after the pins are in place, and the program
+stays attached.
 """
 
 from __future__ import annotations
@@ -60,7 +63,16 @@ def run(config: Config, config_path: str | None = None, engine: Engine | None = 
         engine.close()
         return 1
 
-    handlers = {signal.SIGTERM: lambda *_: stop.set(), signal.SIGINT: lambda *_: stop.set(),
+    draining = threading.Event()
+
+    def planned_stop() -> None:
+        if not runtime.drains_before_stop or draining.is_set():
+            stop.set()  # no routes to withdraw, or a second signal: stop now
+            return
+        draining.set()
+        _in_thread("rr-drain", lambda: (runtime.drain(cancel=stop), stop.set()))
+
+    handlers = {signal.SIGTERM: lambda *_: planned_stop(), signal.SIGINT: lambda *_: planned_stop(),
                 signal.SIGHUP: lambda *_: runtime.request_reload(),
                 signal.SIGUSR2: lambda *_: runtime.request_handover()}
     previous: dict[int, Any] = {}
@@ -82,6 +94,10 @@ def run(config: Config, config_path: str | None = None, engine: Engine | None = 
             signal.signal(sig, handler)
     _log_stopped(report)
     return HANDOVER_EXIT if report.handed_over else 0
+
+
+def _in_thread(name: str, work: Any) -> None:
+    threading.Thread(target=work, name=name, daemon=True).start()
 
 
 def _log_stopped(report: EngineReport) -> None:

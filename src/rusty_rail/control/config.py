@@ -33,10 +33,12 @@ services. The file form (deploy/config.example.toml):
     timeout = 0.5
     rise = 2
     fall = 2
+    [bgp]                           # announce the VIPs to routers: control/bgp_config.py has the keys
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from ipaddress import AddressValueError, IPv4Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rusty_rail.core.constants import (
     DEFAULT_CONN_CAPACITY,
@@ -59,6 +61,9 @@ from rusty_rail.core.constants import (
 from rusty_rail.core.maglev import is_prime
 from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceProtocol
 from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode
+
+if TYPE_CHECKING:
+    from rusty_rail.control.bgp_config import BgpSpec
 
 DEFAULT_CONTROL_SOCKET = "/run/rusty-rail/control.sock"
 MAX_WORKERS = 256
@@ -103,11 +108,24 @@ class BackendSpec:
 
 
 @dataclass(frozen=True)
+class RouteSpec:
+    """How a service's VIP is announced over BGP (keys announce, communities, med; bgp_config.py)."""
+
+    announce: bool = True
+    """Announce the VIP (/32) while this balancer can serve the service."""
+    communities: tuple[tuple[int, int], ...] = ()
+    """RFC 1997 communities (ASN, value) attached to the route."""
+    med: int | None = None
+    """MULTI_EXIT_DISC (RFC 4271 5.1.4); None: not sent."""
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     key: ServiceKey
     """(VIP, protocol, port), or the catch-all of the environment form."""
     backends: tuple[BackendSpec, ...]
     health: HealthSpec = HealthSpec()
+    route: RouteSpec = RouteSpec()
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,8 @@ class Config:
     """Connection-table entries (per worker on AF_PACKET), least recently used evicted beyond."""
     pin_root: str = DEFAULT_PIN_ROOT
     """bpffs directory for the hitless restart's pins (a directory per namespace and device below it)."""
+    bgp: BgpSpec | None = None
+    """Announce the services' VIPs to routers over BGP ([bgp]); None: no BGP."""
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(device=self.device, workers=self.workers, connection_capacity=self.connection_capacity,
@@ -139,7 +159,7 @@ class Config:
 
 
 RESTART_FIELDS = ("device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
-                  "connection_capacity", "pin_root")
+                  "connection_capacity", "pin_root", "bgp")
 """Fields a reload reports but does not apply: they take effect after a restart."""
 
 
@@ -264,8 +284,8 @@ def _metrics(value: Any, name: str) -> str:
 # -- the file ------------------------------------------------------------------------------------------
 
 _TOP_KEYS = {"device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
-             "connection_capacity", "pin_root", "services"}
-_SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health"}
+             "connection_capacity", "pin_root", "services", "bgp"}
+_SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health", "announce", "communities", "med"}
 _BACKEND_KEYS = {"address", "weight"}
 _HEALTH_KEYS = {"type", "port", "path", "interval", "timeout", "rise", "fall"}
 
@@ -333,6 +353,8 @@ def _backends(raw: Any, path: str) -> tuple[BackendSpec, ...]:
 
 
 def _service(value: Any, path: str) -> ServiceSpec:
+    from rusty_rail.control.bgp_config import parse_route  # it builds on this module's validators
+
     table = _table(value, path, _SERVICE_KEYS)
     if "vip" not in table:
         raise _fail(_join(path, "vip"), "missing")
@@ -342,7 +364,8 @@ def _service(value: Any, path: str) -> ServiceSpec:
                 raise _fail(_join(path, key), f"{_show(table[key])}: the catch-all service (vip \"*\") covers "
                             "every protocol and port")
         backends = _backends(table.get("backends", []), _join(path, "backends"))
-        return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), _join(path, "health"), 0))
+        return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), _join(path, "health"), 0),
+                           parse_route(table, path, catch_all=True))
     vip = _ipv4(table["vip"], _join(path, "vip"))
     port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
     protocol_text = _choice(table.get("protocol", "tcp" if port else "any"), _join(path, "protocol"), ("tcp", "udp", "any"))
@@ -351,7 +374,7 @@ def _service(value: Any, path: str) -> ServiceSpec:
         raise _fail(_join(path, "port"), f"{port} needs protocol \"tcp\" or \"udp\" (protocol \"any\" means every port: 0)")
     backends = _backends(table.get("backends", []), _join(path, "backends"))
     health = _health(table.get("health", {}), _join(path, "health"), port)
-    return ServiceSpec(ServiceKey(vip, protocol, port), backends, health)
+    return ServiceSpec(ServiceKey(vip, protocol, port), backends, health, parse_route(table, path, catch_all=False))
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -373,8 +396,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not services:
         # Without services the balancer would drop everything (NO_SERVICE); that is never what was meant.
         raise _fail("services", "none configured (a config file needs at least one [[services]])")
-    return _common(table, names=lambda key: key, services=tuple(services),
-                   control_socket_default=DEFAULT_CONTROL_SOCKET)
+    from rusty_rail.control.bgp_config import check_shared_vips, parse_bgp
+
+    check_shared_vips(services)
+    config = _common(table, names=lambda key: key, services=tuple(services), control_socket_default=DEFAULT_CONTROL_SOCKET)
+    return dataclasses.replace(config, bgp=parse_bgp(table["bgp"])) if "bgp" in table else config
 
 
 def loads_config(text: str, source: str = "<string>") -> Config:

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, Protocol
 
 from rusty_rail.bpf import bpffs
 from rusty_rail.control.config import Config, HealthSpec, HealthType
@@ -158,20 +158,54 @@ def peer_pid(sock: socket.socket) -> int:
     return pid
 
 
+class RouteHold(Protocol):
+    """What a handover needs of the BGP announcer (control/bgp.py)."""
+
+    def freeze(self) -> None: ...
+
+    def unfreeze(self) -> None: ...
+
+    def hold_for_handover(self) -> bool: ...
+
+
 class DaemonHandover:
     """The running daemon's side. One handover at a time; the daemon stops only once its asker has the
     answer (settle), and a handover whose answer went nowhere is undone."""
 
     def __init__(self, engine: Engine, health: Callable[[], list[HealthRecord]], stop: Callable[[], None],
-                 pin_root: str) -> None:
+                 pin_root: str, routes: RouteHold | None = None) -> None:
+        """`routes`: the BGP announcer, if any: frozen while a handover is under way (the engine stops
+        calling itself ready while its program forwards on), held for the successor once it is done,
+        released again if the handover is undone."""
         self.engine = engine
         self.health = health
         self.stop = stop
         self.pin_root = pin_root
         """This daemon's own pin root, for SIGUSR2."""
+        self.routes = routes
         self._lock = threading.Lock()
         self._pending = False
         self._done = False
+        self.handed_over = False
+        """True once the program was left for a successor (and the routes with it)."""
+        self._handed_over_pending = False
+
+    def _freeze(self) -> None:
+        if self.routes is not None:
+            self.routes.freeze()
+
+    def _release(self) -> None:
+        if self.routes is not None:
+            self.routes.unfreeze()
+
+    def _hold(self, handed_over: bool) -> None:
+        """The handover is done: the routes stay announced for the successor where the program stays."""
+        self.handed_over = handed_over
+        if self.routes is not None:
+            if handed_over:
+                self.routes.hold_for_handover()
+            else:
+                self.routes.unfreeze()
 
     def prepare(self, request: HandoverRequest, asker: int | None) -> HandoverAnswer:
         """Pin for the asker (pid `asker`), or raise ControlError with the reason; nothing changes then."""
@@ -184,14 +218,17 @@ class DaemonHandover:
                 raise ControlError(f"process {asker} runs in another network namespace than this daemon: "
                                    f"its successor would not find the pins; the daemon serves on")
             health = tuple(self.health())  # first: once pinned, nothing may fail before the answer
+            self._freeze()
             try:
                 path = bpffs.reach(request.pin_root, request.pin_root_id, asker)
                 handed_over = self.engine.hand_over(path)
             except (bpffs.PinRootError, EngineError) as exc:
+                self._release()
                 log.error("handover to process %d refused, serving on: %s", asker, exc,
                           extra={"event": "handover_refused", "asker": asker})
                 raise ControlError(f"cannot hand over: {exc}; the daemon serves on") from None
             self._pending = True
+            self._handed_over_pending = handed_over
             why = "" if handed_over else f"the {self.engine.kind.value} engine has nothing to leave running"
             return HandoverAnswer(handed_over, why, health)
 
@@ -203,9 +240,11 @@ class DaemonHandover:
             self._pending = False
             if not delivered:
                 self.engine.cancel_handover()
+                self._release()
                 log.warning("the handover's answer could not be delivered: undone, serving on")
                 return
             self._done = True
+            self._hold(self._handed_over_pending)
         log.info("handing over: stopping", extra={"event": "handing_over"})
         self.stop()
 
@@ -215,13 +254,16 @@ class DaemonHandover:
         with self._lock:
             if self._pending or self._done:
                 return
+            self._freeze()
             try:
                 handed_over = self.engine.hand_over(self.pin_root)
             except EngineError as exc:
+                self._release()
                 log.error("SIGUSR2: cannot hand over (RR_PIN_ROOT %s): %s; serving on", self.pin_root, exc,
                           extra={"event": "handover_refused"})
                 return
             self._done = True
+            self._hold(handed_over)
         if not handed_over:
             log.warning("SIGUSR2: the %s engine has nothing to leave running: a plain stop", self.engine.kind.value)
         self.stop()

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
-from rusty_rail.control.config import RESTART_FIELDS, Config, HealthSpec, HealthType
+from rusty_rail.control.bgp import ServiceRoute
+from rusty_rail.control.config import RESTART_FIELDS, Config, HealthSpec, HealthType, RouteSpec
 from rusty_rail.control.health import Target
 from rusty_rail.core.constants import MAX_WEIGHT
 from rusty_rail.core.flow import FlowKey
@@ -69,6 +70,7 @@ class ServiceState:
     key: ServiceKey
     health: HealthSpec
     backends: dict[IPv4Address, BackendState] = field(default_factory=dict)
+    route: RouteSpec = RouteSpec()
 
     @property
     def name(self) -> str:
@@ -98,7 +100,7 @@ def _services_from(config: Config, health: Mapping[HealthKey, tuple[bool, str]] 
     health = health or {}
     services: dict[ServiceKey, ServiceState] = {}
     for spec in config.services:
-        state = ServiceState(spec.key, spec.health)
+        state = ServiceState(spec.key, spec.health, route=spec.route)
         for b in spec.backends:
             healthy, reason = health.get((spec.key, b.address), (True, ""))
             state.backends[b.address] = BackendState(b.address, b.weight, healthy=healthy, health_reason=reason)
@@ -113,12 +115,15 @@ class ControlPlane:
         engine: Engine,
         on_targets: Callable[[list[Target]], None] | None = None,
         health: Mapping[HealthKey, tuple[bool, str]] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         """Applies the configuration at once. `on_targets` hears the health-check targets on each change;
-        `health`: (up, reason) of backends whose state is known already (a restart's), else they start up."""
+        `health`: (up, reason) of backends whose state is known already (a restart's), else they start up;
+        `on_change` is told after every change the data plane took (BGP re-decides its routes)."""
         self.config = config
         self.engine = engine
         self.on_targets = on_targets
+        self.on_change = on_change
         self._lock = threading.RLock()
         self._services = _services_from(config, health)
         self._builder = StateBuilder(config.table_size)
@@ -171,6 +176,8 @@ class ControlPlane:
             raise ControlError(f"the data plane refused the change: {exc}") from exc
         if targets_changed and self.on_targets is not None:
             self.on_targets(self.targets())
+        if self.on_change is not None:
+            self.on_change()
 
     def targets(self) -> list[Target]:
         """What the health checker should check: every backend of every service with a check."""
@@ -186,7 +193,7 @@ class ControlPlane:
 
     def _copy(self) -> dict[ServiceKey, ServiceState]:
         return {
-            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()})
+            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()}, s.route)
             for k, s in self._services.items()
         }
 
@@ -306,6 +313,12 @@ class ControlPlane:
             self.last_reload_error = reason
 
     # -- inspection --------------------------------------------------------------------------------
+
+    def route_view(self) -> list[ServiceRoute]:
+        """What BGP's rule reads of each service (bgp.wanted_routes)."""
+        with self._lock:
+            return [ServiceRoute(s.name, s.key.vip, s.route, sum(b.healthy for b in s.backends.values()))
+                    for s in self._services.values()]
 
     def explain(self, flow: FlowKey) -> dict[str, Any]:
         with self._lock:

@@ -13,6 +13,11 @@ handlers and owns the process; this class owns nothing but control-plane threads
 
 A restarted daemon gets its predecessor's health records (handover.py) as `carried_health`: backends
 the checks had found down start down, and every check keeps its count of passes and failures.
+
+With [bgp] the runtime also runs the BGP announcer (bgp.py, speaker.py): the VIPs are announced while
+the engine forwards and their services have backends; `drain()` withdraws them and waits for the traffic
+to stop before a planned stop; a handover freezes them and holds the speaker for the next daemon, so the
+routes stay announced across a hitless restart (handover.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rusty_rail.control.bgp import Announcer
 from rusty_rail.control.config import Config, ConfigError, load_config
 from rusty_rail.control.handover import DaemonHandover, HealthRecord, carried_for
 from rusty_rail.control.health import HealthChecker, HealthState
@@ -31,7 +37,11 @@ from rusty_rail.control.metrics import MetricsServer
 from rusty_rail.control.plane import ControlError, ControlPlane
 from rusty_rail.control.selfcheck import DeliveryCheck
 from rusty_rail.control.socket_server import Commands, ControlServer
+from rusty_rail.control.speaker import Speaker
 from rusty_rail.dataplane import Engine
+
+DRAIN_QUIET_S = 0.5
+"""A planned stop's drain ends once no packet for the VIPs arrived for this long (the routers withdrew us)."""
 
 log = logging.getLogger("rusty_rail.control")
 
@@ -54,20 +64,25 @@ class ControlRuntime:
         handover is done (the daemon's stop)."""
         self.config_path = config_path
         self.checker = checker if checker is not None else HealthChecker(on_change=self._health_changed, clock=clock)
+        self.engine = engine
+        self.bgp = _announcer(config, engine) if config.bgp is not None else None
         self._carried = carried_for(carried_health, config)
         self.plane = ControlPlane(config, engine, on_targets=self.checker.set_targets,
-                                  health={k: (r.up, r.reason) for k, r in self._carried.items()})
+                                  health={k: (r.up, r.reason) for k, r in self._carried.items()},
+                                  on_change=self.bgp.kick if self.bgp is not None else None)
+        if self.bgp is not None:
+            self.bgp.routes = self.plane.route_view
         if self._carried:
             log.info("health carried over from the predecessor: %d backends, %d of them down", len(self._carried),
                      sum(not r.up for r in self._carried.values()), extra={"event": "health_carried"})
-        self.handover = DaemonHandover(engine, self.health_records, on_handed_over, config.pin_root)
+        self.handover = DaemonHandover(engine, self.health_records, on_handed_over, config.pin_root, routes=self.bgp)
         self.server = (
             ControlServer(config.control_socket,
-                          Commands(self.plane, self.reload if config_path else None, self.handover))
+                          Commands(self.plane, self.reload if config_path else None, self.handover, self.bgp))
             if config.control_socket
             else None
         )
-        self.metrics = MetricsServer.from_address(config.metrics, self.plane) if config.metrics else None
+        self.metrics = MetricsServer.from_address(config.metrics, self.plane, self.bgp) if config.metrics else None
         self.delivery = DeliveryCheck(engine, config.device)
         self._reload_lock = threading.Lock()
         self._requests: queue.SimpleQueue[str] = queue.SimpleQueue()  # put() is safe in a signal handler
@@ -86,6 +101,8 @@ class ControlRuntime:
                 self.server.start()
             if self.metrics is not None:
                 self.metrics.start()
+            if self.bgp is not None:
+                self.bgp.start()
         except BaseException:
             self.stop()
             raise
@@ -101,8 +118,39 @@ class ControlRuntime:
             self.server.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.bgp is not None:
+            self.bgp.close(handover=self.handover.handed_over)
         if self._worker is not None:
             self._worker.join(5)
+
+    # -- planned stops ----------------------------------------------------------------------------
+
+    @property
+    def drains_before_stop(self) -> bool:
+        return self.bgp is not None
+
+    def drain(self, cancel: threading.Event | None = None) -> None:
+        """Before a planned stop: withdraw every VIP, then wait until no packet for them arrives for
+        DRAIN_QUIET_S (the routers have moved the traffic elsewhere), at most [bgp] drain_timeout; `cancel`
+        (a second signal) cuts the wait short. The data plane forwards throughout."""
+        if self.bgp is None:
+            return
+        self.bgp.set_stopping()
+        timeout = self.bgp.spec.drain_timeout
+        started = last_change = time.monotonic()
+        seen = _arrived(self.engine)
+        while not (cancel is not None and cancel.is_set()):
+            now = time.monotonic()
+            if now - last_change >= DRAIN_QUIET_S or now - started >= timeout:
+                break
+            time.sleep(0.05)  # sampling the engine's counters: the wait is bounded by the timeout above
+            count = _arrived(self.engine)
+            if count != seen:
+                seen, last_change = count, time.monotonic()
+        quiet = time.monotonic() - last_change >= DRAIN_QUIET_S
+        log.info("drained: %s after %.1f s", "traffic stopped" if quiet else "gave up waiting",
+                 time.monotonic() - started, extra={"event": "drained", "quiet": quiet,
+                                                    "seconds": round(time.monotonic() - started, 2)})
 
     # -- what signals ask for ----------------------------------------------------------------------
 
@@ -151,3 +199,35 @@ class ControlRuntime:
             log.warning("reload: %s", note)
         log.info("reloaded %s: %d services", self.config_path, len(config.services), extra={"event": "reloaded"})
         return notes
+
+
+def _arrived(engine: Engine) -> int:
+    """GRE packets the engine has handled: forwarded or dropped with a reason."""
+    counters = engine.counters()
+    return counters.forwarded + sum(counters.drops.values())
+
+
+def _announcer(config: Config, engine: Engine) -> Announcer:
+    """The BGP announcer for config.bgp; the router id defaults to the device's address, which is also
+    the sessions' local address (and so the routes' next hop)."""
+    from ipaddress import IPv4Address
+    from pathlib import Path
+
+    from rusty_rail.dataplane import EngineError
+    from rusty_rail.engines.neighbours import device_info
+
+    spec = config.bgp
+    assert spec is not None
+    try:
+        address = IPv4Address(device_info(config.device)[2])
+    except EngineError as exc:
+        raise ValueError(f"bgp: {exc}") from None
+    if config.control_socket is None:
+        raise ValueError("bgp: needs control_socket (the speaker's files live next to it)")
+    run_dir = Path(f"{config.control_socket}.bgp")
+    router_id = spec.router_id or address
+
+    def make_speaker(announcer: Announcer) -> Speaker:
+        return Speaker(spec, router_id, address, run_dir, announcer.on_connect, announcer.on_event)
+
+    return Announcer(spec, routes=lambda: [], ready=lambda: engine.ready, make_speaker=make_speaker)

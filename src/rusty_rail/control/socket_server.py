@@ -6,7 +6,8 @@ Answer, one line:   {"ok": true, "result": ...}  or  {"ok": false, "error": "10.
 Commands: status; add (service, backend, [weight]); remove, drain, undrain (service, backend);
 weight (service, backend, weight); explain (client "IP:PORT", service "VIP:PORT", [protocol]); reload;
 handover (pin_root, pin_root_id: `rusty-rail restart`'s, see handover.py; the asker is known by
-SO_PEERCRED, and the daemon stops only once the answer is written).
+SO_PEERCRED, and the daemon stops only once the answer is written); drain-balancer, undrain-balancer
+(with [bgp]: withdraw every VIP / announce them again).
 A connection may carry many requests (top keeps one open). Only root can connect: the socket is 0600
 and created that way before it listens, so no other user ever gets a window to connect.
 """
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
+from rusty_rail.control.bgp import Announcer
 from rusty_rail.control.handover import DaemonHandover, HandoverRequest, peer_pid
 from rusty_rail.control.plane import ControlError, ControlPlane, parse_backend, parse_service
 from rusty_rail.core.flow import FlowKey
@@ -39,12 +41,14 @@ class Commands:
     """Turns a request into a call on the control plane. Separate from the server so tests call it directly."""
 
     def __init__(self, plane: ControlPlane, reload: Callable[[], list[str]] | None = None,
-                 handover: DaemonHandover | None = None) -> None:
+                 handover: DaemonHandover | None = None, bgp: Announcer | None = None) -> None:
         self.plane = plane
         self.reload = reload
         """Reloads the configuration file (the daemon's SIGHUP action); None for the environment form."""
         self.handover = handover
         """The daemon's side of a hitless restart; None: this process cannot hand over."""
+        self.bgp = bgp
+        """The BGP announcer ([bgp]), or None."""
 
     def handle(self, request: Any, peer: int | None = None) -> dict[str, Any]:
         """The answer to one request; `peer` is the asking process's pid (SO_PEERCRED)."""
@@ -80,7 +84,12 @@ class Commands:
         cmd = request["cmd"]
         plane = self.plane
         if cmd == "status":
-            return plane.status()
+            return {**plane.status(), "bgp": None if self.bgp is None else self.bgp.status()}
+        if cmd in ("drain-balancer", "undrain-balancer"):
+            if self.bgp is None:
+                raise ControlError("no [bgp] in the configuration: this balancer announces nothing to withdraw")
+            self.bgp.set_drained(cmd == "drain-balancer")
+            return self.bgp.status()
         if cmd == "explain":
             return plane.explain(_flow(request))
         if cmd == "reload":

@@ -24,7 +24,7 @@ _C2 = 0x1B873593
 
 
 def fmix32(h: int) -> int:
-    """murmur3's finaliser: mixes every input bit into every output bit (also the lab router's hash)."""
+    """murmur3's finaliser: mixes every input bit into every output bit."""
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & _M32
     h ^= h >> 13
