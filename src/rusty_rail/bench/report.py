@@ -73,7 +73,8 @@ def markdown(results: dict[str, Any], machine: dict[str, Any], plots: dict[str, 
         "figures are ratios against a baseline measured in the same run). JSON of every figure: `bench/results.json`.",
         "",
     ]
-    for section in (_headline_section, _paper_section, _build_section, _xdp_section, _rates_section, _e2e_section):
+    for section in (_headline_section, _paper_section, _build_section, _xdp_section, _rates_section, _e2e_section,
+                    _reordering_section):
         lines += section(results, plots)
     return "\n".join(lines) + "\n"
 
@@ -223,3 +224,36 @@ def _e2e_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
                         for t in iperf) + " |")
             out.append("")
     return out + _img(plots, "e2e")
+
+
+def _reordering_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    summary = results.get("e2e", {}).get("summary", {})
+    rows = []
+    for mode in ("lab", "wire"):
+        up = summary.get(mode, {}).get("upload", {})
+        for p in PATHS:
+            if p in up and p not in ("haproxy", "nft"):  # full proxies: two TCP connections, not one flow
+                rows.append(f"| {mode} | {PATH_LABELS[p]} | {up[p]['ofo_queued']:.0f} | {up[p]['reorder_seen']:.0f} | "
+                            f"{up[p]['retransmits']:.0f} | {_ratio(up[p]['retransmits'], up.get('gre', {}).get('retransmits'))} |")
+    if not rows:
+        return []
+    return ["## Does the balancer reorder a flow?", "",
+            "`tests/test_ordering_netns.py` (part of `make test`) answers for the balancer alone: 64 flows of 64 "
+            "numbered segments, sent from both CPUs at once (each flow from one), through `python -m rusty_rail` "
+            "with the AF_PACKET engine on two workers, XDP native and XDP generic; every flow must come back "
+            "complete, in the order it was sent and to one backend.", "",
+            "In the lab, the receiver of an iperf3 upload does queue segments out of order. The medians below put "
+            "each path beside the direct path, which has neither balancer nor tunnel: what it shows comes from the "
+            "lab's veths, not from a balancer. A veth without NAPI hands each frame to the receive backlog of the "
+            "CPU that sent it, and a TCP sender transmits from both CPUs (the application's, and the one that "
+            "processes the ACKs), so two segments of one flow can be delivered from two backlogs in either order. "
+            "A veth whose device runs native XDP receives through one NAPI ring instead, which keeps a flow's order "
+            "on that hop.", "",
+            "| mode | path | out of order at the receiver | reordering seen by the sender | retransmissions | "
+            "retransmissions / GRE path's |", "| --- | --- | --- | --- | --- | --- |", *rows, ""]
+
+
+def _ratio(value: float, base: float | None) -> str:
+    if base is None:
+        return "-"
+    return f"{value / base:.2f}" if base else ("1.00" if value == 0 else f"{value:.0f} vs 0")
