@@ -145,27 +145,25 @@ def engine_child(kind: str, v: VethPair, conn: Any, ring: dict[str, int] | None,
         os.sched_setaffinity(0, {ENGINE_CPU})
         boost_self()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        from rusty_rail.core.balancer import Balancer
-
         stop = threading.Event()
         final: dict[str, Any] = {}
         errors: list[str] = []
 
-        def make() -> Balancer:
-            return Balancer(v.lb_ip, v.lb_mac, list(BACKENDS))
-
-        if kind == "afpacket":
+        if kind in ("afpacket", "xdp"):
             from rusty_rail.core.maglev import build_table
             from rusty_rail.core.service import Service, ServiceKey
             from rusty_rail.dataplane import DataplaneState, EngineOptions
             from rusty_rail.engines.afpacket import AfPacketEngine
+            from rusty_rail.engines.xdp import XdpEngine
 
-            afpacket = AfPacketEngine(EngineOptions(v.lb_dev), ring_options=ring)
-            afpacket.apply(DataplaneState((Service(ServiceKey.catch_all(), build_table(list(BACKENDS))),)))
-            engine: Any = type("E", (), {"ready": threading.Event()})()  # the same handle as the others
+            # Both engines through the one Engine protocol, as the daemon drives them.
+            dataplane: Any = (AfPacketEngine(EngineOptions(v.lb_dev), ring_options=ring) if kind == "afpacket"
+                              else XdpEngine(EngineOptions(v.lb_dev)))
+            dataplane.apply(DataplaneState((Service(ServiceKey.catch_all(), build_table(list(BACKENDS))),)))
+            engine: Any = type("E", (), {"ready": threading.Event()})()  # the same handle as the baseline's
 
             def counters() -> dict[str, int]:
-                c = afpacket.counters()
+                c = dataplane.counters()
                 return {"forwarded": c.forwarded, "passed": c.passed, "connections": c.connections,
                         "connection_evictions": c.connection_evictions,
                         **{f"drop_{k}": n for k, n in c.drops.items()}, **c.engine}
@@ -177,21 +175,16 @@ def engine_child(kind: str, v: VethPair, conn: Any, ring: dict[str, int] | None,
 
                     prof = cProfile.Profile()
                     prof.enable()
-                afpacket.start()
+                dataplane.start()
                 engine.ready.set()
-                report = afpacket.serve(stop)
+                try:
+                    report = dataplane.serve(stop)
+                finally:
+                    dataplane.close()
                 if prof is not None:
                     prof.disable()
                     prof.dump_stats(profile)
                 final.update(report.counters.engine)
-        elif kind == "xdp":
-            from rusty_rail.engines.xdp_engine import XdpEngine
-
-            engine = XdpEngine(v.lb_dev, make)
-            counters = engine.counters
-
-            def serve() -> None:
-                engine.serve_forever(stop)
         elif kind == "baseline":
             from rusty_rail.bpf import libbpf
 
@@ -368,10 +361,9 @@ def run_engine(kind: str, args: argparse.Namespace, ring: dict[str, int] | None)
         for b, mac in BACKENDS.items():
             v.ip(v.lb_ns, "neigh", "replace", b, "lladdr", mac, "dev", v.lb_dev, "nud", "permanent")
         if kind in ("xdp", "baseline"):
-            from rusty_rail.engines.xdp import attach_xdp_pass
+            from rusty_rail.engines.xdp import attach_pass
 
-            with v.inside(v.peer_ns):
-                attach_xdp_pass(v.peer_dev)  # XDP_TX on a veth delivers only to a peer running XDP
+            attach_pass(v.peer_dev, netns=v.peer_ns)  # XDP_TX on a veth delivers only to a peer running XDP
         with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as f:
             f.write(trafgen_config(v, args.flows, SENDER_MAC))
         profile = str(RESULTS / f"engine_rates-{kind}.prof") if args.profile and kind == "afpacket" else None

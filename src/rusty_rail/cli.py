@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("lab", help="the namespace lab: lab up --topology N | down | status", add_help=False)
     sub.add_parser("decap", help="GRE decapsulation for servers without a GRE module", add_help=False)
+    sub.add_parser("bench", help="every benchmark: a Markdown report with plots (bench --out DIR)", add_help=False)
     run = sub.add_parser("run", help="run the balancer from a configuration file")
     run.add_argument("--config", required=True, help="TOML file (see deploy/config.example.toml)")
     restart = sub.add_parser(
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from rusty_rail.lab.cli import main as lab_main
 
         return lab_main(rest)
+    if args.command == "bench":
+        from rusty_rail.bench.cli import main as bench_main
+
+        return bench_main(rest)
     if args.command == "decap":
         from rusty_rail.decap import main as decap_main
 

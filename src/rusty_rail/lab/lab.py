@@ -449,6 +449,10 @@ class Lab:
 
     def _sysctls(self) -> None:
         p = self.plan
+        if Path("/proc/sys/net/bridge").is_dir():
+            # br_netfilter is loaded (by someone else: the lab needs none of it): keep its hooks out of
+            # the lab's bridges, which would otherwise pass every frame through netfilter a second time.
+            netns.sysctl(p.net_ns, {f"net.bridge.bridge-nf-call-{t}": 0 for t in ("iptables", "ip6tables", "arptables")})
         no_rpf = {"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
         for c in p.clients:
             netns.sysctl(c.namespace, {**no_rpf, f"net.ipv4.conf.{c.device}.rp_filter": 0})
