@@ -5,11 +5,16 @@
 - An entry names its backend by address. Whether that backend may still be used is the caller's
   question (it knows the current backend set); a flow whose backend left is simply rewritten.
 - Clock-free: every call takes `now` (seconds, any monotonic origin).
+
+`choose_many` is the batch form for engines that work on many packets at once: it applies the same
+lookup and insert, in the same order, so a block of packets leaves the table exactly as one packet at a
+time would.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY
@@ -90,6 +95,24 @@ class ConnectionTable:
             entries.popitem(last=False)
             self.evictions += 1
         entries[key] = [backend, now + self._timeout(key)]
+
+    def choose_many(self, keys: Sequence[bytes], proposed: Sequence[int], listed: Sequence[Container[int]],
+                    now: float) -> list[int]:
+        """The backend of each key in turn: the one lookup() remembers when `listed[i]` (the flow's
+        backends now) still has it; else `proposed[i]`, which insert() then remembers.
+
+        Exactly lookup() then, when needed, insert() per key, in order (the rules are theirs): a key
+        inserted early in the batch is found later in it, and an entry evicted early is missed later."""
+        lookup, insert = self.lookup, self.insert
+        chosen: list[int] = []
+        append = chosen.append
+        for key, backend, backends in zip(keys, proposed, listed, strict=True):
+            found = lookup(key, now)
+            if found is None or found not in backends:
+                insert(key, backend, now)
+                found = backend
+            append(found)
+        return chosen
 
     def remove(self, key: bytes) -> None:
         self._entries.pop(key, None)
