@@ -9,7 +9,7 @@ import pytest
 
 from rusty_rail.engines.afpacket import cbpf
 from rusty_rail.engines.afpacket import ring as R
-from rusty_rail.engines.afpacket.walker import RingWalker
+from rusty_rail.engines.afpacket.walker import RingWalker, per_frame
 from tests.engine_netns import VethPair, drain, gre_frame, ipv4, udp, wait_for
 
 
@@ -99,7 +99,7 @@ def test_walker_reads_gre_only_in_order_and_sends_what_the_processor_returns(vet
         r = R.PacketRing(v.lb_ifindex, tx_frames=16, tx_frame_size=4096)
     cap = v.peer_packet_socket()
     answer = Recorder(lambda f: v.peer_mac + v.lb_mac + f[12:] + b"OUT")
-    walker = RingWalker(r, answer)
+    walker = RingWalker(r, per_frame(answer))
     try:
         assert walker.step(0.0) == -1, "no block before any traffic"
         frames = [gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, ipv4("10.0.0.1", "10.1.0.1", 17, udp(1, i, b"x" * i)))
@@ -125,7 +125,7 @@ def test_walker_skips_vlan_tagged_frames_when_the_socket_filter_is_off(veth: Vet
         r = R.PacketRing(v.lb_ifindex, gre_only=False)
     cap = v.peer_packet_socket()
     seen = Recorder()
-    walker = RingWalker(r, seen)
+    walker = RingWalker(r, per_frame(seen))
     try:
         plain = gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, ipv4("10.0.0.1", "10.1.0.1", 17, udp(1, 2, b"x")))
         tagged = plain[:12] + b"\x81\x00\x00\x05" + plain[12:]  # 802.1Q, VLAN 5: the kernel moves the tag out
@@ -150,7 +150,7 @@ def test_walker_transmit_laps_a_small_tx_ring_in_order_and_spills_what_does_not_
         spill = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         spill.bind((v.lb_dev, 0))
     failed: list[int] = []
-    walker = RingWalker(r, Recorder(), spill, on_tx_failed=lambda: failed.append(1))
+    walker = RingWalker(r, per_frame(Recorder()), spill, on_tx_failed=lambda: failed.append(1))
     cap = v.peer_packet_socket()
     try:
         # 40 frames through a 16-slot ring: kicked whenever half of it is pending, so no slot is lapped.

@@ -90,6 +90,7 @@ def test_every_golden_fixture_through_the_rings(veth: VethPair) -> None:
     assert not failures, "\n".join(failures)
     assert report.counters.engine["tx_failed"] == 0
     assert report.counters.engine["rx_kernel_drops"] == 0
+    assert report.counters.engine["bulk_frames"] > len(fixtures()), "the sentinels and the plain forwards took the array path"
 
 
 def check(fx: Golden, got: list[bytes], sentinel: bytes, before: Counters, after: Counters, forwards: int,

@@ -17,6 +17,10 @@ not AVAILABLE, and kicks once `tx_kick_at` frames (half the ring at most) are pe
 
 Frames we hand to send() are attached to skbs zero-copy (page frags of the ring), so a frame only becomes
 AVAILABLE again when the skb is freed, possibly by a slow receiver; nothing may block on it.
+
+The mapping is also seen as numpy arrays (`u8`, `u32`) for work on a whole block at once, and as a
+memoryview of 32-bit words (`words`) for the one walk that must go frame by frame (each frame header
+says where the next one is). close() lets go of them before it unmaps.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import mmap
 import socket
 import struct
+
+import numpy as np
 
 from rusty_rail.engines.afpacket.cbpf import SO_ATTACH_FILTER, SocketFilter, gre_only_filter
 
@@ -152,6 +158,7 @@ class PacketRing:
         self.rx_size = rx_block_size * rx_blocks
         self.tx_size = tx_frame_size * tx_frames
         self.map = mmap.mmap(s.fileno(), self.rx_size + self.tx_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._views()
         self.rx_block_size = rx_block_size
         self.rx_blocks = rx_blocks
         self.rx_index = 0
@@ -167,6 +174,12 @@ class PacketRing:
         self.tx_kick_at = max(1, tx_frames // 2)
         s.bind((socket.if_indextoname(self.ifindex), ETH_P_ALL))
         s.setblocking(False)
+
+    def _views(self) -> None:
+        """The mapping as numpy bytes and 32-bit words, and as a memoryview of words (sizes are page multiples)."""
+        self.u8 = np.frombuffer(self.map, dtype=np.uint8)
+        self.u32 = self.u8.view(np.uint32)
+        self.words = memoryview(self.map).cast("I")
 
     # -- fanout -----------------------------------------------------------------------------------
 
@@ -228,6 +241,10 @@ class PacketRing:
         return self.sock.fileno()
 
     def close(self) -> None:
+        words = getattr(self, "words", None)
+        if words is not None:
+            words.release()
+        self.u8 = self.u32 = None  # type: ignore[assignment]  # their buffer exports go with them
         try:
             self.map.close()
         except (AttributeError, BufferError, ValueError):

@@ -1,11 +1,14 @@
 """The ring walker: the one code that takes frames out of the RX ring and puts forwards into the TX ring.
 
     walker = RingWalker(ring, process, spill)
-    walker.step(now)      # one RX block: its frames -> process(frames, now) -> the TX ring; -1 if none
+    walker.step(now)      # one RX block: RxBlock -> process(block, now) -> the TX ring; -1 if none
 
-The seam is `BlockProcessor`: the frames of one RX block in, the frames to transmit out, in order. The
-engine's processor is `decide_blocks(balancer)` (core.Balancer.decide per frame); a vectorised one that
-works on a whole block at once plugs in at the same place, and tests plug in stand-ins.
+The seam is `BlockProcessor`: one RX block in (`RxBlock`: where its frames lie in the ring, so a
+processor can read them as arrays without copying each out), the frames to transmit out, in order. An
+output is either a frame (bytes) or `Forwards`, many frames built in bulk (a header each, followed by
+bytes that are still in the RX block); the walker writes them into the TX ring in the order given. The
+engine's processor is bulk.py's; `decide_blocks(balancer)` is core.Balancer.decide per frame, and
+`per_frame` lets a function of frame lists (tests' stand-ins, benchmarks) plug in at the same place.
 
 Per-packet code is hand-written loops over locals, on purpose: at 100 kpps every attribute lookup or
 method call per packet costs a few percent of a CPU. Everything per block (kicks, counters, releasing the
@@ -14,10 +17,13 @@ block) goes through the ring's methods.
 
 from __future__ import annotations
 
+import mmap
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
 
 from rusty_rail.core.verdict import Action
 from rusty_rail.engines.afpacket.ring import (
@@ -25,7 +31,6 @@ from rusty_rail.engines.afpacket.ring import (
     TP_STATUS_SEND_REQUEST,
     TP_STATUS_VLAN_VALID,
     TP_STATUS_WRONG_FORMAT,
-    TPACKET3_HDR,
     TPACKET3_HDRLEN,
     TX_FIELDS,
     TX_FIELDS_OFF,
@@ -37,17 +42,75 @@ from rusty_rail.engines.afpacket.ring import (
 if TYPE_CHECKING:
     from rusty_rail.core.balancer import Balancer
 
-BlockProcessor = Callable[[list[bytes], float], list[bytes]]
-"""One RX block's frames (ring order, VLAN-tagged ones left out) and the time -> frames to transmit."""
+# tpacket3_hdr fields read for a whole block at once, as 32-bit word / 16-bit offsets (ring.py)
+_SNAPLEN_WORD, _STATUS_WORD, _MAC_HALF = 12 // 4, 20 // 4, 24 // 2
+
+RECTANGLE_MAX = 256
+"""Forwards whose copied bytes are all this short are copied as one (frames x longest) rectangle by
+numpy; longer ones frame by frame (a rectangle of 1500-byte rows would copy mostly padding)."""
+
+
+@dataclass(frozen=True)
+class RxBlock:
+    """The frames of one RX block, where the kernel wrote them: frame i is the ring's bytes
+    `starts[i]` to `starts[i] + lengths[i]` (VLAN-tagged frames left out). Valid until the walker gives
+    the block back, i.e. for the duration of the processor's call."""
+
+    ring: PacketRing
+    starts: np.ndarray
+    """int64 offsets into `ring.map` / `ring.u8`."""
+    lengths: np.ndarray
+    """int64 frame lengths (the kernel's snaplen: the whole frame)."""
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def frames(self) -> list[bytes]:
+        """Every frame copied out, in ring order."""
+        m = self.ring.map
+        return [m[s : s + n] for s, n in zip(self.starts.tolist(), self.lengths.tolist())]
+
+
+@dataclass(frozen=True)
+class Forwards:
+    """Forwards built in bulk: frame i is `headers[i]` followed by the ring's bytes `payload_at[i]` to
+    `payload_at[i] + payload_len[i]` (part of a frame of the block being processed)."""
+
+    headers: np.ndarray
+    """(K, H) uint8."""
+    payload_at: np.ndarray
+    """(K,) int64 offsets into the ring's mapping."""
+    payload_len: np.ndarray
+    """(K,) int64."""
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+    def frame(self, m: mmap.mmap, i: int) -> bytes:
+        at = int(self.payload_at[i])
+        return self.headers[i].tobytes() + m[at : at + int(self.payload_len[i])]
+
+
+Output = Union[bytes, Forwards]
+BlockProcessor = Callable[[RxBlock, float], Sequence[Output]]
+"""One RX block and the time -> what to transmit, in order."""
+
+FrameProcessor = Callable[[list[bytes], float], list[bytes]]
+"""One RX block's frames (copied out, ring order) and the time -> frames to transmit."""
 
 ProcessorFactory = Callable[["Balancer"], BlockProcessor]
 """Builds a worker's processor from its balancer (called in the worker, after any fork)."""
 
 
+def per_frame(process: FrameProcessor) -> BlockProcessor:
+    """A BlockProcessor that hands `process` the block's frames as bytes."""
+    return lambda block, now: process(block.frames(), now)
+
+
 def decide_blocks(balancer: Balancer) -> BlockProcessor:
-    """The engine's processor: the balancer's verdict per frame (docs/WIRE.md); forwards are sent, in
-    order. Drops and passes need nothing from the engine: the balancer counted them, and a passed frame
-    is the host stack's own copy."""
+    """The balancer's verdict per frame (docs/WIRE.md); forwards are sent, in order. Drops and passes
+    need nothing from the engine: the balancer counted them, and a passed frame is the host stack's own
+    copy."""
     # Typed loosely: a verdict is told by its action (one attribute) rather than by isinstance(), so
     # the checker cannot see that a FORWARD verdict has a frame.
     decide: Callable[[bytes, float], Any] = balancer.decide
@@ -57,7 +120,7 @@ def decide_blocks(balancer: Balancer) -> BlockProcessor:
         # A comprehension, the fastest per-frame loop Python has; `is`: verdicts carry the enum member.
         return [v.frame for frame in frames if (v := decide(frame, now)).action is forward]
 
-    return process
+    return per_frame(process)
 
 
 @dataclass
@@ -111,40 +174,57 @@ class RingWalker:
         if block is None:
             return -1
         base, num, first = block
-        frames = self.rx_frames(base + first, num)
-        out = self.process(frames, now)
+        out = self.process(self.rx_block(base + first, num), now)
         if out:
-            self.transmit(out)
-        ring.release_block(base)  # frames are copies (bytes), so the block can go back now
+            self.send(out)
+        ring.release_block(base)  # after the TX writes: Forwards copy their bytes out of this block
         stats = self.stats
         stats.rx_packets += num
         stats.rx_blocks += 1
         return num
 
-    def rx_frames(self, offset: int, count: int) -> list[bytes]:
-        """The `count` frames of a block, from its first packet at `offset`, VLAN-tagged ones left out."""
-        # Hand-written per packet (hot path): one struct unpack and one slice (a copy out of the mmap).
-        m = self.ring.map
-        header = TPACKET3_HDR.unpack_from
-        vlan = TP_STATUS_VLAN_VALID
+    def rx_block(self, offset: int, count: int) -> RxBlock:
+        """The `count` frames of a block whose first packet header is at `offset`."""
+        ring = self.ring
+        words = ring.words
+        headers = [0] * count
+        # Hand-written per packet (hot path): each header says where the next one is, so this walk is
+        # the one sequential part; everything else about the headers is read as arrays below.
+        for i in range(count):
+            headers[i] = offset
+            offset += words[offset >> 2]
+        at = np.array(headers, dtype=np.int64)
+        lengths = ring.u32[(at >> 2) + _SNAPLEN_WORD].astype(np.int64)
+        starts = at + ring.u8.view(np.uint16)[(at >> 1) + _MAC_HALF]
+        tagged = ring.u32[(at >> 2) + _STATUS_WORD] & TP_STATUS_VLAN_VALID
+        if tagged.any():
+            untagged = tagged == 0
+            self.stats.rx_vlan_skipped += count - int(untagged.sum())
+            starts, lengths = starts[untagged], lengths[untagged]
+        return RxBlock(ring, starts, lengths)
+
+    def send(self, out: Sequence[Output]) -> None:
+        """Queue `out` in the TX ring in order and kick once at the end."""
         frames: list[bytes] = []
-        append = frames.append
-        skipped = 0
-        for _ in range(count):
-            next_offset, snaplen, status, mac = header(m, offset)
-            if status & vlan:
-                skipped += 1
-            else:
-                start = offset + mac
-                append(m[start : start + snaplen])
-            offset += next_offset
-        if skipped:
-            self.stats.rx_vlan_skipped += skipped
-        return frames
+        for item in out:
+            if item.__class__ is bytes:
+                frames.append(item)  # type: ignore[arg-type]
+                continue
+            if frames:
+                self._queue(frames)
+                frames = []
+            self._queue_forwards(item)  # type: ignore[arg-type]
+        if frames:
+            self._queue(frames)
+        self.ring.tx_kick()
 
     def transmit(self, frames: list[bytes]) -> None:
         """Queue `frames` in the TX ring in order, kicking whenever half the ring is pending and once at
         the end; a frame whose slot is still in flight (or that does not fit a slot) is spilled."""
+        self._queue(frames)
+        self.ring.tx_kick()
+
+    def _queue(self, frames: list[bytes]) -> None:
         ring = self.ring
         m = ring.map
         status_of = TX_STATUS.unpack_from
@@ -177,10 +257,67 @@ class RingWalker:
                     ring.tx_kick()
                     pending = ring.tx_pending  # 0, unless the kernel refused (EAGAIN): then kick again
             else:
+                ring.tx_index, ring.tx_pending = index, pending
+                ring.tx_kick()  # what is queued goes first: the spill must not overtake it
                 self._spill(frame)
+                pending = ring.tx_pending
         ring.tx_index, ring.tx_pending = index, pending
-        ring.tx_kick()
         self.stats.tx_ring += queued
+
+    def _queue_forwards(self, fw: Forwards) -> None:
+        """Forwards into the TX ring as arrays, a run of free slots at a time (at most what may be pending
+        before a kick); a frame whose slot is busy, or that does not fit one, is spilled."""
+        ring = self.ring
+        u8, u32 = ring.u8, ring.u32
+        total = len(fw)
+        width = fw.headers.shape[1]
+        out_len = fw.payload_len + width
+        fits = out_len <= ring.tx_max_len
+        done = 0
+        while done < total:
+            chunk = min(total - done, max(1, ring.tx_kick_at - ring.tx_pending))
+            slot_at = ring.tx_base + ((ring.tx_index + np.arange(chunk)) % ring.tx_frames) * ring.tx_frame_size
+            status = u32[(slot_at + TX_STATUS_OFF) >> 2]
+            usable = ((status == TP_STATUS_AVAILABLE) | (status == TP_STATUS_WRONG_FORMAT)) & fits[done : done + chunk]
+            if not usable.all():
+                chunk = int(np.argmin(usable))  # the frames before the first unusable slot or frame
+                if chunk == 0:
+                    ring.tx_kick()  # what is queued goes first: the spill must not overtake it
+                    self._spill(fw.frame(ring.map, done))
+                    done += 1
+                    continue
+                slot_at = slot_at[:chunk]
+            part = slice(done, done + chunk)
+            data_at = slot_at + TPACKET3_HDRLEN
+            u8[data_at[:, None] + np.arange(width)] = fw.headers[part]
+            self._copy_payloads(data_at + width, fw.payload_at[part], fw.payload_len[part], ring.tx_max_len - width)
+            lengths = out_len[part].astype(np.uint32)
+            u32[(slot_at + 12) >> 2] = lengths  # tp_snaplen
+            u32[(slot_at + 16) >> 2] = lengths  # tp_len
+            u32[(slot_at + TX_STATUS_OFF) >> 2] = TP_STATUS_SEND_REQUEST  # last: the frame is complete
+            ring.tx_index = (ring.tx_index + chunk) % ring.tx_frames
+            ring.tx_pending += chunk
+            self.stats.tx_ring += chunk
+            done += chunk
+            if ring.tx_pending >= ring.tx_kick_at:
+                ring.tx_kick()
+
+    def _copy_payloads(self, to: np.ndarray, at: np.ndarray, lengths: np.ndarray, room: int) -> None:
+        """Copy `lengths[i]` bytes from `at[i]` to `to[i]` within the ring's mapping; `room`: the bytes
+        from `to[i]` to the end of its TX slot."""
+        if not len(lengths):
+            return
+        longest = int(lengths.max())
+        u8 = self.ring.u8
+        if longest <= min(RECTANGLE_MAX, room):
+            # One rectangle: each row copies `longest` bytes; what lies past a frame's own length lands
+            # in its TX slot after tp_len, where nothing reads it.
+            columns = np.arange(longest)
+            u8[to[:, None] + columns] = u8[np.minimum(at[:, None] + columns, len(u8) - 1)]
+            return
+        m = self.ring.map
+        for d, s, n in zip(to.tolist(), at.tolist(), lengths.tolist()):
+            m[d : d + n] = m[s : s + n]
 
     def _spill(self, frame: bytes) -> None:
         if self.spill is not None:
