@@ -72,6 +72,5 @@ class MemoryRing(R.PacketRing):
         return sent
 
     def close(self) -> None:
-        self.words.release()
-        self.u8 = self.u32 = None  # type: ignore[assignment]
+        self._drop_views()
         self.map.close()

@@ -215,7 +215,7 @@ def test_common_case_checks_against_decide_column_by_column() -> None:
         frame = bytearray(base)
         frame[rng.randrange(12, 62)] = rng.randrange(256)
         frames.append(bytes(frame))
-    h = np.array([list(f[:62]) for f in frames], dtype=np.uint8)
+    h = np.array([list(f[:64]) for f in frames], dtype=np.uint8)
     mask = common_case(h, np.array([len(f) for f in frames]))
     for frame, common in zip(frames, mask.tolist()):
         if common:

@@ -11,6 +11,7 @@ from rusty_rail.engines.afpacket import cbpf
 from rusty_rail.engines.afpacket import ring as R
 from rusty_rail.engines.afpacket.walker import RingWalker, per_frame
 from tests.engine_netns import VethPair, drain, gre_frame, ipv4, udp, wait_for
+from tests.memory_ring import MemoryRing
 
 
 class TpacketHdrVariant1(ctypes.Structure):
@@ -74,6 +75,33 @@ def test_a_refused_kick_is_tried_again() -> None:
     assert (r.tx_pending, r.sock.kicks) == (0, 2)  # type: ignore[attr-defined]
     r.tx_kick()
     assert r.sock.kicks == 2, "nothing pending: no syscall"  # type: ignore[attr-defined]
+
+
+def test_array_views_see_the_mapping_and_are_let_go_before_it_is_unmapped() -> None:
+    ring = MemoryRing(rx_blocks=1, tx_frames=4)
+    ring.map[100:108] = bytes(range(8))
+    assert ring.window(4)[[100, 104, 101]].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [1, 2, 3, 4]]
+    ring.tx_words[1, R.TX_STATUS_OFF // 4] = R.TP_STATUS_WRONG_FORMAT
+    ring.tx_slots[1, R.TPACKET3_HDRLEN] = 0xAB
+    slot = ring.tx_base + ring.tx_frame_size
+    assert R.TX_STATUS.unpack_from(ring.map, slot + R.TX_STATUS_OFF)[0] == R.TP_STATUS_WRONG_FORMAT
+    assert ring.map[slot + R.TPACKET3_HDRLEN] == 0xAB
+    ring.close()
+    assert ring.map.closed, "a view still held the mapping"
+
+
+def test_rx_block_reads_frame_positions_and_leaves_vlan_tagged_frames_out() -> None:
+    ring = MemoryRing(rx_blocks=2)
+    walker = RingWalker(ring, per_frame(lambda frames, now: []))
+    try:
+        frames = [bytes([i]) * (60 + 7 * i) for i in range(5)]
+        ring.fill(frames, vlan=frozenset({1, 3}))
+        base, num, first = ring.next_block()  # type: ignore[misc]
+        block = walker.rx_block(base + first, num)
+        assert block.frames() == [frames[0], frames[2], frames[4]]
+        assert walker.stats.rx_vlan_skipped == 2
+    finally:
+        ring.close()
 
 
 class Recorder:

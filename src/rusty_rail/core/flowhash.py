@@ -70,15 +70,20 @@ def flow_hashes(keys: np.ndarray, seed: int = RR_HASH_SEED) -> np.ndarray:
     which is murmur3's own arithmetic, so every step is one whole-array operation."""
     if keys.ndim != 2 or keys.shape[1] != 16:
         raise ValueError(f"flow keys must be an (N, 16) array, not {keys.shape}")
-    blocks = np.ascontiguousarray(keys, dtype=np.uint8).view("<u4").astype(np.uint32)
-    c1, c2 = np.uint32(_C1), np.uint32(_C2)
-    h = np.full(len(blocks), seed & _M32, dtype=np.uint32)
+    # The four blocks' k (multiply, rotate, multiply) for every key at once; then h over the blocks in
+    # turn, in place: a block costs a few calls whatever N is (the per-call cost is what a block pays).
+    k = np.ascontiguousarray(keys, dtype=np.uint8).view("<u4") * np.uint32(_C1)
+    k = (k << np.uint32(15)) | (k >> np.uint32(17))
+    k *= np.uint32(_C2)
+    h = np.full(len(k), seed & _M32, dtype=np.uint32)
+    spare = np.empty_like(h)
     for i in range(4):
-        k = blocks[:, i] * c1
-        k = (k << np.uint32(15)) | (k >> np.uint32(17))
-        h ^= k * c2
-        h = (h << np.uint32(13)) | (h >> np.uint32(19))
-        h = h * np.uint32(5) + np.uint32(0xE6546B64)
+        h ^= k[:, i]
+        np.left_shift(h, np.uint32(13), out=spare)
+        h >>= np.uint32(19)
+        h |= spare
+        h *= np.uint32(5)
+        h += np.uint32(0xE6546B64)
     h ^= np.uint32(16)
     h ^= h >> np.uint32(16)
     h *= np.uint32(0x85EBCA6B)

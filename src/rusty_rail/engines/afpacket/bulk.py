@@ -6,7 +6,8 @@ frame | IPv4 with IHL 5, a valid checksum, not a fragment | GRE with no flags, p
 IPv4 with IHL 5, not a fragment, TCP or UDP, its ports present | of a service whose backends are IPv4 and
 at least one has slots. For those rows of the block:
 
-- parse: the first 62 bytes of every frame as one (N, 62) array; each check is one column expression;
+- parse: the first 64 bytes of every frame as one (N, 64) array, gathered in one step; the fixed fields
+  are checked as masked 8-byte words, lengths and the outer checksum as columns;
 - flow keys (16 bytes) and their murmur3 hashes as arrays (core.flowhash.flow_hashes);
 - the service: ServiceMatcher's rule once per distinct (VIP, port, protocol) of the block;
 - the Maglev slots as one gather per service, from the table's own slot array;
@@ -37,47 +38,63 @@ from rusty_rail.core.service import Pool
 from rusty_rail.core.verdict import Action, DropReason
 from rusty_rail.engines.afpacket.walker import BlockProcessor, Forwards, Output, RxBlock
 
-PARSED = 62
-"""Bytes of each frame read as an array: Ethernet 14 + IPv4 20 + GRE 4 + IPv4 20 + ports 4."""
+PARSED = 64
+"""Bytes of each frame read as an array: Ethernet 14 + IPv4 20 + GRE 4 + IPv4 20 + ports 4 = 62, rounded
+up to whole 8-byte words (frames of the common case are at least 62 long; the 2 bytes after are unused)."""
 OUT_HEADER = 38
 """Ethernet 14 + IPv4 20 + GRE 4 (docs/WIRE.md section 8): as long as the input's in the common case,
 so the inner packet keeps its offset."""
-_COLUMNS = np.arange(PARSED)
 _INNER_AT = 38
 _IPV4_MAX = 1 << 32
 _GRE, _TCP, _UDP = 47, 6, 17
 
+_FIXED = {  # frame offset: (bits that must match, their value), docs/WIRE.md sections 1-5
+    12: (0xFF, 0x08), 13: (0xFF, 0x00),  # EtherType IPv4, untagged
+    14: (0xFF, 0x45),  # version 4, IHL 5 (options: per frame)
+    20: (0x3F, 0x00), 21: (0xFF, 0x00),  # MF clear, fragment offset 0
+    23: (0xFF, _GRE),
+    34: (0xFF, 0x00), 35: (0xFF, 0x00),  # GRE: no flags, version 0 (RFC 2784; RFC 2890 fields: per frame)
+    36: (0xFF, 0x08), 37: (0xFF, 0x00),  # GRE protocol IPv4
+    38: (0xFF, 0x45),  # inner version 4, IHL 5 (options: per frame)
+    44: (0x3F, 0x00), 45: (0xFF, 0x00),  # inner MF clear, fragment offset 0
+}
 
-def _be16(h: np.ndarray, at: int) -> np.ndarray:
-    """The big-endian 16-bit field at byte `at` of every row, as int64."""
-    return (h[:, at].astype(np.int64) << 8) | h[:, at + 1]
+
+def _word_checks(fixed: dict[int, tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """`fixed` as (mask, value) per little-endian 8-byte word of the PARSED bytes: a row passes every
+    check when `words & mask == value` in each of its words."""
+    mask, value = np.zeros(PARSED // 8, dtype=np.uint64), np.zeros(PARSED // 8, dtype=np.uint64)
+    for at, (bits, want) in fixed.items():
+        shift = np.uint64(8 * (at % 8))
+        mask[at // 8] |= np.uint64(bits) << shift
+        value[at // 8] |= np.uint64(want) << shift
+    return mask, value
+
+
+_MASK, _VALUE = _word_checks(_FIXED)
 
 
 def common_case(h: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Rows of `h` (the first PARSED bytes of each frame; `lengths`: the frames' lengths) that pass every
-    check of docs/WIRE.md sections 1-5 the plain way (module docstring): the bulk path's frames."""
-    outer_total = _be16(h, 16)
-    inner_total = _be16(h, 40)
+    """Rows of `h` (the first PARSED bytes of each frame, C-contiguous; `lengths`: the frames' lengths)
+    that pass every check of docs/WIRE.md sections 1-5 the plain way (module docstring): the frames of
+    the array path."""
+    be16 = h.view(">u2")
+    ok = ((h.view("<u8") & _MASK) == _VALUE).all(axis=1)
+    ok &= (h[:, 47] == _TCP) | (h[:, 47] == _UDP)
+    outer_total = be16[:, 8].astype(np.int64)
+    inner_total = be16[:, 20].astype(np.int64)
+    # GRE 4 + inner IPv4 20 + ports 4 in the inner total length; everything within the frame.
+    ok &= (outer_total <= lengths - 14) & (inner_total >= 24) & (inner_total <= outer_total - 24)
     # The outer header's one's complement sum (RFC 1071) is all ones exactly when the sum of its ten
     # 16-bit words is a non-zero multiple of 0xFFFF (core/checksum.py).
-    words = h[:, 14:34].astype(np.int64)
-    header_sum = ((words[:, 0::2] << 8) | words[:, 1::2]).sum(axis=1)
-    ok = (h[:, 12] == 0x08) & (h[:, 13] == 0x00) & (h[:, 14] == 0x45) & (h[:, 23] == _GRE)
-    ok &= outer_total <= lengths - 14
+    header_sum = be16[:, 7:17].sum(axis=1, dtype=np.int64)
     ok &= (header_sum % 0xFFFF == 0) & (header_sum != 0)
-    ok &= (_be16(h, 20) & 0x3FFF) == 0
-    ok &= (h[:, 34] == 0) & (h[:, 35] == 0) & (h[:, 36] == 0x08) & (h[:, 37] == 0x00)
-    ok &= h[:, 38] == 0x45
-    ok &= (inner_total >= 24) & (inner_total <= outer_total - 24)
-    ok &= (_be16(h, 44) & 0x3FFF) == 0
-    ok &= (h[:, 47] == _TCP) | (h[:, 47] == _UDP)
     return ok
 
 
 def ip_checksums(headers: np.ndarray) -> np.ndarray:
     """The IPv4 header checksum (RFC 1071) of each row of `headers` (20 bytes each, checksum field 0)."""
-    words = headers.astype(np.int64)
-    total = ((words[:, 0::2] << 8) | words[:, 1::2]).sum(axis=1)
+    total = np.ascontiguousarray(headers).view(">u2").sum(axis=1, dtype=np.int64)
     total = (total & 0xFFFF) + (total >> 16)
     total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -101,8 +118,7 @@ class BulkProcessor:
     def __call__(self, block: RxBlock, now: float) -> list[Output]:
         if not len(block):
             return []
-        u8 = block.ring.u8
-        h = u8[np.minimum(block.starts[:, None] + _COLUMNS, len(u8) - 1)]
+        h = block.ring.window(PARSED)[block.starts]
         common = common_case(h, block.lengths)
         rows = np.flatnonzero(common)
         pools, pool_of = self._services(h[rows])
@@ -132,10 +148,13 @@ class BulkProcessor:
         pool_of = np.full(len(h), -1, dtype=np.int64)
         if not len(h):
             return [], pool_of
-        vip = (h[:, 54].astype(np.int64) << 24) | (h[:, 55].astype(np.int64) << 16) | _be16(h, 56)
-        no_ports = (h[:, 58] | h[:, 59] | h[:, 60] | h[:, 61]) == 0
-        matched = (vip << 25) | (_be16(h, 60) << 9) | (h[:, 47].astype(np.int64) << 1) | no_ports
-        distinct, first, inverse = np.unique(matched, return_index=True, return_inverse=True)
+        be16 = h.view(">u2")[:, 27:31].astype(np.int64)  # the inner destination and the ports
+        vip, sport, dport = (be16[:, 0] << 16) | be16[:, 1], be16[:, 2], be16[:, 3]
+        matched = (vip << 25) | (dport << 9) | (h[:, 47].astype(np.int64) << 1) | ((sport | dport) == 0)
+        if (matched == matched[0]).all():  # one service's traffic: no sort
+            distinct, first, inverse = matched[:1], np.zeros(1, np.int64), np.zeros(len(h), np.int64)
+        else:
+            distinct, first, inverse = np.unique(matched, return_index=True, return_inverse=True)
         pools: list[Pool] = []
         index_of: dict[int, int] = {}
         answers = np.empty(len(distinct), dtype=np.int64)
@@ -215,6 +234,7 @@ class BulkProcessor:
         balancer = self.balancer
         backends = np.array(chosen, dtype=np.int64)
         distinct, which = np.unique(backends, return_inverse=True)
+        which = which.reshape(-1)
         templates = np.zeros((len(distinct), OUT_HEADER), dtype=np.uint8)
         known = np.zeros(len(distinct), dtype=bool)
         macs = balancer.neighbours
@@ -223,23 +243,18 @@ class BulkProcessor:
             if mac is not None:
                 templates[i] = self._template(backend, mac)
                 known[i] = True
-        which = which.reshape(-1)
-        sent = known[which]
-        unknown = len(rows) - int(sent.sum())
-        if unknown:
-            balancer.drops[DropReason.NO_NEIGHBOUR] += unknown
+        if not known.all():
+            sent = known[which]
+            balancer.drops[DropReason.NO_NEIGHBOUR] += len(rows) - int(sent.sum())
             rows, h, pool_of, backends, which = rows[sent], h[sent], pool_of[sent], backends[sent], which[sent]
-        inner_total = _be16(h, 40)
-        self._count(pools, pool_of, backends, inner_total)
+        inner_total = h.view(">u2")[:, 20].astype(np.int64)
+        self._count(pools, pool_of, backends, distinct, which, inner_total)
 
         headers = templates[which]
         headers[:, 15] = h[:, 39]  # TOS: the inner packet's
-        out_total = inner_total + 24
-        headers[:, 16] = out_total >> 8
-        headers[:, 17] = out_total & 0xFF
-        checksums = ip_checksums(headers[:, 14:34])
-        headers[:, 24] = checksums >> 8
-        headers[:, 25] = checksums & 0xFF
+        fields = headers.view(">u2")
+        fields[:, 8] = inner_total + 24  # total length
+        fields[:, 12] = ip_checksums(headers[:, 14:34])
         forwards = Forwards(headers, block.starts[rows] + _INNER_AT, inner_total)
         if not decided:
             return [forwards] if len(rows) else []
@@ -270,20 +285,25 @@ class BulkProcessor:
         self._templates[backend] = (mac, template)
         return template
 
-    def _count(self, pools: list[Pool], pool_of: np.ndarray, backends: np.ndarray, inner_total: np.ndarray) -> None:
-        """forwarded, and packets and inner bytes per (service, backend), as decide() counts them."""
+    def _count(self, pools: list[Pool], pool_of: np.ndarray, backends: np.ndarray, distinct: np.ndarray,
+               which: np.ndarray, inner_total: np.ndarray) -> None:
+        """forwarded, and packets and inner bytes per (service, backend), as decide() counts them;
+        `which`: each row's backend in `distinct` (its group, when there is one pool)."""
         if not len(backends):
             return
         self.balancer.forwarded += len(backends)
-        groups, which = np.unique(pool_of * _IPV4_MAX + backends, return_inverse=True)
-        which = which.reshape(-1)
-        packets = np.bincount(which).tolist()
-        sizes = np.bincount(which, weights=inner_total).tolist()
-        for group, n, size in zip(groups.tolist(), packets, sizes):
-            pool = pools[group // _IPV4_MAX]
-            backend = group % _IPV4_MAX
-            pool.packets[backend] += n
-            pool.bytes[backend] += int(size)
+        if len(pools) > 1:
+            groups, which = np.unique(pool_of * _IPV4_MAX + backends, return_inverse=True)
+            which = which.reshape(-1)
+            keys = [(pools[g // _IPV4_MAX], g % _IPV4_MAX) for g in groups.tolist()]
+        else:
+            keys = [(pools[0], b) for b in distinct.tolist()]
+        packets = np.bincount(which, minlength=len(keys)).tolist()
+        sizes = np.bincount(which, weights=inner_total, minlength=len(keys)).tolist()
+        for (pool, backend), n, size in zip(keys, packets, sizes):
+            if n:
+                pool.packets[backend] += n
+                pool.bytes[backend] += int(size)
 
 
 def bulk_blocks(balancer: Balancer) -> BlockProcessor:

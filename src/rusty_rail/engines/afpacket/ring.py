@@ -18,9 +18,9 @@ not AVAILABLE, and kicks once `tx_kick_at` frames (half the ring at most) are pe
 Frames we hand to send() are attached to skbs zero-copy (page frags of the ring), so a frame only becomes
 AVAILABLE again when the skb is freed, possibly by a slow receiver; nothing may block on it.
 
-The mapping is also seen as numpy arrays (`u8`, `u32`) for work on a whole block at once, and as a
-memoryview of 32-bit words (`words`) for the one walk that must go frame by frame (each frame header
-says where the next one is). close() lets go of them before it unmaps.
+The mapping is also seen as numpy arrays for work on a whole block at once (`u8`, `u32`, the TX slots
+as rows, `window(width)`), and as a memoryview of 32-bit words (`words`) for the one walk that must go
+frame by frame (each frame header says where the next one is). close() lets go of them before it unmaps.
 """
 
 from __future__ import annotations
@@ -158,7 +158,6 @@ class PacketRing:
         self.rx_size = rx_block_size * rx_blocks
         self.tx_size = tx_frame_size * tx_frames
         self.map = mmap.mmap(s.fileno(), self.rx_size + self.tx_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._views()
         self.rx_block_size = rx_block_size
         self.rx_blocks = rx_blocks
         self.rx_index = 0
@@ -172,6 +171,7 @@ class PacketRing:
         self.tx_pending = 0
         """Slots written SEND_REQUEST since the last kick."""
         self.tx_kick_at = max(1, tx_frames // 2)
+        self._views()
         s.bind((socket.if_indextoname(self.ifindex), ETH_P_ALL))
         s.setblocking(False)
 
@@ -179,7 +179,29 @@ class PacketRing:
         """The mapping as numpy bytes and 32-bit words, and as a memoryview of words (sizes are page multiples)."""
         self.u8 = np.frombuffer(self.map, dtype=np.uint8)
         self.u32 = self.u8.view(np.uint32)
+        self.tx_slots = self.u8[self.tx_base :].reshape(self.tx_frames, self.tx_frame_size)
+        """The TX ring as rows of bytes, one per slot: writes for many slots at once."""
+        self.tx_words = self.u32[self.tx_base // 4 :].reshape(self.tx_frames, self.tx_frame_size // 4)
+        """The same rows as 32-bit words (the slots' tpacket3_hdr fields)."""
         self.words = memoryview(self.map).cast("I")
+        self._windows: dict[int, np.ndarray] = {}
+
+    def window(self, width: int) -> np.ndarray:
+        """The mapping as overlapping read-only rows of `width` bytes, row i holding bytes i to i + width:
+        `window(w)[offsets]` gathers w bytes at each offset in one step, without an index per byte."""
+        rows = self._windows.get(width)
+        if rows is None:
+            rows = np.lib.stride_tricks.as_strided(self.u8, (len(self.u8) - width + 1, width), (1, 1), writeable=False)
+            self._windows[width] = rows
+        return rows
+
+    def _drop_views(self) -> None:
+        """Let go of every view of the mapping, so that it can be unmapped."""
+        words = getattr(self, "words", None)
+        if words is not None:
+            words.release()
+        self.u8 = self.u32 = self.tx_slots = self.tx_words = None  # type: ignore[assignment]  # exports go with them
+        self._windows = {}
 
     # -- fanout -----------------------------------------------------------------------------------
 
@@ -241,10 +263,7 @@ class PacketRing:
         return self.sock.fileno()
 
     def close(self) -> None:
-        words = getattr(self, "words", None)
-        if words is not None:
-            words.release()
-        self.u8 = self.u32 = None  # type: ignore[assignment]  # their buffer exports go with them
+        self._drop_views()
         try:
             self.map.close()
         except (AttributeError, BufferError, ValueError):

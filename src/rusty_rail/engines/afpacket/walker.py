@@ -42,12 +42,15 @@ from rusty_rail.engines.afpacket.ring import (
 if TYPE_CHECKING:
     from rusty_rail.core.balancer import Balancer
 
-# tpacket3_hdr fields read for a whole block at once, as 32-bit word / 16-bit offsets (ring.py)
-_SNAPLEN_WORD, _STATUS_WORD, _MAC_HALF = 12 // 4, 20 // 4, 24 // 2
+# tpacket3_hdr fields read or written for many frames at once, as 32-bit word indices (ring.py)
+_SNAPLEN_WORD, _STATUS_WORD, _MAC_WORD = 12 // 4, 20 // 4, 24 // 4
+_TX_SNAPLEN_WORD, _TX_LEN_WORD, _TX_STATUS_WORD = 12 // 4, 16 // 4, TX_STATUS_OFF // 4
 
 RECTANGLE_MAX = 256
 """Forwards whose copied bytes are all this short are copied as one (frames x longest) rectangle by
 numpy; longer ones frame by frame (a rectangle of 1500-byte rows would copy mostly padding)."""
+RECTANGLE_STEP = 64
+"""Rectangle widths are rounded up to this: a few ring.window() views serve every block."""
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,10 @@ class RingWalker:
             headers[i] = offset
             offset += words[offset >> 2]
         at = np.array(headers, dtype=np.int64)
-        lengths = ring.u32[(at >> 2) + _SNAPLEN_WORD].astype(np.int64)
-        starts = at + ring.u8.view(np.uint16)[(at >> 1) + _MAC_HALF]
-        tagged = ring.u32[(at >> 2) + _STATUS_WORD] & TP_STATUS_VLAN_VALID
+        word = at >> 2
+        lengths = ring.u32[word + _SNAPLEN_WORD].astype(np.int64)
+        starts = at + (ring.u32[word + _MAC_WORD] & 0xFFFF)  # tp_mac: the low half (little-endian)
+        tagged = ring.u32[word + _STATUS_WORD] & TP_STATUS_VLAN_VALID
         if tagged.any():
             untagged = tagged == 0
             self.stats.rx_vlan_skipped += count - int(untagged.sum())
@@ -268,7 +272,6 @@ class RingWalker:
         """Forwards into the TX ring as arrays, a run of free slots at a time (at most what may be pending
         before a kick); a frame whose slot is busy, or that does not fit one, is spilled."""
         ring = self.ring
-        u8, u32 = ring.u8, ring.u32
         total = len(fw)
         width = fw.headers.shape[1]
         out_len = fw.payload_len + width
@@ -276,8 +279,8 @@ class RingWalker:
         done = 0
         while done < total:
             chunk = min(total - done, max(1, ring.tx_kick_at - ring.tx_pending))
-            slot_at = ring.tx_base + ((ring.tx_index + np.arange(chunk)) % ring.tx_frames) * ring.tx_frame_size
-            status = u32[(slot_at + TX_STATUS_OFF) >> 2]
+            slots = (ring.tx_index + np.arange(chunk)) % ring.tx_frames
+            status = ring.tx_words[slots, _TX_STATUS_WORD]
             usable = ((status == TP_STATUS_AVAILABLE) | (status == TP_STATUS_WRONG_FORMAT)) & fits[done : done + chunk]
             if not usable.all():
                 chunk = int(np.argmin(usable))  # the frames before the first unusable slot or frame
@@ -286,15 +289,14 @@ class RingWalker:
                     self._spill(fw.frame(ring.map, done))
                     done += 1
                     continue
-                slot_at = slot_at[:chunk]
+                slots = slots[:chunk]
             part = slice(done, done + chunk)
-            data_at = slot_at + TPACKET3_HDRLEN
-            u8[data_at[:, None] + np.arange(width)] = fw.headers[part]
-            self._copy_payloads(data_at + width, fw.payload_at[part], fw.payload_len[part], ring.tx_max_len - width)
-            lengths = out_len[part].astype(np.uint32)
-            u32[(slot_at + 12) >> 2] = lengths  # tp_snaplen
-            u32[(slot_at + 16) >> 2] = lengths  # tp_len
-            u32[(slot_at + TX_STATUS_OFF) >> 2] = TP_STATUS_SEND_REQUEST  # last: the frame is complete
+            ring.tx_slots[slots, TPACKET3_HDRLEN : TPACKET3_HDRLEN + width] = fw.headers[part]
+            self._copy_payloads(slots, TPACKET3_HDRLEN + width, fw.payload_at[part], fw.payload_len[part])
+            lengths = out_len[part]
+            ring.tx_words[slots, _TX_SNAPLEN_WORD] = lengths
+            ring.tx_words[slots, _TX_LEN_WORD] = lengths
+            ring.tx_words[slots, _TX_STATUS_WORD] = TP_STATUS_SEND_REQUEST  # last: the frames are complete
             ring.tx_index = (ring.tx_index + chunk) % ring.tx_frames
             ring.tx_pending += chunk
             self.stats.tx_ring += chunk
@@ -302,20 +304,18 @@ class RingWalker:
             if ring.tx_pending >= ring.tx_kick_at:
                 ring.tx_kick()
 
-    def _copy_payloads(self, to: np.ndarray, at: np.ndarray, lengths: np.ndarray, room: int) -> None:
-        """Copy `lengths[i]` bytes from `at[i]` to `to[i]` within the ring's mapping; `room`: the bytes
-        from `to[i]` to the end of its TX slot."""
-        if not len(lengths):
-            return
+    def _copy_payloads(self, slots: np.ndarray, into: int, at: np.ndarray, lengths: np.ndarray) -> None:
+        """Copy `lengths[i]` bytes of the mapping from `at[i]` into TX slot `slots[i]` at offset `into`."""
+        ring = self.ring
         longest = int(lengths.max())
-        u8 = self.ring.u8
-        if longest <= min(RECTANGLE_MAX, room):
-            # One rectangle: each row copies `longest` bytes; what lies past a frame's own length lands
-            # in its TX slot after tp_len, where nothing reads it.
-            columns = np.arange(longest)
-            u8[to[:, None] + columns] = u8[np.minimum(at[:, None] + columns, len(u8) - 1)]
+        width = -(-longest // RECTANGLE_STEP) * RECTANGLE_STEP
+        if width <= min(RECTANGLE_MAX, ring.tx_frame_size - into):
+            # One rectangle: each row copies `width` bytes; what lies past a frame's own length lands in
+            # its TX slot after tp_len, where nothing reads it.
+            ring.tx_slots[slots, into : into + width] = ring.window(width)[at]
             return
-        m = self.ring.map
+        m = ring.map
+        to = ring.tx_base + slots * ring.tx_frame_size + into
         for d, s, n in zip(to.tolist(), at.tolist(), lengths.tolist()):
             m[d : d + n] = m[s : s + n]
 
