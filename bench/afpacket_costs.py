@@ -105,7 +105,7 @@ def walker_ns(frames: list[bytes], make: Callable[[], Balancer], processor: Proc
             ring.fill(b)
             base, num, first = ring.next_block()  # type: ignore[misc]
             t0 = time.thread_time_ns()
-            rx = walker.rx_block(base + first, num)
+            rx = walker.rx_block([(base, num, first)])
             t1 = time.thread_time_ns()
             sent = walker.process(rx, 1.0)
             t2 = time.thread_time_ns()

@@ -41,14 +41,19 @@ class Twin:
         self.sides = [(self.bulk_balancer, self.bulk), (self.frame_balancer, decide_blocks(self.frame_balancer))]
         self.rings = [MemoryRing(tx_frames=64) for _ in self.sides]
         self.walkers = [RingWalker(r, p) for r, (_, p) in zip(self.rings, self.sides)]
+        self.steps_blocks = 0
 
-    def run(self, frames: list[bytes], now: float) -> tuple[list[bytes], list[bytes]]:
-        """One block of `frames` through each; what each sent."""
+    def run(self, frames: list[bytes], now: float, blocks: int = 1) -> tuple[list[bytes], list[bytes]]:
+        """`frames` through each, in `blocks` RX blocks taken in one step; what each sent."""
+        cut = [len(frames) * i // blocks for i in range(blocks + 1)]
         sent = []
         for ring, walker in zip(self.rings, self.walkers):
-            ring.fill(frames)
+            for i in range(blocks):
+                ring.fill(frames[cut[i] : cut[i + 1]])
             assert walker.step(now) == len(frames)
+            assert walker.stats.rx_blocks == (self.steps_blocks + blocks)
             sent.append(ring.take_sent())
+        self.steps_blocks += blocks
         return sent[0], sent[1]
 
     def assert_same_state(self) -> None:
@@ -166,7 +171,8 @@ def random_balancer(capacity: int) -> Balancer:
 @pytest.mark.parametrize("seed", range(6))
 def test_random_blocks_give_what_decide_gives(seed: int) -> None:
     """Mixed good and bad frames over repeated flows, a table small enough to evict, time passing past
-    the timeouts, and a backend leaving half-way (entries naming it are rewritten)."""
+    the timeouts, a backend leaving half-way (entries naming it are rewritten), and several retired
+    blocks taken together."""
     rng = random.Random(seed)
     served = [(VIP_WEB, 6, 80), (VIP_WEB, 6, 443), (VIP_DNS, 17, 53), (VIP_DNS, 6, 8080), (VIP_DRAINED, 6, 80)]
     unserved = [(VIP_WEB, 17, 80), (VIP_NONE, 6, 80)]
@@ -180,8 +186,8 @@ def test_random_blocks_give_what_decide_gives(seed: int) -> None:
             if block == 20:
                 for balancer, _ in twin.sides:
                     balancer.set_services(services(without=POOL[0]))
-            frames = [random_frame(rng, flows) for _ in range(rng.randrange(1, 120))]
-            bulk, per_frame = twin.run(frames, now)
+            frames = [random_frame(rng, flows) for _ in range(rng.randrange(3, 120))]
+            bulk, per_frame = twin.run(frames, now, blocks=rng.choice([1, 1, 2, 3]))
             assert bulk == per_frame, f"block {block}"
             twin.assert_same_state()
             now += rng.choice([0.0, 0.1, 0.5, 1.5, 3.0])
@@ -267,5 +273,21 @@ def test_ports_both_zero_and_destination_port_zero_are_told_apart() -> None:
         assert bulk == per_frame and len(bulk) == 2
         twin.assert_same_state()
         assert twin.bulk_balancer.counters()["drop_no_service"] == 2
+    finally:
+        twin.close()
+
+
+def test_vips_that_differ_only_in_their_top_bits_are_told_apart() -> None:
+    high, low = "200.1.0.1", "72.1.0.1"  # 0b11001000 and 0b01001000: one bit apart, the top one
+    make = lambda: Balancer(LB_ADDRESS, LB_MAC_BYTES, [service(ServiceKey.parse(f"{high}:80"), POOL[:2])])  # noqa: E731
+    twin = Twin(make)
+    try:
+        for balancer, _ in twin.sides:
+            balancer.set_neighbour(POOL[0], bytes(6))
+            balancer.set_neighbour(POOL[1], bytes(6))
+        frames = [outer(ipv4("10.0.0.1", vip, 6, tcp(1000 + i, 80))) for i, vip in enumerate([high, low] * 3)]
+        bulk, per_frame = twin.run(frames, now=1.0)
+        assert bulk == per_frame and len(bulk) == 3
+        twin.assert_same_state()
     finally:
         twin.close()

@@ -97,7 +97,7 @@ def test_rx_block_reads_frame_positions_and_leaves_vlan_tagged_frames_out() -> N
         frames = [bytes([i]) * (60 + 7 * i) for i in range(5)]
         ring.fill(frames, vlan=frozenset({1, 3}))
         base, num, first = ring.next_block()  # type: ignore[misc]
-        block = walker.rx_block(base + first, num)
+        block = walker.rx_block([(base, num, first)])
         assert block.frames() == [frames[0], frames[2], frames[4]]
         assert walker.stats.rx_vlan_skipped == 2
     finally:
@@ -139,7 +139,8 @@ def test_walker_reads_gre_only_in_order_and_sends_what_the_processor_returns(vet
         assert answer.frames == frames
         assert drain(cap, lambda f: f.endswith(b"OUT"), len(frames)) == [answer.reply(f) for f in frames]
         s = walker.stats
-        assert (s.rx_packets, s.rx_blocks, s.tx_ring, s.tx_spilled, s.tx_failed) == (5, len(answer.blocks), 5, 0, 0)
+        assert (s.rx_packets, s.tx_ring, s.tx_spilled, s.tx_failed) == (5, 5, 0, 0)
+        assert s.rx_blocks >= len(answer.blocks), "a call may take several retired blocks, never fewer than one"
         assert r.next_block() is None, "every block went back to the kernel"
     finally:
         r.close()

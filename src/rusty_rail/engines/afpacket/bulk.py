@@ -46,6 +46,7 @@ OUT_HEADER = 38
 so the inner packet keeps its offset."""
 _INNER_AT = 38
 _IPV4_MAX = 1 << 32
+_VIP_AND_DPORT = np.uint64(0xFFFFFFFF_0000FFFF)
 _GRE, _TCP, _UDP = 47, 6, 17
 
 _FIXED = {  # frame offset: (bits that must match, their value), docs/WIRE.md sections 1-5
@@ -148,12 +149,16 @@ class BulkProcessor:
         pool_of = np.full(len(h), -1, dtype=np.int64)
         if not len(h):
             return [], pool_of
-        be16 = h.view(">u2")[:, 27:31].astype(np.int64)  # the inner destination and the ports
-        vip, sport, dport = (be16[:, 0] << 16) | be16[:, 1], be16[:, 2], be16[:, 3]
-        matched = (vip << 25) | (dport << 9) | (h[:, 47].astype(np.int64) << 1) | ((sport | dport) == 0)
-        if (matched == matched[0]).all():  # one service's traffic: no sort
-            distinct, first, inverse = matched[:1], np.zeros(1, np.int64), np.zeros(len(h), np.int64)
-        else:
+        # The inner destination and ports (bytes 54-61) as one number: vip << 32 | sport << 16 | dport.
+        where = np.ascontiguousarray(h[:, 54:62]).view(">u8")[:, 0].astype(np.uint64)
+        proto = h[:, 47]
+        to = where & _VIP_AND_DPORT
+        if (to == to[0]).all() and (proto == proto[0]).all() and to[0] & 0xFFFF:
+            # One service's traffic, ports never both zero: one question, no sort.
+            distinct, first, inverse = to[:1], np.zeros(1, np.int64), np.zeros(len(h), np.int64)
+        else:  # vip (32 bits) | dport (16) | protocol (8) | ports both zero (1)
+            matched = (((where >> 32) << 25) | ((where & 0xFFFF) << 9) | (proto.astype(np.uint64) << 1)
+                       | ((where & 0xFFFFFFFF) == 0))
             distinct, first, inverse = np.unique(matched, return_index=True, return_inverse=True)
         pools: list[Pool] = []
         index_of: dict[int, int] = {}

@@ -223,11 +223,22 @@ class PacketRing:
 
     def next_block(self) -> tuple[int, int, int] | None:
         """(block offset, packet count, offset of the first packet) of the next block we own, else None."""
-        base = self.rx_index * self.rx_block_size
-        status, num, first = BLOCK_DESC.unpack_from(self.map, base)
-        if not status & TP_STATUS_USER:
-            return None
-        return base, num, first
+        ready = self.ready_blocks(1)
+        return ready[0] if ready else None
+
+    def ready_blocks(self, most: int) -> list[tuple[int, int, int]]:
+        """The blocks we own from the next one on, in ring order, at most `most` of them: (block offset,
+        packet count, offset of the first packet) each. They go back with release_block(), in order."""
+        ready: list[tuple[int, int, int]] = []
+        index = self.rx_index
+        while len(ready) < most:
+            base = index * self.rx_block_size
+            status, num, first = BLOCK_DESC.unpack_from(self.map, base)
+            if not status & TP_STATUS_USER:
+                break
+            ready.append((base, num, first))
+            index = index + 1 if index + 1 < self.rx_blocks else 0
+        return ready
 
     def release_block(self, base: int) -> None:
         """Give the block at `base` back to the kernel and move on to the next one."""

@@ -1,10 +1,11 @@
 """The ring walker: the one code that takes frames out of the RX ring and puts forwards into the TX ring.
 
     walker = RingWalker(ring, process, spill)
-    walker.step(now)      # one RX block: RxBlock -> process(block, now) -> the TX ring; -1 if none
+    walker.step(now)      # the retired RX blocks: RxBlock -> process(block, now) -> the TX ring; -1 if none
 
-The seam is `BlockProcessor`: one RX block in (`RxBlock`: where its frames lie in the ring, so a
-processor can read them as arrays without copying each out), the frames to transmit out, in order. An
+The seam is `BlockProcessor`: RX frames in (`RxBlock`: where the frames of one or more retired blocks lie
+in the ring, so a processor can read them as arrays without copying each out), the frames to transmit
+out, in order. An
 output is either a frame (bytes) or `Forwards`, many frames built in bulk (a header each, followed by
 bytes that are still in the RX block); the walker writes them into the TX ring in the order given. The
 engine's processor is bulk.py's; `decide_blocks(balancer)` is core.Balancer.decide per frame, and
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 _SNAPLEN_WORD, _STATUS_WORD, _MAC_WORD = 12 // 4, 20 // 4, 24 // 4
 _TX_SNAPLEN_WORD, _TX_LEN_WORD, _TX_STATUS_WORD = 12 // 4, 16 // 4, TX_STATUS_OFF // 4
 
+BATCH_BLOCKS = 8
+"""Retired RX blocks handed to the processor together, at most (see step())."""
 RECTANGLE_MAX = 256
 """Forwards whose copied bytes are all this short are copied as one (frames x longest) rectangle by
 numpy; longer ones frame by frame (a rectangle of 1500-byte rows would copy mostly padding)."""
@@ -55,9 +58,9 @@ RECTANGLE_STEP = 64
 
 @dataclass(frozen=True)
 class RxBlock:
-    """The frames of one RX block, where the kernel wrote them: frame i is the ring's bytes
-    `starts[i]` to `starts[i] + lengths[i]` (VLAN-tagged frames left out). Valid until the walker gives
-    the block back, i.e. for the duration of the processor's call."""
+    """The frames of one or more retired RX blocks, where the kernel wrote them: frame i is the ring's
+    bytes `starts[i]` to `starts[i] + lengths[i]` (VLAN-tagged frames left out). Valid until the walker
+    gives the blocks back, i.e. for the duration of the processor's call."""
 
     ring: PacketRing
     starts: np.ndarray
@@ -171,31 +174,38 @@ class RingWalker:
         self.stats = stats if stats is not None else RingStats()
 
     def step(self, now: float) -> int:
-        """Handle the next RX block if the kernel has retired one: the number of frames it held, else -1."""
+        """Handle every RX block the kernel has retired (at most BATCH_BLOCKS) in one call to the processor:
+        the number of frames they held, else -1. One block at a time while the walker keeps up; when it
+        falls behind, the blocks waiting meanwhile go together, so a processor's cost per call is spread
+        over more frames exactly when that matters."""
         ring = self.ring
-        block = ring.next_block()
-        if block is None:
+        blocks = ring.ready_blocks(BATCH_BLOCKS)
+        if not blocks:
             return -1
-        base, num, first = block
-        out = self.process(self.rx_block(base + first, num), now)
+        out = self.process(self.rx_block(blocks), now)
         if out:
             self.send(out)
-        ring.release_block(base)  # after the TX writes: Forwards copy their bytes out of this block
+        for base, _, _ in blocks:  # after the TX writes: Forwards copy their bytes out of these blocks
+            ring.release_block(base)
+        frames = sum(num for _, num, _ in blocks)
         stats = self.stats
-        stats.rx_packets += num
-        stats.rx_blocks += 1
-        return num
+        stats.rx_packets += frames
+        stats.rx_blocks += len(blocks)
+        return frames
 
-    def rx_block(self, offset: int, count: int) -> RxBlock:
-        """The `count` frames of a block whose first packet header is at `offset`."""
+    def rx_block(self, blocks: list[tuple[int, int, int]]) -> RxBlock:
+        """The frames of `blocks` ((block offset, packet count, first packet offset) each), in order."""
         ring = self.ring
         words = ring.words
-        headers = [0] * count
+        headers: list[int] = []
+        append = headers.append
         # Hand-written per packet (hot path): each header says where the next one is, so this walk is
         # the one sequential part; everything else about the headers is read as arrays below.
-        for i in range(count):
-            headers[i] = offset
-            offset += words[offset >> 2]
+        for base, count, first in blocks:
+            offset = base + first
+            for _ in range(count):
+                append(offset)
+                offset += words[offset >> 2]
         at = np.array(headers, dtype=np.int64)
         word = at >> 2
         lengths = ring.u32[word + _SNAPLEN_WORD].astype(np.int64)
@@ -203,7 +213,7 @@ class RingWalker:
         tagged = ring.u32[word + _STATUS_WORD] & TP_STATUS_VLAN_VALID
         if tagged.any():
             untagged = tagged == 0
-            self.stats.rx_vlan_skipped += count - int(untagged.sum())
+            self.stats.rx_vlan_skipped += len(at) - int(untagged.sum())
             starts, lengths = starts[untagged], lengths[untagged]
         return RxBlock(ring, starts, lengths)
 
