@@ -259,7 +259,8 @@ class Engine:
     def __init__(self, kind: str, v: VethPair, ring: dict[str, int] | None, profile: str | None) -> None:
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=engine_child, args=(kind, v, child, ring, profile), daemon=True)
+        # Not a daemon: the AF_PACKET engine forks its workers from it (kill() ends it on every path out).
+        self.proc = ctx.Process(target=engine_child, args=(kind, v, child, ring, profile))
         self.proc.start()
         if not self.conn.poll(40):
             self.kill()
