@@ -3,7 +3,8 @@ every counter (forwarded, passed, drops per reason, packets and bytes per (servi
 connection table's entries in LRU order, evictions, expirations).
 
 Both run through the ring walker on an in-memory ring (tests/memory_ring.py), the bulk one on one
-balancer and decide_blocks on a twin; the golden table and randomised blocks are fed to both.
+balancer (taking the array path for blocks of any size: bulk_from=1) and decide_blocks on a twin; the
+golden table and randomised blocks are fed to both.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from rusty_rail.core.conntrack import ConnectionTable, Timeouts
 from rusty_rail.core.ethernet import mac_to_bytes
 from rusty_rail.core.service import Service, ServiceKey, ServiceProtocol
 from rusty_rail.core.verdict import Action
-from rusty_rail.engines.afpacket.bulk import BulkProcessor, common_case, ip_checksums
+from rusty_rail.dataplane import DataplaneState
+from rusty_rail.engines.afpacket.bulk import BULK_FROM, BulkProcessor, common_case, ip_checksums
 from rusty_rail.engines.afpacket.walker import RingWalker, decide_blocks
-from tests.engine_netns import checksum, ipv4
-from tests.fixtures.golden import BACKENDS, LB_ADDRESS, LB_MAC, fixtures, golden_balancer
+from tests.afpacket_netns import EngineProcess
+from tests.engine_netns import VethPair, checksum, drain, ipv4
+from tests.fixtures.golden import LB_ADDRESS, LB_MAC, TABLE_SIZE, fixtures, golden_balancer, golden_services
 from tests.memory_ring import MemoryRing
 from tests.services import service
+from tests.test_golden_rings import golden_lb, gre_from_lb
 
 ROUTER_MAC, ROUTER = bytes.fromhex("020000000001"), "192.168.137.1"
 POOL = ["10.2.0.1", "10.2.0.2", "10.2.0.3", "10.2.0.4"]
@@ -37,7 +41,7 @@ class Twin:
 
     def __init__(self, make: Callable[[], Balancer]) -> None:
         self.bulk_balancer, self.frame_balancer = make(), make()
-        self.bulk = BulkProcessor(self.bulk_balancer)
+        self.bulk = BulkProcessor(self.bulk_balancer, bulk_from=1)
         self.sides = [(self.bulk_balancer, self.bulk), (self.frame_balancer, decide_blocks(self.frame_balancer))]
         self.rings = [MemoryRing(tx_frames=64) for _ in self.sides]
         self.walkers = [RingWalker(r, p) for r, (_, p) in zip(self.rings, self.sides)]
@@ -250,7 +254,7 @@ def test_a_forward_whose_slot_is_busy_is_spilled_after_what_was_queued() -> None
             spill_sent.append((len(ring.sent), frame))  # type: ignore[arg-type]
             return len(frame)
 
-    walker = RingWalker(ring, BulkProcessor(balancer), Spill())  # type: ignore[arg-type]
+    walker = RingWalker(ring, BulkProcessor(balancer, bulk_from=1), Spill())  # type: ignore[arg-type]
     try:
         # Slot 2 is still SENDING from an earlier kick: the kernel's index is past it.
         ring.u32[(ring.tx_base + 2 * ring.tx_frame_size + 20) >> 2] = 2
@@ -291,3 +295,49 @@ def test_vips_that_differ_only_in_their_top_bits_are_told_apart() -> None:
         twin.assert_same_state()
     finally:
         twin.close()
+
+
+def test_calls_of_few_frames_go_frame_by_frame() -> None:
+    """Below bulk_from frames a call costs less through decide(): the arrays are not used, and the
+    result is the same."""
+    balancer = golden_balancer()
+    processor = BulkProcessor(balancer, bulk_from=BULK_FROM)
+    ring = MemoryRing()
+    walker = RingWalker(ring, processor)
+    try:
+        frames = [outer(ipv4("10.0.0.1", VIP_WEB, 17, udp(1000 + i, 53, b"x"))) for i in range(BULK_FROM)]
+        ring.fill(frames[:-1])
+        walker.step(1.0)
+        assert processor.bulk_frames == 0 and len(ring.take_sent()) == BULK_FROM - 1
+        ring.fill(frames)
+        walker.step(1.0)
+        assert processor.bulk_frames == BULK_FROM and len(ring.take_sent()) == BULK_FROM
+    finally:
+        ring.close()
+
+
+@pytest.mark.netns
+def test_a_burst_through_the_engine_as_shipped_leaves_in_order(veth: VethPair) -> None:
+    """Real rings on a veth pair, the engine's own processor: a burst of a few hundred frames (the
+    common case over repeated flows, with frames decide() takes between them) gathers in one block,
+    takes the array path, and every forward reaches the peer exactly as decide() builds it, in order."""
+    golden_lb(veth)
+    cap = veth.peer_packet_socket()
+    rng = random.Random(9)
+    frames = []
+    for i in range(300):
+        inner = ipv4(f"10.0.0.{rng.randrange(1, 40)}", VIP_WEB, 17, udp(1000 + rng.randrange(20), 53, bytes([i % 256])))
+        frames.append(outer(inner, gre=b"\x20\x00\x08\x00" + bytes(4)) if i % 50 == 7 else outer(inner))
+    reference = golden_balancer()
+    want = [v.frame for f in frames if (v := reference.decide(f, 1.0)).action == Action.FORWARD]
+    # Blocks retire after 200 ms here rather than 2: the burst lands in one block whatever the sender's pace.
+    with EngineProcess(veth, DataplaneState(golden_services(), TABLE_SIZE), ring_options={"rx_block_tov_ms": 200}) as engine:
+        for frame in frames:
+            cap.send(frame)
+        got = drain(cap, gre_from_lb, len(want))
+        report = engine.stop()
+    cap.close()
+    assert got == want
+    counters = report.counters
+    assert counters.forwarded == reference.forwarded == len(want)
+    assert report.counters.engine["bulk_frames"] >= 300 - 6, "the burst took the array path"

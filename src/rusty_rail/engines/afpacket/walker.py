@@ -5,15 +5,15 @@
 
 The seam is `BlockProcessor`: RX frames in (`RxBlock`: where the frames of one or more retired blocks lie
 in the ring, so a processor can read them as arrays without copying each out), the frames to transmit
-out, in order. An
-output is either a frame (bytes) or `Forwards`, many frames built in bulk (a header each, followed by
-bytes that are still in the RX block); the walker writes them into the TX ring in the order given. The
-engine's processor is bulk.py's; `decide_blocks(balancer)` is core.Balancer.decide per frame, and
-`per_frame` lets a function of frame lists (tests' stand-ins, benchmarks) plug in at the same place.
+out, in order. An output is either a frame (bytes) or `Forwards`, many frames built in bulk (a header
+each, followed by bytes still in the RX ring); the walker writes them into the TX ring in the order
+given, so no two frames of a flow swap places. The engine's processor is bulk.py's; `decide_blocks` is
+core.Balancer.decide per frame, and `per_frame` lets a function of frame lists (tests' stand-ins,
+benchmarks) plug in at the same place.
 
 Per-packet code is hand-written loops over locals, on purpose: at 100 kpps every attribute lookup or
-method call per packet costs a few percent of a CPU. Everything per block (kicks, counters, releasing the
-block) goes through the ring's methods.
+method call per packet costs a few percent of a CPU. Everything per call (kicks, counters, releasing the
+blocks) goes through the ring's methods.
 """
 
 from __future__ import annotations
