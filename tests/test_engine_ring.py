@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import socket
 
 import pytest
@@ -53,22 +54,24 @@ def test_struct_mirrors_match_the_kernel_headers() -> None:
 
 
 class RefusingSocket:
-    """Stands in for the ring's socket: refuses `refusals` kicks with EAGAIN, then takes them."""
+    """Stands in for the ring's socket: refuses `refusals` kicks with `error`, then takes them."""
 
-    def __init__(self, refusals: int) -> None:
-        self.refusals, self.kicks = refusals, 0
+    def __init__(self, refusals: int, error: OSError) -> None:
+        self.refusals, self.kicks, self.error = refusals, 0, error
 
     def send(self, data: bytes, flags: int = 0) -> int:
         self.kicks += 1
         if self.refusals:
             self.refusals -= 1
-            raise BlockingIOError(11, "send buffer full")
+            raise self.error
         return 0
 
 
-def test_a_refused_kick_is_tried_again() -> None:
+@pytest.mark.parametrize("error", [BlockingIOError(errno.EAGAIN, "send buffer full"),
+                                   OSError(errno.ENOBUFS, "the device dropped a frame")], ids=["EAGAIN", "ENOBUFS"])
+def test_a_refused_kick_is_tried_again(error: OSError) -> None:
     r = R.PacketRing.__new__(R.PacketRing)  # no socket, no mmap: only the kick's bookkeeping
-    r.sock, r.tx_pending = RefusingSocket(1), 3  # type: ignore[assignment]
+    r.sock, r.tx_pending = RefusingSocket(1, error), 3  # type: ignore[assignment]
     r.tx_kick()
     assert r.tx_pending == 3, "the frames are still SEND_REQUEST: the next kick must send them"
     r.tx_kick()

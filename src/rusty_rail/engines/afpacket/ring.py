@@ -25,6 +25,7 @@ frame by frame (each frame header says where the next one is). close() lets go o
 
 from __future__ import annotations
 
+import errno
 import mmap
 import socket
 import struct
@@ -254,13 +255,19 @@ class PacketRing:
 
         When the socket's send buffer is full (skbs still in flight) the kernel refuses with EAGAIN and
         the frames stay SEND_REQUEST: `tx_pending` then stays too, so the next kick (the packet loop
-        kicks while idle) sends them, rather than leaving them in the ring until more traffic comes."""
+        kicks while idle) sends them, rather than leaving them in the ring until more traffic comes.
+        ENOBUFS is the same for us: the device dropped a frame at once (a veth whose peer's backlog is
+        full), and tpacket_snd() put that frame back to SEND_REQUEST and stopped there."""
         if not self.tx_pending:
             return
         try:
             self.sock.send(b"", socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return
+            raise
         self.tx_pending = 0
 
     # -- misc -------------------------------------------------------------------------------------
