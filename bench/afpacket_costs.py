@@ -11,7 +11,7 @@ Cases (84-byte GRE frames, 3 backends, M = 65537, same frame layout as engine_ra
 - the parts of the miss path, each alone: flow_hash, inner_flow_key, ConnectionTable.lookup (absent),
   insert (new key, with eviction), the outer checksum, slicing the frame, Forward's output bytes.
 - the ring walker's per-frame work (engines/afpacket/walker.py) on a ring laid out in anonymous memory
-  (tests/memory_ring.py), blocks of 64 and 256 frames, with each block processor: decide_blocks
+  (tests/memory_ring.py), calls of 64, 256 and 512 frames, with each block processor: decide_blocks
   (Balancer.decide per frame) and bulk (the engine's: engines/afpacket/bulk.py): reading the block's
   frame headers, the processor, and writing the forwards into the TX ring (the kick, a syscall, left
   out).
@@ -68,8 +68,9 @@ def balancer(capacity: int = 1 << 20) -> Balancer:
     return b
 
 
-BLOCKS = (64, 256)
-"""Frames per RX block: what a 2 ms block timeout gathers at 32 kpps and at 128 kpps."""
+BLOCKS = (64, 256, 512)
+"""Frames per call: what a 2 ms block timeout gathers at 32, 128 and 256 kpps (a walker that fell behind
+takes several blocks at once)."""
 
 
 class BenchRing(MemoryRing):
