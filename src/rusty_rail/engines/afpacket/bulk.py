@@ -81,6 +81,15 @@ def _word_checks(fixed: dict[int, tuple[int, int]]) -> tuple[np.ndarray, np.ndar
 
 
 _MASK, _VALUE = _word_checks(_FIXED)
+_ALL_BYTES = np.uint64(0x0101010101010101)  # a row of 8 True bools, read as one word
+_WORD_WEIGHTS = np.tile(np.array([256, 1], dtype=np.float32), 10)
+"""An IPv4 header's bytes times these: the sum of its ten big-endian 16-bit words, as one matrix-vector
+product (3x faster than summing a byte-swapped view). Exact in float32: at most 10 * 65535 < 2**24."""
+
+
+def _word_sums(headers: np.ndarray) -> np.ndarray:
+    """The sum of the ten 16-bit words (big-endian) of each row of `headers` (20 bytes each), as int64."""
+    return (headers.astype(np.float32) @ _WORD_WEIGHTS).astype(np.int64)
 
 
 def common_case(h: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -88,7 +97,7 @@ def common_case(h: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     that pass every check of docs/WIRE.md sections 1-5 the plain way (module docstring): the frames of
     the array path."""
     be16 = h.view(">u2")
-    ok = ((h.view("<u8") & _MASK) == _VALUE).all(axis=1)
+    ok = ((h.view("<u8") & _MASK) == _VALUE).view("<u8")[:, 0] == _ALL_BYTES  # all 8 words match
     ok &= (h[:, 47] == _TCP) | (h[:, 47] == _UDP)
     outer_total = be16[:, 8].astype(np.int64)
     inner_total = be16[:, 20].astype(np.int64)
@@ -96,14 +105,14 @@ def common_case(h: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     ok &= (outer_total <= lengths - 14) & (inner_total >= 24) & (inner_total <= outer_total - 24)
     # The outer header's one's complement sum (RFC 1071) is all ones exactly when the sum of its ten
     # 16-bit words is a non-zero multiple of 0xFFFF (core/checksum.py).
-    header_sum = be16[:, 7:17].sum(axis=1, dtype=np.int64)
+    header_sum = _word_sums(h[:, 14:34])
     ok &= (header_sum % 0xFFFF == 0) & (header_sum != 0)
     return ok
 
 
 def ip_checksums(headers: np.ndarray) -> np.ndarray:
     """The IPv4 header checksum (RFC 1071) of each row of `headers` (20 bytes each, checksum field 0)."""
-    total = np.ascontiguousarray(headers).view(">u2").sum(axis=1, dtype=np.int64)
+    total = _word_sums(headers)
     total = (total & 0xFFFF) + (total >> 16)
     total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -218,8 +227,7 @@ class BulkProcessor:
                 now: float) -> tuple[list[int], dict[int, bytes]]:
         """The connection table's choice for the bulk rows, with the per-frame rows decided in between,
         in block order: (each bulk row's backend, per-frame row -> its forwarded frame)."""
-        raw = keys.tobytes()
-        key_list = [raw[i : i + 16] for i in range(0, len(raw), 16)]
+        key_list = keys.view("V16")[:, 0].tolist()  # bytes objects, made in C (slicing costs 4x as much)
         backend_sets = [pool.backend_set for pool in pools]
         listed = ([backend_sets[0]] * len(rows) if len(pools) == 1
                   else [backend_sets[p] for p in pool_of.tolist()])
