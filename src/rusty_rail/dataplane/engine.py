@@ -40,11 +40,12 @@ def default_workers(cpus: int | None = None) -> int:
 
     One CPU is left to the kernel's half of every frame, which no worker can take over: the copy into
     the RX ring in the receiving softirq and the transmit behind each kick. Measured on 2 CPUs
-    (bench/engine_rates.py, random flows, 3 rounds): 1 worker on one CPU, the sender on the other,
-    delivered 100% at 200 kpps and 291 kpps at the sender's maximum (415 offered); 2 workers on both
-    CPUs delivered 100% at 200 kpps but only 241 kpps at the maximum (366 offered), the second worker
-    taking its CPU from the receive path. More workers add capacity for many flows, not for one: the
-    fanout keeps a flow on one worker (cbpf.py), and the control plane reaches each over its pipe."""
+    (bench/engine_rates.py, random flows, medians of 3 rounds): one worker on one CPU, the sender on
+    the other, delivered 100% at 200 kpps and 307 kpps at the sender's maximum (401 offered), at 2.98
+    us of CPU per packet; two workers on both CPUs, 100% at 200 kpps and 305 kpps at the maximum (374
+    offered: the second worker's CPU is taken from the receive side), at 3.25 us per packet. On a busier
+    machine: 291 against 241 kpps. More workers add capacity for many flows, not for one: the fanout
+    keeps a flow on one worker (cbpf.py); and the control plane reaches each worker over its pipe."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0))
     return max(1, min(cpus - 1, MAX_DEFAULT_WORKERS))

@@ -41,10 +41,10 @@ from rusty_rail.core.verdict import Action, DropReason
 from rusty_rail.engines.afpacket.walker import BlockProcessor, Forwards, Output, RxBlock, decide_blocks
 
 BULK_FROM = 48
-"""Frames in a call from which the arrays are cheaper than decide() per frame. Measured with
-bench/afpacket_costs.py's walker (RX, processor, TX; random flows): per frame, decide 17 us in blocks of
-one, 5.7 us in blocks of 16, 5.2 us in blocks of 32, 4.9 us in blocks of 64; the arrays 183, 12.8, 7.1
-and 4.6 us: equal between 32 and 64."""
+"""Frames in a call from which the arrays cost less than decide() per frame. Measured with
+bench/afpacket_costs.py's walker (RX, processor, TX; random flows, a full table), per frame: decide()
+16 us in calls of one frame, 5.3 us in calls of 16, 4.8-5.1 us in calls of 32 and 64; the arrays 165,
+11.3, 6.3-6.7 and 3.8-4.6 us. Below this many frames, a call goes through decide()."""
 
 PARSED = 64
 """Bytes of each frame read as an array: Ethernet 14 + IPv4 20 + GRE 4 + IPv4 20 + ports 4 = 62, rounded
