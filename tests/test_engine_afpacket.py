@@ -20,7 +20,7 @@ from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
 from rusty_rail.dataplane import Counters, DataplaneState, EngineError, EngineOptions, StateBuilder
 from rusty_rail.engines.afpacket import hostfilter
-from rusty_rail.engines.afpacket.walker import BlockProcessor
+from rusty_rail.engines.afpacket.walker import BlockProcessor, per_frame
 from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import (
     VethPair,
@@ -43,7 +43,7 @@ def mark_and_swap(balancer: Balancer) -> BlockProcessor:
     sent *this*)."""
     def process(frames: list[bytes], now: float) -> list[bytes]:
         return [swapped(f) for f in frames if not f.endswith((b"DROP", b"PASS"))]
-    return process
+    return per_frame(process)
 
 
 def swapped(frame: bytes) -> bytes:
@@ -121,7 +121,7 @@ def mark_worker(balancer: Balancer) -> BlockProcessor:
 
     def process(frames: list[bytes], now: float) -> list[bytes]:
         return [f[6:12] + f[0:6] + f[12:] + pid for f in frames]
-    return process
+    return per_frame(process)
 
 
 def test_fanout_keeps_each_flow_on_one_worker_and_spreads_flows(veth: VethPair) -> None:

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         'With no command: RR_DEVICE=eth0 RR_TARGET_IPS="10.2.0.1;10.2.0.2" rusty-rail',
     )
     parser.add_argument("--version", action="version", version=f"rusty-rail {__version__}")
-    parser.add_argument("--workers", type=int, default=None, help="packet worker processes (AF_PACKET engine; default RR_WORKERS or 1)")
+    parser.add_argument("--workers", type=int, default=None, help="packet worker processes (AF_PACKET engine; default RR_WORKERS, else one less than the CPUs)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("lab", help="the namespace lab: lab up --topology N | down | status", add_help=False)

@@ -17,7 +17,7 @@ services. The file form (deploy/config.example.toml):
     table_size = 65537              # prime                                 (RR_TABLE_SIZE)
     control_socket = "/run/rusty-rail/control.sock"                       # (RR_CONTROL_SOCKET)
     metrics = "127.0.0.1:9100"      # absent = off                          (RR_METRICS)
-    workers = 1                     # AF_PACKET worker processes            (RR_WORKERS)
+    workers = 1                     # AF_PACKET worker processes; default: CPUs - 1 (RR_WORKERS)
     connection_capacity = 1048576   # connection table entries, LRU beyond  (RR_CONN_CAPACITY)
     pin_root = "/sys/fs/bpf/..."    # hitless restart pins (RR_PIN_ROOT; default DEFAULT_PIN_ROOT)
     [[services]]
@@ -45,7 +45,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import AddressValueError, IPv4Address
 from typing import TYPE_CHECKING, Any
@@ -60,7 +60,7 @@ from rusty_rail.core.constants import (
 )
 from rusty_rail.core.maglev import is_prime
 from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceProtocol
-from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode
+from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode, default_workers
 
 if TYPE_CHECKING:
     from rusty_rail.control.bgp_config import BgpSpec
@@ -144,8 +144,9 @@ class Config:
     """Path of the control socket (`rusty-rail ctl`); None: none (the environment form's default)."""
     metrics: str | None = None
     """host:port of the Prometheus endpoint; None: off."""
-    workers: int = 1
-    """AF_PACKET worker processes; every packet of a flow goes to the same one."""
+    workers: int = field(default_factory=default_workers)
+    """AF_PACKET worker processes (default: one less than the CPUs, dataplane.default_workers); every
+    packet of a flow goes to the same one."""
     connection_capacity: int = DEFAULT_CONN_CAPACITY
     """Connection-table entries (per worker on AF_PACKET), least recently used evicted beyond."""
     pin_root: str = DEFAULT_PIN_ROOT
@@ -493,7 +494,7 @@ def _common(values: Mapping[str, Any], names: Any, services: tuple[ServiceSpec, 
         table_size=get("table_size", _table_size, DEFAULT_TABLE_SIZE),
         control_socket=socket_path,
         metrics=get("metrics", _metrics, None),
-        workers=get("workers", _int, 1, 1, MAX_WORKERS),
+        workers=get("workers", _int, default_workers(), 1, MAX_WORKERS),
         connection_capacity=get("connection_capacity", _int, DEFAULT_CONN_CAPACITY, 1, MAX_CONN_CAPACITY),
         pin_root=get("pin_root", _absolute_path, DEFAULT_PIN_ROOT),
     )

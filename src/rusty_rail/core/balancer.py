@@ -9,8 +9,9 @@ more than the rest of the work together.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
+from types import MappingProxyType
 
 from rusty_rail.core.checksum import ones_complement_sum
 from rusty_rail.core.conntrack import ConnectionTable
@@ -88,6 +89,12 @@ class Balancer:
     def backends(self) -> frozenset[int]:
         """Every backend of every service (the engines resolve their next hops)."""
         return self._all_backends
+
+    @property
+    def neighbours(self) -> Mapping[int, bytes]:
+        """Backend -> the MAC of its next hop, for those known now: a read-only live view, for engines
+        that build output frames in bulk (docs/WIRE.md section 8)."""
+        return MappingProxyType(self._macs)
 
     def pool_for(self, key: bytes) -> Pool | None:
         """The pool of the service a flow key belongs to (the rule: core/service.py)."""

@@ -12,6 +12,7 @@ decision runs: a Python process reading TPACKET_V3 rings (AF_PACKET) or a BPF pr
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,29 @@ from rusty_rail.dataplane.state import DataplaneState
 
 DEFAULT_MAX_SERVICES = 64
 """Services the XDP program's maps are sized for (each adds a Maglev table to rr_maglev)."""
+
+
+MAX_DEFAULT_WORKERS = 8
+"""The most AF_PACKET workers a machine gets without asking: each keeps its own connection table (up to
+connection_capacity entries, a few hundred MB in Python when full) and is sent every table change;
+beyond a few cores the XDP engine is the one to run."""
+
+
+def default_workers(cpus: int | None = None) -> int:
+    """AF_PACKET workers when none are asked for: one less than the CPUs this process may run on
+    (`cpus`, default its affinity), at least 1, at most MAX_DEFAULT_WORKERS.
+
+    One CPU is left to the kernel's half of every frame, which no worker can take over: the copy into
+    the RX ring in the receiving softirq and the transmit behind each kick. Measured on 2 CPUs
+    (bench/engine_rates.py, random flows, medians of 3 rounds): one worker on one CPU, the sender on
+    the other, delivered 100% at 200 kpps and 307 kpps at the sender's maximum (401 offered), at 2.98
+    us of CPU per packet; two workers on both CPUs, 100% at 200 kpps and 305 kpps at the maximum (374
+    offered: the second worker's CPU is taken from the receive side), at 3.25 us per packet. On a busier
+    machine: 291 against 241 kpps. More workers add capacity for many flows, not for one: the fanout
+    keeps a flow on one worker (cbpf.py); and the control plane reaches each worker over its pipe."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0))
+    return max(1, min(cpus - 1, MAX_DEFAULT_WORKERS))
 
 
 class EngineKind(str, Enum):
@@ -53,8 +77,9 @@ class EngineOptions:
 
     device: str
     """The interface GRE arrives on and leaves by."""
-    workers: int = 1
-    """AF_PACKET worker processes; every packet of a flow goes to the same one."""
+    workers: int = field(default_factory=default_workers)
+    """AF_PACKET worker processes (default_workers(): one less than the CPUs); every packet of a flow
+    goes to the same one."""
     connection_capacity: int = DEFAULT_CONN_CAPACITY
     """Connection-table entries (per worker on AF_PACKET), least recently used evicted beyond."""
     pin_root: str = DEFAULT_PIN_ROOT

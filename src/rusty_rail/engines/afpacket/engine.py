@@ -42,7 +42,8 @@ from rusty_rail.dataplane import (
 from rusty_rail.engines.afpacket import hostfilter
 from rusty_rail.engines.afpacket.local import merge_counters
 from rusty_rail.engines.afpacket.pool import WorkerPool
-from rusty_rail.engines.afpacket.walker import ProcessorFactory, decide_blocks
+from rusty_rail.engines.afpacket.bulk import bulk_blocks
+from rusty_rail.engines.afpacket.walker import ProcessorFactory
 from rusty_rail.engines.afpacket.worker import Worker
 from rusty_rail.engines.device import TxRefusals
 from rusty_rail.engines.neighbours import device_info
@@ -58,7 +59,7 @@ class AfPacketEngine:
         self,
         options: EngineOptions,
         *,
-        processor: ProcessorFactory = decide_blocks,
+        processor: ProcessorFactory = bulk_blocks,
         ring_options: dict[str, Any] | None = None,
         host_filter: bool = True,
         neighbour_interval: float = 1.0,

@@ -83,9 +83,11 @@ class Worker:
         return self.walker.stats
 
     def figures(self) -> dict[str, int]:
-        """This worker's engine-only figures (Counters.engine)."""
+        """This worker's engine-only figures (Counters.engine); bulk_frames: frames the array path of
+        bulk.py decided (the rest went through Balancer.decide)."""
         return {**self.stats.figures(), "neighbour_refreshes": self.neighbour_refreshes,
-                "pools_built": self.local.pools_built, "workers": 1}
+                "pools_built": self.local.pools_built, "workers": 1,
+                "bulk_frames": getattr(self.walker.process, "bulk_frames", 0)}
 
     def counters(self, ready: bool, walk: bool = True) -> Counters:
         return self.local.counters(self.figures(), ready, walk)
