@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := clang llvm libbpf-dev bpftool netsniff-ng nftables iproute2
+DEB_PACKAGES := clang llvm libbpf-dev bpftool netsniff-ng nftables iproute2 bird2
+# Only `make bench` needs these: the end-to-end comparison's servers, peers and load generators.
+BENCH_DEB_PACKAGES := haproxy nginx iperf3 wrk
 BPF_SRC := $(wildcard src/rusty_rail/bpf/*.c)
 BPF_OBJ := $(BPF_SRC:.c=.o)
 
@@ -12,7 +14,7 @@ venv: $(VENV)/.installed bpf
 
 # Debian packages are installed only when running as root and something is missing.
 deb:
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(DEB_PACKAGES) $(EXTRA_DEB); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -39,9 +41,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+# One command for docs/BENCHMARKS.md and its plots (docs/bench/); the last line is a JSON of every figure.
 bench: venv
+	$(MAKE) deb EXTRA_DEB="$(BENCH_DEB_PACKAGES)"
 	$(PY) -m pip install -q -e '.[test,bench]'
-	$(PY) bench/run.py
+	$(VENV)/bin/rusty-rail bench --out docs
 
 clean:
 	rm -rf $(VENV) $(BPF_OBJ) build *.egg-info src/*.egg-info

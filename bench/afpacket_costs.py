@@ -10,9 +10,11 @@ Cases (84-byte GRE frames, 3 backends, M = 65537, same frame layout as engine_ra
   once the table has seen `capacity` flows; a small capacity is used to get there quickly).
 - the parts of the miss path, each alone: flow_hash, inner_flow_key, ConnectionTable.lookup (absent),
   insert (new key, with eviction), the outer checksum, slicing the frame, Forward's output bytes.
-- the ring walker's own per-frame work (engines/afpacket/walker.py), on rings laid out in anonymous
-  memory in blocks of 64 frames: copying frames out of an RX block, the engine's block processor
-  (decide_blocks) over a block, and writing forwards into the TX ring (the kick, a syscall, left out).
+- the ring walker's per-frame work (engines/afpacket/walker.py) on a ring laid out in anonymous memory
+  (tests/memory_ring.py), calls of 64, 256 and 512 frames, with each block processor: decide_blocks
+  (Balancer.decide per frame) and bulk (the engine's: engines/afpacket/bulk.py): reading the block's
+  frame headers, the processor, and writing the forwards into the TX ring (the kick, a syscall, left
+  out).
 Figures: median of 5 runs, nanoseconds of this thread's CPU time per packet (robust to other load). What
 the kernel adds (the kick's transmit, the copy into the RX ring) is engine_rates.py's "engine us/pkt"
 minus these.
@@ -21,12 +23,12 @@ minus these.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +42,10 @@ from rusty_rail.core.flow import inner_flow_key  # noqa: E402
 from rusty_rail.core.flowhash import flow_hash  # noqa: E402
 from rusty_rail.core.maglev import build_table  # noqa: E402
 from rusty_rail.core.service import Service, ServiceKey  # noqa: E402
-from rusty_rail.engines.afpacket import ring as R  # noqa: E402
-from rusty_rail.engines.afpacket.walker import RingWalker, decide_blocks  # noqa: E402
+from rusty_rail.engines.afpacket.bulk import bulk_blocks  # noqa: E402
+from rusty_rail.engines.afpacket.walker import ProcessorFactory, RingWalker, decide_blocks  # noqa: E402
 from tests.engine_netns import gre_frame, ipv4, udp  # noqa: E402
+from tests.memory_ring import MemoryRing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LB_IP, LB_MAC, PEER_IP, PEER_MAC = "10.77.0.1", bytes.fromhex("020000000011"), "10.77.0.2", bytes.fromhex("020000000099")
@@ -65,61 +68,58 @@ def balancer(capacity: int = 1 << 20) -> Balancer:
     return b
 
 
-BLOCK = 64
+BLOCKS = (64, 256, 512)
+"""Frames per call: what a 2 ms block timeout gathers at 32, 128 and 256 kpps (a walker that fell behind
+takes several blocks at once)."""
 
 
-class MemoryRing:
-    """PacketRing's layout without a socket: one RX block holding BLOCK frames as the kernel writes them
-    (tpacket3_hdr, frame at tp_mac), then a TX ring of 2 * BLOCK slots whose kick sends nothing."""
-
-    def __init__(self, frames: list[bytes]) -> None:
-        self.rx_block_size, self.tx_frame_size, self.tx_frames = 1 << 17, 2048, 2 * BLOCK
-        self.tx_base = self.rx_block_size
-        self.map = mmap.mmap(-1, self.tx_base + self.tx_frames * self.tx_frame_size)
-        self.tx_max_len = self.tx_frame_size - R.TPACKET3_HDRLEN
-        self.tx_kick_at = self.tx_frames  # no kick inside a block: the syscall is not ours to time
-        self.tx_index = self.tx_pending = 0
-        self.first = 64
-        off = self.first
-        for frame in frames:
-            mac, nxt = 80, (80 + len(frame) + 15) & ~15
-            struct_into = R.TPACKET3_HDR.pack_into
-            struct_into(self.map, off, nxt, len(frame), R.TP_STATUS_USER, mac)
-            self.map[off + mac : off + mac + len(frame)] = frame
-            off += nxt
+class BenchRing(MemoryRing):
+    """tests/memory_ring.py's ring with a kick that sends nothing (the syscall is not ours to time): the
+    TX slots are made AVAILABLE again between blocks, outside the timing."""
 
     def tx_kick(self) -> None:
         self.tx_pending = 0
 
     def tx_reset(self) -> None:
-        """What the kernel does once the skbs are freed: every slot AVAILABLE again."""
-        self.map[self.tx_base :] = bytes(self.tx_frames * self.tx_frame_size)
+        self.u8[self.tx_base :] = 0
         self.tx_index = 0
 
 
-def walker_ns(frames: list[bytes], b: Balancer) -> dict[str, float]:
-    """The walker's per-frame costs over blocks of BLOCK frames (median of 5 runs over all `frames`)."""
-    blocks = [frames[i : i + BLOCK] for i in range(0, len(frames) - BLOCK + 1, BLOCK)]
-    rings = [MemoryRing(block) for block in blocks[:50]]  # 50 distinct blocks, walked round robin
-    walkers = [RingWalker(r, decide_blocks(b)) for r in rings]  # type: ignore[arg-type]
-    out = {"rx": [], "decide": [], "tx": []}  # type: dict[str, list[float]]
+def walker_ns(frames: list[bytes], make: Callable[[], Balancer], processor: ProcessorFactory,
+              block: int) -> dict[str, float]:
+    """The walker's per-frame costs with `processor` over blocks of `block` frames (median of 5 runs over
+    all `frames`, the balancer's table already full): reading the block's frame headers (RX), the
+    processor, writing the TX ring (TX)."""
+    blocks = [frames[i : i + block] for i in range(0, len(frames) - block + 1, block)]
+    ring = BenchRing(rx_blocks=1, tx_frames=2 * block)
+    ring.tx_kick_at = ring.tx_frames  # no kick inside a block
+    balancer = make()
+    walker = RingWalker(ring, processor(balancer))
+    for b in blocks:  # fill the connection table: the steady state of random flows (LRU evicts)
+        ring.fill(b)
+        walker.step(1.0)
+        ring.tx_reset()
+    out: dict[str, list[float]] = {"rx": [], "process": [], "tx": []}
     for _ in range(5):
-        t = {"rx": 0, "decide": 0, "tx": 0}
-        for i in range(len(blocks)):
-            w = walkers[i % len(walkers)]
+        t = {"rx": 0, "process": 0, "tx": 0}
+        for b in blocks:
+            ring.fill(b)
+            base, num, first = ring.next_block()  # type: ignore[misc]
             t0 = time.thread_time_ns()
-            got = w.rx_frames(w.ring.first, BLOCK)  # type: ignore[attr-defined]
+            rx = walker.rx_block([(base, num, first)])
             t1 = time.thread_time_ns()
-            sent = w.process(got, 1.0)
+            sent = walker.process(rx, 1.0)
             t2 = time.thread_time_ns()
-            w.transmit(sent)
+            walker.send(sent)
             t3 = time.thread_time_ns()
-            w.ring.tx_reset()  # type: ignore[attr-defined]
+            ring.release_block(base)
+            ring.tx_reset()
             t["rx"] += t1 - t0
-            t["decide"] += t2 - t1
+            t["process"] += t2 - t1
             t["tx"] += t3 - t2
         for k in t:
-            out[k].append(t[k] / (len(blocks) * BLOCK))
+            out[k].append(t[k] / (len(blocks) * block))
+    ring.close()
     return {k: statistics.median(v) for k, v in out.items()}
 
 
@@ -192,11 +192,13 @@ def main() -> int:
     r["  output bytes (4 concatenations)"] = per_item_ns(
         lambda items: [prefix[0] + b"x" * 20 + prefix[1] + b"\0\0\x08\0" + i for i in items], inners)
 
-    walked = walker_ns(rand, balancer(capacity=n // 4))
-    r[f"walker: RX frames out of a block of {BLOCK}"] = walked["rx"]
-    r["walker: decide_blocks (random flows, table full)"] = walked["decide"]
-    r["walker: TX ring writes (without the kick)"] = walked["tx"]
-
+    for block in BLOCKS:
+        for name, factory in (("decide_blocks", decide_blocks), ("bulk", bulk_blocks)):
+            walked = walker_ns(rand, lambda: balancer(capacity=n // 4), factory, block)
+            r[f"walker, blocks of {block}, {name}: RX (frame headers)"] = walked["rx"]
+            r[f"walker, blocks of {block}, {name}: process (random flows, table full)"] = walked["process"]
+            r[f"walker, blocks of {block}, {name}: TX ring writes (without the kick)"] = walked["tx"]
+            r[f"walker, blocks of {block}, {name}: total"] = sum(walked.values())
     width = max(map(len, r))
     print(f"{'case':{width}} {'ns/pkt':>8}")
     for k, val in r.items():

@@ -31,6 +31,7 @@ from pyroute2 import netns  # noqa: E402
 from rusty_rail.core.maglev import build_table  # noqa: E402
 from rusty_rail.core.service import Service, ServiceKey  # noqa: E402
 from rusty_rail.dataplane import DataplaneState, EngineOptions  # noqa: E402
+from rusty_rail.engines.afpacket.walker import per_frame  # noqa: E402
 from tests.engine_netns import VethPair, gre_frame, ipv4, udp  # noqa: E402
 
 NOBODY = bytes.fromhex("020000000001")
@@ -42,7 +43,7 @@ def trivial(frame: bytes) -> bytes:
 
 
 def trivial_blocks(balancer: Any) -> Any:
-    return lambda frames, now: [NOBODY + f[6:] for f in frames]
+    return per_frame(lambda frames, now: [NOBODY + f[6:] for f in frames])
 
 
 def slow_blocks(balancer: Any) -> Any:
@@ -54,7 +55,7 @@ def slow_blocks(balancer: Any) -> Any:
                 pass
             out.append(trivial(f))
         return out
-    return process
+    return per_frame(process)
 
 
 def plain_loop(dev: str, stop: Any) -> None:

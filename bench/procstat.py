@@ -16,6 +16,20 @@ def task_ns(pid: int) -> int:
     return total
 
 
+def family(pid: int) -> list[int]:
+    """`pid` and its descendants (an engine's forked workers), from /proc/PID/task/*/children."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in open(f"/proc/{p}/task/{tid}/children").read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
 def cpu_stat(cpu: int) -> dict[str, int]:
     """Jiffies of one CPU from /proc/stat."""
     for line in open("/proc/stat"):

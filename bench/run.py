@@ -7,6 +7,8 @@
 - engine_rates.py: both engines on a veth pair, trafgen random flows: delivered/offered at 100 kpps and
   at the sender's maximum, CPU us/packet, against an XDP MAC-swap baseline.
 - fuzz.py: atheris over the parsers and both engines, a million inputs (no disagreement, no crash).
+- veth_xdp_modes.py: native vs generic XDP vs AF_PACKET on a veth, delivery and CPU per delivered frame,
+  with and without an XDP program on the peer (engine auto's choice on veth).
 - engine_afpacket.py (not by default: its figures are a subset of engine_rates'): the AF_PACKET engine
   with a trivial decide() vs a plain recv/send loop, one flow.
 Each writes its JSON to bench/results/. --quick: shorter runs (smoke test, not figures).
@@ -30,8 +32,9 @@ BENCHES = {
     "engine_rates": ([], ["--seconds-paced", "2", "--packets-max", "300000"], True, "engine "),
     "engine_afpacket": ([], ["200000"], True, None),
     "fuzz": (["-runs=1000000"], ["-runs=20000"], True, "fuzz: "),
+    "veth_xdp_modes": ([], ["--rounds", "1", "--seconds", "1"], True, "variant "),
 }
-DEFAULT = ["xdp_test_run", "afpacket_costs", "engine_rates", "fuzz"]
+DEFAULT = ["xdp_test_run", "afpacket_costs", "engine_rates", "fuzz", "veth_xdp_modes"]
 
 
 def summary(name: str, out: str, marker: str | None) -> str:

@@ -7,6 +7,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
+
+# Properties of verdicts and tables, not of time: a loaded machine (CI, or tests running side by side on
+# two cores) must not fail an example for taking longer than hypothesis's default 200 ms.
+settings.register_profile("rusty-rail", deadline=None)
+settings.load_profile("rusty-rail")
 
 if TYPE_CHECKING:
     from tests.engine_netns import VethPair

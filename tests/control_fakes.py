@@ -8,7 +8,7 @@ from ipaddress import IPv4Address
 from rusty_rail.control.config import BackendSpec, Config, HealthSpec, HealthType, ServiceSpec
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
-from rusty_rail.dataplane import Counters, DataplaneState, EngineKind, EngineReport, Explanation
+from rusty_rail.dataplane import Counters, DataplaneState, EngineError, EngineKind, EngineReport, Explanation
 
 WEB = ServiceKey.parse("10.1.0.1:80")
 DNS = ServiceKey.parse("10.1.0.1:53/udp")
@@ -22,11 +22,13 @@ class FakeEngine:
         self.applied: list[DataplaneState] = []
         self.canned = Counters(
             forwarded=10, passed=3, drops={"no_service": 2, "no_backend": 0}, connections=5, connection_evictions=1,
-            backends={(WEB, B1): (7, 700), (WEB, B2): (3, 300)}, flows={B1: 4, B2: 1}, ready=True,
-            forwarded_ipv6=4, connections_ipv6=2,
+            backends={(WEB, B1): (7, 700), (WEB, B2): (3, 300)}, flows={(WEB, B1): 4, (WEB, B2): 1, (DNS, B1): 2},
+            ready=True, forwarded_ipv6=4, connections_ipv6=2,
         )
         self.fail_next = False
         self.explained: list[FlowKey] = []
+        self.pinned: list[str] = []
+        self.handover_error: str | None = None
 
     def apply(self, state: DataplaneState) -> None:
         if self.fail_next:
@@ -46,7 +48,7 @@ class FakeEngine:
     def start(self) -> None:
         pass
 
-    def counters(self) -> Counters:
+    def counters(self, *, walk: bool = True) -> Counters:
         return self.canned
 
     def explain(self, key: FlowKey) -> Explanation:
@@ -57,8 +59,15 @@ class FakeEngine:
         stop.wait()
         return EngineReport(self.kind, False, self.canned)
 
-    def request_handover(self) -> str | None:
-        return "the fake engine has nothing to leave running"
+    def hand_over(self, pin_root: str) -> bool:
+        """Records the pin root; `handover_error` set: refuses, as an engine that cannot pin does."""
+        if self.handover_error is not None:
+            raise EngineError(self.handover_error)
+        self.pinned.append(pin_root)
+        return True
+
+    def cancel_handover(self) -> None:
+        self.pinned.clear()
 
     def close(self) -> None:
         pass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rusty_rail.lab.topology import BALANCER_AS, ROUTER_AS, ROUTER_V
+
 VIP = "10.1.0.1"
 SERVICE = f"{VIP}:80"
 METRICS_PORT = 9100  # each balancer namespace has its own loopback: no clash between tests
@@ -11,8 +13,19 @@ INTERVAL, TIMEOUT, RISE, FALL = 0.2, 0.1, 2, 2
 TABLE_SIZE = 1009  # small: tables are built in Python on every change
 
 
+BGP_SECTION = f"""
+[bgp]
+local_as = {BALANCER_AS}
+drain_timeout = 10.0
+[[bgp.peers]]
+address = "{ROUTER_V}"
+as = {ROUTER_AS}
+"""
+
+
 def config_text(engine: str, socket_path: Path, backends: list[str], *, health: str = "tcp",
-                timeout: float = TIMEOUT, extra_service: str = "", workers: int = 1) -> str:
+                timeout: float = TIMEOUT, extra_service: str = "", workers: int = 1, bgp: str = "") -> str:
+    """bgp: a [bgp] section (BGP_SECTION: announce to the lab's router) appended."""
     listed = ", ".join(f'"{b}"' for b in backends)
     return f"""\
 device = "eth0"
@@ -35,4 +48,4 @@ interval = {INTERVAL}
 timeout = {timeout}
 rise = {RISE}
 fall = {FALL}
-"""
+{bgp}"""

@@ -11,7 +11,7 @@ import sys
 from rusty_rail.control.config import BackendSpec, ConfigError, HealthType, from_environment, load_config, loads_config
 from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY, DEFAULT_PIN_ROOT
 from rusty_rail.core.service import ServiceKey, ServiceProtocol
-from rusty_rail.dataplane import EngineKind, XdpMode
+from rusty_rail.dataplane import EngineKind, XdpMode, default_workers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,7 +172,7 @@ def test_the_originals_form_is_one_catch_all_service() -> None:
     assert service.key == ServiceKey.catch_all() and service.key.is_catch_all
     assert service.backends == (BackendSpec(IPv4Address("10.2.0.1")), BackendSpec(IPv4Address("10.2.0.2")))
     assert service.health.type == HealthType.NONE
-    assert config.engine == EngineKind.AUTO and config.workers == 1 and config.table_size == 65537
+    assert config.engine == EngineKind.AUTO and config.workers == default_workers() and config.table_size == 65537
 
 
 def test_ipv6_vips_backends_and_targets() -> None:

@@ -41,7 +41,9 @@ def test_scrape_over_http() -> None:
     assert samples[("rusty_rail_connection_evictions_total", ())] == 1
     assert samples[("rusty_rail_table_rebuilds_total", ())] == 3  # WEB, DNS, WEB again without B2
     assert samples[("rusty_rail_health_transitions_total", ())] == 1
-    assert samples[("rusty_rail_backend_flows", (("backend", "10.2.0.1"),))] == 4
+    dns_b1 = (("backend", "10.2.0.1"), ("service", "10.1.0.1:53/udp"))
+    assert samples[("rusty_rail_backend_flows", web_b1)] == 4  # the same backend, per service
+    assert samples[("rusty_rail_backend_flows", dns_b1)] == 2
     assert samples[("rusty_rail_family_forwarded_packets_total", (("family", "ipv6"),))] == 4
     assert samples[("rusty_rail_family_forwarded_packets_total", (("family", "ipv4"),))] == 6
     assert samples[("rusty_rail_family_connections", (("family", "ipv6"),))] == 2

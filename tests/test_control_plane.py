@@ -160,6 +160,7 @@ def test_status_combines_state_and_counters() -> None:
                   "served_weight": 1, "state": "active", "packets": 7, "bytes": 700, "flows": 4}
     assert (b2["state"], b2["drained"], b2["served_weight"]) == ("drained", True, 0)
     assert dns["backends"][0]["health"] == "unchecked" and dns["packets"] == 0
+    assert dns["backends"][0]["flows"] == 2, "a backend's flows are counted per service"
     assert status["counters"]["drops"] == {"no_service": 2, "no_backend": 0}
     # Tables built: WEB and DNS at start, WEB again for the drain; DNS's table was reused.
     assert status["counters"]["table_rebuilds"] == 3 and status["control"]["applies"] == 2

@@ -58,7 +58,7 @@ class ScriptedEngine(FakeEngine):
 
     def serve(self, stop: threading.Event) -> EngineReport:
         self.script(stop)
-        return EngineReport(self.kind, False, self.canned)
+        return EngineReport(self.kind, bool(self.pinned), self.canned)
 
 
 def test_the_daemon_end_to_end(tmp_path: Path) -> None:
@@ -133,3 +133,29 @@ def test_health_checks_take_a_dead_backend_out(tmp_path: Path) -> None:
     finally:
         daemon.stop()
         listener.close()
+
+
+def test_sigusr2_hands_over_only_when_it_can_pin(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGUSR2 with an engine that cannot pin: logged, and the daemon serves on (a later SIGTERM is a
+    plain stop, exit 0); with one that can: exit 75 (HANDOVER_EXIT) once the pins are made."""
+    config = loads_config(f'device = "eth0"\npin_root = "{tmp_path}"\ncontrol_socket = "{tmp_path / "ctl.sock"}"\n'
+                          '[[services]]\nvip = "10.1.0.1"\nport = 80\nbackends = ["10.2.0.1"]\n')
+
+    def refused(stop: threading.Event) -> None:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        _until(lambda: "cannot hand over" in caplog.text)
+        assert not stop.is_set() and dp.pinned == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        _until(stop.is_set)
+
+    dp = ScriptedEngine(refused)
+    dp.handover_error = "the pin root cannot be used: mounting bpffs failed"
+    assert run(config, engine=dp) == 0
+    assert f"RR_PIN_ROOT {tmp_path}" in caplog.text
+
+    def accepted(stop: threading.Event) -> None:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        _until(stop.is_set)
+
+    dp = ScriptedEngine(accepted)
+    assert run(config, engine=dp) == 75 and dp.pinned == [str(tmp_path)]

@@ -20,7 +20,7 @@ from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
 from rusty_rail.dataplane import Counters, DataplaneState, EngineError, EngineOptions, StateBuilder
 from rusty_rail.engines.afpacket import hostfilter
-from rusty_rail.engines.afpacket.walker import BlockProcessor
+from rusty_rail.engines.afpacket.walker import BlockProcessor, per_frame
 from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import (
     VethPair,
@@ -44,7 +44,7 @@ def mark_and_swap(balancer: Balancer) -> BlockProcessor:
     sent *this*)."""
     def process(frames: list[bytes], now: float) -> list[bytes]:
         return [swapped(f) for f in frames if not f.endswith((b"DROP", b"PASS"))]
-    return process
+    return per_frame(process)
 
 
 def swapped(frame: bytes) -> bytes:
@@ -159,7 +159,7 @@ def mark_worker(balancer: Balancer) -> BlockProcessor:
 
     def process(frames: list[bytes], now: float) -> list[bytes]:
         return [f[6:12] + f[0:6] + f[12:] + pid for f in frames]
-    return process
+    return per_frame(process)
 
 
 def test_fanout_keeps_each_flow_on_one_worker_and_spreads_flows(veth: VethPair) -> None:
@@ -258,7 +258,7 @@ def test_two_workers_get_only_changes_add_up_and_explain_finds_the_entry(veth: V
         wait_for(lambda: send_all() >= len(flows), timeout=10, interval=0.2, what="forwards from both workers")
         before = wait_for(settled, what="every frame handled")
         assert before.engine["workers"] == 2 and before.engine["services_sent"] == 0  # forked with the state
-        assert before.connections == len(flows) and before.flows == {peer: len(flows)}
+        assert before.connections == len(flows) and before.flows == {(a, peer): len(flows)}
         packets, nbytes = before.backends[(a, peer)]
         assert packets == before.forwarded and nbytes == packets * 29  # inner IPv4 + UDP + 1 byte
         assert before.backends[(b, peer)] == (0, 0)

@@ -19,8 +19,9 @@ from rusty_rail.core.conntrack import ConnectionTable
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
 from rusty_rail.core.verdict import Drop, DropReason, Pass
-from rusty_rail.dataplane import Counters, DataplaneState, Engine, EngineKind, Explanation
-from rusty_rail.engines.afpacket import local
+from rusty_rail.dataplane import Counters, DataplaneState, Engine, EngineKind, EngineOptions, Explanation
+from rusty_rail.engines.afpacket import AfPacketEngine, local
+from rusty_rail.engines.device import TxRefusals
 from rusty_rail.engines.afpacket.local import LocalBalancer, merge_counters
 from tests.fixtures.golden import LB_ADDRESS, wrapped
 
@@ -42,8 +43,8 @@ class InProcess:
     def apply(self, state: DataplaneState) -> None:
         self.local.apply(state.services)
 
-    def counters(self) -> Counters:
-        return self.local.counters(ready=True)
+    def counters(self, *, walk: bool = True) -> Counters:
+        return self.local.counters(ready=True, walk=walk)
 
     def explain(self, key: FlowKey) -> Explanation:
         return self.local.explain(key)
@@ -180,11 +181,29 @@ def test_catch_all_service() -> None:
 
 def test_workers_counters_add_up() -> None:
     a = Counters(forwarded=3, drops={"no_service": 1}, connections=2, backends={(WEB, BACKENDS[0]): (3, 30)},
-                 flows={BACKENDS[0]: 2}, engine={"rx_packets": 4, "workers": 1})
+                 flows={(WEB, BACKENDS[0]): 2}, engine={"rx_packets": 4, "workers": 1})
     b = Counters(forwarded=1, drops={"no_service": 2}, connections=1, backends={(WEB, BACKENDS[0]): (1, 10)},
-                 flows={BACKENDS[0]: 1}, engine={"rx_packets": 1, "workers": 1})
+                 flows={(WEB, BACKENDS[0]): 1}, engine={"rx_packets": 1, "workers": 1})
     total = merge_counters([a, b], ready=True)
     assert (total.forwarded, total.connections, total.ready) == (4, 3, True)
     assert total.drops == {"no_service": 3} and total.backends == {(WEB, BACKENDS[0]): (4, 40)}
-    assert total.flows == {BACKENDS[0]: 3} and total.engine == {"rx_packets": 5, "workers": 2}
+    assert total.flows == {(WEB, BACKENDS[0]): 3} and total.engine == {"rx_packets": 5, "workers": 2}
     assert merge_counters([a, Counters(flows=None)], ready=True).flows is None, "a partial total is not a total"
+
+
+def test_forwards_the_device_did_not_send_are_not_forwarded() -> None:
+    plane, balancer, _ = _setup()
+    _send(balancer, 0.0)
+    balancer.count_drop(DropReason.TX_FAILED)  # neither the TX ring nor the spill socket took one
+    c = plane.engine.local.counters()  # type: ignore[attr-defined]
+    assert (c.forwarded, c.drops["tx_failed"]) == (len(CLIENTS) - 1, 1)
+
+    class Refusals:  # the device refused 7 after the TX ring took them (engines/device.py)
+        def read(self) -> int:
+            return 7
+
+    engine = AfPacketEngine(EngineOptions("lb0"))
+    engine._refusals = cast(TxRefusals, Refusals())
+    total = engine._with_device(c)
+    assert (total.forwarded, total.drops["tx_refused"], total.drops["tx_failed"]) == (len(CLIENTS) - 8, 7, 1)
+

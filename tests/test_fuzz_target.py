@@ -36,6 +36,7 @@ def test_fuzz_slice_parsers_and_engines_agree() -> None:
         for _ in range(4000):
             data = mutate(rng, rng.choice(corpus)) if rng.random() < 0.9 else rng.randbytes(rng.randint(0, 120))
             target.check(data)
+        target.check_counters()
     finally:
         target.close()
     counters = target.balancer.counters()

@@ -27,5 +27,7 @@ def test_fixtures_cover_every_wire_drop_reason() -> None:
     from rusty_rail.core.verdict import DropReason
 
     covered = {fx.reason for fx in fixtures() if fx.reason is not None}
-    engine_only = {DropReason.NO_BACKEND, DropReason.NO_NEIGHBOUR, DropReason.NO_SERVICE, DropReason.TX_FAILED}
+    # TX_REFUSED is the device's verdict after the engine's: no frame alone produces it
+    engine_only = {DropReason.NO_BACKEND, DropReason.NO_NEIGHBOUR, DropReason.NO_SERVICE, DropReason.TX_FAILED,
+                   DropReason.TX_REFUSED}
     assert set(DropReason) - engine_only <= covered

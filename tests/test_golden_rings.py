@@ -10,6 +10,9 @@ both were handled, and the frames that came back say what was sent:
 - FORWARD: exactly the fixture's output bytes (and the sentinel's);
 - DROP: nothing but the sentinel, and the drop counted under its reason;
 - PASS: nothing but the sentinel, and no drop counted: the engine left the frame to the host.
+
+Twice: with the engine as it ships (a fixture and its sentinel are a call of two frames, which its
+block processor hands to decide()), and with the block processor's array path taking every call.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import pytest
 
 from rusty_rail.core.verdict import Action
 from rusty_rail.dataplane import Counters, DataplaneState
+from rusty_rail.core.balancer import Balancer
+from rusty_rail.engines.afpacket.bulk import BulkProcessor
+from rusty_rail.engines.afpacket.walker import BlockProcessor
 from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import VethPair, drain, pending, wait_for
 from tests.fixtures.golden import (
@@ -67,7 +73,12 @@ def handled(expect_forwarded: int, expect_drops: dict[str, int], ask: Callable[[
     return counters
 
 
-def test_every_golden_fixture_through_the_rings(veth: VethPair) -> None:
+def arrays_always(balancer: Balancer) -> BlockProcessor:
+    return BulkProcessor(balancer, bulk_from=1)
+
+
+@pytest.mark.parametrize("arrays", [False, True], ids=["as shipped", "array path"])
+def test_every_golden_fixture_through_the_rings(veth: VethPair, arrays: bool) -> None:
     v = veth
     golden_lb(v)
     cap = v.peer_packet_socket()
@@ -76,7 +87,7 @@ def test_every_golden_fixture_through_the_rings(veth: VethPair) -> None:
     sentinel_output = sentinel.output
     state = DataplaneState(golden_services(), TABLE_SIZE)
     failures: list[str] = []
-    with EngineProcess(v, state) as engine:
+    with EngineProcess(v, state, **({"processor": arrays_always} if arrays else {})) as engine:
         before = engine.counters()
         assert before.ready
         for fx in fixtures():
@@ -96,6 +107,8 @@ def test_every_golden_fixture_through_the_rings(veth: VethPair) -> None:
     assert not failures, "\n".join(failures)
     assert report.counters.engine["tx_failed"] == 0
     assert report.counters.engine["rx_kernel_drops"] == 0
+    if arrays:
+        assert report.counters.engine["bulk_frames"] > len(fixtures()), "the sentinels and plain forwards took the arrays"
 
 
 def check(fx: Golden, got: list[bytes], sentinel: bytes, before: Counters, after: Counters, forwards: int,

@@ -24,7 +24,7 @@ from rusty_rail import decap
 from rusty_rail.core.constants import BPFFS
 from rusty_rail.lab import Lab, netns
 from rusty_rail.lab.events import logged
-from rusty_rail.lab.router import flow_slot, pin_dir
+from rusty_rail.lab.router import pin_dir
 from rusty_rail.lab.sniff import Sniffer
 
 pytestmark = pytest.mark.netns
@@ -61,8 +61,10 @@ def test_up_down_leaves_nothing(prefix: str, topology: int) -> None:
         st = lab.status()
         assert all(ns["exists"] for ns in st["namespaces"].values())
         assert all(st["decap"].values())
-        assert st["router"]["targets"] == [b.address for b in lab.balancers]
-        assert st["logs"] == {"dir": str(lab.log_dir), "files": sorted(f"{s.name}-httpd.log" for s in lab.servers)}
+        assert sorted(st["router"]["static_targets"]) == [b.address for b in lab.balancers]
+        assert st["router"]["vip_next_hops"] == []  # no balancer announces the VIP (none runs)
+        assert st["logs"] == {"dir": str(lab.log_dir),
+                              "files": sorted(["router-bird.log", *(f"{s.name}-httpd.log" for s in lab.servers)])}
         assert _names(_host_links()) == before, "the lab must not create links in the host namespace"
     finally:
         lab.down()
@@ -97,7 +99,7 @@ def test_direct_gre_carries_tcp_with_dsr(prefix: str, topology: int) -> None:
     with Lab(topology, prefix, direct=True) as lab:
         client = lab.clients[0]
         targets = [s.address for s in lab.servers]
-        assert lab.maps.config()[2] == targets
+        assert sorted(lab.targets()) == targets  # BIRD's static multipath route, in the kernel's table
         sniff = {h.name: Sniffer(h.namespace, h.device) for h in (client, lab.router, *lab.servers)}
         try:
             results = lab.traffic(n=20)
@@ -108,10 +110,10 @@ def test_direct_gre_carries_tcp_with_dsr(prefix: str, topology: int) -> None:
 
         assert [r.error for r in results if not r.ok] == []
         by_address = {s.address: s.name for s in lab.servers}
-        for r in results:  # the router's ECMP choice is the Python twin's
+        for r in results:  # the encapsulator followed the kernel's multipath choice for each flow
             assert r.sport is not None
-            expected = targets[flow_slot(client.address, lab.vip, 6, r.sport, 80, len(targets))]
-            assert r.server == by_address[expected]
+            expected = lab.route_choice(client, r.sport)
+            assert expected is not None and r.server == by_address[expected]
         assert {r.server for r in results} == {s.name for s in lab.servers}  # 20 flows reach both
 
         vip = lab.vip
@@ -133,7 +135,7 @@ def test_direct_gre_carries_tcp_with_dsr(prefix: str, topology: int) -> None:
 
         stats = lab.maps.stats()
         assert stats["encapsulated"] > 0
-        assert stats["no_target"] == stats["fib_fail"] == stats["room_fail"] == 0
+        assert stats["no_route"] == stats["no_gateway"] == stats["room_fail"] == 0
 
 
 def _tx_packets(ns: str, device: str) -> int:
@@ -171,12 +173,24 @@ def test_ensure_bpffs_mounts_when_nothing_is_there() -> None:
     assert [line.split()[:3] for line in out[1:]] == [["bpf", BPFFS, "bpf"]]
 
 
-def test_no_targets_drops_and_counts(prefix: str) -> None:
+def test_no_route_and_no_next_hop(prefix: str) -> None:
+    """No route to the VIPs: the router's kernel refuses the packet before the encapsulator sees it. A
+    route without a next-hop address (on-link): nothing to tunnel to, dropped and counted."""
     with Lab(1, prefix, direct=True) as lab:
         lab.set_targets([])
+        before = lab.maps.stats()
         (r,) = lab.traffic(n=1, timeout=0.5)
         assert not r.ok
-        assert lab.maps.stats()["no_target"] > 0
+        assert lab.maps.stats() == before
+        with IPRoute(netns=lab.router.namespace) as ipr:
+            idx = ipr.link_lookup(ifname=lab.router.device)[0]
+            # On-link, with a neighbour entry so the kernel hands the packet on without ARPing first.
+            ipr.neigh("add", dst=lab.vip, lladdr="02:72:72:ff:00:01", ifindex=idx, state="permanent")
+            ipr.route("add", dst=lab.vip, dst_len=32, oif=idx)
+            (r,) = lab.traffic(n=1, timeout=0.5)
+            assert not r.ok
+            assert lab.maps.stats()["no_gateway"] > 0
+            ipr.route("del", dst=lab.vip, dst_len=32, oif=idx)
         lab.route_to_servers()
         (r,) = lab.traffic(n=1)
         assert r.ok
@@ -296,7 +310,7 @@ def test_cli_up_returns_through_a_pipe(prefix: str) -> None:
     assert f"logs: {lab.log_dir}" in up.stdout
     st = json.loads(subprocess.run([*cli, "status"], capture_output=True, text=True, check=True).stdout)
     assert st["logs"]["dir"] == str(lab.log_dir)
-    assert set(st["logs"]["files"]) == {"lb1.log", "server1-httpd.log", "server2-httpd.log"}
+    assert set(st["logs"]["files"]) == {"lb1.log", "router-bird.log", "server1-httpd.log", "server2-httpd.log"}
     assert all(st["namespaces"][lb.namespace]["pids"] for lb in lab.balancers)  # still running, detached
     subprocess.run([*cli, "down"], check=True, timeout=60)
     assert netns.with_prefix(prefix) == [] and not lab.log_dir.exists()

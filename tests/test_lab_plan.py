@@ -1,18 +1,20 @@
-"""The lab's pure parts: the addressing plan, the router's ECMP twin, and the BPF struct mirror."""
+"""The lab's pure parts: the addressing plan, the router's BIRD configuration, and the BPF struct mirror."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 
 from rusty_rail.bpf.build import BPF_DIR, object_path
-from rusty_rail.core.constants import RR_HASH_SEED
-from rusty_rail.core.flowhash import fmix32
 from rusty_rail.lab import TOPOLOGIES, Lab, plan
-from rusty_rail.lab.router import CFG, MAPS, MAX_TARGETS, STATS, flow_slot
+from rusty_rail.lab.bird import BirdError, BirdSocket, Family, Peer, StaticRoute, render_config, render_static
+from rusty_rail.lab.router import CFG, MAPS, STATS
 
 
 @pytest.mark.parametrize("topology", sorted(TOPOLOGIES))
@@ -36,37 +38,66 @@ def test_dangerous_prefixes_are_refused(bad: str) -> None:
         Lab(1, bad)
 
 
-def test_flow_slot_is_deterministic_and_spreads() -> None:
-    slots = [flow_slot("10.0.0.1", "10.1.0.1", 6, sport, 80, 2) for sport in range(40000, 41000)]
-    assert slots == [flow_slot("10.0.0.1", "10.1.0.1", 6, sport, 80, 2) for sport in range(40000, 41000)]
-    assert 400 < slots.count(0) < 600
-    # Not TCP/UDP: the ports are not part of the hash.
-    assert flow_slot("10.0.0.1", "10.1.0.1", 1, 1, 2, 7) == flow_slot("10.0.0.1", "10.1.0.1", 1, 3, 4, 7)
-
-
-def test_flow_slot_is_fmix32_chained_over_the_tuple() -> None:
-    """The exact function router_encap.c computes, written out once more from its parts."""
-    h = fmix32(0x0A000001 ^ RR_HASH_SEED)
-    h = fmix32(h ^ 0x0A010001)
-    h = fmix32(h ^ (40000 << 16 | 80))
-    assert flow_slot("10.0.0.1", "10.1.0.1", 6, 40000, 80, 1000) == fmix32(h ^ 6) % 1000
-
-
 @pytest.mark.skipif(shutil.which("bpftool") is None or shutil.which("clang") is None, reason="needs clang, bpftool")
 def test_python_mirrors_the_encap_header() -> None:
     btf = subprocess.run(["bpftool", "btf", "dump", "file", str(object_path("router_encap"))],
                          capture_output=True, text=True, check=True).stdout
-    m = re.search(r"STRUCT 'rr_encap_cfg' size=(\d+) vlen=4\n((?:\t.*\n){4})", btf)
+    m = re.search(r"STRUCT 'rr_encap_cfg' size=(\d+) vlen=3\n((?:\t.*\n){3})", btf)
     assert m is not None
     assert int(m.group(1)) == CFG.size
     fields = re.findall(r"'(\w+)' type_id=\d+ bits_offset=(\d+)", m.group(2))
-    assert fields == [("service_net", "0"), ("service_mask", "32"), ("src", "64"), ("count", "96")]
+    assert fields == [("service_net", "0"), ("service_mask", "32"), ("src", "64")]
     header = (BPF_DIR / "router_encap.h").read_text()
-    assert f"#define RR_ENCAP_MAX_TARGETS {MAX_TARGETS}\n" in header
     enum = re.findall(r"RR_ENCAP_(\w+) = (\d+),", header)
     assert enum[:-1] == [(name, str(i)) for i, name in
-                         enumerate(["OK", "NO_TARGET", "NO_NEIGH", "FIB_FAIL", "ROOM_FAIL", "OK_WIRE"])]
+                         enumerate(["OK", "NO_ROUTE", "NO_NEIGH", "NO_GATEWAY", "ROOM_FAIL", "OK_WIRE"])]
     assert enum[-1] == ("STATS", str(len(STATS)))
-    assert STATS == ("encapsulated", "no_target", "no_neigh", "fib_fail", "room_fail", "encapsulated_wire")
+    assert STATS == ("encapsulated", "no_route", "no_neigh", "no_gateway", "room_fail", "encapsulated_wire")
     source = (BPF_DIR / "router_encap.c").read_text()
     assert all(f"}} {name} SEC(\".maps\");" in source for name in MAPS)
+
+
+def test_bird_config_has_a_session_per_balancer_and_merges_paths(tmp_path: Path) -> None:
+    peers = [Peer("lb1", "192.168.137.11", 65001), Peer("lb2", "192.168.137.12", 65001)]
+    text = render_config("192.168.137.1", 65000, peers, [Family("ipv4", "10.1.0.0/24")], tmp_path / "static",
+                         tmp_path / "bird.log", route_mtu=1476)
+    assert "protocol bgp lb1 from balancer { neighbor 192.168.137.11 as 65001; }" in text
+    assert "protocol bgp lb2 from balancer { neighbor 192.168.137.12 as 65001; }" in text
+    assert "merge paths on;" in text and "krt_mtu = 1476;" in text and "hold time 3;" in text
+    assert "net ~ [ 10.1.0.0/24{24,32} ]" in text  # only routes inside the VIPs' prefix are taken
+    assert render_static([StaticRoute("10.1.0.0/24", ("192.168.137.21", "192.168.137.22")),
+                          StaticRoute("10.1.0.0/24", ())]) == "route 10.1.0.0/24 via 192.168.137.21 via 192.168.137.22;\n"
+    if shutil.which("bird"):  # BIRD itself parses it (-p: parse only)
+        (tmp_path / "static.ipv4").write_text("")
+        (tmp_path / "bird.conf").write_text(text)
+        subprocess.run(["bird", "-p", "-c", str(tmp_path / "bird.conf")], check=True, capture_output=True)
+
+
+def test_bird_socket_reads_numbered_replies(tmp_path: Path) -> None:
+    """BIRD's reply format: code-dash continues, code-space ends, a leading space continues a code;
+    8xxx/9xxx are errors."""
+    path = tmp_path / "bird.ctl"
+    replies = {b"show status\n": b"1000-BIRD 2.0.12\n1011-Router ID is 1.1.1.1\n Current server time is now\n0013 Daemon is up\n",
+               b"configure\n": b"0002-Reading configuration\n9001 syntax error, line 3\n"}
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+
+    def serve() -> None:
+        for _ in replies:
+            conn, _ = server.accept()
+            with conn, conn.makefile("rwb") as f:
+                f.write(b"0001 BIRD 2.0.12 ready.\n")
+                f.flush()
+                f.write(replies[f.readline()])
+                f.flush()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    sock = BirdSocket(path)
+    assert sock.command("show status") == ["BIRD 2.0.12", "Router ID is 1.1.1.1", "Current server time is now",
+                                           "Daemon is up"]
+    with pytest.raises(BirdError, match="9001 Reading configuration / syntax error, line 3"):
+        sock.command("configure")
+    thread.join(5)
+    server.close()

@@ -4,9 +4,9 @@ and going — with real TCP through the lab, in numbers, on both engines.
 1. Two balancers with the same configuration send every flow to the same backend: connections opened
    through lb1 alone keep working, and keep their server, when the router switches to lb2 alone (lb2
    never saw their SYN); many short flows, asked of both balancers with `ctl explain`, get one answer.
-2. A balancer killed (SIGKILL) mid-stream: the lab router's checker (router_health.py, probing each
-   balancer's metrics endpoint) takes it out of the target map; the transfers it carried finish, byte
-   for byte, through the other one.
+2. A balancer killed (SIGKILL) mid-stream: its BGP session dies with it, and the lab's router (BIRD 2,
+   ECMP over the balancers' announced routes) drops it as a next hop; the transfers it carried finish,
+   byte for byte, through the other one. No health poller: only what a real router does.
 3. A backend added at run time (`ctl add`): no established connection breaks; new flows reach the new
    backend in about its share.
 4. A backend's HTTP server killed, with health checks: it leaves within fall x interval (+ margin), and
@@ -34,9 +34,9 @@ import pytest
 
 from rusty_rail.control.ctl import ControlClient
 from rusty_rail.lab import Lab, netns
-from rusty_rail.lab.router import flow_slot, pin_dir
+from rusty_rail.lab.router import pin_dir
 from rusty_rail.lab.topology import Host
-from tests.lab_config import FALL, INTERVAL, METRICS_PORT, SERVICE, TABLE_SIZE, VIP, config_text
+from tests.lab_config import BGP_SECTION, FALL, INTERVAL, SERVICE, TABLE_SIZE, config_text
 from tests.engine_netns import wait_for
 from tests.test_lab_netns import stop_balancers
 
@@ -48,10 +48,10 @@ _counter = itertools.count()
 
 
 @contextmanager
-def lab_up(topology: int) -> Iterator[Lab]:
+def lab_up(topology: int, bgp: bool = False) -> Iterator[Lab]:
     prefix = f"rs{os.getpid() % 100000}x{next(_counter)}-"
     try:
-        with Lab(topology, prefix) as lab:
+        with Lab(topology, prefix, bgp=bgp) as lab:
             yield lab
     finally:
         Lab(1, prefix).down()  # even if up() failed half-way
@@ -69,12 +69,11 @@ def wait_served_by_each(lab: Lab, deadline_s: float = 20.0) -> None:
 class Balancers:
     """Environment-configured balancers (open mode), each with its own control socket."""
 
-    def __init__(self, lab: Lab, engine: str, tmp_path: Path, metrics: bool = False) -> None:
+    def __init__(self, lab: Lab, engine: str, tmp_path: Path) -> None:
         self.lab = lab
         self.engine = engine
         self.log_paths = {lb.name: tmp_path / f"{lb.name}.log" for lb in lab.balancers}
         self.sockets = {lb.name: str(tmp_path / f"{lb.name}.sock") for lb in lab.balancers}
-        self.metrics = metrics
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         for lb in lab.balancers:
             self.start(lb)
@@ -86,8 +85,6 @@ class Balancers:
 
     def start(self, lb: Host) -> None:
         env = {"RR_ENGINE": self.engine, "RR_CONTROL_SOCKET": self.sockets[lb.name], "RR_TABLE_SIZE": str(TABLE_SIZE)}
-        if self.metrics:
-            env["RR_METRICS"] = f"0.0.0.0:{METRICS_PORT}"  # the router's checker probes it
         with self.log_paths[lb.name].open("ab") as log:
             self.procs[lb.name] = self.lab.start_balancer(lb, env=env, stdout=log, stderr=log)
 
@@ -167,7 +164,6 @@ def test_balancers_agree_without_shared_state(engine: str, topology: int, tmp_pa
 
             # Many short flows through both: each balancer, asked, names the backend that served it.
             lab.route_to_balancers()
-            targets = [lb.address for lb in lab.balancers]
             seen: Counter[str] = Counter()
             for c in lab.clients:
                 results = lab.traffic(n=30, client=c)
@@ -178,8 +174,8 @@ def test_balancers_agree_without_shared_state(engine: str, topology: int, tmp_pa
                     # The one the router chose holds the connection entry (connection entries outlive the
                     # close); the other placed it by its own table, to the same backend.
                     assert r.sport is not None
-                    chosen = lab.balancers[flow_slot(c.address, VIP, 6, r.sport, 80, len(targets))]
-                    assert answers[chosen.name][1] == "connection entry", answers
+                    chosen = lab.balancer_by_address(lab.route_choice(c, r.sport))  # the router's kernel's choice
+                    assert chosen is not None and answers[chosen.name][1] == "connection entry", answers
                     seen[chosen.name] += 1
             assert set(seen) == {lb1.name, lb2.name}, seen
             print(f"{engine} topology {topology}: {sum(seen.values())} short flows, both balancers agree on every one "
@@ -194,32 +190,78 @@ def test_balancers_agree_without_shared_state(engine: str, topology: int, tmp_pa
 
 
 STREAMS, UPLOADS = 64, 16  # connections, of which uploads (their data passes the balancers, not only ACKs)
-STREAM_BYTES, STREAM_SECONDS = 3_000_000, 5.0
-PROBE_INTERVAL, PROBE_FALL, PROBE_RISE = 0.1, 2, 2
+STREAM_BYTES, STREAM_SECONDS = 3_000_000, 8.0  # long enough for a restarted balancer (and its BGP session) to carry some
+
+
+class BgpBalancers:
+    """Balancers run from a config file with [bgp]: each announces the VIP to the lab's BIRD router,
+    which spreads the flows over them by ECMP (a lab with bgp=True has no static routes at all)."""
+
+    def __init__(self, lab: Lab, engine: str, tmp_path: Path, *, balancers: list[Host] | None = None,
+                 bgp: str = BGP_SECTION) -> None:
+        """balancers: which to run (default all); bgp: their [bgp] section."""
+        self.lab, self.engine = lab, engine
+        chosen = balancers if balancers is not None else list(lab.balancers)
+        self.sockets = {lb.name: tmp_path / f"{lb.name}.sock" for lb in chosen}
+        self.configs = {lb.name: tmp_path / f"{lb.name}.toml" for lb in chosen}
+        self.log_paths = {lb.name: tmp_path / f"{lb.name}.log" for lb in chosen}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for lb in chosen:
+            self.configs[lb.name].write_text(config_text(engine, self.sockets[lb.name],
+                                                         [s.address for s in lab.servers], bgp=bgp))
+            self.start(lb)
+        try:
+            self.wait_next_hops([lb.address for lb in chosen])
+        except BaseException:
+            self.show_log()
+            raise
+
+    def start(self, lb: Host) -> None:
+        argv = [self.lab.python, "-m", "rusty_rail", "run", "--config", str(self.configs[lb.name])]
+        with self.log_paths[lb.name].open("ab") as log:
+            self.procs[lb.name] = self.lab.start_balancer(lb, argv, stdout=log, stderr=log)
+
+    def wait_next_hops(self, addresses: list[str], timeout: float = 30.0) -> float:
+        """Until the router's route to the VIP names exactly these balancers; the seconds it took."""
+        started = time.monotonic()
+        wait_for(timeout=timeout, interval=0.005, what=f"the router's next hops to be {addresses}",
+                 predicate=lambda: sorted(self.lab.vip_next_hops()) == sorted(addresses))
+        return time.monotonic() - started
+
+    def request(self, lb: Host, request: dict[str, Any]) -> Any:
+        with ControlClient(str(self.sockets[lb.name])) as client:
+            return client.request(request)
+
+    def show_log(self) -> None:
+        for name, path in self.log_paths.items():
+            if path.exists():
+                print(f"-- {name}:\n{path.read_text(errors='replace')[-4000:]}")
+
+    def stop(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        names = names or list(self.procs)
+        procs = [self.procs.pop(n) for n in names]
+        return stop_balancers(procs, logs=[self.log_paths[n] for n in names])
 
 
 @ENGINES
 def test_balancer_killed_mid_stream(engine: str, tmp_path: Path) -> None:
-    with lab_up(3) as lab:
-        lbs = Balancers(lab, engine, tmp_path, metrics=True)
+    """No health poller anywhere: the killed daemon's BGP session dies with it, BIRD withdraws its route,
+    and the kernel's multipath route (which the router's encapsulator follows) loses it as a next hop."""
+    with lab_up(3, bgp=True) as lab:
+        lbs = BgpBalancers(lab, engine, tmp_path)
         try:
             lb1, lb2 = lab.balancers
-            health = lab.start_router_health(METRICS_PORT, interval=PROBE_INTERVAL, timeout=0.5, fall=PROBE_FALL,
-                                             rise=PROBE_RISE)
-            with health, lab.streams(STREAMS, size=STREAM_BYTES, seconds=STREAM_SECONDS, uploads=UPLOADS) as streams:
+            with lab.streams(STREAMS, size=STREAM_BYTES, seconds=STREAM_SECONDS, uploads=UPLOADS) as streams:
                 flowing = streams.wait("flowing", 30)
                 assert flowing["ended"] == 0, streams.of("done")
-                client = lab.clients[0].address
-                by_lb = Counter(lab.balancers[flow_slot(client, VIP, 6, e["sport"], 80, 2)].name
-                                for e in streams.of("connected"))
-                assert min(by_lb[lb1.name], by_lb[lb2.name]) >= STREAMS // 5, by_lb  # both carry a fair part
+                client = lab.clients[0]
+                by_lb = Counter(lab.route_choice(client, e["sport"]) for e in streams.of("connected"))
+                assert min(by_lb[lb1.address], by_lb[lb2.address]) >= STREAMS // 5, by_lb  # both carry a fair part
 
                 victim = lbs.procs.pop(lb1.name)
                 killed_at = time.monotonic()
                 victim.send_signal(signal.SIGKILL)
-                down = health.wait(lambda e: e.get("event") == "down" and e["balancer"] == lb1.address, 10)
-                detected, failover = down["t_detected"] - killed_at, down["t_map"] - killed_at
-                assert lab.maps.config()[2] == [lb2.address]
+                failover = lbs.wait_next_hops([lb2.address], timeout=5)
                 victim.wait(5)
 
                 # What the dead process left behind: the AF_PACKET engine's nft drop rule, or the XDP
@@ -228,24 +270,23 @@ def test_balancer_killed_mid_stream(engine: str, tmp_path: Path) -> None:
                 assert left["nft"] == (engine == "afpacket"), left
                 assert engine == "xdp" or not left["xdp"], left
                 lab.reset_balancer(lb1)
-                assert lab.balancer_leftovers(lb1) == {"nft": False, "xdp": False}
 
-                # A new lb1, with empty tables, while the transfers still run: the router takes it back
-                # and hash % 2 hands it about half the flows again, none of which it has seen.
+                # A new lb1, with empty tables, while the transfers still run: it announces the VIP again
+                # and the router's hash hands it about half the flows, none of which it has seen.
                 lbs.start(lb1)
-                up = health.wait(lambda e: e.get("event") == "up" and e["balancer"] == lb1.address, 20)
-                assert lab.maps.config()[2] == [lb1.address, lb2.address]
-
+                back = lbs.wait_next_hops([lb1.address, lb2.address], timeout=30)
+                back_at = time.monotonic()
                 streams.wait("finished", STREAM_SECONDS + 40)
                 done = streams.of("done")
             assert len(done) == STREAMS
             ok = [e for e in done if e["ok"]]
             fraction = len(ok) / STREAMS
-            running_at_return = sum(e["t"] > up["t_map"] for e in done)
-            print(f"{engine}: lb1 (carrying {by_lb[lb1.name]} of {STREAMS} transfers) killed mid-stream; router "
-                  f"checker noticed after {detected * 1000:.0f} ms, map changed after {failover * 1000:.0f} ms "
-                  f"({down['reason']}; it left {[k for k, v in left.items() if v] or 'nothing'} behind); lb1 restarted and back in the map {up['t_map'] - killed_at:.2f} s after the "
-                  f"kill, {running_at_return} transfers still running; {len(ok)}/{STREAMS} = {fraction:.1%} transfers "
+            running_at_return = sum(e["t"] > back_at for e in done)
+            print(f"{engine}: lb1 (carrying {by_lb[lb1.address]} of {STREAMS} transfers) SIGKILLed mid-stream; the "
+                  f"router dropped it as a next hop after {failover * 1000:.0f} ms (its BGP session died with it; "
+                  f"it left {[k for k, v in left.items() if v] or 'nothing'} behind); lb1 restarted and announced "
+                  f"again {back_at - killed_at:.2f} s after the kill ({back:.2f} s after its start), "
+                  f"{running_at_return} transfers still running; {len(ok)}/{STREAMS} = {fraction:.1%} transfers "
                   f"completed intact (longest {max(e['seconds'] for e in done):.2f} s for {STREAM_SECONDS:.0f} s paced)")
             assert fraction >= 0.99, [e for e in done if not e["ok"]]
             assert failover < 1.0

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from collections import Counter
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
@@ -148,3 +151,36 @@ def test_balancer_serves_ipv6_vips() -> None:
     got = {backend_of(b, IPv6(src="2001:db8:c::1", dst="2001:db8:1::1") / TCP(sport=p, dport=443)) for p in range(64)}
     assert got == {"10.2.0.1", "2001:db8:2::1"}
     assert backend_of(b, IPv6(src="2001:db8:c::1", dst="2001:db8:1::1") / TCP(sport=1, dport=80)) == DropReason.NO_SERVICE
+
+
+_VIPS = [IPv4Address("10.1.0.1").packed, IPv4Address("10.1.0.2").packed, IPv4Address("10.1.0.3").packed]
+_VIPS6 = [IPv6Address("2001:db8:1::1").packed, IPv6Address("2001:db8:1::2").packed]
+
+
+def _flow_keys_of(src_len: int, vips: list[bytes]) -> st.SearchStrategy[bytes]:
+    return st.builds(
+        lambda src, vip, sport, dport, proto: src + vip + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes([proto, 0, 0, 0]),
+        st.binary(min_size=src_len, max_size=src_len), st.sampled_from(vips), st.sampled_from([0, 1, 999, 65535]),
+        st.sampled_from([0, 53, 80, 443]), st.sampled_from([1, 6, 17, 47]))
+
+
+_flow_keys = _flow_keys_of(4, _VIPS) | _flow_keys_of(16, _VIPS6)  # both families' keys (16 and 40 bytes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_flow_keys, st.sampled_from([1, 2, 3])), max_size=60), st.booleans())
+def test_tally_counts_each_entry_under_the_service_match_gives_it(entries, with_catch_all: bool) -> None:
+    keys = [WEB, DNS, ALL, ServiceKey(IPv4Address("10.1.0.3"), ServiceProtocol.TCP, 0),
+            ServiceKey(IPv4Address("10.1.0.3"), ServiceProtocol.TCP, 8080),
+            ServiceKey(IPv6Address("2001:db8:1::1"), ServiceProtocol.TCP, 443),
+            ServiceKey(IPv6Address("2001:db8:1::1"), ServiceProtocol.UDP, 0)]
+    if with_catch_all:
+        keys.append(ServiceKey.catch_all())
+    matcher = ServiceMatcher({k: k for k in keys})
+    one_by_one = Counter((matcher.match(k), b) for k, b in entries if matcher.match(k) is not None)
+    assert matcher.tally(entries) == dict(one_by_one)
+    only6 = ServiceMatcher({k: k for k in keys if k.vip is None or k.vip.version == 6})  # IPv4 keys: no lookup
+    assert only6.tally(entries) == dict(Counter((only6.match(k), b) for k, b in entries if only6.match(k) is not None))
+    only_catch_all = ServiceMatcher({ServiceKey.catch_all(): "all"})
+    assert only_catch_all.tally(entries) == dict(Counter(("all", b) for _, b in entries))
+    assert ServiceMatcher({}).tally(entries) == {}

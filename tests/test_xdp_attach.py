@@ -5,6 +5,7 @@ attach_pass / detach_all in a namespace given by name (what the lab uses instead
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -15,6 +16,7 @@ from scapy.layers.l2 import GRE, Ether
 from rusty_rail.bpf import libbpf
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.engines.xdp import XdpProgram, attach_pass, counters, default_object_path, detach_all
+from rusty_rail.engines.xdp.program import running_mode
 from tests.engine_netns import VethPair, drain
 from tests.services import catch_all
 from tests.xdp_support import mirror
@@ -89,6 +91,25 @@ def test_leftover_program_is_replaced_and_detach_is_clean(pair) -> None:
             assert now not in (0, leftover)
             second.close()  # closing detaches
             assert libbpf.xdp_query_id(pair.lb_ifindex) == 0
+
+
+def test_a_program_in_the_other_mode_is_refused_never_detached(pair) -> None:
+    """Native and generic cannot run at once, and only a program of the same mode can be replaced
+    atomically: attach() refuses rather than leave the device without a program."""
+    with XdpProgram(table_size=251, conn_capacity=64) as first, XdpProgram(table_size=251, conn_capacity=64) as second:
+        with pair.inside(pair.lb_ns):
+            first.attach(pair.lb_ifindex, mode="skb")
+            running = libbpf.xdp_query_id(pair.lb_ifindex)
+            assert running_mode(pair.lb_ifindex) == "skb"
+            with pytest.raises(OSError) as refused:
+                second.attach(pair.lb_ifindex, mode="native")
+            assert refused.value.errno == errno.EEXIST and second.attached_ifindex is None
+            assert libbpf.xdp_query_id(pair.lb_ifindex) == running  # untouched
+            second.attach(pair.lb_ifindex, mode="skb")
+            assert second.replaced_program_id == running
+            first._attached = None  # its program is gone: its close must not detach the second's
+            second.close()
+            assert running_mode(pair.lb_ifindex) is None
 
 
 def test_detach_from_the_namespace_it_attached_in(pair) -> None:

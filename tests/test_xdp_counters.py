@@ -86,7 +86,8 @@ def assert_figures(reference: Balancer, x: XdpProgram, expected: Expected) -> No
 def assert_connections(reference: Balancer, x: XdpProgram) -> None:
     total, flows = counters.connection_summary(x)
     assert total == len(reference.connections)
-    assert flows == {ip_address(b): n for b, n in Counter(b for _, b in reference.connections.items()).items()}
+    by_service = Counter((reference.pool_for(k).service.key, ip_address(b)) for k, b in reference.connections.items())
+    assert flows == dict(by_service)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +272,8 @@ def test_connection_summary_counts_and_limit(clean) -> None:
     total, flows = counters.connection_summary(x, flow_limit=2999)
     assert (total, flows) == (3000, None)
     assert counters.connection_summary(x, flow_limit=3000)[1] is not None
+    unwalked = counters.read(x, True, walk=False)
+    assert (unwalked.connections, unwalked.flows, unwalked.forwarded) == (0, None, counters.read(x, True).forwarded)
     chunks = list(libbpf.map_lookup_batches(x.fds[m.MAP_CONNS], 16, ctypes.sizeof(m.RrConn), chunk=256))
     assert len(chunks) > 1 and sum(n for n, _, _ in chunks) == 3000
     assert len({keys[i : i + 16] for _, keys, _ in chunks for i in range(0, len(keys), 16)}) == 3000  # none twice
@@ -342,3 +345,4 @@ def test_connection_evictions_baseline_of_a_reused_table() -> None:
             flood(second, reference, 1000, 500)
             assert counters.named(second)["conn_insert"] == 500
             assert counters.connection_evictions(second) == 500 + live - counters.connection_summary(second)[0] > 0
+

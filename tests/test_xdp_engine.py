@@ -30,9 +30,10 @@ from rusty_rail.bpf import libbpf
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
-from rusty_rail.dataplane import EngineError, EngineKind, EngineOptions
+from rusty_rail.dataplane import EngineError, EngineKind, EngineOptions, XdpMode
 from rusty_rail.engines import choose_engine
 from rusty_rail.engines.xdp import XdpEngine, attach_pass, default_object_path, handover_dir, xdp_available
+from rusty_rail.engines.xdp.program import running_mode
 from rusty_rail.bpf.netns import in_netns
 from tests.engine_netns import LB_IP, PEER_IP, VethPair, drain, gre_frame, ipv4, ping, udp, wait_for
 from tests.xdp_support import catch_all_state
@@ -204,7 +205,7 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
         c = engine.counters()
         assert c.forwarded == 30 and c.connections == 30 and c.connection_evictions == 0
         assert dict(c.backends) == python.backend_figures()
-        assert dict(c.flows) == {b: n for (_, b), (n, _) in python.backend_figures().items() if n}
+        assert dict(c.flows) == {key: n for key, (n, _) in python.backend_figures().items() if n}
         with pytest.raises(ValueError, match="'lb0' has no global IPv6 address, and backend 2001:db8::9 is IPv6"):
             engine.apply(catch_all_state([*BACKENDS, "2001:db8::9"], 251))  # refused: the maps stay as they were
         assert c.drops["no_service"] == 0 and set(c.drops) == {"outer_bad_ihl", "outer_options", "outer_bad_length",
@@ -213,7 +214,8 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
                                                                 "gre_protocol", "inner_truncated", "inner_version",
                                                                 "inner_bad_ihl", "inner_bad_length", "no_backend",
                                                                 "no_neighbour", "no_service", "tx_failed",
-                                                                "inner_ext_headers", "output_too_big"}
+                                                                "tx_refused", "inner_ext_headers", "output_too_big"}
+        assert c.drops["tx_refused"] == 0  # the peer runs XDP_PASS: native XDP_TX delivers
         for f in frames:
             inner = f[38:]
             key = FlowKey(IPv4Address(inner[12:16]), IPv4Address(inner[16:20]), inner[9],
@@ -235,8 +237,8 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
 
 
 def test_handover_keeps_the_program_and_the_flows(pair, pin_root) -> None:
-    """request_handover + stop leaves the program attached with rr_conns pinned; the next engine takes
-    the connection table and the backend indices, replaces the program atomically, removes the pins."""
+    """hand_over + stop leaves the program attached with rr_conns pinned; the next engine takes the
+    connection table and the backend indices, replaces the program atomically, removes the pins."""
     options = EngineOptions(device=pair.lb_dev, connection_capacity=4096, pin_root=pin_root)
     first = XdpEngine(options)
     first.apply(catch_all_state(BACKENDS, 251))
@@ -244,7 +246,7 @@ def test_handover_keeps_the_program_and_the_flows(pair, pin_root) -> None:
     frames = gre_frames(pair, 20)
     before = send(pair, frames)
     old_id = attached_id(pair)
-    assert first.request_handover() is None
+    assert first.hand_over(pin_root) is True
     report = run.finish()
     assert report.handed_over and attached_id(pair) == old_id
     with in_netns(pair.lb_ns):
@@ -265,6 +267,62 @@ def test_handover_keeps_the_program_and_the_flows(pair, pin_root) -> None:
         assert send(pair, frames) == before  # every flow stays on its backend
         assert second.counters().engine["conn_hit"] == 20
     finally:
+        run.finish()
+    assert attached_id(pair) == 0
+
+
+def test_a_handover_that_cannot_pin_changes_nothing(pair, pin_root, tmp_path: Path) -> None:
+    """hand_over into a pin root that is no bpffs (and must not be mounted over) fails with the reason:
+    the program stays attached and forwarding, and the stop is still a plain one. A handover made and
+    then undone (its restarter never got the answer) leaves no pins."""
+    engine = XdpEngine(EngineOptions(device=pair.lb_dev, connection_capacity=4096, pin_root=pin_root))
+    engine.apply(catch_all_state(BACKENDS, 251))
+    run = Running(pair, engine)
+    try:
+        frames = gre_frames(pair, 10)
+        before, attached = send(pair, frames), attached_id(pair)
+        full = tmp_path / "full"
+        full.mkdir()
+        (full / "something").write_text("")
+        with pytest.raises(EngineError, match="not a bpffs"):
+            engine.hand_over(str(full))
+        assert not engine.handed_over and attached_id(pair) == attached and send(pair, frames) == before
+        assert engine.hand_over(pin_root) and os.listdir(pin_root)
+        engine.cancel_handover()
+        assert not engine.handed_over and os.listdir(pin_root) == []
+    finally:
+        report = run.finish()
+    assert not report.handed_over and attached_id(pair) == 0  # a plain stop detaches
+
+
+def test_start_replaces_a_running_program_in_its_mode_never_detaching(pair, pin_root, monkeypatch) -> None:
+    """A predecessor whose pins this engine cannot see (another pin root here; another bpffs instance
+    in life): its program, attached generic, is replaced atomically, in generic mode although native is
+    asked for (native would need a detach first). Nothing is detached on the way."""
+    first = XdpEngine(EngineOptions(device=pair.lb_dev, connection_capacity=4096, pin_root=pin_root,
+                                    xdp_mode=XdpMode.GENERIC))
+    first.apply(catch_all_state(BACKENDS, 251))
+    run = Running(pair, first)
+    assert first.hand_over(pin_root)
+    run.finish()
+    old_id = attached_id(pair)
+
+    def no_detach(*args: object) -> None:
+        raise AssertionError("start() detached a program")
+
+    second = XdpEngine(EngineOptions(device=pair.lb_dev, connection_capacity=4096, pin_root=pin_root + "-other",
+                                     xdp_mode=XdpMode.NATIVE))
+    second.apply(catch_all_state(BACKENDS, 251))
+    monkeypatch.setattr(libbpf, "xdp_detach", no_detach)
+    run = Running(pair, second)
+    try:
+        assert second.replaced_program_id == old_id and second.took_over_program_id == 0
+        assert not second.adopted_connections
+        with in_netns(pair.lb_ns):
+            assert running_mode(pair.lb_ifindex) == "skb" and attached_id(pair) not in (0, old_id)
+        assert send(pair, gre_frames(pair, 3))  # the replacement forwards
+    finally:
+        monkeypatch.undo()
         run.finish()
     assert attached_id(pair) == 0
 

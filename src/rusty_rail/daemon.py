@@ -6,9 +6,15 @@ Both configuration forms arrive here as one `Config` (services only). The order 
 2. the control socket and the metrics endpoint start: a taken port fails here, with nothing attached;
 3. the engine takes the device (rings opened / program attached) and serves until stopped.
 
-Signals: SIGTERM/SIGINT stop (the device is let go, everything cleaned up); SIGHUP reloads the file;
+Signals: SIGTERM/SIGINT stop (the device is let go, everything cleaned up); with [bgp] the stop is a
+drain first: the VIPs are withdrawn and the daemon waits until their traffic stops arriving (or
+[bgp] drain_timeout) before letting go; a second SIGTERM/SIGINT stops at once. SIGHUP reloads the file;
 SIGUSR2 hands over where the engine can (XDP: the program stays attached with its connection table
-pinned below RR_PIN_ROOT for the next daemon, `rusty-rail restart`) and is a plain stop where it cannot.
+pinned below RR_PIN_ROOT for the next daemon, the BGP speaker held with its routes announced) and is a
+plain stop where it has nothing to leave running (AF_PACKET); an XDP engine that cannot pin logs why and
+serves on. `rusty-rail restart` asks through the control socket instead and gets an answer
+(control/handover.py); either way the daemon stops only after the pins are in place, and the program
+stays attached.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from rusty_rail.control.config import Config
+from rusty_rail.control.handover import HealthRecord
 from rusty_rail.control.runtime import ControlRuntime
 from rusty_rail.dataplane import Engine, EngineError, EngineReport
 from rusty_rail.engines import create_engine
@@ -30,9 +38,11 @@ HANDOVER_EXIT = 75
 """Exit status after a handover (EX_TEMPFAIL: "start me again"); the systemd unit restarts on it."""
 
 
-def run(config: Config, config_path: str | None = None, engine: Engine | None = None) -> int:
+def run(config: Config, config_path: str | None = None, engine: Engine | None = None,
+        carried_health: Sequence[HealthRecord] = ()) -> int:
     """Run the balancer until a signal stops it; the process's exit status. `engine`: one made already
-    (tests); by default the one `config.engine` names."""
+    (tests); by default the one `config.engine` names. `carried_health`: the health records a
+    predecessor handed over (`rusty-rail restart`)."""
     why = "given"
     if engine is None:
         try:
@@ -44,21 +54,27 @@ def run(config: Config, config_path: str | None = None, engine: Engine | None = 
              extra={"event": "engine", "engine": engine.kind.value})
     stop = threading.Event()
     try:
-        runtime = ControlRuntime(config, engine, config_path)  # applies the services to the engine
+        # Applies the services to the engine; a handover (control socket or SIGUSR2) ends in stop.set().
+        runtime = ControlRuntime(config, engine, config_path, carried_health=carried_health,
+                                 on_handed_over=stop.set)
         runtime.start()
     except (OSError, ValueError) as exc:  # the control socket in use, the metrics port taken, ...
         log.error("%s", exc, extra={"event": "control_failed"})
         engine.close()
         return 1
 
-    def handover() -> None:
-        why_not = engine.request_handover()
-        if why_not is not None:
-            log.warning("SIGUSR2: %s; stopping", why_not)
-        stop.set()
+    draining = threading.Event()
 
-    handlers = {signal.SIGTERM: lambda *_: stop.set(), signal.SIGINT: lambda *_: stop.set(),
-                signal.SIGHUP: lambda *_: runtime.request_reload(), signal.SIGUSR2: lambda *_: handover()}
+    def planned_stop() -> None:
+        if not runtime.drains_before_stop or draining.is_set():
+            stop.set()  # no routes to withdraw, or a second signal: stop now
+            return
+        draining.set()
+        _in_thread("rr-drain", lambda: (runtime.drain(cancel=stop), stop.set()))
+
+    handlers = {signal.SIGTERM: lambda *_: planned_stop(), signal.SIGINT: lambda *_: planned_stop(),
+                signal.SIGHUP: lambda *_: runtime.request_reload(),
+                signal.SIGUSR2: lambda *_: runtime.request_handover()}
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
@@ -78,6 +94,10 @@ def run(config: Config, config_path: str | None = None, engine: Engine | None = 
             signal.signal(sig, handler)
     _log_stopped(report)
     return HANDOVER_EXIT if report.handed_over else 0
+
+
+def _in_thread(name: str, work: Any) -> None:
+    threading.Thread(target=work, name=name, daemon=True).start()
 
 
 def _log_stopped(report: EngineReport) -> None:

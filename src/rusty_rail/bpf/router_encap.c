@@ -4,14 +4,16 @@
  * There is no GRE module in the kernel, so the router cannot have a gre device; instead packets routed
  * to a service address leave through network V and this program wraps them on the way out:
  * Ethernet | IPv4 (20, proto 47) | GRE (4, proto 0x0800) | inner packet, like the original's router.
- * The target (a balancer, or a server in the lab's direct mode) is chosen by a hash of the inner
- * 5-tuple, so one flow always goes to one target (ECMP). Python writes the targets (router.py).
+ * The target is the next hop of the kernel's own route to the inner destination: BIRD installs the
+ * balancers' BGP routes to the VIPs as one multipath route (or static ones in the lab's direct mode), and
+ * bpf_fib_lookup on the inner 5-tuple, with fib_multipath_hash_policy=1 set in the router's namespace,
+ * returns the next hop the kernel's L4 hash picks for the flow: one flow, one target, and a withdrawn
+ * route takes its balancer out at once. Python writes only the service prefix and source (router.py).
  */
 #include <linux/in.h>
 #include <linux/pkt_cls.h>
 
 #include "router_encap.h"
-#include "rr_hash.h"
 #include "rr_tc.h"
 
 #define AF_INET 2
@@ -27,13 +29,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct rr_encap_cfg);
 } rr_encap_cfg SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, RR_ENCAP_MAX_TARGETS);
-	__type(key, __u32);
-	__type(value, __u32);
-} rr_encap_tgts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -84,15 +79,23 @@ static __always_inline void count_sent(struct __sk_buff *skb, __u32 inner_hlen)
 	count_n(RR_ENCAP_OK_WIRE, wire);
 }
 
-/* murmur3's finaliser over the mixed tuple: cheap, deterministic, and router.py's flow_slot.
- * Tuple words are taken as the host reads them from the wire (big-endian values). */
-static __always_inline __u32 flow_hash(__u32 src, __u32 dst, __u32 ports, __u32 proto)
+/* The kernel's forwarding choice for the inner packet: an input lookup as if it had just arrived on
+ * the interface it came in by (so the multipath hash runs: an output lookup with an interface given
+ * skips it), with the ports filled for the L4 hash. On success fib->ipv4_dst is the route's next hop. */
+static __always_inline int route_inner(struct __sk_buff *skb, struct iphdr *ip, __u32 ports,
+				       struct bpf_fib_lookup *fib)
 {
-	__u32 h = rr_fmix32(src ^ RR_HASH_SEED);
-
-	h = rr_fmix32(h ^ dst);
-	h = rr_fmix32(h ^ ports);
-	return rr_fmix32(h ^ proto);
+	fib->family = AF_INET;
+	fib->tos = ip->tos;
+	fib->l4_protocol = ip->protocol;
+	fib->sport = ports & 0xffff; /* both still in network order, as the wire has them */
+	fib->dport = ports >> 16;
+	fib->ipv4_src = ip->saddr;
+	fib->ipv4_dst = ip->daddr;
+	/* tot_len 0: the kernel checks the MTU itself, knowing GSO packets are segmented later. */
+	fib->tot_len = 0;
+	fib->ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
+	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 }
 
 SEC("tc")
@@ -103,8 +106,7 @@ int rr_router_encap(struct __sk_buff *skb)
 	struct bpf_fib_lookup fib = {};
 	struct rr_encap_cfg *cfg;
 	struct iphdr outer = {};
-	__u32 zero = 0, ports = 0, slot, *target, tot_len, csum, inner_hlen;
-	__u8 tos;
+	__u32 zero = 0, ports = 0, tot_len, csum, inner_hlen, inner_dst;
 	__u16 gre[2] = {0, bpf_htons(ETH_P_IP)};
 	int rc;
 
@@ -114,11 +116,7 @@ int rr_router_encap(struct __sk_buff *skb)
 	cfg = bpf_map_lookup_elem(&rr_encap_cfg, &zero);
 	if (!cfg || (ip->daddr & cfg->service_mask) != cfg->service_net || ip->protocol == IPPROTO_GRE)
 		return TC_ACT_OK;
-	if (cfg->count == 0 || cfg->count > RR_ENCAP_MAX_TARGETS) {
-		count(RR_ENCAP_NO_TARGET);
-		return TC_ACT_SHOT;
-	}
-	/* Ports for unfragmented TCP/UDP; fragments and everything else hash on the 3-tuple. */
+	/* Ports for unfragmented TCP/UDP; fragments and everything else follow the 3-tuple. */
 	if ((ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) && ip->ihl == 5 &&
 	    !(ip->frag_off & bpf_htons(IP_MF_OFFSET))) {
 		__u32 *p = (void *)(ip + 1);
@@ -126,41 +124,32 @@ int rr_router_encap(struct __sk_buff *skb)
 		if ((void *)(p + 1) <= end)
 			ports = *p;
 	}
-	slot = flow_hash(bpf_ntohl(ip->saddr), bpf_ntohl(ip->daddr), bpf_ntohl(ports), ip->protocol) %
-	       cfg->count;
-	target = bpf_map_lookup_elem(&rr_encap_tgts, &slot);
-	if (!target)
+	inner_dst = ip->daddr;
+	rc = route_inner(skb, ip, ports, &fib);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+		count(RR_ENCAP_NO_ROUTE);
 		return TC_ACT_SHOT;
+	}
+	if (fib.ipv4_dst == inner_dst) {
+		count(RR_ENCAP_NO_GATEWAY);
+		return TC_ACT_SHOT;
+	}
 
 	inner_hlen = inner_headers(ip, end);
-	tos = ip->tos;
 	tot_len = bpf_ntohs(ip->tot_len) + ENCAP_LEN;
 	outer.version = 4;
 	outer.ihl = 5;
-	outer.tos = tos;
+	outer.tos = ip->tos;
 	outer.tot_len = bpf_htons(tot_len);
 	outer.frag_off = bpf_htons(0x4000); /* DF, ID 0 */
 	outer.ttl = 64;
 	outer.protocol = IPPROTO_GRE;
 	outer.saddr = cfg->src;
-	outer.daddr = *target;
+	outer.daddr = fib.ipv4_dst;
 	csum = bpf_csum_diff(0, 0, (__be32 *)&outer, sizeof(outer), 0);
 	csum = (csum & 0xffff) + (csum >> 16);
 	csum = (csum & 0xffff) + (csum >> 16);
 	outer.check = ~csum & 0xffff;
-
-	fib.family = AF_INET;
-	fib.ipv4_src = outer.saddr;
-	fib.ipv4_dst = outer.daddr;
-	/* tot_len 0: let the kernel check the MTU itself, which knows GSO packets are segmented later
-	 * (a GSO packet's own length would fail the check). */
-	fib.tot_len = 0;
-	fib.ifindex = skb->ifindex;
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
-		count(RR_ENCAP_FIB_FAIL);
-		return TC_ACT_SHOT;
-	}
 
 	if (bpf_skb_adjust_room(skb, ENCAP_LEN, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_GRE)) {
@@ -172,7 +161,7 @@ int rr_router_encap(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		/* The kernel resolves the target's MAC (ARP) and sends the frame. */
+		/* The kernel resolves the next hop's MAC (ARP for the outer destination) and sends the frame. */
 		count(RR_ENCAP_NO_NEIGH);
 		count_sent(skb, inner_hlen);
 		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);

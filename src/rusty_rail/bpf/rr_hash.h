@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* The hash pieces every BPF program here shares, written once: murmur3's finaliser and the seed.
+/* The hash pieces of the balancer's BPF program, written once: murmur3's finaliser and the seed.
  * The Python twins are rusty_rail/core/flowhash.py (fmix32) and core/constants.py (RR_HASH_SEED);
  * tests compare them. */
 #ifndef RR_HASH_H

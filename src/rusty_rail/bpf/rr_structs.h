@@ -121,7 +121,7 @@ struct rr_backend_stats {
 	__u64 bytes;
 };
 
-/* rr_stats indexes. 1..18, 24 and 25 are the drop reasons of docs/WIRE.md section 9, numbered as there.
+/* rr_stats indexes. 1..18 and 23..25 are the drop reasons of docs/WIRE.md section 9, numbered as there.
  * A forward is counted once, by its inner packet's family: RR_STAT_FORWARDED (IPv4) or
  * RR_STAT_FORWARDED_IPV6; the figure "forwarded" is their sum (engines/xdp/counters.py). */
 #define RR_STAT_FORWARDED 0
@@ -149,6 +149,9 @@ struct rr_backend_stats {
 #define RR_STAT_CONN_INSERT 22      /* of those, written under a key with no entry at all (a new
                                      * entry, not a rewrite): engines/xdp/counters.py derives LRU
                                      * evictions */
+#define RR_DROP_TX_REFUSED 23       /* never counted by the program: frames the device refused to transmit
+                                     * after XDP_TX, which the engine reads from the device (docs/WIRE.md
+                                     * section 9); reserved so that every drop reason has one number */
 #define RR_DROP_INNER_EXT_HEADERS 24 /* more than RR_EXT_HEADERS inner IPv6 extension headers, or one cut short */
 #define RR_DROP_OUTPUT_TOO_BIG 25   /* the output's IP packet is longer than rr_config.mtu */
 #define RR_STAT_FORWARDED_IPV6 26   /* forwards whose inner packet is IPv6 (RR_STAT_FORWARDED: IPv4) */

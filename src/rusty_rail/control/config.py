@@ -19,7 +19,7 @@ may mix them (docs/WIRE.md section 10 names the IPv6 ranges refused). The file f
     table_size = 65537              # prime                                 (RR_TABLE_SIZE)
     control_socket = "/run/rusty-rail/control.sock"                       # (RR_CONTROL_SOCKET)
     metrics = "127.0.0.1:9100"      # absent = off                          (RR_METRICS)
-    workers = 1                     # AF_PACKET worker processes            (RR_WORKERS)
+    workers = 1                     # AF_PACKET worker processes; default: CPUs - 1 (RR_WORKERS)
     connection_capacity = 1048576   # connection table entries, LRU beyond  (RR_CONN_CAPACITY)
     pin_root = "/sys/fs/bpf/..."    # hitless restart pins (RR_PIN_ROOT; default DEFAULT_PIN_ROOT)
     [[services]]
@@ -35,20 +35,22 @@ may mix them (docs/WIRE.md section 10 names the IPv6 ranges refused). The file f
     timeout = 0.5
     rise = 2
     fall = 2
+    [bgp]                           # announce the VIPs to routers: control/bgp_config.py has the keys
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import AddressValueError, IPv4Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rusty_rail.core.address import Address, as_address, unusable
 from rusty_rail.core.constants import (
@@ -61,7 +63,10 @@ from rusty_rail.core.constants import (
 )
 from rusty_rail.core.maglev import is_prime
 from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceProtocol
-from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode
+from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode, default_workers
+
+if TYPE_CHECKING:
+    from rusty_rail.control.bgp_config import BgpSpec
 
 DEFAULT_CONTROL_SOCKET = "/run/rusty-rail/control.sock"
 MAX_WORKERS = 256
@@ -106,11 +111,24 @@ class BackendSpec:
 
 
 @dataclass(frozen=True)
+class RouteSpec:
+    """How a service's VIP is announced over BGP (keys announce, communities, med; bgp_config.py)."""
+
+    announce: bool = True
+    """Announce the VIP (/32) while this balancer can serve the service."""
+    communities: tuple[tuple[int, int], ...] = ()
+    """RFC 1997 communities (ASN, value) attached to the route."""
+    med: int | None = None
+    """MULTI_EXIT_DISC (RFC 4271 5.1.4); None: not sent."""
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     key: ServiceKey
     """(VIP, protocol, port), or the catch-all of the environment form."""
     backends: tuple[BackendSpec, ...]
     health: HealthSpec = HealthSpec()
+    route: RouteSpec = RouteSpec()
 
 
 @dataclass(frozen=True)
@@ -129,12 +147,15 @@ class Config:
     """Path of the control socket (`rusty-rail ctl`); None: none (the environment form's default)."""
     metrics: str | None = None
     """host:port of the Prometheus endpoint; None: off."""
-    workers: int = 1
-    """AF_PACKET worker processes; every packet of a flow goes to the same one."""
+    workers: int = field(default_factory=default_workers)
+    """AF_PACKET worker processes (default: one less than the CPUs, dataplane.default_workers); every
+    packet of a flow goes to the same one."""
     connection_capacity: int = DEFAULT_CONN_CAPACITY
     """Connection-table entries (per worker on AF_PACKET), least recently used evicted beyond."""
     pin_root: str = DEFAULT_PIN_ROOT
     """bpffs directory for the hitless restart's pins (a directory per namespace and device below it)."""
+    bgp: BgpSpec | None = None
+    """Announce the services' VIPs to routers over BGP ([bgp]); None: no BGP."""
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(device=self.device, workers=self.workers, connection_capacity=self.connection_capacity,
@@ -142,7 +163,7 @@ class Config:
 
 
 RESTART_FIELDS = ("device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
-                  "connection_capacity", "pin_root")
+                  "connection_capacity", "pin_root", "bgp")
 """Fields a reload reports but does not apply: they take effect after a restart."""
 
 
@@ -269,8 +290,8 @@ def _metrics(value: Any, name: str) -> str:
 # -- the file ------------------------------------------------------------------------------------------
 
 _TOP_KEYS = {"device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
-             "connection_capacity", "pin_root", "services"}
-_SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health"}
+             "connection_capacity", "pin_root", "services", "bgp"}
+_SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health", "announce", "communities", "med"}
 _BACKEND_KEYS = {"address", "weight"}
 _HEALTH_KEYS = {"type", "port", "path", "interval", "timeout", "rise", "fall"}
 
@@ -338,6 +359,8 @@ def _backends(raw: Any, path: str) -> tuple[BackendSpec, ...]:
 
 
 def _service(value: Any, path: str) -> ServiceSpec:
+    from rusty_rail.control.bgp_config import parse_route  # it builds on this module's validators
+
     table = _table(value, path, _SERVICE_KEYS)
     if "vip" not in table:
         raise _fail(_join(path, "vip"), "missing")
@@ -347,7 +370,8 @@ def _service(value: Any, path: str) -> ServiceSpec:
                 raise _fail(_join(path, key), f"{_show(table[key])}: the catch-all service (vip \"*\") covers "
                             "every protocol and port")
         backends = _backends(table.get("backends", []), _join(path, "backends"))
-        return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), _join(path, "health"), 0))
+        return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), _join(path, "health"), 0),
+                           parse_route(table, path, catch_all=True))
     vip = _address(table["vip"], _join(path, "vip"))
     port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
     protocol_text = _choice(table.get("protocol", "tcp" if port else "any"), _join(path, "protocol"), ("tcp", "udp", "any"))
@@ -356,7 +380,7 @@ def _service(value: Any, path: str) -> ServiceSpec:
         raise _fail(_join(path, "port"), f"{port} needs protocol \"tcp\" or \"udp\" (protocol \"any\" means every port: 0)")
     backends = _backends(table.get("backends", []), _join(path, "backends"))
     health = _health(table.get("health", {}), _join(path, "health"), port)
-    return ServiceSpec(ServiceKey(vip, protocol, port), backends, health)
+    return ServiceSpec(ServiceKey(vip, protocol, port), backends, health, parse_route(table, path, catch_all=False))
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -378,8 +402,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not services:
         # Without services the balancer would drop everything (NO_SERVICE); that is never what was meant.
         raise _fail("services", "none configured (a config file needs at least one [[services]])")
-    return _common(table, names=lambda key: key, services=tuple(services),
-                   control_socket_default=DEFAULT_CONTROL_SOCKET)
+    from rusty_rail.control.bgp_config import check_shared_vips, parse_bgp
+
+    check_shared_vips(services)
+    config = _common(table, names=lambda key: key, services=tuple(services), control_socket_default=DEFAULT_CONTROL_SOCKET)
+    return dataclasses.replace(config, bgp=parse_bgp(table["bgp"])) if "bgp" in table else config
 
 
 def loads_config(text: str, source: str = "<string>") -> Config:
@@ -466,7 +493,7 @@ def _common(values: Mapping[str, Any], names: Any, services: tuple[ServiceSpec, 
         table_size=get("table_size", _table_size, DEFAULT_TABLE_SIZE),
         control_socket=socket_path,
         metrics=get("metrics", _metrics, None),
-        workers=get("workers", _int, 1, 1, MAX_WORKERS),
+        workers=get("workers", _int, default_workers(), 1, MAX_WORKERS),
         connection_capacity=get("connection_capacity", _int, DEFAULT_CONN_CAPACITY, 1, MAX_CONN_CAPACITY),
         pin_root=get("pin_root", _absolute_path, DEFAULT_PIN_ROOT),
     )

@@ -5,6 +5,7 @@
     rusty-rail ctl weight VIP:PORT BACKEND N
     rusty-rail ctl explain CLIENT:PORT VIP:PORT [tcp|udp]
     rusty-rail ctl reload
+    rusty-rail ctl drain-balancer | undrain-balancer     (with [bgp]: withdraw every VIP / announce again)
 
 VIP:PORT is TCP unless written VIP:PORT/udp; a bare VIP is the every-port service; `*` is the
 catch-all service of the environment form. Errors are one line on stderr and exit status 1.
@@ -122,7 +123,27 @@ def format_status(status: dict[str, Any]) -> str:
     control = status.get("control", {})
     if control.get("last_reload_error"):
         lines.append(f"last reload failed: {control['last_reload_error']}")
+    if status.get("bgp"):
+        lines += format_bgp(status["bgp"])
     return "\n".join(lines)
+
+
+def format_bgp(bgp: dict[str, Any]) -> list[str]:
+    """The BGP part of ctl status: each peer's session, then each VIP and why it is (not) announced."""
+    state = "drained" if bgp["drained"] else "stopping" if bgp["stopping"] else "serving"
+    speaker = bgp["speaker"]
+    lines = [f"bgp: AS {bgp['local_as']}, router id {bgp['router_id']}, {state}; speaker "
+             + (f"pid {speaker['pid']}" if speaker["connected"] else "not connected")
+             + (f", restarted {speaker['restarts']}x" if speaker["restarts"] else ""),
+             f"  {'Peer':<18} {'AS':>10} {'State':<11} {'Up for':>8}  Prefixes"]
+    for p in bgp["peers"]:
+        uptime = "-" if p["uptime_s"] is None else f"{p['uptime_s']:.0f}s"
+        reason = f" ({p['reason']})" if p["reason"] and p["state"] != "up" else ""
+        lines.append(f"  {p['address']:<18} {p['as']:>10} {p['state']:<11} {uptime:>8}  "
+                     f"{', '.join(p['prefixes']) or '-'}{reason}")
+    for r in bgp["routes"]:
+        lines.append(f"  {'announced' if r['announced'] else 'withdrawn':<9} {r['prefix']:<18} {r['reason']}")
+    return lines
 
 
 def format_explain(result: dict[str, Any]) -> str:
@@ -161,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("service", metavar="VIP:PORT")
     explain.add_argument("protocol", nargs="?", choices=("tcp", "udp"), default="tcp")
     sub.add_parser("reload", help="reload the configuration file (as SIGHUP)")
+    sub.add_parser("drain-balancer", help="withdraw every VIP from the routers (BGP); forwarding goes on")
+    sub.add_parser("undrain-balancer", help="announce the VIPs again")
     return parser
 
 
@@ -170,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         request: dict[str, Any] = {"cmd": "status"}
     elif args.cmd == "explain":
         request = explain_request(args.client, args.service, args.protocol)
-    elif args.cmd == "reload":
-        request = {"cmd": "reload"}
+    elif args.cmd in ("reload", "drain-balancer", "undrain-balancer"):
+        request = {"cmd": args.cmd}
     else:
         request = {"cmd": args.cmd, "service": args.service, "backend": args.backend}
         if args.cmd in ("add", "weight"):
@@ -190,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         for note in result.get("notes", []):
             print(f"note: {note}")
         print("reloaded")
+    elif args.cmd in ("drain-balancer", "undrain-balancer"):
+        print("\n".join(format_bgp(result)))
     return 0
 
 

@@ -5,7 +5,8 @@ take it down. `HealthChecker` schedules probes with a clock it is given, runs th
 pool, feeds results to the states and reports transitions to a callback; `tick(now)` is the whole
 schedule, so tests drive it with a fake clock and a fake probe and never sleep.
 
-A backend starts UP (assumed healthy) and leaves after `fall` failures. Starting down and waiting for
+A backend starts UP (assumed healthy) and leaves after `fall` failures; after a hitless restart it
+starts in the state its predecessor's checks had reached (control/handover.py). Starting down and waiting for
 `rise` passes would make every restart or reload blackhole the service for rise*interval seconds; the
 original balancer had no checks at all, so "up until shown otherwise" is also the compatible choice
 (keepalived's default for a real server is the same).
@@ -17,7 +18,8 @@ import http.client
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -131,9 +133,12 @@ class HealthChecker:
 
     # -- what to check ---------------------------------------------------------------------------
 
-    def set_targets(self, targets: Iterable[Target]) -> None:
+    def set_targets(self, targets: Iterable[Target],
+                    carried: Mapping[tuple[ServiceKey, Address], HealthState] | None = None) -> None:
         """Check exactly these. A target that stays with the same spec keeps its state (a reload or a
-        runtime change does not reset health); a new one starts up and is probed at once."""
+        runtime change does not reset health); a new one starts up, or in its `carried` state (a
+        restart's), and is probed at once."""
+        carried = carried or {}
         now = self.clock()
         with self._lock:
             wanted = {(t.service, t.backend): t for t in targets if t.spec.type != HealthType.NONE}
@@ -144,7 +149,8 @@ class HealthChecker:
                     entries[key] = old
                 else:
                     self._generation += 1
-                    entries[key] = _Entry(target, HealthState(target.spec.rise, target.spec.fall), now, generation=self._generation)
+                    state = carried.get(key) or HealthState(target.spec.rise, target.spec.fall)
+                    entries[key] = _Entry(target, dataclasses.replace(state), now, generation=self._generation)
             self._entries = entries
         self._wake.set()
 
@@ -152,6 +158,11 @@ class HealthChecker:
         with self._lock:
             entry = self._entries.get((service, backend))
             return None if entry is None else entry.state
+
+    def snapshot(self) -> list[tuple[Target, HealthState]]:
+        """Every target with a copy of its state, as of now."""
+        with self._lock:
+            return [(e.target, dataclasses.replace(e.state)) for e in self._entries.values()]
 
     # -- the schedule ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from rusty_rail.control.bgp import Announcer
 from rusty_rail.control.config import parse_metrics_address
 from rusty_rail.control.plane import ControlPlane
 
@@ -23,8 +24,9 @@ log = logging.getLogger("rusty_rail.metrics")
 
 
 class PlaneCollector(Collector):
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, bgp: Announcer | None = None) -> None:
         self.plane = plane
+        self.bgp = bgp
 
     def collect(self) -> Iterator[Metric]:
         status = self.plane.status()
@@ -34,8 +36,8 @@ class PlaneCollector(Collector):
         up = GaugeMetricFamily("rusty_rail_backend_up", "1 while the backend passes its health check (or has none)", labels=labels)
         weight = GaugeMetricFamily("rusty_rail_backend_weight", "Configured weight", labels=labels)
         drained = GaugeMetricFamily("rusty_rail_backend_drained", "1 while the backend is drained", labels=labels)
-        flows = GaugeMetricFamily("rusty_rail_backend_flows", "Connection entries naming the backend", labels=["backend"])
-        seen_flows: set[str] = set()
+        flows = GaugeMetricFamily("rusty_rail_backend_flows", "Connection entries of the service's flows naming the backend",
+                                  labels=labels)
         for svc in status["services"]:
             for b in svc["backends"]:
                 key = [svc["service"], b["address"]]
@@ -44,9 +46,8 @@ class PlaneCollector(Collector):
                 up.add_metric(key, 0.0 if b["health"] == "down" else 1.0)
                 weight.add_metric(key, b["weight"])
                 drained.add_metric(key, 1.0 if b["drained"] else 0.0)
-                if b["flows"] is not None and b["address"] not in seen_flows:
-                    seen_flows.add(b["address"])
-                    flows.add_metric([b["address"]], b["flows"])
+                if b["flows"] is not None:
+                    flows.add_metric(key, b["flows"])
         yield from (packets, nbytes, up, weight, drained, flows)
 
         c: dict[str, Any] = status["counters"]
@@ -75,22 +76,40 @@ class PlaneCollector(Collector):
         yield CounterMetricFamily("rusty_rail_config_reloads", "Configuration reloads applied", value=control["reloads"])
         yield CounterMetricFamily("rusty_rail_config_reload_failures", "Configuration reloads rejected", value=control["reload_failures"])
         yield CounterMetricFamily("rusty_rail_health_transitions", "Backend health changes (up or down)", value=control["health_transitions"])
+        if self.bgp is not None:
+            yield from _bgp_metrics(self.bgp.status())
+
+
+def _bgp_metrics(status: dict[str, Any]) -> Iterator[Metric]:
+    up = GaugeMetricFamily("rusty_rail_bgp_session_up", "1 while the BGP session with the peer is established",
+                           labels=["peer"])
+    announced = GaugeMetricFamily("rusty_rail_bgp_announced", "Prefixes announced to the peer (0 without a session)",
+                                  labels=["peer"])
+    uptime = GaugeMetricFamily("rusty_rail_bgp_session_uptime_seconds", "Seconds the session has been established",
+                               labels=["peer"])
+    for peer in status["peers"]:
+        up.add_metric([peer["address"]], 1.0 if peer["state"] == "up" else 0.0)
+        announced.add_metric([peer["address"]], len(peer["prefixes"]))
+        uptime.add_metric([peer["address"]], peer["uptime_s"] or 0.0)
+    yield from (up, announced, uptime)
+    yield GaugeMetricFamily("rusty_rail_bgp_drained", "1 while the balancer is drained (every VIP withdrawn)",
+                            value=1.0 if status["drained"] else 0.0)
 
 
 class MetricsServer:
     """The Prometheus endpoint on host:port (port 0: any free one), in a background thread."""
 
-    def __init__(self, plane: ControlPlane, host: str, port: int) -> None:
+    def __init__(self, plane: ControlPlane, host: str, port: int, bgp: Announcer | None = None) -> None:
         self.host, self.port = host, port
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(PlaneCollector(plane))
+        self.registry.register(PlaneCollector(plane, bgp))
         self._server: Any = None
         self._thread: Any = None
 
     @classmethod
-    def from_address(cls, address: str, plane: ControlPlane) -> MetricsServer:
+    def from_address(cls, address: str, plane: ControlPlane, bgp: Announcer | None = None) -> MetricsServer:
         host, port = parse_metrics_address(address)
-        return cls(plane, host, port)
+        return cls(plane, host, port, bgp)
 
     def start(self) -> None:
         self._server, self._thread = start_http_server(self.port, self.host, registry=self.registry)

@@ -11,7 +11,8 @@ The environment form is one catch-all service like any other (named "*"; "open" 
 Tables are built by the `StateBuilder` (dataplane/state.py) for the services whose weights changed.
 
 Policies (chosen, so written down):
-- Health: backends start up (see health.py). With every backend of a service down the service has none
+- Health: backends start up (see health.py), or, after a hitless restart, as the predecessor's checks
+  left them (`health`, from control/handover.py). With every backend of a service down the service has none
   and its packets are dropped as NO_BACKEND, as IPVS does with no real servers: visible in the drop
   counters, rather than sending traffic to backends the checks say are dead.
 - Reload: the file is the truth for services, backends and weights, so runtime add/remove/weight changes
@@ -28,11 +29,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rusty_rail.control.config import RESTART_FIELDS, Config, HealthSpec, HealthType
+from rusty_rail.control.bgp import ServiceRoute
+from rusty_rail.control.config import RESTART_FIELDS, Config, HealthSpec, HealthType, RouteSpec
 from rusty_rail.control.health import Target
 from rusty_rail.core.address import Address, as_address, with_port
 from rusty_rail.core.constants import MAX_WEIGHT
@@ -68,6 +70,7 @@ class ServiceState:
     key: ServiceKey
     health: HealthSpec
     backends: dict[Address, BackendState] = field(default_factory=dict)
+    route: RouteSpec = RouteSpec()
 
     @property
     def name(self) -> str:
@@ -91,11 +94,18 @@ def parse_backend(text: str) -> Address:
         raise ControlError(f"{text!r} is not an IPv4 or IPv6 address") from None
 
 
-def _services_from(config: Config) -> dict[ServiceKey, ServiceState]:
+HealthKey = tuple[ServiceKey, Address]
+
+
+def _services_from(config: Config, health: Mapping[HealthKey, tuple[bool, str]] | None = None
+                   ) -> dict[ServiceKey, ServiceState]:
+    health = health or {}
     services: dict[ServiceKey, ServiceState] = {}
     for spec in config.services:
-        state = ServiceState(spec.key, spec.health)
-        state.backends = {b.address: BackendState(b.address, b.weight) for b in spec.backends}
+        state = ServiceState(spec.key, spec.health, route=spec.route)
+        for b in spec.backends:
+            healthy, reason = health.get((spec.key, b.address), (True, ""))
+            state.backends[b.address] = BackendState(b.address, b.weight, healthy=healthy, health_reason=reason)
         services[spec.key] = state
     return services
 
@@ -106,13 +116,18 @@ class ControlPlane:
         config: Config,
         engine: Engine,
         on_targets: Callable[[list[Target]], None] | None = None,
+        health: Mapping[HealthKey, tuple[bool, str]] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
-        """Applies the configuration at once. `on_targets` hears the health-check targets on each change."""
+        """Applies the configuration at once. `on_targets` hears the health-check targets on each change;
+        `health`: (up, reason) of backends whose state is known already (a restart's), else they start up;
+        `on_change` is told after every change the data plane took (BGP re-decides its routes)."""
         self.config = config
         self.engine = engine
         self.on_targets = on_targets
+        self.on_change = on_change
         self._lock = threading.RLock()
-        self._services = _services_from(config)
+        self._services = _services_from(config, health)
         self._builder = StateBuilder(config.table_size)
         self._applied: DataplaneState | None = None
         self.applies = 0
@@ -120,6 +135,8 @@ class ControlPlane:
         self.reload_failures = 0
         self.last_reload_error: str | None = None
         self.health_transitions = 0
+        self.health_carried = len(health or {})
+        """Backends whose health state came from a predecessor (restart)."""
         self._push()
 
     # -- the data plane's view ---------------------------------------------------------------------
@@ -161,6 +178,8 @@ class ControlPlane:
             raise ControlError(f"the data plane refused the change: {exc}") from exc
         if targets_changed and self.on_targets is not None:
             self.on_targets(self.targets())
+        if self.on_change is not None:
+            self.on_change()
 
     def targets(self) -> list[Target]:
         """What the health checker should check: every backend of every service with a check."""
@@ -176,7 +195,7 @@ class ControlPlane:
 
     def _copy(self) -> dict[ServiceKey, ServiceState]:
         return {
-            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()})
+            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()}, s.route)
             for k, s in self._services.items()
         }
 
@@ -250,6 +269,11 @@ class ControlPlane:
             self.health_transitions += 1
             self._commit(services, targets_changed=False)
 
+    def health_reasons(self) -> dict[HealthKey, str]:
+        """Why each backend is up or down, as the last check reported (status shows it too)."""
+        with self._lock:
+            return {(s.key, b.address): b.health_reason for s in self._services.values() for b in s.backends.values()}
+
     # -- reload ------------------------------------------------------------------------------------
 
     def reload(self, config: Config) -> list[str]:
@@ -292,6 +316,12 @@ class ControlPlane:
 
     # -- inspection --------------------------------------------------------------------------------
 
+    def route_view(self) -> list[ServiceRoute]:
+        """What BGP's rule reads of each service (bgp.wanted_routes)."""
+        with self._lock:
+            return [ServiceRoute(s.name, s.key.vip, s.route, sum(b.healthy for b in s.backends.values()))
+                    for s in self._services.values()]
+
     def explain(self, flow: FlowKey) -> dict[str, Any]:
         with self._lock:
             matched = ServiceMatcher(self._services).match(flow.packed)
@@ -313,6 +343,7 @@ class ControlPlane:
                 "reload_failures": self.reload_failures,
                 "last_reload_error": self.last_reload_error,
                 "health_transitions": self.health_transitions,
+                "health_carried": self.health_carried,
             }
         counters = self.engine.counters()
         flows = counters.flows or {}
@@ -332,7 +363,7 @@ class ControlPlane:
                     "state": "down" if not b.healthy else "drained" if b.drained or b.weight == 0 else "active",
                     "packets": packets,
                     "bytes": nbytes,
-                    "flows": flows.get(b.address) if counters.flows is not None else None,
+                    "flows": flows.get((state.key, b.address), 0) if counters.flows is not None else None,
                 })
             key = state.key
             out_services.append({

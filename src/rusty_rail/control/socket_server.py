@@ -4,7 +4,10 @@ Request, one line:  {"cmd": "drain", "service": "10.1.0.1:80", "backend": "10.2.
 Answer, one line:   {"ok": true, "result": ...}  or  {"ok": false, "error": "10.2.0.9 is not a backend of ..."}
 
 Commands: status; add (service, backend, [weight]); remove, drain, undrain (service, backend);
-weight (service, backend, weight); explain (client "IP:PORT", service "VIP:PORT", [protocol]); reload.
+weight (service, backend, weight); explain (client "IP:PORT", service "VIP:PORT", [protocol]); reload;
+handover (pin_root, pin_root_id: `rusty-rail restart`'s, see handover.py; the asker is known by
+SO_PEERCRED, and the daemon stops only once the answer is written); drain-balancer, undrain-balancer
+(with [bgp]: withdraw every VIP / announce them again).
 A connection may carry many requests (top keeps one open). Only root can connect: the socket is 0600
 and created that way before it listens, so no other user ever gets a window to connect.
 """
@@ -22,6 +25,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from rusty_rail.control.bgp import Announcer
+from rusty_rail.control.handover import DaemonHandover, HandoverRequest, peer_pid
 from rusty_rail.control.plane import ControlError, ControlPlane, parse_backend, parse_service
 from rusty_rail.core.address import Address, as_address, split_host_port
 from rusty_rail.core.flow import FlowKey
@@ -35,15 +40,23 @@ MAX_REQUEST = 64 * 1024
 class Commands:
     """Turns a request into a call on the control plane. Separate from the server so tests call it directly."""
 
-    def __init__(self, plane: ControlPlane, reload: Callable[[], list[str]] | None = None) -> None:
+    def __init__(self, plane: ControlPlane, reload: Callable[[], list[str]] | None = None,
+                 handover: DaemonHandover | None = None, bgp: Announcer | None = None) -> None:
         self.plane = plane
         self.reload = reload
         """Reloads the configuration file (the daemon's SIGHUP action); None for the environment form."""
+        self.handover = handover
+        """The daemon's side of a hitless restart; None: this process cannot hand over."""
+        self.bgp = bgp
+        """The BGP announcer ([bgp]), or None."""
 
-    def handle(self, request: Any) -> dict[str, Any]:
+    def handle(self, request: Any, peer: int | None = None) -> dict[str, Any]:
+        """The answer to one request; `peer` is the asking process's pid (SO_PEERCRED)."""
         try:
             if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
                 raise ControlError('a request is a JSON object with "cmd"')
+            if request["cmd"] == "handover":
+                return {"ok": True, "result": self._handover(request, peer)}
             return {"ok": True, "result": self._dispatch(request)}
         except ControlError as exc:
             return {"ok": False, "error": str(exc)}
@@ -51,11 +64,32 @@ class Commands:
             log.exception("control request %r failed", request)
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
+    def settle(self, request: Any, answer: dict[str, Any], delivered: bool) -> None:
+        """After an answer was written (`delivered`) or could not be: a handover completes (the daemon
+        stops) only once its asker has the answer, and is undone otherwise."""
+        if (self.handover is not None and answer.get("ok") and isinstance(request, dict)
+                and request.get("cmd") == "handover"):
+            self.handover.settle(delivered)
+
+    def _handover(self, request: dict[str, Any], peer: int | None) -> Any:
+        if self.handover is None:
+            raise ControlError("this daemon cannot hand over")
+        try:
+            parsed = HandoverRequest.from_json(request)
+        except ValueError as exc:
+            raise ControlError(f"handover: {exc}") from None
+        return self.handover.prepare(parsed, peer).to_json()
+
     def _dispatch(self, request: dict[str, Any]) -> Any:
         cmd = request["cmd"]
         plane = self.plane
         if cmd == "status":
-            return plane.status()
+            return {**plane.status(), "bgp": None if self.bgp is None else self.bgp.status()}
+        if cmd in ("drain-balancer", "undrain-balancer"):
+            if self.bgp is None:
+                raise ControlError("no [bgp] in the configuration: this balancer announces nothing to withdraw")
+            self.bgp.set_drained(cmd == "drain-balancer")
+            return self.bgp.status()
         if cmd == "explain":
             return plane.explain(_flow(request))
         if cmd == "reload":
@@ -122,6 +156,7 @@ class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
+        peer = peer_pid(self.connection)
         while True:
             line = self.rfile.readline(MAX_REQUEST + 1)
             if not line:
@@ -136,14 +171,17 @@ class _Handler(socketserver.StreamRequestHandler):
             except ValueError:
                 self._send({"ok": False, "error": "request is not JSON"})
                 continue
-            self._send(self.server.commands.handle(request))
+            answer = self.server.commands.handle(request, peer)
+            self.server.commands.settle(request, answer, self._send(answer))
 
-    def _send(self, answer: dict[str, Any]) -> None:
+    def _send(self, answer: dict[str, Any]) -> bool:
+        """Write one answer; False when the client went away (there is nobody to tell)."""
         try:
             self.wfile.write(json.dumps(answer).encode() + b"\n")
             self.wfile.flush()
         except OSError:
-            pass  # the client went away; nothing to tell it
+            return False
+        return True
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):

@@ -10,8 +10,9 @@ families branch off it where they differ.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv6Address
+from types import MappingProxyType
 
 from rusty_rail.core.address import Address, AddressLike, address_int, as_address, is_ipv6
 from rusty_rail.core.checksum import ones_complement_sum
@@ -112,6 +113,12 @@ class Balancer:
     def backends(self) -> frozenset[int]:
         """Every backend of every service (the engines resolve their next hops)."""
         return self._all_backends
+
+    @property
+    def neighbours(self) -> Mapping[int, bytes]:
+        """Backend -> the MAC of its next hop, for those known now: a read-only live view, for engines
+        that build output frames in bulk (docs/WIRE.md section 8)."""
+        return MappingProxyType(self._macs)
 
     def pool_for(self, key: bytes) -> Pool | None:
         """The pool of the service a flow key belongs to (the rule: core/service.py)."""

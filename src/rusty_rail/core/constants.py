@@ -1,7 +1,7 @@
 """Every number and path that more than one part of Rusty Rail must agree on, in one place.
 
 Pure data: importing this module does nothing. The C programs cannot import it; where they repeat a
-value (bpf/rr_structs.h, bpf/router_encap.h) tests/test_constants.py compares the two.
+value (bpf/rr_structs.h, bpf/rr_hash.h) tests/test_constants.py compares the two.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ catch-all matches both.
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -35,6 +36,7 @@ from rusty_rail.core.flow import FLOW_KEY_LEN
 from rusty_rail.core.maglev import MaglevTable
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 CATCH_ALL_NAME = "*"
 """How the catch-all service is written (status, ctl, explain)."""
@@ -162,6 +164,34 @@ class ServiceMatcher(Generic[T]):
         if found is not None:
             return found
         return self.catch_all
+
+    def tally(self, entries: Iterable[tuple[bytes, B]]) -> dict[tuple[T, B], int]:
+        """Connection entries (flow key of either family, backend) counted per (value of the key's
+        service, backend), by match(); entries whose key matches no service are left out.
+
+        match() reads only the key's length, the VIP, the destination port, the protocol and whether
+        both ports are 0, so keys are grouped by those first and the rule runs once per group, not once
+        per entry."""
+        if not self.named:
+            if self.catch_all is None:
+                return {}
+            return {(self.catch_all, b): n for b, n in Counter(b for _, b in entries).items()}
+        groups = Counter((_match_group(bytes(k)), b) for k, b in entries)
+        out: dict[tuple[T, B], int] = {}
+        for (group, backend), n in groups.items():
+            value = self.match(group)
+            if value is not None:
+                out[(value, backend)] = out.get((value, backend), 0) + n
+        return out
+
+
+def _match_group(key: bytes) -> bytes:
+    """A key of the same length that match() treats as `key`: the source address zeroed and a non-zero
+    source port standing for any (both ports 0 stay 0: port-less)."""
+    at = len(key) - 8  # the ports: bytes -8..-4 of a key of either length
+    sport = b"\x00\x00" if key[at:at + 4] == b"\x00\x00\x00\x00" else b"\xff\xff"
+    half = at // 2     # the source address is the first half of what precedes the ports
+    return bytes(half) + key[half:at] + sport + key[at + 2:]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from rusty_rail.dataplane.engine import (
     EngineReport,
     Explanation,
     XdpMode,
+    default_workers,
 )
 from rusty_rail.dataplane.state import DataplaneState, StateBuilder
 
@@ -24,4 +25,5 @@ __all__ = [
     "Explanation",
     "StateBuilder",
     "XdpMode",
+    "default_workers",
 ]

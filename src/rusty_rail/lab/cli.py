@@ -1,4 +1,4 @@
-"""`rusty-rail lab up --topology N | down | status | traffic | targets`."""
+"""`rusty-rail lab up --topology N [--bgp] | down | status | traffic | targets`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--topology", type=int, choices=sorted(TOPOLOGIES), default=1,
                     help="1-4: the original's; 5: topology 2 with a third server")
     up.add_argument("--direct", action="store_true", help="router GRE straight to the servers (no balancer)")
+    up.add_argument("--bgp", action="store_true", help="no static routes: the router follows the balancers' BGP")
     up.add_argument("--balancers", action="store_true", help="also start `python -m rusty_rail` in each LB")
     sub.add_parser("down", help="remove every namespace with the prefix")
     sub.add_parser("status", help="what is up, as JSON")
@@ -27,12 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("-n", type=int, default=10)
     tr.add_argument("--client", default="client1")
     tr.add_argument("--path", default="/")
-    tg = sub.add_parser("targets", help="where the router sends GRE")
-    tg.add_argument("to", choices=["balancers", "servers"])
+    tg = sub.add_parser("targets", help="the router's static route: to the balancers, the servers, or none (BGP only)")
+    tg.add_argument("to", choices=["balancers", "servers", "bgp"])
     a = p.parse_args(argv)
 
     if a.cmd == "up":
-        lab = Lab(a.topology, a.prefix, direct=a.direct).up()
+        lab = Lab(a.topology, a.prefix, direct=a.direct, bgp=a.bgp).up()
         if a.balancers:
             # Own session: they keep running after this command; `lab down` stops them. Their output
             # goes to log files, so a pipe after this command (`| tail`) still sees its end.
@@ -51,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.cmd == "status":
         print(json.dumps(lab.status(), indent=2))
     elif a.cmd == "targets":
-        lab.route_to_servers() if a.to == "servers" else lab.route_to_balancers()
-        print("router targets:", ", ".join(lab.maps.config()[2]))
+        {"servers": lab.route_to_servers, "balancers": lab.route_to_balancers, "bgp": lab.route_by_bgp}[a.to]()
+        print("router static targets:", ", ".join(lab.targets()) or "none (BGP routes only)")
     elif a.cmd == "traffic":
         results = lab.traffic(a.n, lab.plan.host(a.client), a.path)
         for r in results:

@@ -1,4 +1,4 @@
-"""Follow a lab helper process that reports JSON lines on stdout (streams.py, router_health.py), or
+"""Follow a lab helper process that reports JSON lines on stdout (streams.py), or
 read the events a daemon logged (its structured log: one JSON object a line, `event` naming it).
 
 A reader thread collects the events as they come, so a test can wait for one with a deadline while the

@@ -4,6 +4,11 @@
         lab.start_balancers()                      # `python -m rusty_rail` in each balancer namespace
         results = lab.traffic(n=20)                # real HTTP GETs client -> VIP
 
+The router is BIRD 2 (bird.py) with a BGP session to every balancer: balancers that announce their VIPs
+over BGP (a config file with [bgp]) get the router's ECMP route; `set_targets()` (static routes in BIRD)
+serves balancers run without BGP, and the direct mode (router -> servers). The router's GRE goes to the
+next hop of its kernel route for each flow (router_encap.c), whichever of the two put it there.
+
 Everything lives in namespaces whose names start with the prefix; nothing is created in the host's
 namespace (veth pairs are created in the lab's net namespace with the peer placed directly in the
 host's namespace). `down()` deletes every namespace with the prefix, so it also cleans up after a
@@ -18,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -28,17 +34,18 @@ from pyroute2 import netns as _pynetns
 from .. import decap
 from . import netns
 from . import router as _router
+from .bird import Bird, Family, Peer, StaticRoute
 from .topology import (
+    BALANCER_AS,
     C_BRIDGE,
     C_PREFIXLEN,
     C_NET,
+    ROUTER_AS,
     ROUTER_C,
     ROUTER_T,
     S_NET,
     T_PREFIXLEN,
     TOPOLOGIES,
-    TUNNEL_GATEWAY,
-    TUNNEL_GATEWAY_MAC,
     TUNNEL_MTU,
     V_BRIDGE,
     V_PREFIXLEN,
@@ -68,14 +75,17 @@ def _check_prefix(prefix: str) -> str:
 class Lab:
     """Namespaces, links and GRE endpoints of one topology. Attributes come from the `Plan`."""
 
-    def __init__(self, topology: int = 1, prefix: str = "rr-", *, direct: bool = False,
+    def __init__(self, topology: int = 1, prefix: str = "rr-", *, direct: bool = False, bgp: bool = False,
                  python: str = sys.executable) -> None:
-        """direct=True points the router's GRE straight at the servers (no balancer): a test mode."""
+        """direct=True points the router's GRE straight at the servers (no balancer): a test mode.
+        bgp=True: no static routes at all; the router sends only where balancers announce (BGP)."""
         self.plan: Plan = plan(topology, _check_prefix(prefix))
         self.direct = direct
+        self.bgp = bgp
         self.python = python
         self.maps = _router.RouterMaps(_router.pin_dir(prefix))
         self.log_dir = RUN_DIR / prefix  # the prefix is checked above: a plain directory name
+        self.bird = Bird(self.log_dir / "router-bird", self.log_dir / "bird.ctl", self.log_dir / "router-bird.log")
         self._procs: list[subprocess.Popen[bytes]] = []
         self._httpd: dict[str, subprocess.Popen[bytes]] = {}  # server name -> its running httpd
 
@@ -96,9 +106,9 @@ class Lab:
             p = plan(topo, prefix)
             if set(p.namespaces) <= present:
                 lab = cls(topo, prefix)
-                if _pins_exist(lab):
-                    targets = set(lab.maps.config()[2])
-                    lab.direct = bool(targets) and targets <= {s.address for s in p.servers}
+                targets = set(lab.targets())
+                lab.direct = bool(targets) and targets <= {s.address for s in p.servers}
+                lab.bgp = not targets
                 return lab
         raise LookupError(f"no lab is up with prefix {prefix!r}")
 
@@ -115,7 +125,12 @@ class Lab:
             self._sysctls()
             netns.offloads_off(self.router.namespace, self.router.device)
             _router.attach(self.router.namespace, self.router.device, self.maps.pins)
-            self.route_to_servers() if self.direct else self.route_to_balancers()
+            self.maps.configure(S_NET, self.router.address)
+            self._start_bird()
+            if self.direct:
+                self.route_to_servers()
+            elif not self.bgp:
+                self.route_to_balancers()
             for s in self.servers:
                 decap.attach(s.device, s.namespace)
                 self._start_httpd(s)
@@ -177,10 +192,12 @@ class Lab:
 
     def start_balancers(self, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
                         **kw: Any) -> list[subprocess.Popen[bytes]]:
-        """Start the balancer in each balancer namespace and point the router at the balancers.
+        """Start the balancer in each balancer namespace; unless the lab routes by BGP alone, point the
+        router's static routes at the balancers.
 
         argv defaults to `<python> -m rusty_rail`; env is added to balancer_env(lb)."""
-        self.route_to_balancers()
+        if not self.bgp:
+            self.route_to_balancers()
         return [self.start_balancer(lb, argv, env, **kw) for lb in self.balancers]
 
     def start_balancer(self, lb: Host, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
@@ -230,28 +247,6 @@ class Lab:
         if check and any(self.balancer_leftovers(lb).values()):
             raise RuntimeError(f"{lb.name}: could not remove {self.balancer_leftovers(lb)}")
 
-    def start_router_health(self, port: int = 9100, *, interval: float = 0.1, timeout: float = 0.5,
-                            fall: int = 2, rise: int = 2, probe: str = "http",
-                            ready_timeout: float = 20.0) -> Events:
-        """Start the router's balancer checker (router_health.py) in the router's namespace: it probes
-        each balancer's metrics endpoint on `port` and takes dead ones out of the router's target map.
-        Returns its event stream once every balancer has been probed (the "ready" event)."""
-        from .events import Events
-
-        p = self.popen(self.router.namespace,
-                       [self.python, "-m", "rusty_rail.lab.router_health", "--pins", str(self.maps.pins),
-                        "--port", str(port), "--interval", str(interval), "--timeout", str(timeout),
-                        "--fall", str(fall), "--rise", str(rise), "--probe", probe,
-                        *(lb.address for lb in self.balancers)],
-                       host_bpffs=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        events = Events(p)
-        try:
-            events.wait("ready", ready_timeout)
-        except BaseException:
-            events.close()
-            raise
-        return events
-
     def start_balancers_with_config(self, config_path: str, extra_args: Sequence[str] = (),
                                     **kw: Any) -> list[subprocess.Popen[bytes]]:
         """`<python> -m rusty_rail run --config config_path` in each balancer namespace (all
@@ -287,9 +282,46 @@ class Lab:
         self.set_targets([s.address for s in self.servers])
         self.direct = True
 
-    def set_targets(self, addresses: Sequence[str]) -> None:
-        """The router's ECMP set: GRE goes to addresses[flow_slot(...)]."""
-        self.maps.configure(S_NET, self.router.address, addresses)
+    def route_by_bgp(self) -> None:
+        """No static routes: GRE goes only where balancers announce their VIPs."""
+        self.set_targets([])
+        self.direct = False
+
+    def set_targets(self, addresses: Sequence[str], timeout: float = 10.0) -> None:
+        """The router's static ECMP route to the service prefix S (BIRD's static protocol), and wait
+        until the kernel's table has it; [] removes it. A VIP's BGP route (/32) wins over it."""
+        self.bird.set_static([StaticRoute(S_NET, tuple(addresses))])
+        deadline = time.monotonic() + timeout
+        while sorted(self.targets()) != sorted(addresses):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the router's route to {S_NET} is {self.targets()}, not {list(addresses)}, "
+                                   f"{timeout}s after BIRD was told (its log: {self.bird.log_path})")
+            time.sleep(0.01)  # polling the kernel's table for BIRD's change, with the deadline above
+
+    def targets(self, prefix: str = S_NET) -> list[str]:
+        """The next hops of the router's kernel route to prefix (default S: the static one)."""
+        return _router.next_hops(self.router.namespace, prefix)
+
+    def vip_next_hops(self) -> list[str]:
+        """The next hops of the router's route to the VIP itself: what the balancers announce (BGP)."""
+        return self.targets(f"{self.vip}/32")
+
+    def route_choice(self, client: Host, sport: int, dport: int = 80, proto: int = 6) -> str | None:
+        """The address the router sends this flow's GRE to: the kernel's multipath choice (router.py)."""
+        return _router.route_choice(self.router.namespace, self.plan.router_c.device, client.address, self.vip,
+                                    proto, sport, dport)
+
+    def balancer_by_address(self, address: str | None) -> Host | None:
+        return next((lb for lb in self.balancers if lb.address == address), None)
+
+    def _start_bird(self) -> None:
+        """BIRD in the router's namespace: a BGP session per balancer, no routes yet."""
+        peers = [Peer(lb.name, lb.address, BALANCER_AS) for lb in self.balancers]
+        self.bird.write_config(self.router.address, ROUTER_AS, peers, [Family("ipv4", S_NET)], route_mtu=TUNNEL_MTU)
+        with self._log(self.bird.log_path.name) as log:
+            self.popen(self.router.namespace, self.bird.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                       stderr=subprocess.STDOUT)
+        self.bird.wait_ready(10.0)
 
     def traffic(self, n: int = 10, client: Host | None = None, path: str = "/",
                 timeout: float = 5.0, upload: int = 0) -> list[_traffic.Result]:
@@ -350,8 +382,9 @@ class Lab:
             "others_with_prefix": sorted(present - set(self.plan.namespaces)),
         }
         if _pins_exist(self):
-            service, src, targets = self.maps.config()
-            st["router"] = {"service": service, "src": src, "targets": targets, "stats": self.maps.stats()}
+            service, src = self.maps.config()
+            st["router"] = {"service": service, "src": src, "static_targets": self.targets(),
+                            "vip_next_hops": self.vip_next_hops(), "stats": self.maps.stats()}
         st["decap"] = {s.name: decap.status(s.device, s.namespace).attached
                        for s in self.servers if s.namespace in present}
         st["logs"] = {"dir": str(self.log_dir),
@@ -398,10 +431,7 @@ class Lab:
         with IPRoute(netns=p.router.namespace) as ipr:
             idx = ipr.link_lookup(ifname=p.router.device)[0]
             ipr.addr("add", index=idx, address=ROUTER_T, prefixlen=T_PREFIXLEN)
-            # S goes "via the tunnel gateway": a permanent fake neighbour, so the kernel needs no
-            # ARP before the egress program, which rewrites the frame toward the chosen target.
-            ipr.neigh("add", dst=TUNNEL_GATEWAY, lladdr=TUNNEL_GATEWAY_MAC, ifindex=idx, state="permanent")
-            ipr.route("add", dst=S_NET, gateway=TUNNEL_GATEWAY, oif=idx, metrics={"mtu": TUNNEL_MTU})
+            # No route to S here: BIRD installs it (BGP from the balancers, or the lab's static ones).
         # Permanent neighbours on network V: the encap program's fib lookup and the balancers'
         # next-hop lookup find every MAC from the first packet, with no ARP race.
         for h in v_hosts:
@@ -419,10 +449,16 @@ class Lab:
 
     def _sysctls(self) -> None:
         p = self.plan
+        if Path("/proc/sys/net/bridge").is_dir():
+            # br_netfilter is loaded (by someone else: the lab needs none of it): keep its hooks out of
+            # the lab's bridges, which would otherwise pass every frame through netfilter a second time.
+            netns.sysctl(p.net_ns, {f"net.bridge.bridge-nf-call-{t}": 0 for t in ("iptables", "ip6tables", "arptables")})
         no_rpf = {"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
         for c in p.clients:
             netns.sysctl(c.namespace, {**no_rpf, f"net.ipv4.conf.{c.device}.rp_filter": 0})
-        netns.sysctl(p.router.namespace, {**no_rpf, "net.ipv4.ip_forward": 1,
+        # fib_multipath_hash_policy=1: multipath routes hash the L4 5-tuple, so the encapsulator's
+        # bpf_fib_lookup (ports filled) spreads flows, and keeps each on one balancer.
+        netns.sysctl(p.router.namespace, {**no_rpf, "net.ipv4.ip_forward": 1, "net.ipv4.fib_multipath_hash_policy": 1,
                                           "net.ipv4.conf.eth0.rp_filter": 0, "net.ipv4.conf.eth1.rp_filter": 0})
         for lb in p.balancers:
             netns.sysctl(lb.namespace, {**no_rpf, f"net.ipv4.conf.{lb.device}.rp_filter": 0})

@@ -95,6 +95,7 @@ def sysctl(ns: str, values: Mapping[str, str | int]) -> None:
 # Legacy ethtool ioctls (include/uapi/linux/ethtool.h); the kernel maps them onto netdev features.
 _SIOCETHTOOL = 0x8946
 _ETHTOOL_SET = {"tx-checksum": 0x17, "sg": 0x19, "tso": 0x1F, "gso": 0x24, "gro": 0x2C}
+_ETHTOOL_GET = {"tx-checksum": 0x16, "sg": 0x18, "tso": 0x1E, "gso": 0x23, "gro": 0x2B}
 
 
 def offloads_off(ns: str, device: str, features: Sequence[str] = ("tso", "gso", "tx-checksum")) -> None:
@@ -105,6 +106,15 @@ def offloads_off(ns: str, device: str, features: Sequence[str] = ("tso", "gso", 
     with _netns.create_socket(ns, socket.AF_INET, socket.SOCK_DGRAM) as s:
         for feat in features:
             _ethtool_ioctl(s, device, bytearray(struct.pack("II", _ETHTOOL_SET[feat], 0)))
+
+
+def offload_on(ns: str, device: str, feature: str) -> bool:
+    """Like `ethtool -k device` in ns, for one feature: is it on? (Some cannot be changed, e.g. a
+    veth's TSO while its peer runs XDP: the kernel keeps it off and refuses the set.)"""
+    data = bytearray(struct.pack("II", _ETHTOOL_GET[feature], 0))
+    with _netns.create_socket(ns, socket.AF_INET, socket.SOCK_DGRAM) as s:
+        _ethtool_ioctl(s, device, data)
+    return bool(struct.unpack("II", bytes(data))[1])
 
 
 def _ethtool_ioctl(s: socket.socket, device: str, data: bytearray) -> None:

@@ -5,9 +5,8 @@
 
 V 192.168.137.0/24 is a bridge joining router, balancers and servers; C 10.0.0.0/24 is a second
 bridge joining the clients and the router (so two clients share one subnet); S 10.1.0.0/24 holds the
-VIP 10.1.0.1; T 172.16.0.0/22 is the tunnel subnet: the router's route to S points at a fixed
-"tunnel gateway" 172.16.0.2 with a permanent neighbour entry, so the kernel hands packets to S to
-the router's V device without ARPing, and the encap program rewrites them there.
+VIP 10.1.0.1; T 172.16.0.0/22 is the tunnel subnet. The router's routes to S come from BIRD: BGP
+from the balancers (AS BALANCER_AS, the router AS ROUTER_AS), or static ones the lab sets.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ T_PREFIXLEN = 22
 ROUTER_V = "192.168.137.1"
 ROUTER_C = "10.0.0.254"
 ROUTER_T = "172.16.0.1"
-TUNNEL_GATEWAY = "172.16.0.2"
-TUNNEL_GATEWAY_MAC = "02:72:72:ff:00:02"  # no such host: the encap program rewrites this MAC
 TUNNEL_MTU = 1476  # 1500 - 20 (outer IPv4) - 4 (GRE)
+ROUTER_AS = 65000
+BALANCER_AS = 65001  # every balancer the same AS: their routes to a VIP are equal, and BIRD merges them
 V_BRIDGE = "brv"
 C_BRIDGE = "brc"
 

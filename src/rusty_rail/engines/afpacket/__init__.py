@@ -4,6 +4,7 @@
     pool.py       forked workers, one PACKET_FANOUT group, requests over pipes
     worker.py     one socket + rings + Balancer + next-hop resolution: the packet loop
     walker.py     the ring walker: RX block -> BlockProcessor -> TX ring (the only per-packet I/O code)
+    bulk.py       the engine's BlockProcessor: the common case of a block as numpy arrays, the rest decide()
     local.py      the in-process Balancer: apply only what changed, counters, explain
     ring.py       the socket, the mmap and the ring geometry (<linux/if_packet.h> mirrors)
     cbpf.py       classic BPF: the GRE-only socket filter and the inner-flow fanout program

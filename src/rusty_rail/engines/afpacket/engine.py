@@ -12,6 +12,11 @@ their answers up, and explain() prefers the worker that holds the flow's connect
 
 The host's stack never sees the balanced GRE: hostfilter.install() drops it at netdev ingress, which runs
 after the AF_PACKET taps. It is installed once every worker listens, and removed when the engine stops.
+
+Frames the device refused to transmit after the TX ring or the spill socket took them (veth: its peer
+could not take them) are counted here, once for all workers, from the device (engines/device.py) as
+tx_refused drops, and taken out of `forwarded`; forwards no TX path took at all are the workers'
+tx_failed drops.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from rusty_rail.core.balancer import explain_choice
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import Service, ServiceKey, ServiceMatcher
+from rusty_rail.core.verdict import DropReason
 from rusty_rail.dataplane import (
     Counters,
     DataplaneState,
@@ -34,13 +40,13 @@ from rusty_rail.dataplane import (
     Explanation,
 )
 from rusty_rail.engines.afpacket import hostfilter
+from rusty_rail.engines.afpacket.bulk import bulk_blocks
 from rusty_rail.engines.afpacket.local import merge_counters
 from rusty_rail.engines.afpacket.pool import WorkerPool
-from rusty_rail.engines.afpacket.walker import ProcessorFactory, decide_blocks
+from rusty_rail.engines.afpacket.walker import ProcessorFactory
 from rusty_rail.engines.afpacket.worker import Worker
+from rusty_rail.engines.device import TxRefusals
 from rusty_rail.engines.neighbours import DeviceError, DeviceInfo, device_info
-
-NO_HANDOVER = "the AF_PACKET engine has nothing to leave running (its rings close with the process)"
 
 
 class AfPacketEngine:
@@ -53,7 +59,7 @@ class AfPacketEngine:
         self,
         options: EngineOptions,
         *,
-        processor: ProcessorFactory = decide_blocks,
+        processor: ProcessorFactory = bulk_blocks,
         ring_options: dict[str, Any] | None = None,
         host_filter: bool = True,
         neighbour_interval: float = 1.0,
@@ -75,6 +81,7 @@ class AfPacketEngine:
         self._worker: Worker | None = None
         self._pool: WorkerPool | None = None
         self._filtered = False
+        self._refusals: TxRefusals | None = None
         self._ready = threading.Event()
         self._final: Counters | None = None
         self._device: DeviceInfo | None = None
@@ -113,6 +120,7 @@ class AfPacketEngine:
         info = device_info(device)
         info.check_backends({int(b) for s in self._state.services for b in s.backends}, device)
         try:
+            self._refusals = TxRefusals(device)
             if self.options.workers == 1:
                 with self._lock:
                     self._worker = self._make_worker(self._state.services, None, None)
@@ -170,8 +178,12 @@ class AfPacketEngine:
             self.close()
         return EngineReport(self.kind, False, self.counters())
 
-    def request_handover(self) -> str | None:
-        return NO_HANDOVER
+    def hand_over(self, pin_root: str) -> bool:
+        """Nothing to leave running (the rings close with the process): a handover's stop is a plain one."""
+        return False
+
+    def cancel_handover(self) -> None:
+        pass
 
     def close(self) -> None:
         """Stop the workers, close the rings, remove the host filter; the last counters are kept."""
@@ -180,26 +192,39 @@ class AfPacketEngine:
             worker, pool = self._worker, self._pool
             self._worker = self._pool = None
         if worker is not None:
-            self._final = worker.counters(ready=False)
+            self._final = self._with_device(worker.counters(ready=False))
             worker.close()
         if pool is not None:
             finals = pool.stop()
             if finals:
-                self._final = self._with_supervisor(merge_counters(finals, ready=False))
+                self._final = self._with_device(self._with_supervisor(merge_counters(finals, ready=False)))
         if self._filtered:
             self._filtered = False
             hostfilter.remove(self.options.device)
         self._device = None
+        if self._refusals is not None:
+            self._refusals.close()
+            self._refusals = None
 
     # -- inspection ----------------------------------------------------------------------------------
 
-    def counters(self) -> Counters:
+    def counters(self, *, walk: bool = True) -> Counters:
         worker, pool = self._worker, self._pool
         if worker is not None:
-            return worker.counters(self.ready)
+            return self._with_device(worker.counters(self.ready, walk))
         if pool is not None:
-            return self._with_supervisor(merge_counters(pool.ask(("counters",)), self.ready))
+            return self._with_device(self._with_supervisor(merge_counters(pool.ask(("counters", walk)), self.ready)))
         return self._final if self._final is not None else Counters()
+
+    def _with_device(self, counters: Counters) -> Counters:
+        """Adds what only the device knows: frames it refused to transmit (tx_refused), which the workers
+        counted as forwarded."""
+        refusals = self._refusals
+        refused = refusals.read() if refusals is not None else 0
+        drops = {**counters.drops, DropReason.TX_REFUSED.name.lower(): refused}
+        forwarded = max(0, counters.forwarded - refused)
+        return dataclasses.replace(counters, forwarded=forwarded, drops=drops,
+                                   forwarded_ipv6=min(counters.forwarded_ipv6, forwarded))  # not traced to a family
 
     def _with_supervisor(self, counters: Counters) -> Counters:
         """Adds what only the supervisor knows: services it shipped to the workers."""

@@ -11,13 +11,13 @@ service costs no other service anything.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+
 from rusty_rail.core.address import Address, as_address
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.constants import FLOW_COUNT_LIMIT
 from rusty_rail.core.flow import FlowKey
-from rusty_rail.core.service import Service, ServiceKey
+from rusty_rail.core.service import Service, ServiceKey, ServiceMatcher
 from rusty_rail.core.verdict import DropReason
 from rusty_rail.dataplane import Counters, Explanation
 
@@ -63,36 +63,39 @@ class LocalBalancer:
         self.pools_built += built
         return built
 
-    def counters(self, engine: Mapping[str, int] | None = None, ready: bool = False) -> Counters:
-        """The balancer's figures, with the engine's own (`engine`) alongside."""
+    def counters(self, engine: Mapping[str, int] | None = None, ready: bool = False, walk: bool = True) -> Counters:
+        """The balancer's figures, with the engine's own (`engine`) alongside; walk=False: no flows."""
         b = self.balancer
         drops = b.drops
+        forwarded = b.forwarded - drops[DropReason.TX_FAILED]  # decided, but neither TX path took it
         return Counters(
-            forwarded=b.forwarded,
-            forwarded_ipv6=b.forwarded6,
+            forwarded=forwarded,
+            forwarded_ipv6=min(b.forwarded6, forwarded),  # a failed send is not traced to its family
             connections_ipv6=b.connections.ipv6,
             passed=b.passed,
             drops={name: drops[reason] for reason, name in _DROP_NAMES},
             connections=len(b.connections),
             connection_evictions=b.connections.evictions,
             backends=b.backend_figures(),
-            flows=self.flows(),
+            flows=self.flows() if walk else None,
             ready=ready,
             engine=dict(engine or {}),
         )
 
-    def flows(self) -> dict[Address, int] | None:
-        """Connection entries per backend; None above FLOW_COUNT_LIMIT entries (or while the packet loop
-        keeps changing the table under the walk)."""
+    def flows(self) -> dict[tuple[ServiceKey, Address], int] | None:
+        """Connection entries per (service, backend), the service being the one the entry's key matches
+        now; None above FLOW_COUNT_LIMIT entries (or while the packet loop keeps changing the table
+        under the walk)."""
         table = self.balancer.connections
         if len(table) > FLOW_COUNT_LIMIT:
             return None
+        matcher = ServiceMatcher({key: key for key in self._services})
         for _ in range(3):  # the packet loop may change the table while we walk it; try again
             try:
-                counts = Counter(backend for _, backend in table.items())
+                entries = table.items()
             except RuntimeError:
                 continue
-            return {as_address(k): v for k, v in counts.items()}
+            return {(service, as_address(b)): n for (service, b), n in matcher.tally(entries).items()}
         return None
 
     def explain(self, key: FlowKey) -> Explanation:
@@ -104,7 +107,7 @@ def merge_counters(parts: list[Counters], ready: bool) -> Counters:
     """Workers' counters added up (each worker has its own connection table and figures)."""
     drops: dict[str, int] = {}
     backends: dict[tuple[ServiceKey, Address], tuple[int, int]] = {}
-    flows: dict[Address, int] | None = {}
+    flows: dict[tuple[ServiceKey, Address], int] | None = {}
     engine: dict[str, int] = {}
     for part in parts:
         for name, n in part.drops.items():
@@ -115,8 +118,8 @@ def merge_counters(parts: list[Counters], ready: bool) -> Counters:
         if part.flows is None or flows is None:
             flows = None  # one worker's table is too large to walk: no total is honest
         else:
-            for address, n in part.flows.items():
-                flows[address] = flows.get(address, 0) + n
+            for key, n in part.flows.items():
+                flows[key] = flows.get(key, 0) + n
         for name, n in part.engine.items():
             engine[name] = engine.get(name, 0) + n
     return Counters(

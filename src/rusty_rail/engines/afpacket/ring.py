@@ -17,13 +17,20 @@ not AVAILABLE, and kicks once `tx_kick_at` frames (half the ring at most) are pe
 
 Frames we hand to send() are attached to skbs zero-copy (page frags of the ring), so a frame only becomes
 AVAILABLE again when the skb is freed, possibly by a slow receiver; nothing may block on it.
+
+The mapping is also seen as numpy arrays for work on a whole block at once (`u8`, `u32`, the TX slots
+as rows, `window(width)`), and as a memoryview of 32-bit words (`words`) for the one walk that must go
+frame by frame (each frame header says where the next one is). close() lets go of them before it unmaps.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import socket
 import struct
+
+import numpy as np
 
 from rusty_rail.engines.afpacket.cbpf import SO_ATTACH_FILTER, SocketFilter, gre_only_filter
 
@@ -165,8 +172,37 @@ class PacketRing:
         self.tx_pending = 0
         """Slots written SEND_REQUEST since the last kick."""
         self.tx_kick_at = max(1, tx_frames // 2)
+        self._views()
         s.bind((socket.if_indextoname(self.ifindex), ETH_P_ALL))
         s.setblocking(False)
+
+    def _views(self) -> None:
+        """The mapping as numpy bytes and 32-bit words, and as a memoryview of words (sizes are page multiples)."""
+        self.u8 = np.frombuffer(self.map, dtype=np.uint8)
+        self.u32 = self.u8.view(np.uint32)
+        self.tx_slots = self.u8[self.tx_base :].reshape(self.tx_frames, self.tx_frame_size)
+        """The TX ring as rows of bytes, one per slot: writes for many slots at once."""
+        self.tx_words = self.u32[self.tx_base // 4 :].reshape(self.tx_frames, self.tx_frame_size // 4)
+        """The same rows as 32-bit words (the slots' tpacket3_hdr fields)."""
+        self.words = memoryview(self.map).cast("I")
+        self._windows: dict[int, np.ndarray] = {}
+
+    def window(self, width: int) -> np.ndarray:
+        """The mapping as overlapping read-only rows of `width` bytes, row i holding bytes i to i + width:
+        `window(w)[offsets]` gathers w bytes at each offset in one step, without an index per byte."""
+        rows = self._windows.get(width)
+        if rows is None:
+            rows = np.lib.stride_tricks.as_strided(self.u8, (len(self.u8) - width + 1, width), (1, 1), writeable=False)
+            self._windows[width] = rows
+        return rows
+
+    def _drop_views(self) -> None:
+        """Let go of every view of the mapping, so that it can be unmapped."""
+        words = getattr(self, "words", None)
+        if words is not None:
+            words.release()
+        self.u8 = self.u32 = self.tx_slots = self.tx_words = None  # type: ignore[assignment]  # exports go with them
+        self._windows = {}
 
     # -- fanout -----------------------------------------------------------------------------------
 
@@ -188,11 +224,22 @@ class PacketRing:
 
     def next_block(self) -> tuple[int, int, int] | None:
         """(block offset, packet count, offset of the first packet) of the next block we own, else None."""
-        base = self.rx_index * self.rx_block_size
-        status, num, first = BLOCK_DESC.unpack_from(self.map, base)
-        if not status & TP_STATUS_USER:
-            return None
-        return base, num, first
+        ready = self.ready_blocks(1)
+        return ready[0] if ready else None
+
+    def ready_blocks(self, most: int) -> list[tuple[int, int, int]]:
+        """The blocks we own from the next one on, in ring order, at most `most` of them: (block offset,
+        packet count, offset of the first packet) each. They go back with release_block(), in order."""
+        ready: list[tuple[int, int, int]] = []
+        index = self.rx_index
+        while len(ready) < most:
+            base = index * self.rx_block_size
+            status, num, first = BLOCK_DESC.unpack_from(self.map, base)
+            if not status & TP_STATUS_USER:
+                break
+            ready.append((base, num, first))
+            index = index + 1 if index + 1 < self.rx_blocks else 0
+        return ready
 
     def release_block(self, base: int) -> None:
         """Give the block at `base` back to the kernel and move on to the next one."""
@@ -208,13 +255,19 @@ class PacketRing:
 
         When the socket's send buffer is full (skbs still in flight) the kernel refuses with EAGAIN and
         the frames stay SEND_REQUEST: `tx_pending` then stays too, so the next kick (the packet loop
-        kicks while idle) sends them, rather than leaving them in the ring until more traffic comes."""
+        kicks while idle) sends them, rather than leaving them in the ring until more traffic comes.
+        ENOBUFS is the same for us: the device dropped a frame at once (a veth whose peer's backlog is
+        full), and tpacket_snd() put that frame back to SEND_REQUEST and stopped there."""
         if not self.tx_pending:
             return
         try:
             self.sock.send(b"", socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return
+            raise
         self.tx_pending = 0
 
     # -- misc -------------------------------------------------------------------------------------
@@ -228,6 +281,7 @@ class PacketRing:
         return self.sock.fileno()
 
     def close(self) -> None:
+        self._drop_views()
         try:
             self.map.close()
         except (AttributeError, BufferError, ValueError):

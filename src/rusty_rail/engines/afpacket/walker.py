@@ -1,23 +1,30 @@
 """The ring walker: the one code that takes frames out of the RX ring and puts forwards into the TX ring.
 
     walker = RingWalker(ring, process, spill)
-    walker.step(now)      # one RX block: its frames -> process(frames, now) -> the TX ring; -1 if none
+    walker.step(now)      # the retired RX blocks: RxBlock -> process(block, now) -> the TX ring; -1 if none
 
-The seam is `BlockProcessor`: the frames of one RX block in, the frames to transmit out, in order. The
-engine's processor is `decide_blocks(balancer)` (core.Balancer.decide per frame); a vectorised one that
-works on a whole block at once plugs in at the same place, and tests plug in stand-ins.
+The seam is `BlockProcessor`: RX frames in (`RxBlock`: where the frames of one or more retired blocks lie
+in the ring, so a processor can read them as arrays without copying each out), the frames to transmit
+out, in order. An output is either a frame (bytes) or `Forwards`, many frames built in bulk (a header
+each, followed by bytes still in the RX ring); the walker writes them into the TX ring in the order
+given, so no two frames of a flow swap places. The engine's processor is bulk.py's; `decide_blocks` is
+core.Balancer.decide per frame, and `per_frame` lets a function of frame lists (tests' stand-ins,
+benchmarks) plug in at the same place.
 
 Per-packet code is hand-written loops over locals, on purpose: at 100 kpps every attribute lookup or
-method call per packet costs a few percent of a CPU. Everything per block (kicks, counters, releasing the
-block) goes through the ring's methods.
+method call per packet costs a few percent of a CPU. Everything per call (kicks, counters, releasing the
+blocks) goes through the ring's methods.
 """
 
 from __future__ import annotations
 
+import mmap
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
 
 from rusty_rail.core.verdict import Action
 from rusty_rail.engines.afpacket.ring import (
@@ -25,7 +32,6 @@ from rusty_rail.engines.afpacket.ring import (
     TP_STATUS_SEND_REQUEST,
     TP_STATUS_VLAN_VALID,
     TP_STATUS_WRONG_FORMAT,
-    TPACKET3_HDR,
     TPACKET3_HDRLEN,
     TX_FIELDS,
     TX_FIELDS_OFF,
@@ -37,17 +43,80 @@ from rusty_rail.engines.afpacket.ring import (
 if TYPE_CHECKING:
     from rusty_rail.core.balancer import Balancer
 
-BlockProcessor = Callable[[list[bytes], float], list[bytes]]
-"""One RX block's frames (ring order, VLAN-tagged ones left out) and the time -> frames to transmit."""
+# tpacket3_hdr fields read or written for many frames at once, as 32-bit word indices (ring.py)
+_SNAPLEN_WORD, _STATUS_WORD, _MAC_WORD = 12 // 4, 20 // 4, 24 // 4
+_TX_SNAPLEN_WORD, _TX_LEN_WORD, _TX_STATUS_WORD = 12 // 4, 16 // 4, TX_STATUS_OFF // 4
+
+BATCH_BLOCKS = 8
+"""Retired RX blocks handed to the processor together, at most (see step())."""
+RECTANGLE_MAX = 256
+"""Forwards whose copied bytes are all this short are copied as one (frames x longest) rectangle by
+numpy; longer ones frame by frame (a rectangle of 1500-byte rows would copy mostly padding)."""
+RECTANGLE_STEP = 64
+"""Rectangle widths are rounded up to this: a few ring.window() views serve every block."""
+
+
+@dataclass(frozen=True)
+class RxBlock:
+    """The frames of one or more retired RX blocks, where the kernel wrote them: frame i is the ring's
+    bytes `starts[i]` to `starts[i] + lengths[i]` (VLAN-tagged frames left out). Valid until the walker
+    gives the blocks back, i.e. for the duration of the processor's call."""
+
+    ring: PacketRing
+    starts: np.ndarray
+    """int64 offsets into `ring.map` / `ring.u8`."""
+    lengths: np.ndarray
+    """int64 frame lengths (the kernel's snaplen: the whole frame)."""
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def frames(self) -> list[bytes]:
+        """Every frame copied out, in ring order."""
+        m = self.ring.map
+        return [m[s : s + n] for s, n in zip(self.starts.tolist(), self.lengths.tolist())]
+
+
+@dataclass(frozen=True)
+class Forwards:
+    """Forwards built in bulk: frame i is `headers[i]` followed by the ring's bytes `payload_at[i]` to
+    `payload_at[i] + payload_len[i]` (part of a frame of the block being processed)."""
+
+    headers: np.ndarray
+    """(K, H) uint8."""
+    payload_at: np.ndarray
+    """(K,) int64 offsets into the ring's mapping."""
+    payload_len: np.ndarray
+    """(K,) int64."""
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+    def frame(self, m: mmap.mmap, i: int) -> bytes:
+        at = int(self.payload_at[i])
+        return self.headers[i].tobytes() + m[at : at + int(self.payload_len[i])]
+
+
+Output = Union[bytes, Forwards]
+BlockProcessor = Callable[[RxBlock, float], Sequence[Output]]
+"""One RX block and the time -> what to transmit, in order."""
+
+FrameProcessor = Callable[[list[bytes], float], list[bytes]]
+"""One RX block's frames (copied out, ring order) and the time -> frames to transmit."""
 
 ProcessorFactory = Callable[["Balancer"], BlockProcessor]
 """Builds a worker's processor from its balancer (called in the worker, after any fork)."""
 
 
+def per_frame(process: FrameProcessor) -> BlockProcessor:
+    """A BlockProcessor that hands `process` the block's frames as bytes."""
+    return lambda block, now: process(block.frames(), now)
+
+
 def decide_blocks(balancer: Balancer) -> BlockProcessor:
-    """The engine's processor: the balancer's verdict per frame (docs/WIRE.md); forwards are sent, in
-    order. Drops and passes need nothing from the engine: the balancer counted them, and a passed frame
-    is the host stack's own copy."""
+    """The balancer's verdict per frame (docs/WIRE.md); forwards are sent, in order. Drops and passes
+    need nothing from the engine: the balancer counted them, and a passed frame is the host stack's own
+    copy."""
     # Typed loosely: a verdict is told by its action (one attribute) rather than by isinstance(), so
     # the checker cannot see that a FORWARD verdict has a frame.
     decide: Callable[[bytes, float], Any] = balancer.decide
@@ -57,7 +126,7 @@ def decide_blocks(balancer: Balancer) -> BlockProcessor:
         # A comprehension, the fastest per-frame loop Python has; `is`: verdicts carry the enum member.
         return [v.frame for frame in frames if (v := decide(frame, now)).action is forward]
 
-    return process
+    return per_frame(process)
 
 
 @dataclass
@@ -105,46 +174,71 @@ class RingWalker:
         self.stats = stats if stats is not None else RingStats()
 
     def step(self, now: float) -> int:
-        """Handle the next RX block if the kernel has retired one: the number of frames it held, else -1."""
+        """Handle every RX block the kernel has retired (at most BATCH_BLOCKS) in one call to the processor:
+        the number of frames they held, else -1. One block at a time while the walker keeps up; when it
+        falls behind, the blocks waiting meanwhile go together, so a processor's cost per call is spread
+        over more frames exactly when that matters."""
         ring = self.ring
-        block = ring.next_block()
-        if block is None:
+        blocks = ring.ready_blocks(BATCH_BLOCKS)
+        if not blocks:
             return -1
-        base, num, first = block
-        frames = self.rx_frames(base + first, num)
-        out = self.process(frames, now)
+        out = self.process(self.rx_block(blocks), now)
         if out:
-            self.transmit(out)
-        ring.release_block(base)  # frames are copies (bytes), so the block can go back now
+            self.send(out)
+        for base, _, _ in blocks:  # after the TX writes: Forwards copy their bytes out of these blocks
+            ring.release_block(base)
+        frames = sum(num for _, num, _ in blocks)
         stats = self.stats
-        stats.rx_packets += num
-        stats.rx_blocks += 1
-        return num
-
-    def rx_frames(self, offset: int, count: int) -> list[bytes]:
-        """The `count` frames of a block, from its first packet at `offset`, VLAN-tagged ones left out."""
-        # Hand-written per packet (hot path): one struct unpack and one slice (a copy out of the mmap).
-        m = self.ring.map
-        header = TPACKET3_HDR.unpack_from
-        vlan = TP_STATUS_VLAN_VALID
-        frames: list[bytes] = []
-        append = frames.append
-        skipped = 0
-        for _ in range(count):
-            next_offset, snaplen, status, mac = header(m, offset)
-            if status & vlan:
-                skipped += 1
-            else:
-                start = offset + mac
-                append(m[start : start + snaplen])
-            offset += next_offset
-        if skipped:
-            self.stats.rx_vlan_skipped += skipped
+        stats.rx_packets += frames
+        stats.rx_blocks += len(blocks)
         return frames
+
+    def rx_block(self, blocks: list[tuple[int, int, int]]) -> RxBlock:
+        """The frames of `blocks` ((block offset, packet count, first packet offset) each), in order."""
+        ring = self.ring
+        words = ring.words
+        headers: list[int] = []
+        append = headers.append
+        # Hand-written per packet (hot path): each header says where the next one is, so this walk is
+        # the one sequential part; everything else about the headers is read as arrays below.
+        for base, count, first in blocks:
+            offset = base + first
+            for _ in range(count):
+                append(offset)
+                offset += words[offset >> 2]
+        at = np.array(headers, dtype=np.int64)
+        word = at >> 2
+        lengths = ring.u32[word + _SNAPLEN_WORD].astype(np.int64)
+        starts = at + (ring.u32[word + _MAC_WORD] & 0xFFFF)  # tp_mac: the low half (little-endian)
+        tagged = ring.u32[word + _STATUS_WORD] & TP_STATUS_VLAN_VALID
+        if tagged.any():
+            untagged = tagged == 0
+            self.stats.rx_vlan_skipped += len(at) - int(untagged.sum())
+            starts, lengths = starts[untagged], lengths[untagged]
+        return RxBlock(ring, starts, lengths)
+
+    def send(self, out: Sequence[Output]) -> None:
+        """Queue `out` in the TX ring in order and kick once at the end."""
+        frames: list[bytes] = []
+        for item in out:
+            if item.__class__ is bytes:
+                frames.append(item)  # type: ignore[arg-type]
+                continue
+            if frames:
+                self._queue(frames)
+                frames = []
+            self._queue_forwards(item)  # type: ignore[arg-type]
+        if frames:
+            self._queue(frames)
+        self.ring.tx_kick()
 
     def transmit(self, frames: list[bytes]) -> None:
         """Queue `frames` in the TX ring in order, kicking whenever half the ring is pending and once at
         the end; a frame whose slot is still in flight (or that does not fit a slot) is spilled."""
+        self._queue(frames)
+        self.ring.tx_kick()
+
+    def _queue(self, frames: list[bytes]) -> None:
         ring = self.ring
         m = ring.map
         status_of = TX_STATUS.unpack_from
@@ -177,10 +271,63 @@ class RingWalker:
                     ring.tx_kick()
                     pending = ring.tx_pending  # 0, unless the kernel refused (EAGAIN): then kick again
             else:
+                ring.tx_index, ring.tx_pending = index, pending
+                ring.tx_kick()  # what is queued goes first: the spill must not overtake it
                 self._spill(frame)
+                pending = ring.tx_pending
         ring.tx_index, ring.tx_pending = index, pending
-        ring.tx_kick()
         self.stats.tx_ring += queued
+
+    def _queue_forwards(self, fw: Forwards) -> None:
+        """Forwards into the TX ring as arrays, a run of free slots at a time (at most what may be pending
+        before a kick); a frame whose slot is busy, or that does not fit one, is spilled."""
+        ring = self.ring
+        total = len(fw)
+        width = fw.headers.shape[1]
+        out_len = fw.payload_len + width
+        fits = out_len <= ring.tx_max_len
+        done = 0
+        while done < total:
+            chunk = min(total - done, max(1, ring.tx_kick_at - ring.tx_pending))
+            slots = (ring.tx_index + np.arange(chunk)) % ring.tx_frames
+            status = ring.tx_words[slots, _TX_STATUS_WORD]
+            usable = ((status == TP_STATUS_AVAILABLE) | (status == TP_STATUS_WRONG_FORMAT)) & fits[done : done + chunk]
+            if not usable.all():
+                chunk = int(np.argmin(usable))  # the frames before the first unusable slot or frame
+                if chunk == 0:
+                    ring.tx_kick()  # what is queued goes first: the spill must not overtake it
+                    self._spill(fw.frame(ring.map, done))
+                    done += 1
+                    continue
+                slots = slots[:chunk]
+            part = slice(done, done + chunk)
+            ring.tx_slots[slots, TPACKET3_HDRLEN : TPACKET3_HDRLEN + width] = fw.headers[part]
+            self._copy_payloads(slots, TPACKET3_HDRLEN + width, fw.payload_at[part], fw.payload_len[part])
+            lengths = out_len[part]
+            ring.tx_words[slots, _TX_SNAPLEN_WORD] = lengths
+            ring.tx_words[slots, _TX_LEN_WORD] = lengths
+            ring.tx_words[slots, _TX_STATUS_WORD] = TP_STATUS_SEND_REQUEST  # last: the frames are complete
+            ring.tx_index = (ring.tx_index + chunk) % ring.tx_frames
+            ring.tx_pending += chunk
+            self.stats.tx_ring += chunk
+            done += chunk
+            if ring.tx_pending >= ring.tx_kick_at:
+                ring.tx_kick()
+
+    def _copy_payloads(self, slots: np.ndarray, into: int, at: np.ndarray, lengths: np.ndarray) -> None:
+        """Copy `lengths[i]` bytes of the mapping from `at[i]` into TX slot `slots[i]` at offset `into`."""
+        ring = self.ring
+        longest = int(lengths.max())
+        width = -(-longest // RECTANGLE_STEP) * RECTANGLE_STEP
+        if width <= min(RECTANGLE_MAX, ring.tx_frame_size - into):
+            # One rectangle: each row copies `width` bytes; what lies past a frame's own length lands in
+            # its TX slot after tp_len, where nothing reads it.
+            ring.tx_slots[slots, into : into + width] = ring.window(width)[at]
+            return
+        m = ring.map
+        to = ring.tx_base + slots * ring.tx_frame_size + into
+        for d, s, n in zip(to.tolist(), at.tolist(), lengths.tolist()):
+            m[d : d + n] = m[s : s + n]
 
     def _spill(self, frame: bytes) -> None:
         if self.spill is not None:

@@ -84,12 +84,14 @@ class Worker:
         return self.walker.stats
 
     def figures(self) -> dict[str, int]:
-        """This worker's engine-only figures (Counters.engine)."""
+        """This worker's engine-only figures (Counters.engine); bulk_frames: frames the array path of
+        bulk.py decided (the rest went through Balancer.decide)."""
         return {**self.stats.figures(), "neighbour_refreshes": self.neighbour_refreshes,
-                "pools_built": self.local.pools_built, "workers": 1}
+                "pools_built": self.local.pools_built, "workers": 1,
+                "bulk_frames": getattr(self.walker.process, "bulk_frames", 0)}
 
-    def counters(self, ready: bool) -> Counters:
-        return self.local.counters(self.figures(), ready)
+    def counters(self, ready: bool, walk: bool = True) -> Counters:
+        return self.local.counters(self.figures(), ready, walk)
 
     def refresh_neighbours(self) -> None:
         self.resolver.refresh(self.balancer.backends, self.balancer)
@@ -141,7 +143,7 @@ class Worker:
         self._housekeeping()
 
     def serve_control(self) -> None:
-        """Answer the supervisor: ("apply", changed, removed) -> pools built, ("counters",) -> Counters,
+        """Answer the supervisor: ("apply", changed, removed) -> pools built, ("counters", walk) -> Counters,
         ("explain", FlowKey) -> Explanation. An error is reported, and the worker keeps forwarding."""
         control = self.control
         assert control is not None
@@ -151,7 +153,7 @@ class Worker:
                 if request[0] == "apply":
                     reply: Any = self.local.apply_changes(request[1], request[2])
                 elif request[0] == "counters":
-                    reply = self.counters(ready=True)
+                    reply = self.counters(ready=True, walk=request[1])
                 elif request[0] == "explain":
                     reply = self.local.explain(request[1])
                 else:

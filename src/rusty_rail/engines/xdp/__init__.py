@@ -4,6 +4,7 @@
 - planner.py: what the maps must hold, as a pure function of the wanted state (no libbpf, no I/O);
 - program.py: `XdpProgram`, one loaded program and its maps: load, write, attach, hand over, test runs;
 - counters.py: the program's figures as `rusty_rail.dataplane.Counters`;
+- mode.py: native or generic attach, decided per device (engine auto's veth rule);
 - engine.py: `XdpEngine`, the `rusty_rail.dataplane.Engine`.
 """
 
@@ -13,10 +14,11 @@ import os
 from pathlib import Path
 
 from rusty_rail.dataplane import EngineOptions
-from rusty_rail.engines.xdp.engine import XdpEngine, attach_mode, handover_dir
+from rusty_rail.engines.xdp.engine import XdpEngine, handover_dir
+from rusty_rail.engines.xdp.mode import AttachChoice, attach_mode
 from rusty_rail.engines.xdp.program import XdpAction, XdpProgram, attach_pass, default_object_path, detach_all
 
-__all__ = ["XdpAction", "XdpEngine", "XdpProgram", "attach_mode", "attach_pass", "default_object_path",
+__all__ = ["AttachChoice", "XdpAction", "XdpEngine", "XdpProgram", "attach_mode", "attach_pass", "default_object_path",
            "detach_all", "handover_dir", "xdp_available"]
 
 

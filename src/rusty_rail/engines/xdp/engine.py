@@ -12,42 +12,44 @@ the program attached. serve(): every `neighbour_interval` seconds (every `resolv
 backend's next hop is unknown: its new flows are dropped as NO_NEIGHBOUR meanwhile) the next hops are
 looked up again, and a change is written at once.
 
-Hitless restart (handover): request_handover(), then stop. Instead of detaching, the engine pins
-rr_conns, rr_conns6 and rr_backends in `handover_dir(device, pin_root)` and leaves the program attached: it keeps
-forwarding on its (now frozen) maps. The next engine started for the same device finds the pins, loads
-its program with the pinned rr_conns as its own connection table, takes the backend indices the
-entries name from the pinned rr_backends (planner.adopt), fills its other maps, and only then replaces
-the running program atomically (XDP_FLAGS_REPLACE): the device is never without a program and every
-established flow keeps its backend. It then removes the pins. A plain stop detaches; a killed run's
-leftover program is replaced at the next start.
+Hitless restart (handover): hand_over(pin_root) pins rr_conns, rr_conns6 and rr_backends in the
+device's directory below `pin_root` (a path to the successor's bpffs: see bpf/bpffs.py) or says why it
+cannot, changing nothing; the engine keeps serving until stopped, and then leaves the program attached:
+it keeps forwarding on its (now frozen) maps. The next engine started for the same device finds the
+pins, loads its program with the pinned rr_conns and rr_conns6 as its own connection tables, takes the
+backend indices the entries name from the pinned rr_backends (planner.adopt), fills its other maps, and
+only then replaces the running program atomically (XDP_FLAGS_REPLACE): the device is never without a program and every
+established flow keeps its backend. It then removes the pins. Whatever program runs on the device at
+start (a predecessor whose pins it cannot use or see, a killed run's leftover) is replaced the same
+way, never detached first; a plain stop detaches.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from ipaddress import IPv4Address, IPv6Address
 
-from rusty_rail.bpf import libbpf
+from rusty_rail.bpf import bpffs, libbpf
 from rusty_rail.core.address import as_address
 from rusty_rail.core.balancer import explain_choice
 from rusty_rail.core.conntrack import Timeouts
-from rusty_rail.core.constants import DEFAULT_MTU
-from rusty_rail.core.constants import DEFAULT_PIN_ROOT, RR_HASH_SEED
+from rusty_rail.core.constants import DEFAULT_MTU, DEFAULT_PIN_ROOT, RR_HASH_SEED
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import Service, ServiceMatcher
 from rusty_rail.dataplane import (Counters, DataplaneState, EngineError, EngineKind, EngineOptions, EngineReport,
-                                  Explanation, XdpMode)
+                                  Explanation)
+from rusty_rail.engines.device import TxRefusals
 from rusty_rail.engines.neighbours import DeviceError, NeighbourResolver
 from rusty_rail.engines.xdp import counters
 from rusty_rail.engines.xdp import maps as m
+from rusty_rail.engines.xdp.mode import AttachChoice, attach_mode
 from rusty_rail.engines.xdp.planner import Desired
-from rusty_rail.engines.xdp.program import XdpProgram
+from rusty_rail.engines.xdp.program import XdpProgram, running_mode
 
-__all__ = ["XdpEngine", "attach_mode", "handover_dir"]
+__all__ = ["XdpEngine", "handover_dir"]
 
 log = logging.getLogger("rusty_rail.xdp")
 
@@ -58,43 +60,29 @@ def handover_dir(device: str, root: str = DEFAULT_PIN_ROOT) -> str:
     return os.path.join(root, f"{os.stat('/proc/thread-self/ns/net').st_ino}-{device}")
 
 
-def attach_mode(options: EngineOptions, device: str) -> tuple[str, str]:
-    """The attach mode for `device` ("native" or "skb") and why, in words for the log."""
-    if options.xdp_mode == XdpMode.GENERIC:
-        return "skb", "generic mode asked for"
-    if options.xdp_mode == XdpMode.NATIVE:
-        return "native", "native mode asked for"
-    return "native", "auto: native"
-
-
 class _Predecessor:
-    """What a handover left: the pinned maps and the program attached now (fds, closed by close())."""
+    """The pinned maps a handover left (fds, closed by close())."""
 
-    def __init__(self, directory: str, device: str) -> None:
+    def __init__(self, directory: str) -> None:
         self.directory = directory
         self.conns_fd: int | None = libbpf.obj_get(os.path.join(directory, m.MAP_CONNS))
         self.conns6_fd: int | None = None
         """A predecessor that pinned no rr_conns6 (an IPv4-only release) leaves None: a new one."""
         self.backends_fd: int | None = None
-        self.prog_fd: int | None = None
-        self.prog_id = 0
         try:
             self.backends_fd = libbpf.obj_get(os.path.join(directory, m.MAP_BACKENDS))
             if os.path.exists(os.path.join(directory, m.MAP_CONNS6)):
                 self.conns6_fd = libbpf.obj_get(os.path.join(directory, m.MAP_CONNS6))
-            self.prog_id = libbpf.xdp_query_id(socket.if_nametoindex(device), 0)
-            if self.prog_id:
-                self.prog_fd = libbpf.prog_get_fd_by_id(self.prog_id)
         except BaseException:
             self.close()
             raise
 
     @classmethod
-    def find(cls, directory: str, device: str) -> _Predecessor | None:
+    def find(cls, directory: str) -> _Predecessor | None:
         if not os.path.exists(os.path.join(directory, m.MAP_CONNS)):
             return None
         try:
-            return cls(directory, device)
+            return cls(directory)
         except OSError as exc:
             log.warning("handover pins in %s are unusable (%s): starting afresh", directory, exc)
             return None
@@ -112,10 +100,10 @@ class _Predecessor:
                 break
 
     def close(self) -> None:
-        for fd in (self.conns_fd, self.conns6_fd, self.backends_fd, self.prog_fd):
+        for fd in (self.conns_fd, self.conns6_fd, self.backends_fd):
             if fd is not None:
                 os.close(fd)
-        self.conns_fd = self.conns6_fd = self.backends_fd = self.prog_fd = None
+        self.conns_fd = self.conns6_fd = self.backends_fd = None
 
 
 class XdpEngine:
@@ -125,8 +113,11 @@ class XdpEngine:
 
     def __init__(self, options: EngineOptions, *, object_path: str | os.PathLike | None = None,
                  neighbour_interval: float = 1.0, resolving_interval: float = 0.1,
-                 timeouts: Timeouts = Timeouts()) -> None:
+                 timeouts: Timeouts = Timeouts(), attach: AttachChoice | None = None) -> None:
+        """`attach`: the attach mode decided already (create_engine's, for its log line); else start()
+        decides it (mode.attach_mode)."""
         self.options = options
+        self.attach = attach
         self.object_path = object_path
         self.neighbour_interval = neighbour_interval
         self.resolving_interval = resolving_interval
@@ -139,6 +130,8 @@ class XdpEngine:
         self.adopted_connections = False
         """Whether this run's connection table is its predecessor's."""
         self.handed_over = False
+        """Set by hand_over(): the coming stop leaves the program attached with its maps pinned."""
+        self._pinned: str | None = None  # where hand_over() pinned
         self._state = DataplaneState()
         self._matcher: ServiceMatcher[Service] = ServiceMatcher({})
         self._macs: dict[int, bytes] = {}
@@ -148,9 +141,9 @@ class XdpEngine:
         self._mac = b""
         self._lock = threading.Lock()  # apply() comes from the control plane's threads
         self._resolver: NeighbourResolver | None = None
+        self._refusals: TxRefusals | None = None
         self._handover_dir = ""
         self._ready = False
-        self._handover = False
 
     # -- the Engine protocol ----------------------------------------------------------------------
 
@@ -183,9 +176,14 @@ class XdpEngine:
         except DeviceError as exc:
             self.close()
             raise EngineError(f"XDP engine: {exc}") from None
+        try:
+            self._refusals = TxRefusals(self.options.device)  # before the first XDP_TX: only ours count
+        except OSError as exc:
+            self.close()
+            raise EngineError(f"XDP engine: the counters of {self.options.device} cannot be read: {exc}") from None
         # Of this namespace (the thread's now): where a predecessor left pins, and where ours would go.
         self._handover_dir = handover_dir(self.options.device, self.options.pin_root)
-        before = _Predecessor.find(self._handover_dir, self.options.device)
+        before = _Predecessor.find(self._handover_dir)
         try:
             self.program = self._load(before)
             if before is not None and self.adopted_connections and before.backends_fd is not None:
@@ -193,27 +191,32 @@ class XdpEngine:
             self._refresh()  # known next hops forward from the first packet
             with self._lock:
                 self.program.sync(self._desired(self._state))
-            mode, why = attach_mode(self.options, self.options.device)
-            self._attach(mode, before)
+            choice = self.attach or attach_mode(self.options)
+            if choice.warning:
+                log.warning("%s", choice.warning, extra={"event": "xdp_mode_loses_frames"})
+            mode = self._attach(choice.mode, before)
         except (OSError, ValueError) as exc:
             self.close()
             raise EngineError(f"XDP engine on {self.options.device}: {exc}") from None
         finally:
             if before is not None:
-                before.close()  # the old program is gone from the device; its maps live on in ours
+                before.close()  # the pinned rr_conns lives on as ours
         self._ready = True
-        log.info("XDP engine attached (%s: %s) on %s: %d services, %d backends", mode, why, self.options.device,
-                 len(self._state.services), len(self.program.image.backend_index))
+        log.info("XDP engine attached (%s) on %s: %d services, %d backends",
+                 choice.why if mode == choice.mode else f"{mode} mode, the running program's", self.options.device,
+                 len(self._state.services), len(self.program.image.backend_index),
+                 extra={"event": "xdp_attached", "xdp_mode": "generic" if mode == "skb" else mode})
 
     @property
     def ready(self) -> bool:
         return self._ready
 
-    def counters(self) -> Counters:
+    def counters(self, *, walk: bool = True) -> Counters:
         with self._lock:  # the program stays open meanwhile (_let_go takes the lock too)
             if self.program is None:
                 return Counters(backends={(s.key, b): (0, 0) for s in self._state.services for b in s.backends})
-            return counters.read(self.program, self._ready)
+            refused = self._refusals.read() if self._refusals is not None else 0
+            return counters.read(self.program, self._ready, refused=refused, walk=walk)
 
     def explain(self, key: FlowKey) -> Explanation:
         packed = key.packed
@@ -236,12 +239,38 @@ class XdpEngine:
             self._let_go()
         return EngineReport(EngineKind.XDP, self.handed_over, report)
 
-    def request_handover(self) -> str | None:
-        program = self.program
-        if program is None or program.attached_ifindex is None:
-            return "the XDP program is not attached"
-        self._handover = True  # a flag only: safe from a signal handler
-        return None
+    def hand_over(self, pin_root: str) -> bool:
+        """Pin rr_conns, rr_conns6 and rr_backends for a successor below `pin_root` (this process's path
+        to the bpffs the successor reads: bpf/bpffs.py; prepared, i.e. mounted where missing and
+        permitted) and make the coming stop leave the program attached.
+        On failure nothing changes (EngineError says why): the program stays attached, serving as before,
+        and a stop still detaches."""
+        with self._lock:
+            program = self.program
+            if program is None or program.attached_ifindex is None:
+                raise EngineError("the XDP program is not attached: nothing to hand over")
+            if self._pinned is not None:
+                raise EngineError(f"already handed over (pins in {self._pinned})")
+            try:  # already done by a restarter asking; for SIGUSR2, this process's own view
+                bpffs.prepare(pin_root)
+            except bpffs.PinRootError as exc:
+                raise EngineError(f"the pin root {pin_root} cannot be used: {exc}") from None
+            directory = os.path.join(pin_root, os.path.basename(self._handover_dir))
+            try:
+                program.pin(directory)
+            except OSError as exc:
+                raise EngineError(f"pinning in {exc.filename or directory} failed: {exc.strerror or exc}") from None
+            self._pinned, self.handed_over = directory, True
+        log.info("XDP engine on %s: connection table pinned in %s for a successor", self.options.device, directory)
+        return True
+
+    def cancel_handover(self) -> None:
+        with self._lock:
+            directory, self._pinned, self.handed_over = self._pinned, None, False
+            if directory is not None and self.program is not None:
+                self.program.unpin(directory)
+        if directory is not None:
+            log.warning("XDP engine on %s: handover undone, pins removed; serving on", self.options.device)
 
     def close(self) -> None:
         self._ready = False
@@ -250,6 +279,9 @@ class XdpEngine:
         if self._resolver is not None:
             self._resolver.close()
             self._resolver = None
+        if self._refusals is not None:
+            self._refusals.close()
+            self._refusals = None
 
     # -- the parts --------------------------------------------------------------------------------
 
@@ -273,27 +305,32 @@ class XdpEngine:
                 return program
         return load(None)
 
-    def _attach(self, mode: str, before: _Predecessor | None) -> None:
+    def _attach(self, mode: str, before: _Predecessor | None) -> str:
+        """Attach, replacing whatever runs on the device atomically (XdpProgram.attach), in `mode` or in
+        the running program's, the only one it can be replaced in without a gap. Returns the mode."""
         assert self.program is not None
         device = self.options.device
-        if before is not None and before.prog_fd is not None:
-            try:
-                self.program.attach(device, mode=mode, replace_fd=before.prog_fd)
-            except OSError as exc:  # another program meanwhile, another mode: the ordinary way
-                log.warning("atomic replacement of program %d failed (%s): replacing it the ordinary way",
-                            before.prog_id, exc)
-            else:
-                self.took_over_program_id = before.prog_id
-                before.remove_pins()
-                log.info("took over from program %d on %s without a gap: %s connection table", before.prog_id,
-                         device, "its" if self.adopted_connections else "a new")
-                return
+        running = running_mode(device)
+        if running is not None and running != mode:
+            log.warning("the XDP program on %s runs in %s mode: attaching in that mode too, to replace it "
+                        "without a gap (%s mode takes effect after a stop, which detaches)", device, running, mode)
+            mode = running
         self.program.attach(device, mode=mode)
+        replaced = self.program.replaced_program_id
         if before is not None:
             before.remove_pins()
-        self.replaced_program_id = self.program.replaced_program_id
-        if self.replaced_program_id:
-            log.warning("replaced XDP program id %d left on %s by an earlier run", self.replaced_program_id, device)
+            self.took_over_program_id = replaced
+            table = "its" if self.adopted_connections else "a new"
+            if replaced:
+                log.info("took over from program %d on %s without a gap: %s connection table", replaced, device, table)
+            else:
+                log.warning("handover pins on %s, but no program ran there: attached with %s connection table",
+                            device, table)
+        elif replaced:
+            self.replaced_program_id = replaced
+            log.warning("replaced XDP program %d on %s without a gap (an earlier run's, without pins here)",
+                        replaced, device)
+        return mode
 
     def _refresh(self) -> int:
         """One neighbour pass, its changes written; returns how many backends are still unresolved."""
@@ -329,23 +366,16 @@ class XdpEngine:
         return backend.address
 
     def _let_go(self) -> None:
-        """Detach (or hand over) and release the program; once."""
+        """Detach (or, handed over, leave attached) and release the program; once."""
         with self._lock:
             program, self.program = self.program, None
             if program is None:
                 return
             attached = program.attached_ifindex is not None
-            directory = self._handover_dir
-            if self._handover and attached:
-                try:
-                    program.hand_over(directory)
-                    self.handed_over = True
-                except OSError as exc:
-                    log.error("handover failed, detaching instead: %s", exc)
-            program.close()  # detaches (from the namespace it attached in); not after a handover
+            program.close(detach=not self.handed_over)
         if self.handed_over:
             log.info("XDP engine handed over on %s: its program stays attached, connection table pinned in %s",
-                     self.options.device, directory)
+                     self.options.device, self._pinned)
         elif attached:
             log.info("XDP engine stopped on %s: detached", self.options.device)
 

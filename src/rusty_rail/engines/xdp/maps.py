@@ -46,7 +46,8 @@ EXT_HEADERS = 4
 """RR_EXT_HEADERS: inner IPv6 extension headers walked (core/ipv6.py EXTENSION_HEADER_LIMIT)."""
 
 # rr_stats indexes (rr_structs.h): 0 and 26 forwarded (inner IPv4, inner IPv6: each forward is counted
-# once, by family; "forwarded" is their sum), DropReason's numbers (1..18, 24, 25), then these.
+# once, by family; "forwarded" is their sum), DropReason's numbers (1..18, 23..25), then these. 23 is
+# DropReason.TX_REFUSED, which the program never counts (counters.py reads it from the device).
 STAT_FORWARDED = 0
 STAT_PASSED = 19
 STAT_CONN_HIT = 20

@@ -2,9 +2,10 @@
 
 What it does: load (sized for the largest table, the connection capacity and the services it must
 hold, optionally with a handover's pinned rr_conns as its connection table), write the maps (`sync`
-executes planner.plan's writes and keeps the image of what the maps hold), attach and detach, pin for a
-handover, run the program on a frame (BPF_PROG_TEST_RUN) and read or write connection entries (tests,
-explain). The decision itself is the C program's (docs/WIRE.md); the counters are read by counters.py.
+executes planner.plan's writes and keeps the image of what the maps hold), attach (replacing whatever
+runs there atomically) and detach, pin for a handover, run the program on a frame (BPF_PROG_TEST_RUN)
+and read or write connection entries (tests, explain). The decision itself is the C program's
+(docs/WIRE.md); the counters are read by counters.py.
 
 Also `attach_pass` and `detach_all`, for the lab and the tests: XDP_TX from a veth reaches its peer only
 when the peer runs an XDP program too, and bpf/xdp_pass.o is the least such program.
@@ -32,7 +33,7 @@ from rusty_rail.engines.xdp import maps as m
 from rusty_rail.engines.xdp.planner import Desired, MapImage, Write, adopt, plan
 
 __all__ = ["XdpAction", "XdpConnection", "XdpProgram", "attach_pass", "default_object_path", "detach_all",
-           "read_backend_indices"]
+           "read_backend_indices", "running_mode"]
 
 _MODES = {"native": libbpf.XDP_FLAGS_DRV_MODE, "skb": libbpf.XDP_FLAGS_SKB_MODE}
 """Attach modes: "native" (the driver's; veth has it) or "skb" (generic: any device, slower)."""
@@ -77,6 +78,16 @@ def _detach_every_mode(ifindex: int) -> int:
             except OSError:
                 pass  # nothing in that mode
     return previous
+
+
+def running_mode(interface: str | int) -> str | None:
+    """The mode ("native" or "skb") of the XDP program running on `interface` (this thread's namespace),
+    None when there is none."""
+    ifindex = _ifindex(interface)
+    for mode, flags in _MODES.items():
+        if libbpf.xdp_query_id(ifindex, flags):
+            return mode
+    return None
 
 
 def detach_all(interface: str | int, netns: str | None = None) -> int:
@@ -181,10 +192,12 @@ class XdpProgram:
 
     # -- lifetime ---------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Detach (if attached and not handed over) and release the object."""
-        if self._attached is not None:
+    def close(self, detach: bool = True) -> None:
+        """Release the object; detach first unless `detach` is False (a handover: the program stays
+        attached, holding its maps, until a successor replaces it)."""
+        if detach and self._attached is not None:
             self.detach()
+        self._forget_attachment()
         self._obj.close()
 
     def __enter__(self) -> XdpProgram:
@@ -334,21 +347,45 @@ class XdpProgram:
 
     # -- attaching --------------------------------------------------------------------------------
 
-    def attach(self, interface: str | int, mode: str = "native", replace_fd: int | None = None) -> None:
+    def attach(self, interface: str | int, mode: str = "native") -> None:
         """Attach to `interface` (name or ifindex, in this thread's namespace) in "native" or "skb"
-        (generic) mode. A program left there by an earlier run (ours or not) is replaced and reported.
-
-        `replace_fd`: the program attached now (a handover's), replaced atomically (XDP_FLAGS_REPLACE):
-        the device never runs without a program. Fails (EEXIST) if another program is attached."""
+        (generic) mode. A program running there in that mode (a handover predecessor's, a killed run's
+        leftover, anyone's) is replaced atomically, XDP_FLAGS_REPLACE with its fd, so the device is never
+        without a program; replaced_program_id names it. Never detach-then-attach: a program running in
+        the other mode cannot be replaced so, and is refused (OSError EEXIST; see running_mode())."""
         ifindex, flags = _ifindex(interface), _MODES[mode]
-        if replace_fd is not None:
-            current = libbpf.xdp_query_id(ifindex, 0)
-            libbpf.xdp_attach(ifindex, self.prog_fd, flags, old_prog_fd=replace_fd)
-            self.replaced_program_id = current
+        for _ in range(3):  # the running program may change between the query and the attach
+            running = libbpf.xdp_query_id(ifindex, flags)
+            if running == 0:
+                other = libbpf.xdp_query_id(ifindex, 0)
+                if other:
+                    raise OSError(errno.EEXIST, f"XDP program {other} runs on {interface} in another mode than "
+                                                f"{mode}; it cannot be replaced without a gap")
+                try:
+                    libbpf.xdp_attach(ifindex, self.prog_fd, flags | libbpf.XDP_FLAGS_UPDATE_IF_NOEXIST)
+                except OSError as exc:
+                    if exc.errno in (errno.EBUSY, errno.EEXIST):
+                        continue  # one was attached meanwhile: replace that one
+                    raise
+            else:
+                try:
+                    old_fd = libbpf.prog_get_fd_by_id(running)
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        continue  # gone meanwhile
+                    raise
+                try:
+                    libbpf.xdp_attach(ifindex, self.prog_fd, flags, old_prog_fd=old_fd)
+                except OSError as exc:
+                    if exc.errno == errno.EEXIST:
+                        continue  # another one meanwhile
+                    raise
+                finally:
+                    os.close(old_fd)
+            self.replaced_program_id = running
+            break
         else:
-            # Every mode: a leftover generic program would block a native one and vice versa.
-            self.replaced_program_id = _detach_every_mode(ifindex)
-            libbpf.xdp_attach(ifindex, self.prog_fd, flags)
+            raise OSError(errno.EBUSY, f"the XDP program on {interface} kept changing while attaching")
         self._attached = (ifindex, flags)
         # An ifindex means something only in its namespace: remember which one, so that detach()
         # never acts on an interface of another namespace (e.g. the host's) with the same number.
@@ -374,18 +411,38 @@ class XdpProgram:
     def attached_ifindex(self) -> int | None:
         return self._attached[0] if self._attached else None
 
-    def hand_over(self, directory: str) -> None:
-        """Leave the program attached and pin what a successor needs in `directory` (bpffs): rr_conns and
-        rr_conns6 (the flows' backends) and rr_backends (which index names which backend, for adopt()).
-        After this, close() neither detaches nor touches the device; the successor replaces the program
-        atomically (attach(replace_fd=...)) and removes the pins."""
+    def pin(self, directory: str) -> None:
+        """Pin what a successor needs in `directory` (on a bpffs): rr_backends (which index names which
+        backend, for adopt()), rr_conns6 and rr_conns (the flows' backends), rr_conns last: its pin says
+        the pins are complete. Nothing else changes: the program stays attached and this instance keeps
+        serving. On failure the pins made are removed again and OSError raised."""
         os.makedirs(directory, exist_ok=True)
-        # rr_conns last: its pin says the handover is complete
-        for name in (m.MAP_BACKENDS, m.MAP_CONNS6, m.MAP_CONNS):
-            path = os.path.join(directory, name)
-            if os.path.exists(path):
+        made: list[str] = []
+        try:
+            for name in (m.MAP_BACKENDS, m.MAP_CONNS6, m.MAP_CONNS):
+                path = os.path.join(directory, name)
+                if os.path.lexists(path):
+                    os.unlink(path)  # a stale pin of an earlier handover nobody took over
+                libbpf.obj_pin(self.fds[name], path)
+                made.append(path)
+        except OSError:
+            for path in made:
                 os.unlink(path)
-            libbpf.obj_pin(self.fds[name], path)
+            raise
+
+    def unpin(self, directory: str) -> None:
+        """Remove what pin() made (an undone handover; idempotent)."""
+        for name in (m.MAP_CONNS, m.MAP_CONNS6, m.MAP_BACKENDS):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass  # not empty, or gone
+
+    def _forget_attachment(self) -> None:
         self._attached = None
         if self._netns_fd is not None:
             os.close(self._netns_fd)

@@ -1,0 +1,78 @@
+"""The end-to-end comparison's pieces that need no lab: the balancer's configuration file (through the
+real validators), the peers' configurations (nft checks the ruleset in a namespace of its own), and
+the medians and ratios of the summary."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rusty_rail.bench import e2e, peers
+from rusty_rail.control.config import load_config
+from rusty_rail.lab.lab import Lab
+from rusty_rail.lab.topology import plan
+
+
+def lab() -> Lab:
+    return Lab(topology=2, prefix="rrb-unit-")  # a plan only: never brought up here
+
+
+def test_balancer_config_passes_the_validators(tmp_path) -> None:
+    path = tmp_path / "rr.toml"
+    path.write_text(e2e.balancer_config(lab(), "xdp", "generic"))
+    config = load_config(path)
+    assert (config.engine.value, config.xdp_mode.value) == ("xdp", "generic")
+    ports = {s.key.port: [str(b.address) for b in s.backends] for s in config.services}
+    assert ports == {80: ["192.168.137.21", "192.168.137.22"], 5201: ["192.168.137.21"]}
+
+
+def test_haproxy_and_nginx_configs_name_every_server() -> None:
+    p = plan(2, "rrb-unit-")
+    text = peers.haproxy_config(p.balancers[0], p.servers)
+    assert "mode tcp" in text and "bind 192.168.137.11:80" in text and "bind 192.168.137.11:5201" in text
+    assert "server server2 192.168.137.22:80" in text and "192.168.137.22:5201" not in text
+    nginx = peers.nginx_config(Path("/run/lab"), "server1", Path("/run/lab/www"))
+    assert "listen 80 reuseport" in nginx and "root /run/lab/www;" in nginx
+    assert "/var/" not in nginx  # pid, logs and temp files stay in the lab's directory
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="nft -c needs root (a namespace of its own)")
+def test_nft_dnat_ruleset_is_accepted_by_nft() -> None:
+    p = plan(2, "rrb-unit-")
+    ns = f"rrbnft{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        done = subprocess.run(["ip", "netns", "exec", ns, "nft", "-c", "-f", "-"], capture_output=True, text=True,
+                              input=peers.nft_dnat_ruleset(p.balancers[0], p.servers))
+        assert done.returncode == 0, done.stderr
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
+def test_summary_medians_and_ratios() -> None:
+    def rounds(*values: float) -> list[dict[str, float]]:
+        return [{"value": v, "retransmits": 10 * v, "ofo_queued": 0.0, "reorder_seen": 1.0} for v in values]
+
+    samples = {"wire": {"direct": {"upload": rounds(2.0, 4.0, 3.0)}, "gre": {"upload": rounds(1.0, 1.5, 2.0)},
+                        "rr-xdp": {"upload": rounds(1.5, 0.1, 1.5)}}}
+    row = e2e.summarise(samples)["wire"]["upload"]
+    assert row["direct"]["median"] == 3.0 and row["direct"]["ratio_direct"] == 1.0
+    assert row["gre"]["ratio_direct"] == 0.5
+    assert row["rr-xdp"]["ratio_gre"] == 1.0 and (row["rr-xdp"]["min"], row["rr-xdp"]["max"]) == (0.1, 1.5)
+    assert row["rr-xdp"]["retransmits"] == 15.0
+
+
+def test_unknown_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown path"):
+        with e2e.path(lab(), "ipvs"):
+            pass
+
+
+def test_missing_tools_names_debian_packages(monkeypatch) -> None:
+    monkeypatch.setattr(peers.shutil, "which", lambda tool: None if tool in ("wrk", "nft") else "/usr/bin/" + tool)
+    assert peers.missing_tools() == ["nftables", "wrk"]
