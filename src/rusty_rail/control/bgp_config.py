@@ -117,10 +117,22 @@ def check_shared_vips(services: Sequence[ServiceSpec]) -> None:
         for key in ("med", "communities"):
             if getattr(service.route, key) != getattr(other, key):
                 raise _fail(f"services[{i}].{key}", f"differs from services[{first[vip]}].{key}: both announce "
-                            f"{vip}/32, one route")
+                            f"{host_prefix(vip)}, one route")
 
 
-def parse_bgp(value: Any, path: str = "bgp") -> BgpSpec:
+def host_prefix(vip: Address) -> str:
+    """The route of one VIP: a /32 or a /128."""
+    return f"{vip}/{vip.max_prefixlen}"
+
+
+def parse_bgp(value: Any, path: str = "bgp", services: Sequence[ServiceSpec] = ()) -> BgpSpec:
+    """[bgp]; `services` are checked against it: an IPv6 VIP is never announced (below)."""
+    for i, service in enumerate(services):
+        # The sessions are IPv4 and ExaBGP's "next-hop self" is the IPv4 local address: an IPv6 VIP's route
+        # would need multiprotocol BGP (RFC 4760) with an IPv6 next hop, which is not done yet.
+        if service.key.vip is not None and service.key.vip.version == 6 and service.route.announce:
+            raise _fail(f"services[{i}].announce", f"{service.key.vip} is an IPv6 VIP, which BGP does not announce "
+                        "yet (IPv4 sessions only): set announce = false")
     table = _table(value, path, _BGP_KEYS)
     if "local_as" not in table:
         raise _fail(_join(path, "local_as"), "missing")
