@@ -346,3 +346,25 @@ def test_connection_evictions_baseline_of_a_reused_table() -> None:
             assert counters.named(second)["conn_insert"] == 500
             assert counters.connection_evictions(second) == 500 + live - counters.connection_summary(second)[0] > 0
 
+
+def test_both_families_entries_per_service_and_forwards_per_family() -> None:
+    """The golden fixtures (IPv4 and IPv6 flows, IPv6 and mixed services): rr_conns and rr_conns6 are
+    walked into entries per (service, backend) as the Python table's, and a device refusal comes off
+    `forwarded` without pushing `forwarded_ipv6` above it (docs/WIRE.md section 9)."""
+    from tests.fixtures.golden import fixtures, golden_balancer
+
+    reference = golden_balancer()
+    with XdpProgram(table_size=65537, conn_capacity=1 << 12, max_services=4) as x:
+        mirror(x, reference)
+        for fx in fixtures():
+            verdict = reference.decide(fx.frame, now=time.monotonic())
+            action, out = x.test_run(fx.frame)
+            assert action == VERDICT[verdict.action] and (action != XdpAction.TX or out == verdict.frame)
+        assert reference.connections.ipv6 > 0 and len(reference.connections) > reference.connections.ipv6
+        assert_connections(reference, x)
+        c = counters.read(x, True)
+        assert (c.forwarded, c.forwarded_ipv6) == (reference.forwarded, reference.forwarded6)
+        assert c.connections_ipv6 == reference.connections.ipv6
+        refused = c.forwarded - c.forwarded_ipv6 + 1  # more than the IPv4 forwards: some IPv6 ones too
+        r = counters.read(x, True, refused=refused)
+        assert (r.forwarded, r.forwarded_ipv6, r.drops["tx_refused"]) == (c.forwarded_ipv6 - 1, c.forwarded_ipv6 - 1, refused)
