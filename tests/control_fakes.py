@@ -23,7 +23,7 @@ class FakeEngine:
         self.canned = Counters(
             forwarded=10, passed=3, drops={"no_service": 2, "no_backend": 0}, connections=5, connection_evictions=1,
             backends={(WEB, B1): (7, 700), (WEB, B2): (3, 300)}, flows={(WEB, B1): 4, (WEB, B2): 1, (DNS, B1): 2},
-            ready=True,
+            ready=True, forwarded_ipv6=4, connections_ipv6=2,
         )
         self.fail_next = False
         self.explained: list[FlowKey] = []

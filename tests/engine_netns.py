@@ -3,6 +3,9 @@
     lb namespace:   veth "lb0"   10.77.0.1/24   (the engine runs here)
     peer namespace: veth "peer0" 10.77.0.2/24   (sends GRE in, captures what comes back)
 
+`add_ipv6()` gives both ends an IPv6 address too (2001:db8:77::1/64 and ::2, without duplicate address
+detection, so they are usable at once).
+
 Names carry a random prefix so parallel runs never collide; `close()` removes both namespaces (and with
 them the veth pair) even after a failure. Nothing here touches the host's own interfaces.
 """
@@ -24,6 +27,8 @@ T = TypeVar("T")
 
 LB_IP = "10.77.0.1"
 PEER_IP = "10.77.0.2"
+LB_IP6 = "2001:db8:77::1"
+PEER_IP6 = "2001:db8:77::2"
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -71,6 +76,12 @@ class VethPair:
         except BaseException:
             self.close()
             raise
+
+    def add_ipv6(self) -> None:
+        """LB_IP6 and PEER_IP6 on the pair (nodad: no second of waiting for duplicate detection)."""
+        for ns, dev, ip in ((self.lb_ns, self.lb_dev, LB_IP6), (self.peer_ns, self.peer_dev, PEER_IP6)):
+            self.ip(ns, "-6", "addr", "add", f"{ip}/64", "dev", dev, "nodad")
+        self.lb_ip6, self.peer_ip6 = LB_IP6, PEER_IP6
 
     @staticmethod
     def ip(ns: str, *args: str) -> str:
@@ -136,9 +147,25 @@ def udp(sport: int, dport: int, payload: bytes) -> bytes:
     return sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
 
 
+def ipv6(src: str, dst: str, nh: int, payload: bytes) -> bytes:
+    """An IPv6 packet (RFC 8200 section 3): hop limit 64, no extension headers."""
+    return (b"\x60\x00\x00\x00" + len(payload).to_bytes(2, "big") + bytes([nh, 64])
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + payload)
+
+
+def tcp6(src: str, dst: str, sport: int, dport: int, payload: bytes = b"") -> bytes:
+    """An IPv6 TCP segment (ACK, checksum left 0: these frames only test where packets go)."""
+    header = sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(8) + b"\x50\x10\xff\xff" + bytes(4)
+    return ipv6(src, dst, 6, header + payload)
+
+
 def gre_frame(dst_mac: bytes, src_mac: bytes, outer_src: str, outer_dst: str, inner: bytes) -> bytes:
-    """Ethernet | IPv4 (protocol 47) | GRE (no flags, protocol 0x0800) | inner IPv4 packet."""
-    return dst_mac + src_mac + b"\x08\x00" + ipv4(outer_src, outer_dst, 47, b"\x00\x00\x08\x00" + inner)
+    """Ethernet | IPv4 (protocol 47) or IPv6 (next header 47), by the outer addresses' family | GRE (no
+    flags, protocol 0x0800 or 0x86DD by the inner packet's version) | inner packet."""
+    gre = b"\x00\x00\x86\xdd" if inner[0] >> 4 == 6 else b"\x00\x00\x08\x00"
+    if ":" in outer_src:
+        return dst_mac + src_mac + b"\x86\xdd" + ipv6(outer_src, outer_dst, 47, gre + inner)
+    return dst_mac + src_mac + b"\x08\x00" + ipv4(outer_src, outer_dst, 47, gre + inner)
 
 
 def is_icmp_protocol_unreachable(frame: bytes) -> bool:
@@ -174,13 +201,19 @@ def pending(sock: socket.socket, predicate: Callable[[bytes], bool]) -> list[byt
 
 
 def ping(pair: VethPair, ns: str, dst: str, timeout: float = 5.0) -> None:
-    """One ICMP echo from `ns` to `dst`, answered (raw socket: no ping binary needed)."""
+    """One ICMP (or ICMPv6, for an IPv6 `dst`) echo from `ns` to `dst`, answered (raw socket: no ping
+    binary needed; the kernel computes the ICMPv6 checksum, RFC 3542 3.1)."""
+    six = ":" in dst
     with pair.inside(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        if six:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     try:
         ident = secrets.randbits(16)
-        body = bytes([8, 0, 0, 0]) + ident.to_bytes(2, "big") + b"\x00\x01" + b"rusty-rail"
-        body = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
+        body = bytes([128 if six else 8, 0, 0, 0]) + ident.to_bytes(2, "big") + b"\x00\x01" + b"rusty-rail"
+        if not six:
+            body = body[:2] + checksum(body).to_bytes(2, "big") + body[4:]
         s.settimeout(0.1)
         s.sendto(body, (dst, 0))
         deadline = time.monotonic() + timeout
@@ -189,8 +222,8 @@ def ping(pair: VethPair, ns: str, dst: str, timeout: float = 5.0) -> None:
                 packet = s.recv(2048)
             except (TimeoutError, socket.timeout):
                 continue
-            icmp = packet[(packet[0] & 0x0F) * 4 :]
-            if icmp[0] == 0 and icmp[4:6] == ident.to_bytes(2, "big"):
+            icmp = packet if six else packet[(packet[0] & 0x0F) * 4 :]  # raw IPv6 sockets omit the header
+            if icmp[0] == (129 if six else 0) and icmp[4:6] == ident.to_bytes(2, "big"):
                 return
         raise AssertionError(f"no echo reply from {dst}")
     finally:

@@ -16,14 +16,29 @@ from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.conntrack import ConnectionTable, Timeouts
 from rusty_rail.core.errors import ParseError
 from rusty_rail.core.ethernet import EtherType, mac_to_bytes, parse_ethernet
-from rusty_rail.core.gre import GRE_PROTO_IPV4, parse_gre
+from rusty_rail.core.gre import GRE_PROTO_IPV4, GRE_PROTO_IPV6, parse_gre
 from rusty_rail.core.ipv4 import IpProtocol, parse_ipv4
+from rusty_rail.core.ipv6 import parse_extension_headers, parse_ipv6
+from rusty_rail.core.service import ServiceKey
 from rusty_rail.core.verdict import Action
 from rusty_rail.engines.afpacket.bulk import BulkProcessor
 from rusty_rail.engines.afpacket.walker import RingWalker
-from tests.fixtures.golden import BACKENDS, LB_ADDRESS, LB_MAC, fixtures
+from tests.fixtures.golden import (
+    ALL_BACKENDS,
+    BACKENDS,
+    BACKENDS6,
+    LB_ADDRESS,
+    LB_ADDRESS6,
+    LB_MAC,
+    MIXED,
+    MIXED_VIP6,
+    MTU,
+    VIP6,
+    VIP_TO6,
+    fixtures,
+)
 from tests.memory_ring import MemoryRing
-from tests.services import catch_all
+from tests.services import catch_all, service
 
 # Long timeouts: the two engines keep time differently (the caller's clock, the kernel's tick), and a
 # fuzz run must not see an entry expire in one and not in the other.
@@ -36,17 +51,26 @@ def seeds() -> list[bytes]:
 
 
 def parse_chain(data: bytes) -> None:
-    """Ethernet -> IPv4 -> GRE -> IPv4 with the codecs; only ParseError may come out."""
+    """Ethernet -> IPv4 or IPv6 -> GRE -> IPv4 or IPv6 (and its extension headers) with the codecs; only
+    ParseError may come out."""
     try:
         eth, payload = parse_ethernet(data)
-        if eth.ethertype != EtherType.IPV4:
-            return
-        outer, gre_packet = parse_ipv4(payload)
-        if outer.protocol != IpProtocol.GRE:
+        if eth.ethertype == EtherType.IPV4:
+            outer, gre_packet = parse_ipv4(payload)
+            if outer.protocol != IpProtocol.GRE:
+                return
+        elif eth.ethertype == EtherType.IPV6:
+            outer6, gre_packet = parse_ipv6(payload)
+            if outer6.next_header != IpProtocol.GRE:
+                return
+        else:
             return
         gre, inner = parse_gre(gre_packet)
         if gre.protocol == GRE_PROTO_IPV4:
             parse_ipv4(inner, verify_checksum=False)
+        elif gre.protocol == GRE_PROTO_IPV6:
+            header, body = parse_ipv6(inner)
+            parse_extension_headers(header.next_header, body)
     except ParseError:
         pass
 
@@ -64,15 +88,19 @@ class Target:
             from rusty_rail.engines.xdp import XdpProgram
             from tests.xdp_support import mirror
 
-            self.xdp = XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 16, max_services=1)
+            self.xdp = XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 16, max_services=4)
             mirror(self.xdp, self.balancer)
         self.inputs = 0
 
     @staticmethod
     def _balancer() -> Balancer:
-        balancer = Balancer(LB_ADDRESS, mac_to_bytes(LB_MAC), [catch_all(list(BACKENDS), TABLE_SIZE)],
+        """The golden fixtures' services (tests/fixtures/golden.py), with small tables."""
+        services = [catch_all(list(BACKENDS), TABLE_SIZE), service(ServiceKey.parse(VIP6), BACKENDS6, TABLE_SIZE),
+                    service(ServiceKey.parse(VIP_TO6), BACKENDS6, TABLE_SIZE),
+                    service(ServiceKey.parse(f"[{MIXED_VIP6}]:443"), MIXED, TABLE_SIZE)]
+        balancer = Balancer(LB_ADDRESS, mac_to_bytes(LB_MAC), services, local_address6=LB_ADDRESS6, mtu=MTU,
                             connections=ConnectionTable(capacity=1 << 16, timeouts=_TIMEOUTS))
-        for backend, mac in BACKENDS.items():
+        for backend, mac in ALL_BACKENDS.items():
             balancer.set_neighbour(backend, mac_to_bytes(mac))
         return balancer
 

@@ -1,14 +1,15 @@
 """Independent references the tests compare the project against.
 
 Written from the specifications, not from the project's code: mmh3 (a C extension of Appleby's
-MurmurHash3) for the flow hash, and the paper's Pseudocode 1 transcribed literally for Maglev.
+MurmurHash3) for the flow hash, the paper's Pseudocode 1 transcribed literally for Maglev, and
+docs/WIRE.md's key layouts (section 6) and canonical order (section 10: version, then address).
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 
 import mmh3
 
@@ -16,7 +17,15 @@ SEED = 0x52525F31
 
 
 def oracle_key(src: str, dst: str, proto: int, sport: int = 0, dport: int = 0) -> bytes:
-    return IPv4Address(src).packed + IPv4Address(dst).packed + struct.pack("!HHB3x", sport, dport, proto)
+    """16 bytes for IPv4 addresses, 40 for IPv6 ones: src | dst | sport | dport | proto | 0 0 0."""
+    a, b = ip_address(src), ip_address(dst)
+    assert a.version == b.version
+    return a.packed + b.packed + struct.pack("!HHB3x", sport, dport, proto)
+
+
+def oracle_flow_label(key: bytes) -> int:
+    """docs/WIRE.md section 8: the outer IPv6 flow label, the flow hash's low 20 bits."""
+    return oracle_hash(key) & 0xFFFFF
 
 
 def oracle_hash(key: bytes) -> int:
@@ -25,7 +34,7 @@ def oracle_hash(key: bytes) -> int:
 
 def oracle_maglev(backends: list[str], size: int) -> list[str]:
     """Pseudocode 1 of the paper, literally: permutation[i][j] = (offset + j * skip) mod M."""
-    names = sorted(IPv4Address(b) for b in backends)
+    names = sorted((ip_address(b) for b in backends), key=lambda a: (a.version, int(a)))
 
     def h(key: bytes, name: bytes) -> int:
         return int.from_bytes(hashlib.blake2b(name, key=key, digest_size=8).digest(), "big")

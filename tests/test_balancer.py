@@ -1,16 +1,29 @@
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import GRE, Ether
 
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.verdict import Action, DropReason
-from tests.fixtures.golden import BACKENDS, LB_ADDRESS, TABLE_SIZE, fixtures, golden_balancer, wrapped
+from tests.fixtures.golden import (
+    BACKENDS,
+    CLIENT6,
+    LB_ADDRESS,
+    LB_ADDRESS6,
+    TABLE_SIZE,
+    VIP6,
+    fixtures,
+    golden_balancer,
+    wrapped,
+)
+from tests.oracle import oracle_flow_label
 from tests.services import catch_all
 
 
@@ -27,6 +40,31 @@ def test_forwarded_frame_is_valid_for_an_independent_parser() -> None:
     del pkt[IP].chksum
     assert IP(bytes(pkt[IP]))[IP].chksum == outer_checksum
     assert pkt[GRE].proto == 0x0800 and pkt[GRE][IP][TCP].sport == 1000
+
+
+def test_ipv6_output_is_valid_for_an_independent_parser() -> None:
+    balancer = golden_balancer()
+    inner = IPv6(src=CLIENT6, dst=VIP6, tc=0x20) / TCP(sport=1000, dport=443)
+    verdict = balancer.decide(wrapped(inner), now=0)
+    pkt = Ether(verdict.frame)
+    key = FlowKey(IPv6Address(CLIENT6), IPv6Address(VIP6), 6, 1000, 443).packed
+    assert pkt[IPv6].src == LB_ADDRESS6 and pkt[IPv6].dst == str(ip_address(verdict.backend))
+    assert (pkt[IPv6].nh, pkt[IPv6].hlim, pkt[IPv6].tc, pkt[IPv6].plen) == (47, 64, 0x20, 4 + len(inner))
+    assert pkt[IPv6].fl == oracle_flow_label(key)
+    assert pkt[GRE].proto == 0x86DD and bytes(pkt[GRE].payload) == bytes(inner)
+    counters = balancer.counters()
+    assert counters["forwarded"] == counters["forwarded_ipv6"] == 1
+
+
+def test_a_backend_needs_a_local_address_of_its_family() -> None:
+    with pytest.raises(ValueError, match="2001:db8:2::1 is IPv6 but the device has no global IPv6 address"):
+        Balancer(LB_ADDRESS, b"\x02" * 6, [catch_all(["10.2.0.1", "2001:db8:2::1"])])
+    with pytest.raises(ValueError, match="10.2.0.1 is IPv4 but the device has no IPv4 address"):
+        Balancer(None, b"\x02" * 6, [catch_all(["10.2.0.1"])], local_address6="2001:db8::11")
+    only6 = Balancer(None, b"\x02" * 6, [catch_all(["2001:db8:2::1"])], local_address6="2001:db8::11")
+    with pytest.raises(ValueError):
+        only6.set_services([catch_all(["10.2.0.1"])])
+    assert only6.backends == {int(IPv6Address("2001:db8:2::1"))}  # the refused state changed nothing
 
 
 def test_no_backends_is_a_counted_drop() -> None:
@@ -99,7 +137,7 @@ def _mutations():
 _FUZZ_BALANCER = golden_balancer()
 
 
-@settings(max_examples=2000)
+@settings(max_examples=2000, deadline=None)  # behaviour, not timing: a loaded machine may pause an example
 @given(_mutations())
 def test_any_input_gives_a_verdict_and_known_flows_keep_their_backend(frame: bytes) -> None:
     balancer = _FUZZ_BALANCER
@@ -107,5 +145,6 @@ def test_any_input_gives_a_verdict_and_known_flows_keep_their_backend(frame: byt
     verdict = balancer.decide(frame, now=0)
     assert verdict.action in (Action.FORWARD, Action.PASS, Action.DROP)
     if verdict.action == Action.FORWARD:
-        assert Ether(verdict.frame)[GRE].proto == 0x0800
+        out = Ether(verdict.frame)
+        assert out[GRE].proto == (0x86DD if out[GRE].payload.version == 6 else 0x0800)
     assert balancer.decide(flow_frame(777), now=0).backend == before

@@ -37,6 +37,20 @@ def test_idle_timeouts_per_protocol() -> None:
     assert table.expirations == 2
 
 
+def test_ipv6_keys_share_the_table_with_their_own_timeouts() -> None:
+    table = ConnectionTable(capacity=2, timeouts=Timeouts(tcp=100, udp=10, other=5))
+    tcp6 = oracle_key("2001:db8::1", "2001:db8:1::1", 6, 1, 443)
+    udp6 = oracle_key("2001:db8::1", "2001:db8:1::1", 17, 1, 53)
+    table.insert(tcp6, 1 << 100, now=0)
+    table.insert(udp6, 2, now=0)
+    assert table.ipv6 == 2
+    assert table.lookup(udp6, now=11) is None and table.lookup(tcp6, now=99) == 1 << 100
+    table.insert(tcp(1), 3, now=99)
+    assert table.ipv6 == 1
+    table.insert(tcp(2), 4, now=99)  # full: the least recently used goes, whatever its family
+    assert tcp6 not in table and table.evictions == 1 and table.ipv6 == 0
+
+
 def test_expire_sweeps_idle_entries() -> None:
     table = ConnectionTable(timeouts=Timeouts(tcp=10, udp=10, other=10))
     for i in range(50):

@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 import threading
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 import pytest
@@ -64,6 +64,8 @@ def test_a_bgp_section_and_route_keys() -> None:
      "services[1].med: differs from services[0].med"),
     ('device = "eth0"\n[[services]]\nvip = "*"\nbackends = ["10.2.0.1"]\nannounce = true\n',
      'services[0].announce: true: the catch-all service (vip "*") has no VIP to announce'),
+    (BASE + '[[services]]\nvip = "2001:db8:1::1"\nport = 443\nbackends = ["2001:db8:2::1"]\n' + BGP,
+     "services[1].announce: 2001:db8:1::1 is an IPv6 VIP, which BGP does not announce yet"),
 ])
 def test_bad_bgp_keys_are_named(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -90,6 +92,18 @@ def test_the_announce_rule() -> None:
                         ({"ready": True, "drained": True, "stopping": False}, "balancer drained (ctl drain-balancer)"),
                         ({"ready": True, "drained": True, "stopping": True}, "stopping: withdrawn before the data plane lets go")):
         assert wanted_routes(services, **kwargs)["10.1.0.1/32"] == (None, why)
+
+
+def test_ipv6_vips_are_served_but_not_announced() -> None:
+    """With [bgp], an IPv6 VIP's service needs announce = false (the sessions are IPv4); without [bgp] the
+    key does not matter. Were one announced, its route would be a /128 and sort after the IPv4 ones."""
+    v6 = '[[services]]\nvip = "2001:db8:1::1"\nport = 443\nbackends = ["2001:db8:2::1", "10.2.0.1"]\n'
+    assert loads_config(BASE + v6).services[1].route.announce
+    config = loads_config(BASE + v6 + "announce = false\n" + BGP)
+    assert config.bgp is not None and not config.services[1].route.announce
+    six = ServiceRoute("[2001:db8:1::1]:443/tcp", ip_address("2001:db8:1::1"), RouteSpec(), 1)
+    assert list(wanted_routes([six, WEB], ready=True, drained=False, stopping=False)) == ["10.1.0.1/32",
+                                                                                       "2001:db8:1::1/128"]
 
 
 def test_route_commands_in_exabgps_grammar() -> None:

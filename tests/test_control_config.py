@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -85,7 +85,14 @@ def _svc(extra: str = "", backends: str = '["10.2.0.1"]', health: str = "") -> s
         ('[[services]]\nvip = "10.1.0.1"\n', "device: missing"),
         ('device = "eth 0"\n' + MINIMAL.split("\n", 1)[1], 'device: "eth 0" is not an interface name'),
         (_svc(backends='["10.2.0.1", { address = "10.2.0.2", weight = -1 }]'), "services[0].backends[1].weight: -1 is not >= 0"),
-        (_svc(backends='["10.2.0.1", "10.2.0.300"]'), 'services[0].backends[1]: "10.2.0.300" is not an IPv4 address'),
+        (_svc(backends='["10.2.0.1", "10.2.0.300"]'), 'services[0].backends[1]: "10.2.0.300" is not an IPv4 or IPv6 address'),
+        (_svc(backends='["10.2.0.1", "2001:db8::zz"]'), 'services[0].backends[1]: "2001:db8::zz" is not an IPv4 or IPv6 address'),
+        (_svc(backends='["::ffff:10.2.0.1"]'), 'services[0].backends[0]: "::ffff:10.2.0.1" is IPv4-mapped (write the IPv4 address)'),
+        (_svc(backends='["fe80::1"]'), 'services[0].backends[0]: "fe80::1" is link-local'),
+        (_svc(backends='["::1"]'), 'services[0].backends[0]: "::1" is in ::/96'),
+        (_svc(backends='[{ address = "ff02::1" }]'), 'services[0].backends[0].address: "ff02::1" is multicast'),
+        (_svc(backends='["2001:db8::1", "2001:db8:0::1"]'), "services[0].backends[1]: 2001:db8::1 is already backends[0]"),
+        ('device = "eth0"\n[[services]]\nvip = "ff05::1"\n', 'services[0].vip: "ff05::1" is multicast'),
         (_svc(backends='["10.2.0.1", "10.2.0.1"]'), "services[0].backends[1]: 10.2.0.1 is already backends[0]"),
         (_svc(backends='[{ address = "10.2.0.1", wieght = 2 }]'), "services[0].backends[0].wieght: unknown key"),
         (_svc(backends='[{ weight = 2 }]'), "services[0].backends[0].address: missing"),
@@ -93,7 +100,7 @@ def _svc(extra: str = "", backends: str = '["10.2.0.1"]', health: str = "") -> s
         (_svc('protocol = "sctp"\n'), 'services[0].protocol: "sctp" is not one of tcp, udp, any'),
         (_svc('protocol = "any"\n'), "services[0].port: 80 needs protocol"),
         ('device = "eth0"\n[[services]]\nvip = "10.1.0.1"\nport = 70000\n', "services[0].port: 70000 is not <= 65535"),
-        ('device = "eth0"\n[[services]]\nvip = "nope"\n', 'services[0].vip: "nope" is not an IPv4 address'),
+        ('device = "eth0"\n[[services]]\nvip = "nope"\n', 'services[0].vip: "nope" is not an IPv4 or IPv6 address'),
         ('device = "eth0"\n[[services]]\nport = 80\n', "services[0].vip: missing"),
         (MINIMAL + MINIMAL.split("\n", 1)[1], "services[1]: 10.1.0.1:80/tcp is already services[0]"),
         (_svc(health='type = "icmp"\n'), 'services[0].health.type: "icmp" is not one of tcp, http, none'),
@@ -168,6 +175,17 @@ def test_the_originals_form_is_one_catch_all_service() -> None:
     assert config.engine == EngineKind.AUTO and config.workers == default_workers() and config.table_size == 65537
 
 
+def test_ipv6_vips_backends_and_targets() -> None:
+    config = loads_config('device = "eth0"\n[[services]]\nvip = "2001:db8:1::1"\nport = 443\n'
+                          'backends = ["10.2.0.1", { address = "2001:db8:2::2", weight = 3 }]\n')
+    (service,) = config.services
+    assert service.key == ServiceKey.parse("[2001:db8:1::1]:443/tcp")
+    assert service.backends == (BackendSpec(IPv4Address("10.2.0.1")), BackendSpec(IPv6Address("2001:db8:2::2"), 3))
+    env = from_environment({"RR_DEVICE": "eth0", "RR_TARGET_IPS": "2001:db8:2::1; 10.2.0.1,2001:db8:2::2"})
+    assert [b.address for b in env.services[0].backends] == [IPv6Address("2001:db8:2::1"), IPv4Address("10.2.0.1"),
+                                                             IPv6Address("2001:db8:2::2")]
+
+
 def test_single_target_and_separators() -> None:
     def targets(value: str) -> int:
         return len(from_environment({"RR_DEVICE": "eth0", "RR_TARGET_IPS": value}).services[0].backends)
@@ -190,7 +208,9 @@ def test_every_setting_from_the_environment() -> None:
     [
         ({"RR_TARGET_IPS": "10.2.0.1"}, "RR_DEVICE: is not set"),
         ({"RR_DEVICE": "eth0"}, "RR_TARGET_IPS: is not set"),
-        ({"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1;nope"}, "RR_TARGET_IPS: 'nope' is not a unicast IPv4 address"),
+        ({"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1;nope"}, 'RR_TARGET_IPS: "nope" is not an IPv4 or IPv6 address'),
+        ({"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1;fe80::9"}, 'RR_TARGET_IPS: "fe80::9" is link-local'),
+        ({"RR_DEVICE": "eth0", "RR_TARGET_IPS": "2001:db8::1;2001:db8::0:1"}, "RR_TARGET_IPS: an address is listed twice"),
         ({"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1;10.2.0.1"}, "RR_TARGET_IPS: an address is listed twice"),
         ({"RR_DEVICE": "eth0 x", "RR_TARGET_IPS": "10.2.0.1"}, 'RR_DEVICE: "eth0 x" is not an interface name'),
         ({**ENV, "RR_ENGINE": "netmap"}, 'RR_ENGINE: "netmap" is not one of auto, afpacket, xdp'),

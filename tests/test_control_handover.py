@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,9 @@ UP = HealthRecord(WEB, B1, CHECK, up=True, reason="", successes=5, failures=0)
 
 
 def test_health_records_and_answers_round_trip_and_bad_input_is_named() -> None:
-    answer = HandoverAnswer(True, "", (DOWN, UP))
-    assert HandoverAnswer.from_json(answer.to_json()) == answer
+    six = HealthRecord(WEB, ip_address("2001:db8:2::1"), CHECK, up=False, reason="refused", successes=0, failures=2)
+    answer = HandoverAnswer(True, "", (DOWN, UP, six))
+    assert HandoverAnswer.from_json(answer.to_json()) == answer  # IPv6 backends too
     bad = DOWN.to_json() | {"failures": "2"}
     with pytest.raises(ValueError, match='"failures"'):
         HealthRecord.from_json(bad)

@@ -44,6 +44,9 @@ def test_scrape_over_http() -> None:
     dns_b1 = (("backend", "10.2.0.1"), ("service", "10.1.0.1:53/udp"))
     assert samples[("rusty_rail_backend_flows", web_b1)] == 4  # the same backend, per service
     assert samples[("rusty_rail_backend_flows", dns_b1)] == 2
+    assert samples[("rusty_rail_family_forwarded_packets_total", (("family", "ipv6"),))] == 4
+    assert samples[("rusty_rail_family_forwarded_packets_total", (("family", "ipv4"),))] == 6
+    assert samples[("rusty_rail_family_connections", (("family", "ipv6"),))] == 2
     # our own registry: no process or Python collector metrics from the global one
     assert not any(name.startswith(("process_", "python_")) for name, _ in samples)
 

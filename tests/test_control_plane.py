@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
 from rusty_rail.control.config import BackendSpec, Config, HealthType, ServiceSpec, from_environment
 from rusty_rail.control.plane import ControlError, ControlPlane, parse_backend, parse_service
 from rusty_rail.core.flow import FlowKey
-from rusty_rail.core.service import ServiceKey
+from rusty_rail.core.service import ServiceKey, ServiceProtocol
 from tests.control_fakes import B1, B2, B3, DNS, WEB, FakeEngine, two_services
 
 
@@ -86,8 +86,12 @@ def test_parsers() -> None:
         parse_service("10.1.0.1:http")
     with pytest.raises(ControlError, match="is not a service"):
         parse_service("10.1.0.1:80/sctp")
-    with pytest.raises(ControlError, match="not an IPv4 address"):
+    with pytest.raises(ControlError, match="not an IPv4 or IPv6 address"):
         parse_backend("backend-1")
+    assert parse_backend("2001:db8:2::1") == IPv6Address("2001:db8:2::1")
+    assert parse_service("[2001:db8:1::1]:443") == ServiceKey(IPv6Address("2001:db8:1::1"), ServiceProtocol.TCP, 443)
+    with pytest.raises(ControlError, match=r"\[IPv6 VIP\]:PORT"):
+        parse_service("[2001:db8:1::1:443")
 
 
 def test_health_takes_a_backend_out_and_back() -> None:
@@ -170,6 +174,17 @@ def test_explain_names_the_service() -> None:
     assert dp.explained == [flow]
     other = FlowKey(IPv4Address("192.0.2.7"), WEB.vip, 6, 40000, 443)
     assert plane.explain(other)["service"] is None
+    six = FlowKey(IPv6Address("2001:db8:c::7"), IPv6Address("2001:db8:1::1"), 6, 40000, 443)
+    assert plane.explain(six)["flow"] == "[2001:db8:c::7]:40000 -> [2001:db8:1::1]:443 tcp"
+
+
+def test_status_per_family_and_ipv6_backends() -> None:
+    plane, dp, _ = _plane()
+    assert plane.status()["counters"]["by_family"] == {"ipv4": {"forwarded": 6, "connections": 3},
+                                                       "ipv6": {"forwarded": 4, "connections": 2}}
+    plane.add(WEB, IPv6Address("2001:db8:2::9"), 2)
+    assert dp.last[WEB] == {B1: 1, B2: 2, IPv6Address("2001:db8:2::9"): 2}
+    assert [b["address"] for b in plane.status()["services"][0]["backends"]][-1] == "2001:db8:2::9"
 
 
 def test_health_none_config_gives_no_targets() -> None:

@@ -112,6 +112,13 @@ def test_ctl_commands(served: tuple[str, ControlPlane, FakeEngine], capsys: pyte
         "192.0.2.7:40000 -> 10.1.0.1:80 tcp: service 10.1.0.1:80/tcp, backend 10.2.0.1 (table slot 42)"
     assert ctl.main(["--socket", path, "explain", "192.0.2.7:40000", "10.1.0.1:53", "udp"]) == 0
     assert dp.explained[-1].protocol == 17
+    assert ctl.main(["--socket", path, "explain", "[2001:db8:c::7]:40000", "[2001:db8:1::1]:443"]) == 0
+    assert "\n[2001:db8:c::7]:40000 -> [2001:db8:1::1]:443 tcp: service None" in capsys.readouterr().out
+    assert str(dp.explained[-1].dst) == "2001:db8:1::1" and dp.explained[-1].dport == 443
+    assert ctl.main(["--socket", path, "add", "10.1.0.1:80", "2001:db8:2::9"]) == 0
+    assert ctl.main(["--socket", path, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "  -> 2001:db8:2::9" in out and "ipv6: forwarded 4 connections 2" in out
 
 
 def test_ctl_errors_are_one_line_and_exit_1(served: tuple[str, ControlPlane, FakeEngine], tmp_path: Path,
@@ -122,7 +129,11 @@ def test_ctl_errors_are_one_line_and_exit_1(served: tuple[str, ControlPlane, Fak
     assert ctl.main(["--socket", path, "drain", "10.1.0.1:http", "10.2.0.1"]) == 1
     assert "is not a service" in capsys.readouterr().err
     assert ctl.main(["--socket", path, "explain", "192.0.2.7", "10.1.0.1:80"]) == 1
-    assert capsys.readouterr().err == "rusty-rail ctl: client '192.0.2.7' is not IP:PORT\n"
+    assert capsys.readouterr().err == "rusty-rail ctl: client '192.0.2.7' is not IP:PORT or [IPv6]:PORT\n"
+    assert ctl.main(["--socket", path, "explain", "[2001:db8::7]:1", "10.1.0.1:80"]) == 1
+    assert "not of one family" in capsys.readouterr().err
+    assert ctl.main(["--socket", path, "add", "10.1.0.1:80", "2001:db8::zz"]) == 1
+    assert capsys.readouterr().err == "rusty-rail ctl: '2001:db8::zz' is not an IPv4 or IPv6 address\n"
     missing = str(tmp_path / "nothing.sock")
     assert ctl.main(["--socket", missing, "status"]) == 1
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
 import pytest
 
@@ -30,6 +30,7 @@ from tests.engine_netns import (
     is_icmp_protocol_unreachable,
     pending,
     ping,
+    tcp6,
     udp,
     wait_for,
 )
@@ -102,6 +103,43 @@ def test_forwards_exactly_what_the_processor_returns_and_host_traffic_still_work
     assert figures["tx_failed"] == 0 and figures["workers"] == 1
 
 
+def is_icmpv6_parameter_problem(frame: bytes) -> bool:
+    return len(frame) >= 55 and frame[12:14] == b"\x86\xdd" and frame[20] == 58 and frame[54] == 4
+
+
+def test_gre_over_ipv6_reaches_the_ring_not_the_host_and_ipv6_to_the_host_still_works(veth: VethPair) -> None:
+    v = veth
+    v.add_ipv6()
+    cap = v.peer_packet_socket()
+    inner = tcp6("2001:db8:c::1", "2001:db8:1::1", 40000, 443, b"x")
+    # Control: without the engine, the lb host answers GRE over IPv6 with ICMPv6 parameter problem (it
+    # has no ip6_gre module: next header 47 is unrecognised, RFC 8200 4).
+    cap.send(gre_frame(v.lb_mac, v.peer_mac, v.peer_ip6, v.lb_ip6, inner))
+    drain(cap, is_icmpv6_parameter_problem, 1)
+    with EngineProcess(v, processor=mark_and_swap) as engine:
+        frames = [gre_frame(v.lb_mac, v.peer_mac, v.peer_ip6, v.lb_ip6, inner + bytes([i])) for i in range(5)]
+        frames.append(gre_frame(v.lb_mac, v.peer_mac, v.peer_ip6, v.lb_ip6, ipv4("10.0.0.1", "10.1.0.1", 17, udp(1, 2, b"v4"))))
+        for f in frames:
+            cap.send(f)
+        want = [swapped(f) for f in frames]
+        assert drain(cap, lambda f: f[6:12] == v.lb_mac and f.endswith(b"OUT"), len(want)) == want
+        ping(v, v.peer_ns, v.lb_ip6)  # neighbour discovery and ping6 reach the host
+        with v.inside(v.lb_ns):
+            listener = socket.create_server((v.lb_ip6, 8080), family=socket.AF_INET6)
+        with v.inside(v.peer_ns):
+            client = socket.create_connection((v.lb_ip6, 8080), timeout=5)
+        server, _ = listener.accept()
+        client.sendall(b"hello6")
+        assert server.recv(6) == b"hello6"
+        for s in (client, server, listener):
+            s.close()
+        assert pending(cap, is_icmpv6_parameter_problem) == []
+        with v.inside(v.lb_ns):
+            assert hostfilter.dropped(v.lb_dev) == len(frames)
+        report = engine.stop()
+    assert report.counters.engine["rx_packets"] == len(frames), "the socket filter keeps ND, ping6 and TCP out"
+
+
 def test_replaces_a_leftover_table_and_removes_it_on_stop(veth: VethPair) -> None:
     v = veth
     table = hostfilter.table_name(v.lb_dev)
@@ -127,28 +165,35 @@ def mark_worker(balancer: Balancer) -> BlockProcessor:
 def test_fanout_keeps_each_flow_on_one_worker_and_spreads_flows(veth: VethPair) -> None:
     v = veth
     cap = v.peer_packet_socket()
+    v.add_ipv6()
     with EngineProcess(v, workers=2, processor=mark_worker) as engine:
         flows = [(f"10.0.{i // 200}.{i % 200 + 1}", "10.1.0.1", 40000 + i) for i in range(64)]
+        flows += [(f"2001:db8:c::{i + 1:x}", "2001:db8:1::1", 40000 + i) for i in range(32)]  # GRE over IPv6
         rounds = 4
         for r in range(rounds):
             for src, dst, sport in flows:
-                inner = ipv4(src, dst, 17, udp(sport, 80, bytes([r])))
-                cap.send(gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, inner))
-        got = drain(cap, from_lb(v), len(flows) * rounds, timeout=10)
+                if ":" in src:
+                    frame = gre_frame(v.lb_mac, v.peer_mac, v.peer_ip6, v.lb_ip6, tcp6(src, dst, sport, 443, bytes([r])))
+                else:
+                    frame = gre_frame(v.lb_mac, v.peer_mac, v.peer_ip, v.lb_ip, ipv4(src, dst, 17, udp(sport, 80, bytes([r]))))
+                cap.send(frame)
+        got = drain(cap, lambda f: from_lb(v)(f) or (f[6:12] == v.lb_mac and f[12:14] == b"\x86\xdd" and f[20] == 47),
+                    len(flows) * rounds, timeout=10)
         report = engine.stop()
     workers_of: dict[bytes, set[int]] = {}
     for f in got:
-        inner_src = f[14 + 24 + 12 : 14 + 24 + 16]
+        inner_src = f[14 + 24 + 12 : 14 + 24 + 16] if f[12:14] == b"\x08\x00" else f[14 + 44 + 8 : 14 + 44 + 24]
         workers_of.setdefault(inner_src, set()).add(int.from_bytes(f[-4:], "big"))
     assert len(workers_of) == len(flows)
     assert all(len(pids) == 1 for pids in workers_of.values()), "a flow moved between workers"
     assert len(set().union(*workers_of.values())) == 2, "flows were not spread over both workers"
+    assert len({next(iter(p)) for a, p in workers_of.items() if len(a) == 16}) == 2, "IPv6 flows on one worker"
     assert report.counters.engine["rx_packets"] == len(flows) * rounds, "each frame reached exactly one worker"
     assert report.counters.engine["workers"] == 2
 
 
 def catch_all(*backends: str) -> DataplaneState:
-    return StateBuilder(251).build({ServiceKey.catch_all(): {IPv4Address(b): 1 for b in backends}})
+    return StateBuilder(251).build({ServiceKey.catch_all(): {ip_address(b): 1 for b in backends}})
 
 
 def test_with_the_real_balancer_resolves_the_backend_and_forwards(veth: VethPair) -> None:
@@ -170,6 +215,8 @@ def test_with_the_real_balancer_resolves_the_backend_and_forwards(veth: VethPair
             c = engine.counters()
             return c if c.forwarded + c.drops["no_neighbour"] == sent[0] else None
 
+        with pytest.raises(RuntimeError, match="'lb0' has no global IPv6 address, and backend 2001:db8::9 is IPv6"):
+            engine.apply(catch_all(v.peer_ip, "2001:db8::9"))  # refused: it keeps serving the state it had
         out = wait_for(forwarded, timeout=10, interval=0.05)[0]
         assert out[30:34] == socket.inet_aton(v.peer_ip)  # outer destination: the backend
         assert out[26:30] == socket.inet_aton(v.lb_ip)  # outer source: the device's address
@@ -246,8 +293,15 @@ def test_missing_device_is_a_clear_error(veth: VethPair, workers: int) -> None:
             AfPacketEngine(EngineOptions("nosuchdev", workers=workers)).start()
         veth.ip(veth.lb_ns, "addr", "flush", "dev", veth.lb_dev)
         engine = AfPacketEngine(EngineOptions(veth.lb_dev, workers=workers))
-        with pytest.raises(EngineError, match="no IPv4 address"):
+        with pytest.raises(EngineError, match="has no IPv4 and no global IPv6 address"):
             engine.start()
         assert not engine.ready
+        engine.close()
+        # An address of one family is not enough for a backend of the other (docs/WIRE.md section 8).
+        veth.ip(veth.lb_ns, "-6", "addr", "add", "2001:db8:77::1/64", "dev", veth.lb_dev, "nodad")
+        engine = AfPacketEngine(EngineOptions(veth.lb_dev, workers=workers))
+        engine.apply(catch_all("2001:db8:77::2", "10.77.0.2"))
+        with pytest.raises(EngineError, match="'lb0' has no IPv4 address, and backend 10.77.0.2 is IPv4"):
+            engine.start()
         engine.close()
     assert "rusty_rail" not in veth.run(veth.lb_ns, "nft", "list", "tables").stdout, "nothing was installed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
+from ipaddress import IPv6Address
 
 import numpy as np
 import pytest
@@ -25,14 +26,19 @@ from rusty_rail.engines.afpacket.bulk import BULK_FROM, BulkProcessor, common_ca
 from rusty_rail.engines.afpacket.walker import RingWalker, decide_blocks
 from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import VethPair, checksum, drain, ipv4
-from tests.fixtures.golden import LB_ADDRESS, LB_MAC, TABLE_SIZE, fixtures, golden_balancer, golden_services
+from tests.fixtures.golden import LB_ADDRESS, LB_ADDRESS6, LB_MAC, TABLE_SIZE, fixtures, golden_balancer, golden_services
+from tests.frames6 import fragment_header, ipv6, options_header
 from tests.memory_ring import MemoryRing
 from tests.services import service
 from tests.test_golden_rings import golden_lb, gre_from_lb
 
-ROUTER_MAC, ROUTER = bytes.fromhex("020000000001"), "192.168.137.1"
+ROUTER_MAC, ROUTER, ROUTER6 = bytes.fromhex("020000000001"), "192.168.137.1", "2001:db8:137::1"
 POOL = ["10.2.0.1", "10.2.0.2", "10.2.0.3", "10.2.0.4"]
+POOL6 = ["2001:db8:2::1", "2001:db8:2::2"]
 VIP_WEB, VIP_DNS, VIP_DRAINED, VIP_NONE = "10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.9"
+VIP_MIXED = "10.1.0.4"  # an IPv4 VIP whose pool has an IPv6 backend: decided frame by frame
+VIP6, VIP6_NONE = "2001:db8:1::1", "2001:db8:1::9"
+MTU = 1400  # an IPv4 input near it, sent to an IPv6 backend, is OUTPUT_TOO_BIG
 
 
 class Twin:
@@ -111,13 +117,54 @@ def outer(inner: bytes, gre: bytes = b"\x00\x00\x08\x00", tail: bytes = b"") -> 
 LB_MAC_BYTES = mac_to_bytes(LB_MAC)
 
 
-def random_frame(rng: random.Random, flows: list[tuple[str, str, int, int, int]]) -> bytes:
-    """Mostly the common case over a few repeated flows; the rest, every kind decide() must handle."""
+def outer6(inner: bytes, gre: bytes = b"\x00\x00\x86\xdd", tail: bytes = b"") -> bytes:
+    """GRE over IPv6 (next header 47 directly after the fixed header)."""
+    return (LB_MAC_BYTES + ROUTER_MAC + b"\x86\xdd"
+            + ipv6(int(IPv6Address(ROUTER6)), int(IPv6Address(LB_ADDRESS6)), 47, gre + inner) + tail)
+
+
+def random_frame6(rng: random.Random, flows6: list[tuple[str, str, int, int, int]], l4: bytes, v4_inner: bytes) -> bytes:
+    """The IPv6 kinds, none of them the array path's: either outer family carrying either inner family,
+    extension headers, fragments, ICMPv6, neighbour discovery for the host, a malformed inner header."""
+    src, vip, proto, sport, dport = rng.choice(flows6)
+    s, d = int(IPv6Address(src)), int(IPv6Address(vip))
+    l4 = (tcp(sport, dport, payload=l4[20:]) if proto == 6 else udp(sport, dport, l4[8:]))
+    inner6 = ipv6(s, d, proto, l4, tc=rng.choice([0, 0xB8]), label=rng.randrange(1 << 20))
+    kind = rng.random()
+    if kind < 0.3:
+        return outer(inner6, gre=b"\x00\x00\x86\xdd")  # inner IPv6 in IPv4
+    if kind < 0.5:
+        return outer6(inner6, tail=bytes(rng.choice([0, 0, 4])))  # IPv6 in IPv6
+    if kind < 0.65:
+        return outer6(v4_inner, gre=b"\x00\x00\x08\x00")  # the common case's inner IPv4, over IPv6
+    if kind < 0.72:
+        return outer(ipv6(s, d, 0, options_header(60, 0) + options_header(proto, 1) + l4), gre=b"\x00\x00\x86\xdd")
+    if kind < 0.78:
+        more = rng.random() < 0.5
+        return outer6(ipv6(s, d, 44, fragment_header(proto, 0 if more else rng.randrange(1, 100), more, 7) + l4))
+    if kind < 0.82:
+        five = b"".join(options_header(60, 0) for _ in range(4)) + options_header(proto, 0)
+        return outer6(ipv6(s, d, 60, five + l4))  # a fifth extension header: INNER_EXT_HEADERS
+    if kind < 0.86:
+        return outer6(ipv6(s, d, 58, bytes((128, 0, 0, 0, 0, 1, 0, 1))))  # ICMPv6 echo inside GRE
+    if kind < 0.90:  # neighbour solicitation to the host: not GRE, passed
+        return LB_MAC_BYTES + ROUTER_MAC + b"\x86\xdd" + ipv6(int(IPv6Address(ROUTER6)), int(IPv6Address(LB_ADDRESS6)), 58, bytes((135, 0)) + bytes(22))
+    if kind < 0.94:
+        return outer6(inner6[:30])  # inner IPv6 cut short
+    return outer(ipv6(s, d, proto, l4 + bytes(1400)), gre=b"\x00\x00\x86\xdd")  # too big for an IPv6 backend: ok in IPv4
+
+
+def random_frame(rng: random.Random, flows: list[tuple[str, str, int, int, int]],
+                 flows6: list[tuple[str, str, int, int, int]] | None = None) -> bytes:
+    """Mostly the common case over a few repeated flows; the rest, every kind decide() must handle
+    (with `flows6`, IPv6 among them: a fifth of the frames)."""
     src, vip, proto, sport, dport = rng.choice(flows)
     body = bytes(rng.randrange(0, 40)) if rng.random() < 0.9 else bytes(rng.randrange(300, 1300))
     l4 = tcp(sport, dport, payload=body) if proto == 6 else udp(sport, dport, body)
     inner = bytearray(ipv4(src, vip, proto, l4, ident=rng.randrange(65536)))
     inner[1] = rng.choice([0, 0, 0xB8, 0x10])  # TOS: copied to the outer header
+    if flows6 and rng.random() < 0.2:
+        return random_frame6(rng, flows6, l4, bytes(inner))
     kind = rng.random()
     if kind < 0.75:
         return outer(bytes(inner), tail=bytes(rng.choice([0, 0, 6])))  # Ethernet padding: ignored
@@ -161,13 +208,16 @@ def services(table_size: int = 251, without: str | None = None) -> list[Service]
         service(ServiceKey.parse(f"{VIP_DNS}:53/udp"), pool[1:], table_size),
         service(ServiceKey(ServiceKey.parse(VIP_DNS).vip, ServiceProtocol.TCP), pool[:3], table_size),
         service(ServiceKey.parse(f"{VIP_DRAINED}:80"), pool[:2], table_size, {pool[0]: 0, pool[1]: 0}),
+        service(ServiceKey.parse(f"{VIP_MIXED}:80"), [pool[-1], POOL6[0]], table_size),
+        service(ServiceKey.parse(f"[{VIP6}]:443"), [*POOL6, pool[0]], table_size),
+        service(ServiceKey(ServiceKey.parse(VIP6).vip, ServiceProtocol.UDP), POOL6, table_size),
     ]
 
 
 def random_balancer(capacity: int) -> Balancer:
     connections = ConnectionTable(capacity, Timeouts(tcp=5, udp=2, other=1))
-    balancer = Balancer(LB_ADDRESS, LB_MAC_BYTES, services(), connections)
-    for i, backend in enumerate(POOL[:-1]):  # the last backend's next hop stays unknown: NO_NEIGHBOUR
+    balancer = Balancer(LB_ADDRESS, LB_MAC_BYTES, services(), connections, local_address6=LB_ADDRESS6, mtu=MTU)
+    for i, backend in enumerate(POOL[:-1] + POOL6):  # the last IPv4 backend's next hop stays unknown: NO_NEIGHBOUR
         balancer.set_neighbour(backend, bytes((2, 0, 0, 0, 2, i)))
     return balancer
 
@@ -176,12 +226,17 @@ def random_balancer(capacity: int) -> Balancer:
 def test_random_blocks_give_what_decide_gives(seed: int) -> None:
     """Mixed good and bad frames over repeated flows, a table small enough to evict, time passing past
     the timeouts, a backend leaving half-way (entries naming it are rewritten), and several retired
-    blocks taken together."""
+    blocks taken together; IPv6 frames of every kind among them (never the array path's), and an IPv4
+    service whose pool has an IPv6 backend."""
     rng = random.Random(seed)
-    served = [(VIP_WEB, 6, 80), (VIP_WEB, 6, 443), (VIP_DNS, 17, 53), (VIP_DNS, 6, 8080), (VIP_DRAINED, 6, 80)]
+    served = [(VIP_WEB, 6, 80), (VIP_WEB, 6, 443), (VIP_DNS, 17, 53), (VIP_DNS, 6, 8080), (VIP_DRAINED, 6, 80),
+              (VIP_MIXED, 6, 80)]
     unserved = [(VIP_WEB, 17, 80), (VIP_NONE, 6, 80)]
     flows = [(f"10.0.{rng.randrange(4)}.{rng.randrange(1, 250)}", vip, proto, rng.randrange(1024, 65536), port)
              for vip, proto, port in (rng.choice(served if rng.random() < 0.9 else unserved) for _ in range(60))]
+    served6, unserved6 = [(VIP6, 6, 443), (VIP6, 17, 53)], [(VIP6, 6, 80), (VIP6_NONE, 6, 443)]
+    flows6 = [(f"2001:db8:c::{rng.randrange(1, 0xFFFF):x}", vip, proto, rng.randrange(1024, 65536), port)
+              for vip, proto, port in (rng.choice(served6 if rng.random() < 0.9 else unserved6) for _ in range(30))]
     capacity = rng.choice([8, 40, 1000])
     twin = Twin(lambda: random_balancer(capacity))
     try:
@@ -190,13 +245,35 @@ def test_random_blocks_give_what_decide_gives(seed: int) -> None:
             if block == 20:
                 for balancer, _ in twin.sides:
                     balancer.set_services(services(without=POOL[0]))
-            frames = [random_frame(rng, flows) for _ in range(rng.randrange(3, 120))]
+            frames = [random_frame(rng, flows, flows6) for _ in range(rng.randrange(3, 120))]
             bulk, per_frame = twin.run(frames, now, blocks=rng.choice([1, 1, 2, 3]))
             assert bulk == per_frame, f"block {block}"
             twin.assert_same_state()
             now += rng.choice([0.0, 0.1, 0.5, 1.5, 3.0])
         counters = twin.bulk_balancer.counters()
         assert twin.bulk.bulk_frames > 0 and counters["connection_evictions"] + counters["drop_no_neighbour"] > 0
+        assert counters["forwarded_ipv6"] > 0 and twin.bulk_balancer.connections.ipv6 > 0, counters
+    finally:
+        twin.close()
+
+
+def test_ipv6_frames_and_pools_with_ipv6_backends_are_decided_frame_by_frame() -> None:
+    """The array path is IPv4 over IPv4 to IPv4 backends only: a block of GRE over IPv6, inner IPv6, and
+    inner IPv4 to a pool with an IPv6 backend takes none of it, and gives what decide() gives."""
+    twin = Twin(lambda: random_balancer(1000))
+    try:
+        rng = random.Random(5)
+        v4 = [ipv4("10.0.0.1", VIP_WEB, 6, tcp(1000 + i, 80)) for i in range(20)]
+        flows6 = [("2001:db8:c::1", VIP6, 6, 40000 + i, 443) for i in range(20)]
+        frames = ([outer6(p, gre=b"\x00\x00\x08\x00") for p in v4]
+                  + [random_frame6(rng, flows6, tcp(1, 2), v4[0]) for _ in range(60)]
+                  + [outer(ipv4("10.0.0.1", VIP_MIXED, 6, tcp(2000 + i, 80))) for i in range(20)])
+        bulk, per_frame = twin.run(frames, now=1.0)
+        assert bulk == per_frame and len(bulk) > 60
+        twin.assert_same_state()
+        assert twin.bulk.bulk_frames == 0 and twin.bulk_balancer.counters()["forwarded_ipv6"] > 0
+        bulk, per_frame = twin.run([outer(p) for p in v4], now=1.0)  # IPv4 all the way: the arrays
+        assert bulk == per_frame and twin.bulk.bulk_frames == len(v4)
     finally:
         twin.close()
 

@@ -206,3 +206,22 @@ def test_forwards_the_device_did_not_send_are_not_forwarded() -> None:
     engine._refusals = cast(TxRefusals, Refusals())
     total = engine._with_device(c)
     assert (total.forwarded, total.drops["tx_refused"], total.drops["tx_failed"]) == (len(CLIENTS) - 8, 7, 1)
+
+
+def test_forwards_per_family_never_exceed_the_forwards() -> None:
+    """A failed or refused send is not traced to its family (docs/WIRE.md section 9): the IPv6 figure is
+    capped at `forwarded`, so IPv4's (the difference) is never negative."""
+    balancer = Balancer(LB_ADDRESS, b"\x02" * 6, (), local_address6="2001:db8::11")
+    balancer.forwarded = balancer.forwarded6 = 5  # five IPv6 forwards decided
+    balancer.count_drop(DropReason.TX_FAILED)
+    c = LocalBalancer(balancer).counters()
+    assert (c.forwarded, c.forwarded_ipv6) == (4, 4)
+
+    class Refusals:
+        def read(self) -> int:
+            return 3
+
+    engine = AfPacketEngine(EngineOptions("lb0"))
+    engine._refusals = cast(TxRefusals, Refusals())
+    total = engine._with_device(c)
+    assert (total.forwarded, total.forwarded_ipv6, total.drops["tx_refused"]) == (1, 1, 3)

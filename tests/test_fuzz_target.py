@@ -41,3 +41,4 @@ def test_fuzz_slice_parsers_and_engines_agree() -> None:
         target.close()
     counters = target.balancer.counters()
     assert counters["forwarded"] > 100 and counters["passed"] > 50  # the slice reached both ends
+    assert counters["forwarded_ipv6"] > 50, counters  # and the IPv6 paths

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
 import pytest
 
 from rusty_rail.core.verdict import Action
@@ -17,7 +19,7 @@ def test_golden_fixture(fx) -> None:
         assert verdict.reason == fx.reason
         assert balancer.drops[fx.reason] == 1
     if fx.action == Action.FORWARD:
-        assert str(__import__("ipaddress").IPv4Address(verdict.backend)) == fx.backend
+        assert str(ip_address(verdict.backend)) == fx.backend
         assert verdict.frame.hex() == fx.output.hex()
 
 

@@ -1,8 +1,9 @@
 """The golden fixtures through the AF_PACKET engine's real rings, on a veth pair (as GLB Director runs one
 suite over both its data planes).
 
-The lb side of the pair becomes the golden balancer: LB_MAC, LB_ADDRESS, a route to the backends out of
-its device and permanent neighbour entries giving each backend its golden MAC. The peer sends each
+The lb side of the pair becomes the golden balancer: LB_MAC, LB_ADDRESS and LB_ADDRESS6, routes to the
+backends of both families out of its device and permanent neighbour entries giving each backend its
+golden MAC. The peer sends each
 fixture's frame and then a sentinel (the first fixture, a known forward); the engine's counters say when
 both were handled, and the frames that came back say what was sent:
 
@@ -28,8 +29,9 @@ from rusty_rail.engines.afpacket.walker import BlockProcessor
 from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import VethPair, drain, pending, wait_for
 from tests.fixtures.golden import (
-    BACKENDS,
+    ALL_BACKENDS,
     LB_ADDRESS,
+    LB_ADDRESS6,
     LB_MAC,
     TABLE_SIZE,
     Golden,
@@ -45,15 +47,19 @@ def golden_lb(v: VethPair) -> None:
     v.ip(v.lb_ns, "link", "set", v.lb_dev, "address", LB_MAC)
     v.ip(v.lb_ns, "addr", "flush", "dev", v.lb_dev)
     v.ip(v.lb_ns, "addr", "add", f"{LB_ADDRESS}/24", "dev", v.lb_dev)
+    v.ip(v.lb_ns, "-6", "addr", "add", f"{LB_ADDRESS6}/64", "dev", v.lb_dev, "nodad")
     v.ip(v.lb_ns, "route", "add", "10.2.0.0/24", "dev", v.lb_dev)
-    for backend, mac in BACKENDS.items():
+    v.ip(v.lb_ns, "-6", "route", "add", "2001:db8:2::/64", "dev", v.lb_dev)
+    for backend, mac in ALL_BACKENDS.items():
         v.ip(v.lb_ns, "neigh", "replace", backend, "lladdr", mac, "dev", v.lb_dev, "nud", "permanent")
 
 
 def gre_from_lb(frame: bytes) -> bool:
-    """Any GRE frame that reached the peer (the peer's socket ignores its own sends). The lb host's stack
-    sends no GRE, so this is everything the engine sent, right or wrong; its ARP or ICMP answers to the
-    PASS fixtures are not GRE."""
+    """Any GRE frame, over IPv4 or IPv6, that reached the peer (the peer's socket ignores its own sends).
+    The lb host's stack sends no GRE, so this is everything the engine sent, right or wrong; its ARP,
+    ICMP or neighbour discovery answers to the PASS fixtures are not GRE."""
+    if frame[12:14] == b"\x86\xdd":
+        return len(frame) >= 54 and frame[20] == 47
     return len(frame) >= 34 and frame[12:14] == b"\x08\x00" and frame[23] == 47
 
 

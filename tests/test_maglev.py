@@ -101,6 +101,14 @@ def test_order_of_input_does_not_matter() -> None:
     assert list(build_table(backends).slots) == list(build_table(list(reversed(backends))).slots)
 
 
+def test_mixed_families_in_canonical_order_match_the_oracle() -> None:
+    backends = ["2001:db8:2::2", "10.2.0.2", "2001:db8:2::1", "10.2.0.1"]
+    table = build_table(backends, size=251)
+    assert [str(b) for b in table.backends] == ["10.2.0.1", "10.2.0.2", "2001:db8:2::1", "2001:db8:2::2"]
+    assert [str(table.backends[i]) for i in table.slots] == oracle_maglev(backends, 251)
+    assert build_table(list(reversed(backends)), size=251) == table  # tables equal by value (slots an array)
+
+
 def test_same_table_in_another_process_with_another_hash_seed() -> None:
     code = (
         "import json; from rusty_rail.core.maglev import build_table; "

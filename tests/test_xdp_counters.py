@@ -11,10 +11,11 @@ tests/test_xdp_engine.py. Needs root (loading BPF).
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import time
 from collections import Counter
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
 import pytest
 
@@ -67,7 +68,7 @@ def run(reference: Balancer, x: XdpProgram, frame: bytes, expected: Expected, se
         return None
     assert out == verdict.frame
     expected.add(service, frame, out)
-    return str(IPv4Address(out[30:34]))
+    return str(ip_address(out[30:34] if out[12:14] == b"\x08\x00" else out[38:54]))
 
 
 def nonzero(figures: dict) -> dict:
@@ -85,7 +86,7 @@ def assert_figures(reference: Balancer, x: XdpProgram, expected: Expected) -> No
 def assert_connections(reference: Balancer, x: XdpProgram) -> None:
     total, flows = counters.connection_summary(x)
     assert total == len(reference.connections)
-    by_service = Counter((reference.pool_for(k).service.key, IPv4Address(b)) for k, b in reference.connections.items())
+    by_service = Counter((reference.pool_for(k).service.key, ip_address(b)) for k, b in reference.connections.items())
     assert flows == dict(by_service)
 
 
@@ -273,7 +274,7 @@ def test_connection_summary_counts_and_limit(clean) -> None:
     assert counters.connection_summary(x, flow_limit=3000)[1] is not None
     unwalked = counters.read(x, True, walk=False)
     assert (unwalked.connections, unwalked.flows, unwalked.forwarded) == (0, None, counters.read(x, True).forwarded)
-    chunks = list(libbpf.map_lookup_batches(x.fds[m.MAP_CONNS], 16, 16, chunk=256))
+    chunks = list(libbpf.map_lookup_batches(x.fds[m.MAP_CONNS], 16, ctypes.sizeof(m.RrConn), chunk=256))
     assert len(chunks) > 1 and sum(n for n, _, _ in chunks) == 3000
     assert len({keys[i : i + 16] for _, keys, _ in chunks for i in range(0, len(keys), 16)}) == 3000  # none twice
 
@@ -344,3 +345,26 @@ def test_connection_evictions_baseline_of_a_reused_table() -> None:
             flood(second, reference, 1000, 500)
             assert counters.named(second)["conn_insert"] == 500
             assert counters.connection_evictions(second) == 500 + live - counters.connection_summary(second)[0] > 0
+
+
+def test_both_families_entries_per_service_and_forwards_per_family() -> None:
+    """The golden fixtures (IPv4 and IPv6 flows, IPv6 and mixed services): rr_conns and rr_conns6 are
+    walked into entries per (service, backend) as the Python table's, and a device refusal comes off
+    `forwarded` without pushing `forwarded_ipv6` above it (docs/WIRE.md section 9)."""
+    from tests.fixtures.golden import fixtures, golden_balancer
+
+    reference = golden_balancer()
+    with XdpProgram(table_size=65537, conn_capacity=1 << 12, max_services=4) as x:
+        mirror(x, reference)
+        for fx in fixtures():
+            verdict = reference.decide(fx.frame, now=time.monotonic())
+            action, out = x.test_run(fx.frame)
+            assert action == VERDICT[verdict.action] and (action != XdpAction.TX or out == verdict.frame)
+        assert reference.connections.ipv6 > 0 and len(reference.connections) > reference.connections.ipv6
+        assert_connections(reference, x)
+        c = counters.read(x, True)
+        assert (c.forwarded, c.forwarded_ipv6) == (reference.forwarded, reference.forwarded6)
+        assert c.connections_ipv6 == reference.connections.ipv6
+        refused = c.forwarded - c.forwarded_ipv6 + 1  # more than the IPv4 forwards: some IPv6 ones too
+        r = counters.read(x, True, refused=refused)
+        assert (r.forwarded, r.forwarded_ipv6, r.drops["tx_refused"]) == (c.forwarded_ipv6 - 1, c.forwarded_ipv6 - 1, refused)

@@ -1,9 +1,11 @@
 """Differential property test: the XDP program (BPF_PROG_TEST_RUN) against the Python core.
 
 Hypothesis generates lists of frames (valid GRE-wrapped TCP/UDP/ICMP/fragments with random tuples and
-GRE options and checksums, then malformed ones: truncations, bit flips, byte overwrites, random bytes)
-plus a backend-set / neighbour change in the middle of each list. Both serve the environment form (one
-catch-all service; tests/test_xdp_services.py runs services with VIPs the same way). Every frame goes to
+GRE options and checksums, over IPv4 or IPv6, carrying IPv4 or IPv6 (extension headers, fragments,
+ICMPv6 errors: tests/frames6.py), then malformed ones: truncations, bit flips, byte overwrites, random
+bytes) plus a backend-set / neighbour change in the middle of each list. Backends are of both families
+(mixed pools), and some examples run with a small MTU (OUTPUT_TOO_BIG). Both serve the environment
+form (one catch-all service; tests/test_xdp_services.py runs services with VIPs the same way). Every frame goes to
 both `Balancer.decide` and `XdpProgram.test_run`, which hold the same table, neighbours and (because both
 start empty and see the same frames) the same connection table. Per frame: the verdict and the output
 bytes must agree. Per example: every counter (forwarded, passed, each drop reason) must agree, which
@@ -18,7 +20,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import Counter
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +30,7 @@ from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.verdict import Action, DropReason
 from rusty_rail.engines.xdp import XdpProgram, counters, default_object_path
 from rusty_rail.engines.xdp import maps as m
+from tests.frames6 import ROUTER6, inner_packet6, outer6
 from tests.services import catch_all
 from tests.xdp_support import VERDICT, mirror
 
@@ -40,8 +43,12 @@ FRAMES_PER_EXAMPLE = 12
 EXAMPLES = 850  # 10,200 frames
 TABLE_SIZE = 61  # prime; small so that a rebuild per example costs microseconds, not milliseconds
 LB_ADDRESS = "192.168.137.11"
+LB_ADDRESS6 = "2001:db8:137::11"
 LB_MAC = bytes.fromhex("020000000011")
 POOL = {f"10.2.0.{i}": bytes.fromhex(f"0200000002{i:02x}") for i in range(1, 6)}
+POOL6 = {f"2001:db8:2::{i}": bytes.fromhex(f"0200000006{i:02x}") for i in range(1, 4)}
+MIXED = {**POOL, **POOL6}
+MTUS = st.sampled_from([1500, 1500, 1500, 96])  # 96: most IPv6 outputs are OUTPUT_TOO_BIG
 CLIENTS = ["10.0.0.1", "10.0.0.2", "10.0.3.77"]
 VIPS = ["10.1.0.1", "10.1.0.2"]
 
@@ -136,12 +143,13 @@ def inner_packet(draw) -> bytes:
 
 @st.composite
 def gre_frame(draw) -> bytes:
-    """Ethernet | outer IPv4 (proto 47, correct checksum) | GRE with optional C/K/S | inner | padding."""
-    inner = draw(inner_packet())
+    """Ethernet | outer IPv4 (proto 47, correct checksum) or IPv6 (next header 47) | GRE with optional
+    C/K/S | inner IPv4 or IPv6 | padding."""
+    inner = draw(st.one_of(inner_packet(), inner_packet6()))
     c, k, s = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
     ignored = draw(st.integers(0, 0x7F)) << 3 if draw(st.integers(0, 3)) == 0 else 0  # bits 6-12
     flags = (c << 15) | (k << 13) | (s << 12) | ignored
-    header = struct.pack("!HH", flags, 0x0800)
+    header = struct.pack("!HH", flags, 0x86DD if inner[0] >> 4 == 6 else 0x0800)
     fields = b""
     if c:
         fields += b"\0\0\0\0"
@@ -152,6 +160,9 @@ def gre_frame(draw) -> bytes:
     gre = header + fields + inner
     if c:
         gre = gre[:4] + csum(gre).to_bytes(2, "big") + gre[6:]
+    if draw(st.booleans()):
+        outer = outer6(int(IPv6Address(ROUTER6)), int(IPv6Address(LB_ADDRESS6)), gre, tc=draw(st.integers(0, 255)))
+        return LB_MAC + bytes.fromhex("020000000001") + b"\x86\xdd" + outer + draw(st.binary(max_size=8))
     outer = ipv4(draw(addresses), addr(LB_ADDRESS), 47, gre, tos=draw(st.integers(0, 255)),
                  ident=draw(st.integers(0, 0xFFFF)), frag=draw(st.sampled_from([0, 0x4000])),
                  ttl=draw(st.integers(1, 255)))
@@ -189,7 +200,7 @@ def malformed(draw) -> bytes:
 
 
 frames = st.one_of(gre_frame(), gre_frame(), malformed(), malformed(), malformed())
-some_backends = st.sets(st.sampled_from(sorted(POOL)), min_size=1)
+some_backends = st.sets(st.sampled_from(sorted(MIXED)), min_size=1)
 # Hypothesis favours the simplest choice, and an empty set starves the forward path: only the change
 # in the middle of an example may remove every backend (NO_BACKEND).
 backend_sets = st.one_of(some_backends, st.just(set()))
@@ -197,13 +208,13 @@ backend_sets = st.one_of(some_backends, st.just(set()))
 
 @st.composite
 def scenario(draw):
-    """(backends, unresolved, frames, (change_at, new backends, new unresolved))."""
+    """(backends, unresolved, frames, (change_at, new backends, new unresolved), MTU)."""
     before = draw(some_backends)
-    unresolved = draw(st.sets(st.sampled_from(sorted(POOL)), max_size=1))
+    unresolved = draw(st.sets(st.sampled_from(sorted(MIXED)), max_size=1))
     batch = draw(st.lists(frames, min_size=FRAMES_PER_EXAMPLE, max_size=FRAMES_PER_EXAMPLE))
     change = (draw(st.integers(0, FRAMES_PER_EXAMPLE)), draw(backend_sets),
-              draw(st.sets(st.sampled_from(sorted(POOL)), max_size=1)))
-    return before, unresolved, batch, change
+              draw(st.sets(st.sampled_from(sorted(MIXED)), max_size=1)))
+    return before, unresolved, batch, change, draw(MTUS)
 
 
 # -- the test ----------------------------------------------------------------------------------------
@@ -211,31 +222,41 @@ def scenario(draw):
 
 def configure(reference: Balancer, x: XdpProgram, backends: set[str], unresolved: set[str]) -> None:
     reference.set_services([catch_all(sorted(backends), TABLE_SIZE)])
-    for b, mac in POOL.items():
+    for b, mac in MIXED.items():
         reference.set_neighbour(b, None if b in unresolved else mac)
     mirror(x, reference)
 
 
 def python_counters(reference: Balancer) -> list[int]:
     out = [0] * m.STAT_MAX
-    out[m.STAT_FORWARDED] = reference.forwarded
+    out[m.STAT_FORWARDED] = reference.forwarded - reference.forwarded6  # rr_stats counts by family
+    out[m.STAT_FORWARDED_IPV6] = reference.forwarded6
     out[m.STAT_PASSED] = reference.passed
     for reason in DropReason:
         out[int(reason)] = reference.drops[reason]
     return out
 
 
+def is_ipv6(frame: bytes) -> bool:
+    """An IPv6 outer header, or GRE (after a base header) naming an IPv6 inner packet."""
+    if frame[12:14] == b"\x86\xdd":
+        return True
+    return len(frame) >= 38 and frame[12:14] == b"\x08\x00" and frame[36:38] == b"\x86\xdd"
+
+
 def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
     seen: Counter[str] = Counter()
+    ipv6_frames = 0
     with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 16, max_services=1) as x:
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(scenario())
         def check(case) -> None:
-            backends, unresolved, batch, (change_at, after, after_unresolved) = case
+            nonlocal ipv6_frames
+            backends, unresolved, batch, (change_at, after, after_unresolved), mtu = case
             # Fresh state per example, so Hypothesis can replay and shrink it.
-            reference = Balancer(LB_ADDRESS, LB_MAC)
+            reference = Balancer(LB_ADDRESS, LB_MAC, local_address6=LB_ADDRESS6, mtu=mtu)
             x.clear_connections()
             counters.reset(x)
             configure(reference, x, backends, unresolved)
@@ -244,6 +265,7 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
                     configure(reference, x, after, after_unresolved)
                 verdict = reference.decide(frame, now=time.monotonic())
                 seen[verdict.action.name if verdict.action != Action.DROP else verdict.reason.name] += 1
+                ipv6_frames += is_ipv6(frame)
                 if len(frame) < 14:  # the kernel refuses runts (EINVAL); the contract says PASS
                     assert verdict.action == Action.PASS
                     reference.passed -= 1  # not seen by the program: keep the counters comparable
@@ -262,9 +284,12 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
 
         check()
     total = sum(seen.values())
+    print(f"differential: {total} frames, {ipv6_frames} of them IPv6; {dict(seen)}")
     assert total >= 10_000, total
+    assert ipv6_frames >= total / 3, (ipv6_frames, total)
     # The generator must reach the forward path, the host path and most drop reasons.
     assert seen["FORWARD"] > 1000 and seen["PASS"] > 100, seen
     reached = {r.name for r in DropReason} & set(seen)
     unreachable = {"NO_SERVICE", "TX_FAILED", "TX_REFUSED"}  # no engine produces these from a frame alone
+    assert {"INNER_EXT_HEADERS", "OUTPUT_TOO_BIG"} <= reached, seen
     assert len(reached) >= len(DropReason) - len(unreachable) - 1, (sorted(reached), seen)

@@ -206,13 +206,15 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
         assert c.forwarded == 30 and c.connections == 30 and c.connection_evictions == 0
         assert dict(c.backends) == python.backend_figures()
         assert dict(c.flows) == {key: n for key, (n, _) in python.backend_figures().items() if n}
+        with pytest.raises(ValueError, match="'lb0' has no global IPv6 address, and backend 2001:db8::9 is IPv6"):
+            engine.apply(catch_all_state([*BACKENDS, "2001:db8::9"], 251))  # refused: the maps stay as they were
         assert c.drops["no_service"] == 0 and set(c.drops) == {"outer_bad_ihl", "outer_options", "outer_bad_length",
                                                                 "outer_bad_checksum", "outer_fragment", "gre_truncated",
                                                                 "gre_version", "gre_reserved", "gre_checksum",
                                                                 "gre_protocol", "inner_truncated", "inner_version",
                                                                 "inner_bad_ihl", "inner_bad_length", "no_backend",
                                                                 "no_neighbour", "no_service", "tx_failed",
-                                                                "tx_refused"}
+                                                                "tx_refused", "inner_ext_headers", "output_too_big"}
         assert c.drops["tx_refused"] == 0  # the peer runs XDP_PASS: native XDP_TX delivers
         for f in frames:
             inner = f[38:]
@@ -249,7 +251,7 @@ def test_handover_keeps_the_program_and_the_flows(pair, pin_root) -> None:
     assert report.handed_over and attached_id(pair) == old_id
     with in_netns(pair.lb_ns):
         directory = handover_dir(pair.lb_dev, pin_root)
-    assert sorted(os.listdir(directory)) == ["rr_backends", "rr_conns"]
+    assert sorted(os.listdir(directory)) == ["rr_backends", "rr_conns", "rr_conns6"]
     assert send(pair, gre_frames(pair, 3, first=31000))  # the old program still forwards, on its own
 
     # The successor lists the backends the other way round and one more: the indices stay the old ones.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+from ipaddress import IPv6Address
 import subprocess
 from pathlib import Path
 
@@ -25,7 +26,9 @@ CONSTANTS = {
     "RR_STAT_CONN_HIT": m.STAT_CONN_HIT,
     "RR_STAT_CONN_NEW": m.STAT_CONN_NEW,
     "RR_STAT_CONN_INSERT": m.STAT_CONN_INSERT,
+    "RR_STAT_FORWARDED_IPV6": m.STAT_FORWARDED_IPV6,
     "RR_STAT_MAX": m.STAT_MAX,
+    "RR_EXT_HEADERS": m.EXT_HEADERS,
     "RR_MAX_BACKENDS": m.MAX_BACKENDS,
     "RR_DEFAULT_TABLE_SIZE": m.DEFAULT_TABLE_SIZE,
     "RR_DEFAULT_CONNS": m.DEFAULT_CONNS,
@@ -104,6 +107,32 @@ def test_service_lookup_entries_are_the_c_key() -> None:
     assert key.proto == 6 and key.fragment == 1
 
 
+def test_ipv6_keys_and_entries_are_the_c_keys() -> None:
+    from ipaddress import IPv6Address
+
+    from tests.oracle import oracle_key
+
+    key = oracle_key("2001:db8::1", "2001:db8:1::1", 17, 5353, 53)
+    mirror = m.flow_key_from_bytes(key)
+    assert isinstance(mirror, m.RrFlowKey6) and bytes(mirror) == key
+    assert bytes(mirror.dst) == IPv6Address("2001:db8:1::1").packed and mirror.proto == 17
+    entry = ServiceKey(IPv6Address("2001:db8:1::1"), ServiceProtocol.UDP, 53).entry()
+    assert len(entry) == ctypes.sizeof(m.RrServiceKey6) == m.KEY_SIZES[m.MAP_SERVICES6] == 20
+    assert bytes(m.RrServiceKey6.from_buffer_copy(entry).port) == (53).to_bytes(2, "big")
+
+
+def test_backend_identities_are_distinct_and_invertible() -> None:
+    from rusty_rail.core.address import address_int
+
+    for text in ("10.2.0.1", "2001:db8:2::1", "64:ff9b::a02:1"):
+        n = address_int(text)
+        assert m.from_identity(m.identity(n)) == n
+        backend = m.make_backend(n, b"\x02" * 6)
+        assert bytes(backend.addr) == m.identity(n) and backend.ipv6 == (":" in text)
+    assert m.identity("10.2.0.1") == IPv6Address("::ffff:10.2.0.1").packed
+
+
 def test_key_sizes_are_the_structs() -> None:
     assert m.KEY_SIZES[m.MAP_CONNS] == ctypes.sizeof(m.RrFlowKey) == 16
+    assert m.KEY_SIZES[m.MAP_CONNS6] == ctypes.sizeof(m.RrFlowKey6) == 40
     assert set(m.KEY_SIZES) == set(m.MAPS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 from hypothesis import given, settings
@@ -22,25 +22,27 @@ from rusty_rail.engines.xdp import maps as m
 from rusty_rail.engines.xdp.planner import Desired, IndexAllocator, MapImage, Write, adopt, plan
 
 TABLE_SIZE = 13
-LB, LB_MAC = IPv4Address("192.168.137.11"), bytes.fromhex("020000000011")
-POOL = [f"10.2.0.{i}" for i in range(1, 7)]
-MACS = {int(IPv4Address(b)): bytes.fromhex(f"0200000002{i:02x}") for i, b in enumerate(POOL, 1)}
+LB, LB6, LB_MAC = IPv4Address("192.168.137.11"), IPv6Address("2001:db8:137::11"), bytes.fromhex("020000000011")
+POOL = [f"10.2.0.{i}" for i in range(1, 5)] + ["2001:db8:2::1", "2001:db8:2::2"]  # mixed, as pools may be
+MACS = {int(ip_address(b)): bytes.fromhex(f"0200000002{i:02x}") for i, b in enumerate(POOL, 1)}
 CATCH_ALL = ServiceKey.catch_all()
 TCP, UDP = ServiceProtocol.TCP, ServiceProtocol.UDP
 KEYS = [CATCH_ALL, ServiceKey(IPv4Address("10.1.0.1"), TCP, 80), ServiceKey(IPv4Address("10.1.0.1"), TCP, 443),
-        ServiceKey(IPv4Address("10.1.0.1"), UDP, 0), ServiceKey(IPv4Address("10.1.0.2"))]
+        ServiceKey(IPv4Address("10.1.0.1"), UDP, 0), ServiceKey(IPv4Address("10.1.0.2")),
+        ServiceKey(IPv6Address("2001:db8:1::1"), TCP, 443), ServiceKey(IPv6Address("2001:db8:1::1"))]
 VALUE_SIZES = {m.MAP_CONFIG: ctypes.sizeof(m.RrConfig), m.MAP_BACKENDS: ctypes.sizeof(m.RrBackend), m.MAP_MAGLEV: 4,
-               m.MAP_SERVICES: ctypes.sizeof(m.RrService), m.MAP_MEMBERS: 8,
-               m.MAP_BACKEND_STATS: ctypes.sizeof(m.RrBackendStats)}
+               m.MAP_SERVICES: ctypes.sizeof(m.RrService), m.MAP_SERVICES6: ctypes.sizeof(m.RrService),
+               m.MAP_MEMBERS: 8, m.MAP_BACKEND_STATS: ctypes.sizeof(m.RrBackendStats)}
+SERVICE_MAPS = (m.MAP_SERVICES, m.MAP_SERVICES6)
 
 
 def state(wanted: dict[ServiceKey, dict[str, int]], builder: StateBuilder | None = None) -> DataplaneState:
     builder = builder or StateBuilder(TABLE_SIZE)
-    return builder.build({k: {IPv4Address(b): w for b, w in v.items()} for k, v in wanted.items()})
+    return builder.build({k: {ip_address(b): w for b, w in v.items()} for k, v in wanted.items()})
 
 
 def desired(s: DataplaneState, macs=MACS) -> Desired:
-    return Desired(s, LB, LB_MAC, macs)
+    return Desired(s, LB, LB_MAC, macs, local_address6=LB6, mtu=1400)
 
 
 def empty(max_services: int = 4) -> MapImage:
@@ -58,7 +60,7 @@ class Maps:
         n = len(w.key) // k
         assert n * k == len(w.key) and n >= 1
         if w.value is None:
-            assert n == 1 and w.map == m.MAP_SERVICES  # only hash entries are deleted
+            assert n == 1 and w.map in SERVICE_MAPS  # only hash entries are deleted
             del self.maps[w.map][w.key]
             return
         v = VALUE_SIZES[w.map]
@@ -83,9 +85,10 @@ class Maps:
         cfg = self.config()
         if cfg is not None and cfg.catch_all:
             out[cfg.catch_all - 1] = cfg.catch_all_size
-        for raw in self.maps[m.MAP_SERVICES].values():
-            value = m.RrService.from_buffer_copy(raw)
-            out[value.index] = value.table_size
+        for name in SERVICE_MAPS:
+            for raw in self.maps[name].values():
+                value = m.RrService.from_buffer_copy(raw)
+                out[value.index] = value.table_size
         return out
 
     def table(self, index: int, size: int) -> list[int]:
@@ -113,14 +116,17 @@ class Maps:
         index_of = image.backend_index
         matcher = ServiceMatcher(services)
         cfg = self.config()
-        assert cfg is not None and cfg.named_services == matcher.named and cfg.table_stride == TABLE_SIZE
+        assert cfg is not None and cfg.table_stride == TABLE_SIZE and cfg.mtu == 1400
+        assert (cfg.named_services, cfg.named_services6) == (matcher.named4, matcher.named6)
         assert bytes(cfg.local_addr) == LB.packed and bytes(cfg.local_mac) == LB_MAC
+        assert bytes(cfg.local_addr6) == LB6.packed
         if matcher.catch_all is None:
             assert cfg.catch_all == 0
         else:
             assert cfg.catch_all == 1 + image.service_index[CATCH_ALL]
             assert cfg.catch_all_size == len(matcher.catch_all.table.slots)
-        got = {k: m.RrService.from_buffer_copy(v) for k, v in self.maps[m.MAP_SERVICES].items()}
+        got = {k: m.RrService.from_buffer_copy(v) for name in SERVICE_MAPS for k, v in self.maps[name].items()}
+        assert all(len(k) == m.KEY_SIZES[name] for name in SERVICE_MAPS for k in self.maps[name])
         assert {k: (v.index, v.table_size) for k, v in got.items()} == {
             entry: (image.service_index[s.key], len(s.table.slots)) for entry, s in matcher.entries.items()}
         for key, service in services.items():
@@ -133,7 +139,7 @@ class Maps:
         assert in_use == {index_of[a] for a in wanted} and set(index_of) == wanted
         for a in wanted:
             entry = self.backend(index_of[a])
-            assert int(IPv4Address(bytes(entry.addr))) == a
+            assert m.from_identity(bytes(entry.addr)) == a and entry.ipv6 == (ip_address(a).version == 6)
             assert (bytes(entry.mac) if entry.has_mac else None) == d.macs.get(a)
 
 
@@ -176,7 +182,7 @@ def test_environment_form_is_one_catch_all_without_lookup_entries() -> None:
     assert not maps.maps[m.MAP_SERVICES] and not any(w.map == m.MAP_SERVICES for w in writes)
     cfg = maps.config()
     assert (cfg.named_services, cfg.catch_all, cfg.catch_all_size) == (0, 1, TABLE_SIZE)
-    assert image.backend_index == {int(IPv4Address(b)): i for i, b in enumerate(POOL[:3])}
+    assert image.backend_index == {int(ip_address(b)): i for i, b in enumerate(POOL[:3])}
 
 
 def test_plan_is_pure_and_idempotent() -> None:
@@ -194,7 +200,7 @@ def test_plan_is_pure_and_idempotent() -> None:
 def test_a_neighbour_change_is_one_backend_write() -> None:
     s = state({CATCH_ALL: {b: 1 for b in POOL[:3]}})
     _, image = run(Maps(), desired(s, {}), empty())
-    writes, _ = plan(desired(s, {int(IPv4Address(POOL[1])): b"\x02" * 6}), image)
+    writes, _ = plan(desired(s, {int(ip_address(POOL[1])): b"\x02" * 6}), image)
     assert [(w.map, w.key) for w in writes] == [(m.MAP_BACKENDS, struct.pack("=I", 1))]
 
 
@@ -211,16 +217,16 @@ def test_order_backends_and_tables_before_names_retirements_last() -> None:
     assert deletes and max(deletes) < max(i for i, k in enumerate(kinds) if k == m.MAP_MEMBERS)
     assert writes[-1].map == m.MAP_BACKENDS and writes[-1].key == struct.pack("=I", 0)
     assert not m.RrBackend.from_buffer_copy(writes[-1].value).in_use
-    assert image.backend_index[int(IPv4Address(POOL[1]))] == 1  # still listed: the same index
+    assert image.backend_index[int(ip_address(POOL[1]))] == 1  # still listed: the same index
 
 
 def test_freed_indices_are_reused_only_by_a_later_plan() -> None:
     maps = Maps()
     _, image = run(maps, desired(state({CATCH_ALL: {POOL[0]: 1, POOL[1]: 1}})), empty())
     _, image = run(maps, desired(state({CATCH_ALL: {POOL[0]: 1, POOL[2]: 1}})), image)
-    assert image.backend_index[int(IPv4Address(POOL[2]))] == 2          # not 1: POOL[1] was leaving
+    assert image.backend_index[int(ip_address(POOL[2]))] == 2          # not 1: POOL[1] was leaving
     _, image = run(maps, desired(state({CATCH_ALL: {POOL[0]: 1, POOL[2]: 1, POOL[3]: 1}})), image)
-    assert image.backend_index[int(IPv4Address(POOL[3]))] == 1          # now it is free
+    assert image.backend_index[int(ip_address(POOL[3]))] == 1          # now it is free
 
 
 def test_stat_slots_start_from_zero_on_join_rejoin_and_reuse() -> None:
@@ -236,8 +242,8 @@ def test_stat_slots_start_from_zero_on_join_rejoin_and_reuse() -> None:
     writes, image = run(maps, desired(state({KEYS[2]: {POOL[0]: 1}, KEYS[3]: {POOL[0]: 1}})), image)
     assert image.service_index[KEYS[3]] == 0                            # KEYS[1]'s old index ...
     assert zeroed(writes) == {m.backend_stats_slot(0, 0)}               # ... and none of its counts
-    assert image.stat_slots == {(1, 0): (KEYS[2], int(IPv4Address(POOL[0]))),
-                                (0, 0): (KEYS[3], int(IPv4Address(POOL[0])))}
+    assert image.stat_slots == {(1, 0): (KEYS[2], int(ip_address(POOL[0]))),
+                                (0, 0): (KEYS[3], int(ip_address(POOL[0])))}
 
 
 def test_drained_catch_all_has_no_slots_and_keeps_members() -> None:
@@ -261,7 +267,7 @@ def test_every_index_taken_leaving_services_are_unnamed_first() -> None:
 
 def test_what_the_maps_cannot_hold_is_refused_whole() -> None:
     image = empty()
-    big = StateBuilder(17).build({CATCH_ALL: {IPv4Address(POOL[0]): 1}})
+    big = StateBuilder(17).build({CATCH_ALL: {ip_address(POOL[0]): 1}})
     with pytest.raises(ValueError, match="slots"):
         plan(desired(big), image)
     many = [f"10.3.{i >> 8}.{i & 255}" for i in range(m.MAX_BACKENDS + 1)]
@@ -271,7 +277,7 @@ def test_what_the_maps_cannot_hold_is_refused_whole() -> None:
 
 
 def test_adopted_indices_are_kept_and_unwanted_ones_freed_later() -> None:
-    a, b, c = (int(IPv4Address(x)) for x in POOL[:3])
+    a, b, c = (int(ip_address(x)) for x in POOL[:3])
     image = adopt(empty(), {3: a, 7: b})
     maps = Maps()
     writes, image = run(maps, desired(state({CATCH_ALL: {POOL[0]: 1, POOL[2]: 1}})), image)
@@ -285,7 +291,7 @@ def test_adopted_indices_are_kept_and_unwanted_ones_freed_later() -> None:
 
 pools = st.dictionaries(st.sampled_from(POOL), st.sampled_from([0, 1, 1, 2]), max_size=4)
 states = st.dictionaries(st.sampled_from(KEYS), pools, max_size=4)
-neighbours = st.sets(st.sampled_from(POOL)).map(lambda known: {int(IPv4Address(b)): MACS[int(IPv4Address(b))]
+neighbours = st.sets(st.sampled_from(POOL)).map(lambda known: {int(ip_address(b)): MACS[int(ip_address(b))]
                                                                for b in known})
 
 
@@ -306,3 +312,14 @@ def test_every_write_leaves_the_maps_safe(chain) -> None:
                 assert maps.u32(m.MAP_BACKEND_STATS, m.backend_stats_slot(*slot)) == bytes(16), (slot, owner)
         for slot in image.stat_slots:  # traffic: every slot in use counts something
             maps.maps[m.MAP_BACKEND_STATS][struct.pack("=I", m.backend_stats_slot(*slot))] = b"\x01" * 16
+
+
+def test_ipv6_entries_go_to_rr_services6_and_a_missing_source_is_refused() -> None:
+    v6 = KEYS[5]
+    s = state({v6: {"2001:db8:2::1": 1}, KEYS[1]: {"10.2.0.1": 1}})
+    writes, image = run(Maps(), desired(s), empty())
+    assert {w.map for w in writes if w.map in SERVICE_MAPS} == {m.MAP_SERVICES, m.MAP_SERVICES6}
+    with pytest.raises(ValueError, match="2001:db8:2::1 is IPv6 but the device has no global IPv6 address"):
+        plan(Desired(s, LB, LB_MAC, MACS), empty())
+    with pytest.raises(ValueError, match="10.2.0.1 is IPv4 but the device has no IPv4 address"):
+        plan(Desired(s, None, LB_MAC, MACS, local_address6=LB6), empty())

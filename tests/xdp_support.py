@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.ethernet import mac_to_bytes
@@ -27,12 +27,14 @@ def catch_all_state(backends: Iterable[str], size: int, weights: Mapping[str, in
     return DataplaneState((Service(ServiceKey.catch_all(), build_table(list(backends), size, weights)),), size)
 
 
-def desired(state: DataplaneState, address: str, mac: str | bytes, macs: Mapping[str, str | bytes]) -> Desired:
-    """`state` served from (address, mac), next hops `macs` (backend -> MAC; absent: unknown)."""
+def desired(state: DataplaneState, address: str, mac: str | bytes, macs: Mapping[str, str | bytes],
+            address6: str | None = None, mtu: int = 1500) -> Desired:
+    """`state` served from (address, address6, mac), next hops `macs` (backend -> MAC; absent: unknown)."""
     def raw(x: str | bytes) -> bytes:
         return x if isinstance(x, bytes) else mac_to_bytes(x)
 
-    return Desired(state, IPv4Address(address), raw(mac), {int(IPv4Address(b)): raw(v) for b, v in macs.items()})
+    return Desired(state, IPv4Address(address), raw(mac), {int(ip_address(b)): raw(v) for b, v in macs.items()},
+                   local_address6=None if address6 is None else IPv6Address(address6), mtu=mtu)
 
 
 def nonzero(program: XdpProgram) -> dict[str, int]:
@@ -40,5 +42,5 @@ def nonzero(program: XdpProgram) -> dict[str, int]:
     return {k: v for k, v in counters.named(program).items() if v}
 
 
-def backend_index(program: XdpProgram, backend: str | IPv4Address) -> int | None:
-    return program.image.backend_index.get(int(IPv4Address(backend)))
+def backend_index(program: XdpProgram, backend: str | IPv4Address | IPv6Address) -> int | None:
+    return program.image.backend_index.get(int(ip_address(backend)))

@@ -1,6 +1,6 @@
 /* Rusty Rail: the XDP program's maps. Names are the contract with rusty_rail/engines/xdp/maps.py;
  * engines/xdp/program.py finds them with bpf_object__find_map_by_name and resizes rr_maglev, rr_conns,
- * rr_services, rr_members and rr_backend_stats before load (max_services * table size, max_services *
+ * rr_conns6, rr_services, rr_services6, rr_members and rr_backend_stats before load (max_services * table size, max_services *
  * RR_MEMBER_WORDS, max_services * RR_MAX_BACKENDS, ...); engines/xdp/planner.py computes what they
  * hold. */
 #ifndef RR_MAPS_H
@@ -40,14 +40,23 @@ struct {
 	__type(value, struct rr_clock);
 } rr_clock SEC(".maps");
 
-/* Which service with a VIP a flow belongs to (docs/WIRE.md section 10): the keys of core/service.py's
- * ServiceMatcher.entries. Not looked up while rr_config.named_services is 0; the catch-all is not here. */
+/* Which service with an IPv4 VIP a flow belongs to (docs/WIRE.md section 10): the 8-byte keys of
+ * core/service.py's ServiceMatcher.entries. Not looked up while rr_config.named_services is 0; the
+ * catch-all is not here. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 2 * RR_DEFAULT_MAX_SERVICES);   /* each service + each (VIP, protocol) fallback */
 	__type(key, struct rr_service_key);
 	__type(value, struct rr_service);
 } rr_services SEC(".maps");
+
+/* The same for IPv6 VIPs: the matcher's 20-byte entries; skipped while named_services6 is 0. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * RR_DEFAULT_MAX_SERVICES);
+	__type(key, struct rr_service_key6);
+	__type(value, struct rr_service);
+} rr_services6 SEC(".maps");
 
 /* Word index * RR_MEMBER_WORDS + b / 64, bit b % 64: backend b is listed in the service with that
  * index. */
@@ -58,7 +67,8 @@ struct {
 	__type(value, __u64);
 } rr_members SEC(".maps");
 
-/* Bounded: the kernel evicts the least recently used entry when full, like core/conntrack.py. */
+/* Bounded: the kernel evicts the least recently used entry when full, like core/conntrack.py. IPv4
+ * flows here; IPv6 flows in rr_conns6 (a key of their own length), each map the configured capacity. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, RR_DEFAULT_CONNS);
@@ -66,8 +76,16 @@ struct {
 	__type(value, struct rr_conn);
 } rr_conns SEC(".maps");
 
-/* Counters by index (rr_structs.h): 0 forwarded, 1..18 drop reasons, 19 passed, 20 conn_hit,
- * 21 conn_new, 22 conn_insert (new rr_conns entries only: engines/xdp/counters.py derives LRU evictions). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, RR_DEFAULT_CONNS);
+	__type(key, struct rr_flow_key6);
+	__type(value, struct rr_conn);
+} rr_conns6 SEC(".maps");
+
+/* Counters by index (rr_structs.h): 0 forwarded with an inner IPv4 packet, 26 with an inner IPv6 one,
+ * 1..18, 24, 25 drop reasons, 19 passed, 20 conn_hit, 21 conn_new, 22 conn_insert (new rr_conns /
+ * rr_conns6 entries only: engines/xdp/counters.py derives LRU evictions). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, RR_STAT_MAX);

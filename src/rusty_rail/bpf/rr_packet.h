@@ -39,6 +39,16 @@ static __always_inline __u16 ld16(const void *p)
 	return *(const __u16 *)p;
 }
 
+static __always_inline __u64 ld64(const void *p)
+{
+	return *(const __u64 *)p;
+}
+
+static __always_inline void st64(void *p, __u64 v)
+{
+	*(__u64 *)p = v;
+}
+
 static __always_inline void st32(void *p, __u32 v)
 {
 	*(__u32 *)p = v;
@@ -138,16 +148,15 @@ static __always_inline __u32 rotl32(__u32 x, int r)
 	return (x << r) | (x >> (32 - r));
 }
 
-/* murmur3 x86_32 (Appleby) of the 16-byte key, read as four little-endian 32-bit blocks: the same
- * function as rusty_rail.core.flowhash.flow_hash (docs/WIRE.md section 6). */
-static __always_inline __u32 flow_hash(const struct rr_flow_key *key, __u32 seed)
+/* murmur3 x86_32 (Appleby) of `nblocks` 32-bit little-endian blocks (a constant: the loop unrolls),
+ * without a tail: flow keys are whole blocks. rusty_rail.core.flowhash.flow_hash's function. */
+static __always_inline __u32 rr_murmur3(const __u32 *block, const int nblocks, __u32 seed)
 {
-	const __u32 *block = (const __u32 *)key;
 	__u32 h = seed;
 	int i;
 
 #pragma clang loop unroll(full)
-	for (i = 0; i < 4; i++) {
+	for (i = 0; i < nblocks; i++) {
 		__u32 k = block[i];
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -160,7 +169,13 @@ static __always_inline __u32 flow_hash(const struct rr_flow_key *key, __u32 seed
 		h = rotl32(h, 13);
 		h = h * 5 + 0xE6546B64;
 	}
-	return rr_fmix32(h ^ 16);
+	return rr_fmix32(h ^ (__u32)(nblocks * 4));
+}
+
+/* The flow hash of an IPv4 key: its 16 bytes (docs/WIRE.md section 6). */
+static __always_inline __u32 flow_hash(const struct rr_flow_key *key, __u32 seed)
+{
+	return rr_murmur3((const __u32 *)key, sizeof(*key) / 4, seed);
 }
 
 static __always_inline int is_icmp_error(__u8 type)

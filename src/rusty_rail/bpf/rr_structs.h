@@ -10,35 +10,43 @@
 #include <linux/types.h>
 
 /* rr_config[0]: the balancer's own identity, and where its services are. There are only services
- * (docs/WIRE.md section 10): those with a VIP are found in rr_services, the catch-all (every VIP; the
- * environment form is exactly one) here, without a lookup. Service i's Maglev table is
- * rr_maglev[i * table_stride ...], its member bitmap rr_members[i * RR_MEMBER_WORDS ...]. */
+ * (docs/WIRE.md section 10): those with a VIP are found in rr_services (IPv4 VIPs) or rr_services6
+ * (IPv6 VIPs), the catch-all (every VIP of both families; the environment form is exactly one) here,
+ * without a lookup. Service i's Maglev table is rr_maglev[i * table_stride ...], its member bitmap
+ * rr_members[i * RR_MEMBER_WORDS ...]. */
 struct rr_config {
-	__be32 local_addr;          /* outer source address of forwarded frames (network order) */
+	__be32 local_addr;          /* outer source toward IPv4 backends (network order; 0: none) */
 	__u8 local_mac[6];          /* Ethernet source of forwarded frames */
 	__u16 pad;
 	__u32 hash_seed;            /* murmur3 seed, docs/WIRE.md section 6 */
-	__u32 named_services;       /* services with a VIP; 0: skip every rr_services lookup */
+	__u32 named_services;       /* services with an IPv4 VIP; 0: IPv4 flows skip every rr_services lookup */
 	__u32 catch_all;            /* 0: no catch-all service; else 1 + its service index */
 	__u32 catch_all_size;       /* slots of the catch-all's table (0: no backend with a weight: NO_BACKEND) */
 	__u32 table_stride;         /* rr_maglev entries per service: the largest table the maps hold */
 	__u64 conn_timeout_ns[3];   /* at offset 32: 8-aligned without padding; idle timeouts, by RR_TIMEOUT_* */
+	__u8 local_addr6[16];       /* outer source toward IPv6 backends (:: when the device has none) */
+	__u32 named_services6;      /* services with an IPv6 VIP; 0: IPv6 flows skip every rr_services6 lookup */
+	__u32 mtu;                  /* the device's: a longer output IP packet is dropped (OUTPUT_TOO_BIG) */
 };
 
 #define RR_TIMEOUT_TCP 0
 #define RR_TIMEOUT_UDP 1
 #define RR_TIMEOUT_OTHER 2
 
-/* rr_backends[i]: backend i, as the Maglev table's entries name it. */
+/* rr_backends[i]: backend i, as the Maglev table's entries name it. `addr` is the backend's identity
+ * in 16 bytes: an IPv6 address, or an IPv4 one IPv4-mapped (::ffff:a.b.c.d, RFC 4291 2.5.5.2; the
+ * configuration refuses IPv6 backends in ::ffff:0:0/96, so the two never meet). */
 struct rr_backend {
-	__be32 addr;                /* network order */
+	__u8 addr[16];              /* IPv4: its 4 bytes at 12, network order */
 	__u8 mac[6];                /* Ethernet address of the backend's next hop */
 	__u8 has_mac;               /* 0: next hop unknown, NO_NEIGHBOUR */
 	__u8 in_use;                /* 0: a free slot of the array, or a backend that left */
+	__u8 ipv6;                  /* 1: the outer header toward it is IPv6 (docs/WIRE.md section 8) */
+	__u8 pad[7];
 };
 
-/* The 16 bytes of docs/WIRE.md section 6, in that order: the connection table's key and, read as four
- * little-endian 32-bit words, the flow hash's input. */
+/* The 16 bytes of docs/WIRE.md section 6 for an IPv4 flow, in that order: rr_conns' key and, read as
+ * four little-endian 32-bit words, the flow hash's input. */
 struct rr_flow_key {
 	__be32 src;
 	__be32 dst;
@@ -48,11 +56,25 @@ struct rr_flow_key {
 	__u8 pad[3];
 };
 
-/* rr_conns value: where a flow went, and when it was last seen. The address is kept next to the index
- * so that a slot of rr_backends reused by another backend does not inherit the old one's flows. */
+/* The 40 bytes of docs/WIRE.md section 6 for an IPv6 flow: rr_conns6' key and, read as ten
+ * little-endian 32-bit words, the flow hash's input. */
+struct rr_flow_key6 {
+	__u8 src[16];
+	__u8 dst[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* rr_conns and rr_conns6 value: where a flow went, and when it was last seen. The backend's identity
+ * (rr_backend.addr) is kept next to its index so that a slot of rr_backends reused by another backend
+ * does not inherit the old one's flows. The flow hash is kept for the outer IPv6 flow label, so a hit
+ * does not hash the key again. */
 struct rr_conn {
-	__be32 backend_addr;
+	__u8 backend_addr[16];
 	__u32 backend_index;
+	__u32 flow_hash;            /* docs/WIRE.md section 6, of the entry's key */
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC, tick resolution (struct rr_clock) */
 };
 
@@ -75,7 +97,15 @@ struct rr_service_key {
 	__u8 fragment;
 };
 
-/* rr_services value. A service's index names its Maglev table (rr_maglev[index * table_stride ...])
+/* rr_services6 key: the same for an IPv6 VIP (core/service.py's 20-byte lookup entries). */
+struct rr_service_key6 {
+	__u8 vip[16];
+	__be16 port;
+	__u8 proto;
+	__u8 fragment;
+};
+
+/* rr_services and rr_services6 value. A service's index names its Maglev table (rr_maglev[index * table_stride ...])
  * and its member bitmap (rr_members[index * RR_MEMBER_WORDS ...]). */
 struct rr_service {
 	__u32 index;
@@ -91,7 +121,9 @@ struct rr_backend_stats {
 	__u64 bytes;
 };
 
-/* rr_stats indexes. 1..18 and 23 are the drop reasons of docs/WIRE.md section 9, numbered as there. */
+/* rr_stats indexes. 1..18 and 23..25 are the drop reasons of docs/WIRE.md section 9, numbered as there.
+ * A forward is counted once, by its inner packet's family: RR_STAT_FORWARDED (IPv4) or
+ * RR_STAT_FORWARDED_IPV6; the figure "forwarded" is their sum (engines/xdp/counters.py). */
 #define RR_STAT_FORWARDED 0
 #define RR_DROP_OUTER_BAD_IHL 1
 #define RR_DROP_OUTER_OPTIONS 2
@@ -111,7 +143,7 @@ struct rr_backend_stats {
 #define RR_DROP_NO_NEIGHBOUR 16
 #define RR_DROP_NO_SERVICE 17       /* no service matches (no rr_services entry, no catch-all) */
 #define RR_DROP_TX_FAILED 18        /* bpf_xdp_adjust_head/tail refused */
-#define RR_STAT_PASSED 19           /* not GRE over IPv4: XDP_PASS */
+#define RR_STAT_PASSED 19           /* not GRE over IPv4 or IPv6 (WIRE.md section 1): XDP_PASS */
 #define RR_STAT_CONN_HIT 20         /* forwarded frames whose backend came from rr_conns */
 #define RR_STAT_CONN_NEW 21         /* rr_conns entries (re)written from the Maglev table */
 #define RR_STAT_CONN_INSERT 22      /* of those, written under a key with no entry at all (a new
@@ -120,7 +152,12 @@ struct rr_backend_stats {
 #define RR_DROP_TX_REFUSED 23       /* never counted by the program: frames the device refused to transmit
                                      * after XDP_TX, which the engine reads from the device (docs/WIRE.md
                                      * section 9); reserved so that every drop reason has one number */
+#define RR_DROP_INNER_EXT_HEADERS 24 /* more than RR_EXT_HEADERS inner IPv6 extension headers, or one cut short */
+#define RR_DROP_OUTPUT_TOO_BIG 25   /* the output's IP packet is longer than rr_config.mtu */
+#define RR_STAT_FORWARDED_IPV6 26   /* forwards whose inner packet is IPv6 (RR_STAT_FORWARDED: IPv4) */
 #define RR_STAT_MAX 32
+
+#define RR_EXT_HEADERS 4            /* inner IPv6 extension headers walked (core/ipv6.py EXTENSION_HEADER_LIMIT) */
 
 #define RR_MAX_BACKENDS 4096
 #define RR_DEFAULT_TABLE_SIZE 65537

@@ -1,13 +1,15 @@
 // SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0)
 /* Rusty Rail: the XDP data plane. docs/WIRE.md is the contract, section by section:
- * frames that are not GRE over IPv4 go to the host (XDP_PASS); GRE frames are validated, hashed on
- * their inner flow, given a backend (connection table, then Maglev table) and sent back out of the
- * same device re-encapsulated (XDP_TX), or dropped with a counted reason.
+ * frames that are not GRE over IPv4 or IPv6 go to the host (XDP_PASS); GRE frames are validated, hashed
+ * on their inner flow (IPv4 or IPv6), given a backend (connection table, then Maglev table) and sent
+ * back out of the same device re-encapsulated in the backend's family (XDP_TX), or dropped with a
+ * counted reason.
  *
  * The Maglev tables are built in Python (rusty_rail/core/maglev.py) and written into rr_maglev; this
  * program only indexes them, one table per service (section 10). There are only services: the
  * environment form of the configuration is one catch-all service, found without a map lookup. Maps
- * and structs: rr_maps.h, rr_structs.h; the helpers that read packet bytes: rr_packet.h.
+ * and structs: rr_maps.h, rr_structs.h; the helpers that read packet bytes: rr_packet.h and rr_ipv6.h;
+ * finding a flow's service: rr_services.h.
  *
  * Verifier notes (kernel 6.18, clang 14):
  * - Every logical length check is made against the outer/inner total length (the contract's notion
@@ -24,11 +26,11 @@
 
 #include "rr_maps.h"
 #include "rr_packet.h"
+#include "rr_ipv6.h"
+#include "rr_services.h"
 
 #define ETH_LEN 14
-#define GRE_OFF (ETH_LEN + IP4_LEN)     /* the outer header has no options, or the frame is dropped */
 #define OUT_GRE_LEN 4
-#define OUT_HDR_LEN (ETH_LEN + IP4_LEN + OUT_GRE_LEN)
 
 #define GRE_F_CSUM 0x8000
 #define GRE_F_KEY 0x2000
@@ -53,70 +55,6 @@ static __always_inline int drop(__u32 reason)
 	return XDP_DROP;
 }
 
-/* docs/WIRE.md section 10, in core/service.py's order (ServiceMatcher): (VIP, port, protocol), (VIP,
- * any port, protocol), (VIP, any port, any protocol); then, for a TCP/UDP key without ports, the
- * (VIP, protocol) fallback entry (the lowest-port service). NULL: no service with a VIP matches. */
-static __always_inline struct rr_service *find_named(const struct rr_flow_key *key)
-{
-	struct rr_service_key sk = {
-		.vip = key->dst,
-		.port = key->dport,
-		.proto = key->proto,
-		.fragment = 0,
-	};
-	struct rr_service *svc;
-
-	if (sk.port) {          /* with port 0 the first two keys are the same */
-		svc = bpf_map_lookup_elem(&rr_services, &sk);
-		if (svc)
-			return svc;
-		sk.port = 0;
-	}
-	svc = bpf_map_lookup_elem(&rr_services, &sk);
-	if (svc)
-		return svc;
-	sk.proto = 0;
-	svc = bpf_map_lookup_elem(&rr_services, &sk);
-	if (svc)
-		return svc;
-	if ((key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP) && !key->sport && !key->dport) {
-		sk.proto = key->proto;
-		sk.fragment = 1;
-		return bpf_map_lookup_elem(&rr_services, &sk);
-	}
-	return NULL;
-}
-
-/* The flow's service as its index and table size; 0 when none matches (NO_SERVICE). Services with a
- * VIP first (only when there are any: the environment form looks nothing up), then the catch-all. */
-static __always_inline int find_service(const struct rr_config *cfg, const struct rr_flow_key *key,
-					__u32 *index, __u32 *table_size)
-{
-	if (cfg->named_services) {
-		struct rr_service *svc = find_named(key);
-
-		if (svc) {
-			*index = svc->index;
-			*table_size = svc->table_size;
-			return 1;
-		}
-	}
-	if (!cfg->catch_all)
-		return 0;
-	*index = cfg->catch_all - 1;
-	*table_size = cfg->catch_all_size;
-	return 1;
-}
-
-/* Is rr_backends[index] (index < RR_MAX_BACKENDS) listed in the service `svc_index`? */
-static __always_inline int is_member(__u32 svc_index, __u32 index)
-{
-	__u32 word = svc_index * RR_MEMBER_WORDS + (index >> 6);
-	__u64 *bits = bpf_map_lookup_elem(&rr_members, &word);
-
-	return bits && ((*bits >> (index & 63)) & 1);
-}
-
 /* CLOCK_MONOTONIC at tick resolution: bpf_ktime_get_ns() once per jiffy per CPU (rr_clock), so a
  * packet costs an inlined jiffies load and per-CPU array lookup instead of a clock read. */
 static __always_inline __u64 clock_ns(void)
@@ -134,6 +72,20 @@ static __always_inline __u64 clock_ns(void)
 	return clock->ns;
 }
 
+/* rr_conns6's update, in a function of its own (a BPF subprogram): written inline beside rr_conns'
+ * clang merges the two calls into one whose map the verifier then cannot know, and no longer turns the
+ * IPv4 path's update into a direct call. */
+static __attribute__((noinline)) long insert6(struct rr_flow_key6 *key, struct rr_conn *conn)
+{
+	return bpf_map_update_elem(&rr_conns6, key, conn, BPF_ANY);
+}
+
+/* The two 16-byte backend identities (rr_backend.addr, rr_conn.backend_addr) are equal. */
+static __always_inline int same_backend(const __u8 *a, const __u8 *b)
+{
+	return ld64(a) == ld64(b) && ld64(a + 8) == ld64(b + 8);
+}
+
 static __always_inline __u64 conn_timeout(const struct rr_config *cfg, __u8 proto)
 {
 	if (proto == IPPROTO_TCP)
@@ -141,6 +93,22 @@ static __always_inline __u64 conn_timeout(const struct rr_config *cfg, __u8 prot
 	if (proto == IPPROTO_UDP)
 		return cfg->conn_timeout_ns[RR_TIMEOUT_UDP];
 	return cfg->conn_timeout_ns[RR_TIMEOUT_OTHER];
+}
+
+/* The GRE checksum (RFC 2784 2.5) over the `len` bytes at `offset` in the frame (the caller checked
+ * they are there): 1 when it is right. A global function, so the verifier walks its loop once, with
+ * offset and length unknown: written inline it walked the loop's iterations again for every path here
+ * (outer family, GRE header variant), three quarters of all its work. Off the usual path: only GRE with
+ * the C flag comes here. A longer packet than RR_MAX_CSUM_LEN is not verifiable: 0. */
+__attribute__((noinline)) int rr_gre_checksum_ok(struct xdp_md *ctx, __u64 offset, __u64 len)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	/* 64-bit arguments: a 32-bit one is compared as such and widened after, losing its bounds. */
+	if (offset > ETH_LEN + IP6_LEN || len > RR_MAX_CSUM_LEN)
+		return 0;
+	return csum_fold(csum_bytes(data + offset, data_end, len)) == 0xFFFF;
 }
 
 SEC("xdp")
@@ -151,47 +119,69 @@ int rr_balance(struct xdp_md *ctx)
 	__u32 frame_len = data_end - data;
 
 	/* -- 1. Is the frame ours? -------------------------------------------------------------- */
-	if (data + GRE_OFF > data_end)
+	if (data + ETH_LEN + IP4_LEN > data_end)
 		goto pass;
 	__u8 *eth = data;
 	__u8 *ip = data + ETH_LEN;
-	__u8 ver_ihl = ip[0];
+	__u16 ethertype = ld16(eth + 12);
+	__u32 l3_len;           /* the outer header: 20 (IPv4, no options) or 40 (IPv6) bytes */
+	__u32 outer_len;        /* the outer packet: IPv4 total length, or 40 + IPv6 payload length */
 
-	if (ld16(eth + 12) != bpf_htons(ETH_P_IP) || (ver_ihl >> 4) != 4 || ip[9] != IPPROTO_GRE)
+	if (ethertype == bpf_htons(ETH_P_IP)) {
+		__u8 ver_ihl = ip[0];
+
+		if ((ver_ihl >> 4) != 4 || ip[9] != IPPROTO_GRE)
+			goto pass;
+		/* -- 2. Outer IPv4 -------------------------------------------------------------------- */
+		__u32 ihl = ver_ihl & 0x0F;
+
+		if (ihl < 5)
+			return drop(RR_DROP_OUTER_BAD_IHL);
+		if (ihl > 5)
+			return drop(RR_DROP_OUTER_OPTIONS);
+		outer_len = be16_at(ip + 2);
+		if (outer_len < IP4_LEN || outer_len > frame_len - ETH_LEN)
+			return drop(RR_DROP_OUTER_BAD_LENGTH);
+		{
+			const __u32 *w = (const __u32 *)ip;
+			__u64 sum = (__u64)w[0] + w[1] + w[2] + w[3] + w[4];
+
+			if (csum_fold_small(sum) != 0xFFFF)
+				return drop(RR_DROP_OUTER_BAD_CHECKSUM);
+		}
+		if (ld16(ip + 6) & bpf_htons(IP_MF_OFFSET))
+			return drop(RR_DROP_OUTER_FRAGMENT);
+		l3_len = IP4_LEN;
+	} else if (ethertype == bpf_htons(ETH_P_IPV6)) {
+		/* GRE must follow the fixed header: extension headers first make it the host's. */
+		if (data + ETH_LEN + IP6_LEN > data_end || (ip[0] >> 4) != 6 || ip[6] != IPPROTO_GRE)
+			goto pass;
+		/* -- 2b. Outer IPv6 ------------------------------------------------------------------- */
+		outer_len = IP6_LEN + be16_at(ip + 4);
+		if (outer_len > frame_len - ETH_LEN)
+			return drop(RR_DROP_OUTER_BAD_LENGTH);
+		l3_len = IP6_LEN;
+	} else {
 		goto pass;
-
-	/* -- 2. Outer IPv4 ------------------------------------------------------------------------ */
-	__u32 ihl = ver_ihl & 0x0F;
-
-	if (ihl < 5)
-		return drop(RR_DROP_OUTER_BAD_IHL);
-	if (ihl > 5)
-		return drop(RR_DROP_OUTER_OPTIONS);
-	__u32 total = be16_at(ip + 2);
-
-	if (total < IP4_LEN || total > frame_len - ETH_LEN)
-		return drop(RR_DROP_OUTER_BAD_LENGTH);
-	{
-		const __u32 *w = (const __u32 *)ip;
-		__u64 sum = (__u64)w[0] + w[1] + w[2] + w[3] + w[4];
-
-		if (csum_fold_small(sum) != 0xFFFF)
-			return drop(RR_DROP_OUTER_BAD_CHECKSUM);
 	}
-	if (ld16(ip + 6) & bpf_htons(IP_MF_OFFSET))
-		return drop(RR_DROP_OUTER_FRAGMENT);
 
 	/* -- 3. GRE ------------------------------------------------------------------------------- */
-	__u32 gre_avail = total - IP4_LEN;      /* GRE header + payload, to the outer total length */
-	__u8 *gre = data + GRE_OFF;
+	__u32 gre_avail = outer_len - l3_len;   /* GRE header + payload, to the outer packet's end */
+	__u8 *gre = ip + l3_len;
 
 	if (gre_avail < 4 || (void *)(gre + 4) > data_end)
 		return drop(RR_DROP_GRE_TRUNCATED);
 	__u32 gre_len = 4;
+	__u32 gre_word = ld32(gre);
+	int six;                /* the inner packet is IPv6 */
 
-	/* The usual header (no flags, version 0, protocol IPv4) passes every check below with 4 bytes:
-	 * one comparison instead of them. */
-	if (ld32(gre) != bpf_htonl(ETH_P_IP)) {
+	/* The usual headers (no flags, version 0, protocol IPv4 or IPv6) pass every check below with 4
+	 * bytes: one comparison instead of them. */
+	if (gre_word == bpf_htonl(ETH_P_IP)) {
+		six = 0;
+	} else if (gre_word == bpf_htonl(ETH_P_IPV6)) {
+		six = 1;
+	} else {
 		__u32 flags = be16_at(gre);
 
 		if (flags & GRE_F_VERSION)
@@ -203,42 +193,56 @@ int rr_balance(struct xdp_md *ctx)
 
 		if (gre_avail < gre_len)
 			return drop(RR_DROP_GRE_TRUNCATED);
-		if (flags & GRE_F_CSUM) {
-			if (gre_avail > RR_MAX_CSUM_LEN ||
-			    csum_fold(csum_bytes(gre, data_end, gre_avail)) != 0xFFFF)
-				return drop(RR_DROP_GRE_CHECKSUM);
-		}
-		if (ld16(gre + 2) != bpf_htons(ETH_P_IP))
+		if ((flags & GRE_F_CSUM) && !rr_gre_checksum_ok(ctx, ETH_LEN + l3_len, gre_avail))
+			return drop(RR_DROP_GRE_CHECKSUM);
+		if (ld16(gre + 2) == bpf_htons(ETH_P_IP))
+			six = 0;
+		else if (ld16(gre + 2) == bpf_htons(ETH_P_IPV6))
+			six = 1;
+		else
 			return drop(RR_DROP_GRE_PROTOCOL);
 		/* The key and sequence number are parsed (gre_len) and not used. */
 	}
 
-	/* -- 4. Inner IPv4 ------------------------------------------------------------------------ */
+	/* -- 4, 5. The inner packet and its flow key ---------------------------------------------- */
 	__u32 inner_avail = gre_avail - gre_len;
-	__u8 *inner = data + GRE_OFF + gre_len;
+	__u8 *inner = gre + gre_len;
+	struct rr_flow_key key;         /* zeroed in the IPv4 branch: the IPv6 path writes key6 instead */
+	struct rr_flow_key6 key6;
+	__u32 inner_len;
+	__u8 tos;               /* IPv4 TOS or IPv6 traffic class: the outer header's */
+	int reason;
 
-	if (inner_avail < IP4_LEN || (void *)(inner + IP4_LEN) > data_end)
-		return drop(RR_DROP_INNER_TRUNCATED);
-	__u8 inner_ver_ihl = inner[0];
+	if (!six) {
+		if (inner_avail < IP4_LEN || (void *)(inner + IP4_LEN) > data_end)
+			return drop(RR_DROP_INNER_TRUNCATED);
+		__u8 inner_ver_ihl = inner[0];
 
-	if ((inner_ver_ihl >> 4) != 4)
-		return drop(RR_DROP_INNER_VERSION);
-	__u32 ihl4 = (inner_ver_ihl & 0x0F) << 2;
+		if ((inner_ver_ihl >> 4) != 4)
+			return drop(RR_DROP_INNER_VERSION);
+		__u32 ihl4 = (inner_ver_ihl & 0x0F) << 2;
 
-	if (ihl4 < IP4_LEN)
-		return drop(RR_DROP_INNER_BAD_IHL);
-	__u32 inner_len = be16_at(inner + 2);
-
-	if (inner_len < ihl4 || inner_len > inner_avail)
-		return drop(RR_DROP_INNER_BAD_LENGTH);
-
-	/* -- 5, 6. Flow key and hash -------------------------------------------------------------- */
-	struct rr_flow_key key = {};
-	int reason = inner_flow_key(inner, data_end, inner_len, ihl4, &key);
-
+		if (ihl4 < IP4_LEN)
+			return drop(RR_DROP_INNER_BAD_IHL);
+		inner_len = be16_at(inner + 2);
+		if (inner_len < ihl4 || inner_len > inner_avail)
+			return drop(RR_DROP_INNER_BAD_LENGTH);
+		__builtin_memset(&key, 0, sizeof(key));
+		reason = inner_flow_key(inner, data_end, inner_len, ihl4, &key);
+		tos = inner[1];
+	} else {
+		if (inner_avail < IP6_LEN || (void *)(inner + IP6_LEN) > data_end)
+			return drop(RR_DROP_INNER_TRUNCATED);
+		if ((inner[0] >> 4) != 6)
+			return drop(RR_DROP_INNER_VERSION);
+		inner_len = IP6_LEN + be16_at(inner + 4);
+		if (inner_len > inner_avail)
+			return drop(RR_DROP_INNER_BAD_LENGTH);
+		reason = inner6_flow_key(inner, data_end, inner_len, &key6);
+		tos = (__u8)(inner[0] << 4 | inner[1] >> 4);
+	}
 	if (reason)
 		return drop(reason);
-	__u8 tos = inner[1];
 
 	/* -- 7. Backend choice -------------------------------------------------------------------- */
 	__u32 zero = 0;
@@ -247,16 +251,32 @@ int rr_balance(struct xdp_md *ctx)
 	if (!cfg)
 		return drop(RR_DROP_NO_BACKEND);
 	/* The flow's service gives the table and the member bitmap (section 10). */
+	struct rr_service *named = NULL;
 	__u32 svc_index = 0;
 	__u32 table_size = 0;
 
-	if (!find_service(cfg, &key, &svc_index, &table_size))
+	if (!six && cfg->named_services)
+		named = find_named(&key);
+	else if (six && cfg->named_services6)
+		named = find_named6(&key6);
+	if (!find_service(cfg, named, &svc_index, &table_size))
 		return drop(RR_DROP_NO_SERVICE);
+
 	struct rr_backend *backend = NULL;
 	__u32 backend_index = 0;
-	struct rr_conn *conn = bpf_map_lookup_elem(&rr_conns, &key);
+	struct rr_conn *conn;
+	__u8 proto;
+
+	if (!six) {
+		conn = bpf_map_lookup_elem(&rr_conns, &key);
+		proto = key.proto;
+	} else {
+		conn = bpf_map_lookup_elem(&rr_conns6, &key6);
+		proto = key6.proto;
+	}
 	/* Read after the lookup: nothing then waits on it across the call. */
 	__u64 now = clock_ns();
+	__u32 hash = 0;
 
 	if (conn) {
 		__u32 index = conn->backend_index;
@@ -265,10 +285,11 @@ int rr_balance(struct xdp_md *ctx)
 
 		/* Fresh while now < last + timeout, as core/conntrack.py. Signed: another CPU may have
 		 * stamped the entry a little later than our `now`, which is fresh too. */
-		if (b && b->in_use && b->addr == conn->backend_addr &&
-		    (__s64)(now - last) < (__s64)conn_timeout(cfg, key.proto) && is_member(svc_index, index)) {
+		if (b && b->in_use && same_backend(b->addr, conn->backend_addr) &&
+		    (__s64)(now - last) < (__s64)conn_timeout(cfg, proto) && is_member(svc_index, index)) {
 			backend = b;
 			backend_index = index;
+			hash = conn->flow_hash;
 			conn->last_seen_ns = now;
 			count(RR_STAT_CONN_HIT);
 		}
@@ -276,7 +297,8 @@ int rr_balance(struct xdp_md *ctx)
 	if (!backend) {
 		if (table_size == 0)
 			return drop(RR_DROP_NO_BACKEND);
-		__u32 slot = flow_hash(&key, cfg->hash_seed) % table_size + svc_index * cfg->table_stride;
+		hash = six ? flow_hash6(&key6, cfg->hash_seed) : flow_hash(&key, cfg->hash_seed);
+		__u32 slot = hash % table_size + svc_index * cfg->table_stride;
 		__u32 *index = bpf_map_lookup_elem(&rr_maglev, &slot);
 
 		if (!index)
@@ -288,13 +310,17 @@ int rr_balance(struct xdp_md *ctx)
 		/* Written before the neighbour check, as core/balancer.py does: the flow belongs to this
 		 * backend even while its next hop is being resolved. */
 		struct rr_conn fresh = {
-			.backend_addr = backend->addr,
 			.backend_index = backend_index,
+			.flow_hash = hash,
 			.last_seen_ns = now,
 		};
+		long err;
 
-		long err = bpf_map_update_elem(&rr_conns, &key, &fresh, BPF_ANY);
-
+		copy16(fresh.backend_addr, backend->addr);
+		if (!six)
+			err = bpf_map_update_elem(&rr_conns, &key, &fresh, BPF_ANY);
+		else
+			err = insert6(&key6, &fresh);
 		count(RR_STAT_CONN_NEW);
 		/* Only when the lookup found nothing: the entry is new (a stale or non-member entry was
 		 * rewritten in place). Inserts - live - Python's deletions = LRU evictions. */
@@ -305,45 +331,67 @@ int rr_balance(struct xdp_md *ctx)
 		return drop(RR_DROP_NO_NEIGHBOUR);
 
 	/* -- 8. Output frame ---------------------------------------------------------------------- */
-	/* Cut what follows the inner packet (outer padding, bytes past either total length), then move
-	 * the start so exactly 38 bytes of new headers precede the inner packet, which stays in place. */
-	int tail = (int)frame_len - (GRE_OFF + gre_len + inner_len);
-	int head = (int)gre_len - OUT_GRE_LEN;
+	int out6 = backend->ipv6;
+	__u32 out_l3 = out6 ? IP6_LEN : IP4_LEN;
+
+	/* Only an IPv6 output can be longer than its input (an IPv4 one never is): WIRE.md section 8. */
+	if (out6 && IP6_LEN + OUT_GRE_LEN + inner_len > cfg->mtu)
+		return drop(RR_DROP_OUTPUT_TOO_BIG);
+	/* Cut what follows the inner packet (outer padding, bytes past either packet's length), then move
+	 * the start so exactly the new headers precede the inner packet, which stays in place. */
+	__u32 in_hdr = ETH_LEN + l3_len + gre_len;
+	int tail = (int)frame_len - (int)(in_hdr + inner_len);
+	int head = (int)in_hdr - (int)(ETH_LEN + out_l3 + OUT_GRE_LEN);
 
 	if (tail > 0 && bpf_xdp_adjust_tail(ctx, -tail))
 		return drop(RR_DROP_TX_FAILED);
-	if (head > 0 && bpf_xdp_adjust_head(ctx, head))
+	if (head != 0 && bpf_xdp_adjust_head(ctx, head))
 		return drop(RR_DROP_TX_FAILED);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (data + OUT_HDR_LEN > data_end)
-		return drop(RR_DROP_TX_FAILED);
 
 	__u8 *out = data;
 	__u8 *oip = out + ETH_LEN;
-	__be32 saddr = cfg->local_addr;
-	__be32 daddr = backend->addr;
-	/* Outer IPv4: version 4, IHL 5, the inner TOS, total length; id 0, DF; TTL 64, GRE; checksum;
-	 * addresses. Its checksum: the four constant-or-computed header words plus the addresses (the
-	 * checksum field 0), summed as written (host order: see csum_fold). */
-	__u32 ver_tos_len = bpf_htonl(0x45000000 | (__u32)tos << 16 | (IP4_LEN + OUT_GRE_LEN + inner_len));
-	__u64 sum = (__u64)ver_tos_len + saddr + daddr + bpf_htonl(OUT_DF) +
-		    bpf_htons(OUT_TTL << 8 | IPPROTO_GRE);
+	__u32 gre_proto = six ? bpf_htonl(ETH_P_IPV6) : bpf_htonl(ETH_P_IP);
 
+	if (out6) {
+		if (data + ETH_LEN + IP6_LEN + OUT_GRE_LEN > data_end)
+			return drop(RR_DROP_TX_FAILED);
+		/* Outer IPv6: version 6, the inner traffic class, the flow label from the flow hash (RFC
+		 * 6438); payload length; next header GRE; hop limit 64; addresses. No checksum. */
+		st32(oip, bpf_htonl(0x60000000 | (__u32)tos << 20 | (hash & 0xFFFFF)));
+		st16(oip + 4, bpf_htons(OUT_GRE_LEN + inner_len));
+		st16(oip + 6, bpf_htons(IPPROTO_GRE << 8 | OUT_TTL));
+		copy16(oip + 8, cfg->local_addr6);
+		copy16(oip + 24, backend->addr);
+		st32(oip + IP6_LEN, gre_proto);
+		st16(out + 12, bpf_htons(ETH_P_IPV6));
+	} else {
+		if (data + ETH_LEN + IP4_LEN + OUT_GRE_LEN > data_end)
+			return drop(RR_DROP_TX_FAILED);
+		__be32 saddr = cfg->local_addr;
+		__be32 daddr = ld32(backend->addr + 12);
+		/* Outer IPv4: version 4, IHL 5, the inner TOS, total length; id 0, DF; TTL 64, GRE;
+		 * checksum; addresses. Its checksum: the four constant-or-computed header words plus the
+		 * addresses (the checksum field 0), summed as written (host order: see csum_fold). */
+		__u32 ver_tos_len = bpf_htonl(0x45000000 | (__u32)tos << 16 | (IP4_LEN + OUT_GRE_LEN + inner_len));
+		__u64 sum = (__u64)ver_tos_len + saddr + daddr + bpf_htonl(OUT_DF) +
+			    bpf_htons(OUT_TTL << 8 | IPPROTO_GRE);
+
+		st32(oip, ver_tos_len);
+		st32(oip + 4, bpf_htonl(OUT_DF));               /* id 0, flags DF, offset 0 */
+		st16(oip + 8, bpf_htons(OUT_TTL << 8 | IPPROTO_GRE));
+		st16(oip + 10, (__u16)~csum_fold_small(sum));
+		st32(oip + 12, saddr);
+		st32(oip + 16, daddr);
+		st32(oip + IP4_LEN, gre_proto);         /* GRE: no checksum, key or sequence number */
+		st16(out + 12, bpf_htons(ETH_P_IP));
+	}
 	st32(out, ld32(backend->mac));
 	st16(out + 4, ld16(backend->mac + 4));
 	st32(out + 6, ld32(cfg->local_mac));
 	st16(out + 10, ld16(cfg->local_mac + 4));
-	st16(out + 12, bpf_htons(ETH_P_IP));
-	st32(oip, ver_tos_len);
-	st32(oip + 4, bpf_htonl(OUT_DF));               /* id 0, flags DF, offset 0 */
-	st16(oip + 8, bpf_htons(OUT_TTL << 8 | IPPROTO_GRE));
-	st16(oip + 10, (__u16)~csum_fold_small(sum));
-	st32(oip + 12, saddr);
-	st32(oip + 16, daddr);
-	/* GRE: no checksum, key or sequence number; protocol IPv4. */
-	st32(oip + IP4_LEN, bpf_htonl(ETH_P_IP));
-	count(RR_STAT_FORWARDED);
+	count(six ? RR_STAT_FORWARDED_IPV6 : RR_STAT_FORWARDED);     /* once, by the inner family */
 	{
 		/* What went to this backend for this service (core/balancer.py: pool.packets, pool.bytes). */
 		__u32 slot = svc_index * RR_MAX_BACKENDS + backend_index;

@@ -23,12 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from typing import Any
 
-from rusty_rail.control.bgp_config import BgpSpec
+from rusty_rail.control.bgp_config import BgpSpec, host_prefix
 from rusty_rail.control.config import RouteSpec
 from rusty_rail.control.speaker import Speaker
+from rusty_rail.core.address import Address
 
 log = logging.getLogger("rusty_rail.bgp")
 
@@ -43,7 +43,7 @@ class ServiceRoute:
     """What the rule needs of one service (ControlPlane.route_view())."""
 
     name: str
-    vip: IPv4Address | None
+    vip: Address | None
     route: RouteSpec
     healthy: int
     """Backends passing their checks (or unchecked), drained ones included."""
@@ -71,13 +71,13 @@ class Route:
 def wanted_routes(services: Iterable[ServiceRoute], *, ready: bool, drained: bool,
                   stopping: bool) -> dict[str, tuple[Route | None, str]]:
     """prefix -> (the route to announce, or None to withdraw it; why), for every VIP with announce = true."""
-    by_vip: dict[IPv4Address, list[ServiceRoute]] = {}
+    by_vip: dict[Address, list[ServiceRoute]] = {}
     for s in services:
         if s.vip is not None and s.route.announce:
             by_vip.setdefault(s.vip, []).append(s)
     out: dict[str, tuple[Route | None, str]] = {}
-    for vip, group in sorted(by_vip.items()):
-        prefix = f"{vip}/32"
+    for vip, group in sorted(by_vip.items(), key=lambda item: (item[0].version, int(item[0]))):
+        prefix = host_prefix(vip)
         serving = [s for s in group if s.healthy > 0]
         if stopping:
             out[prefix] = (None, "stopping: withdrawn before the data plane lets go")

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import AddressValueError, IPv4Address
 from typing import TYPE_CHECKING, Any
 
-from rusty_rail.control.config import RouteSpec, _fail, _int, _ipv4, _join, _seconds, _show, _str, _table
+from rusty_rail.control.config import RouteSpec, _fail, _int, _join, _seconds, _show, _str, _table
+from rusty_rail.core.address import Address, unusable
 
 if TYPE_CHECKING:
     from rusty_rail.control.config import ServiceSpec
@@ -62,6 +63,18 @@ class BgpSpec:
     """On a planned stop: the longest wait, after withdrawing, for the VIPs' traffic to stop arriving."""
 
 
+def _ipv4(value: Any, name: str) -> IPv4Address:
+    """A router ID or a peer's address: the sessions are IPv4 (RFC 4271's BGP Identifier is 32 bits)."""
+    text = _str(value, name).strip()
+    try:
+        address = IPv4Address(text)
+    except AddressValueError:
+        raise _fail(name, f"{_show(value)} is not an IPv4 address") from None
+    if unusable(address):
+        raise _fail(name, f"{_show(value)} is not a unicast address")
+    return address
+
+
 def parse_route(table: Mapping[str, Any], path: str, catch_all: bool) -> RouteSpec:
     """A service's route keys (announce, communities, med) out of its [[services]] table."""
     if catch_all:
@@ -92,7 +105,7 @@ def _community(value: Any, name: str) -> tuple[int, int]:
 
 def check_shared_vips(services: Sequence[ServiceSpec]) -> None:
     """Services on one VIP share its route: their MED and communities must agree."""
-    first: dict[IPv4Address, int] = {}
+    first: dict[Address, int] = {}
     for i, service in enumerate(services):
         vip = service.key.vip
         if vip is None:
@@ -104,10 +117,22 @@ def check_shared_vips(services: Sequence[ServiceSpec]) -> None:
         for key in ("med", "communities"):
             if getattr(service.route, key) != getattr(other, key):
                 raise _fail(f"services[{i}].{key}", f"differs from services[{first[vip]}].{key}: both announce "
-                            f"{vip}/32, one route")
+                            f"{host_prefix(vip)}, one route")
 
 
-def parse_bgp(value: Any, path: str = "bgp") -> BgpSpec:
+def host_prefix(vip: Address) -> str:
+    """The route of one VIP: a /32 or a /128."""
+    return f"{vip}/{vip.max_prefixlen}"
+
+
+def parse_bgp(value: Any, path: str = "bgp", services: Sequence[ServiceSpec] = ()) -> BgpSpec:
+    """[bgp]; `services` are checked against it: an IPv6 VIP is never announced (below)."""
+    for i, service in enumerate(services):
+        # The sessions are IPv4 and ExaBGP's "next-hop self" is the IPv4 local address: an IPv6 VIP's route
+        # would need multiprotocol BGP (RFC 4760) with an IPv6 next hop, which is not done yet.
+        if service.key.vip is not None and service.key.vip.version == 6 and service.route.announce:
+            raise _fail(f"services[{i}].announce", f"{service.key.vip} is an IPv6 VIP, which BGP does not announce "
+                        "yet (IPv4 sessions only): set announce = false")
     table = _table(value, path, _BGP_KEYS)
     if "local_as" not in table:
         raise _fail(_join(path, "local_as"), "missing")

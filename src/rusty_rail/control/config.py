@@ -8,8 +8,10 @@ every level: a misspelt `intervall` silently ignored would be a health check tha
 meant.
 
 The environment form of the original, `RR_DEVICE=eth0 RR_TARGET_IPS="10.2.0.1;10.2.0.2"`, is one
-catch-all service (every VIP, protocol and port) over those backends; after this module there are only
-services. The file form (deploy/config.example.toml):
+catch-all service (every VIP, protocol and port, of both families) over those backends; after this module
+there are only services. VIPs and backends are IPv4 or IPv6 addresses wherever one is taken, and a pool
+may mix them (docs/WIRE.md section 10 names the IPv6 ranges refused). The file form
+(deploy/config.example.toml):
 
     device = "eth0"
     engine = "auto"                 # auto | xdp | afpacket                 (RR_ENGINE)
@@ -21,10 +23,10 @@ services. The file form (deploy/config.example.toml):
     connection_capacity = 1048576   # connection table entries, LRU beyond  (RR_CONN_CAPACITY)
     pin_root = "/sys/fs/bpf/..."    # hitless restart pins (RR_PIN_ROOT; default DEFAULT_PIN_ROOT)
     [[services]]
-    vip = "10.1.0.1"                # "*": the catch-all, every VIP (what the environment form serves)
+    vip = "10.1.0.1"                # or "2001:db8:1::1"; "*": the catch-all, every VIP (the environment form)
     protocol = "tcp"                # tcp | udp | any; default tcp with a port, any without
     port = 80                       # 0 = every port
-    backends = ["10.2.0.1", { address = "10.2.0.2", weight = 2 }]
+    backends = ["10.2.0.1", { address = "2001:db8:2::2", weight = 2 }]
     [services.health]
     type = "tcp"                    # tcp | http | none
     port = 80                       # 0 = the service's port
@@ -50,6 +52,7 @@ from enum import Enum
 from ipaddress import AddressValueError, IPv4Address
 from typing import TYPE_CHECKING, Any
 
+from rusty_rail.core.address import Address, as_address, unusable
 from rusty_rail.core.constants import (
     DEFAULT_CONN_CAPACITY,
     DEFAULT_PIN_ROOT,
@@ -101,8 +104,8 @@ class HealthSpec:
 
 @dataclass(frozen=True)
 class BackendSpec:
-    address: IPv4Address
-    """Where the re-encapsulated packets go."""
+    address: Address
+    """Where the re-encapsulated packets go (IPv4 or IPv6: the outer header's family is the backend's)."""
     weight: int = 1
     """Maglev turns per round (0: drained from the start: listed, no new flows)."""
 
@@ -228,14 +231,16 @@ def _device(value: Any, name: str) -> str:
     return device
 
 
-def _ipv4(value: Any, name: str) -> IPv4Address:
+def _address(value: Any, name: str) -> Address:
+    """An IPv4 or IPv6 address a VIP or a backend may have (core/address.py unusable() says which not)."""
     text = _str(value, name).strip()
     try:
-        address = IPv4Address(text)
-    except AddressValueError:
-        raise _fail(name, f"{_show(value)} is not an IPv4 address") from None
-    if address.is_unspecified or address.is_multicast or address == IPv4Address("255.255.255.255"):
-        raise _fail(name, f"{_show(value)} is not a unicast address")
+        address = as_address(text)
+    except ValueError:
+        raise _fail(name, f"{_show(value)} is not an IPv4 or IPv6 address") from None
+    why = unusable(address)
+    if why is not None:
+        raise _fail(name, f"{_show(value)} is {why}")
     return address
 
 
@@ -306,12 +311,12 @@ def _join(path: str, key: str) -> str:
 
 def _backend(value: Any, path: str) -> BackendSpec:
     if isinstance(value, str):
-        return BackendSpec(_ipv4(value, path))
+        return BackendSpec(_address(value, path))
     table = _table(value, path, _BACKEND_KEYS)
     if "address" not in table:
         raise _fail(_join(path, "address"), "missing")
     weight = _int(table.get("weight", 1), _join(path, "weight"), 0, MAX_WEIGHT)
-    return BackendSpec(_ipv4(table["address"], _join(path, "address")), weight)
+    return BackendSpec(_address(table["address"], _join(path, "address")), weight)
 
 
 def _health(value: Any, path: str, service_port: int) -> HealthSpec:
@@ -342,7 +347,7 @@ def _backends(raw: Any, path: str) -> tuple[BackendSpec, ...]:
     if not isinstance(raw, list):
         raise _fail(path, f"{_show(raw)} is not a list")
     backends: list[BackendSpec] = []
-    seen: dict[IPv4Address, int] = {}
+    seen: dict[Address, int] = {}
     for i, item in enumerate(raw):
         where = f"{path}[{i}]"
         backend = _backend(item, where)
@@ -367,7 +372,7 @@ def _service(value: Any, path: str) -> ServiceSpec:
         backends = _backends(table.get("backends", []), _join(path, "backends"))
         return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), _join(path, "health"), 0),
                            parse_route(table, path, catch_all=True))
-    vip = _ipv4(table["vip"], _join(path, "vip"))
+    vip = _address(table["vip"], _join(path, "vip"))
     port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
     protocol_text = _choice(table.get("protocol", "tcp" if port else "any"), _join(path, "protocol"), ("tcp", "udp", "any"))
     protocol = ServiceProtocol[protocol_text.upper()]
@@ -401,7 +406,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
 
     check_shared_vips(services)
     config = _common(table, names=lambda key: key, services=tuple(services), control_socket_default=DEFAULT_CONTROL_SOCKET)
-    return dataclasses.replace(config, bgp=parse_bgp(table["bgp"])) if "bgp" in table else config
+    return dataclasses.replace(config, bgp=parse_bgp(table["bgp"], services=services)) if "bgp" in table else config
 
 
 def loads_config(text: str, source: str = "<string>") -> Config:
@@ -442,22 +447,16 @@ ENVIRONMENT = {
 """File key -> environment variable, for every setting the environment form takes (and RR_TARGET_IPS)."""
 
 
-def parse_targets(value: str, name: str = "RR_TARGET_IPS") -> tuple[IPv4Address, ...]:
-    """'10.2.0.1;10.2.0.2' (',' and white space separate too)."""
+def parse_targets(value: str, name: str = "RR_TARGET_IPS") -> tuple[Address, ...]:
+    """'10.2.0.1;10.2.0.2' or '2001:db8:2::1;2001:db8:2::2', mixed as one likes (',' and white space
+    separate too)."""
     parts = [p for p in re.split(r"[;,\s]+", value) if p]
     if not parts:
         raise _fail(name, "lists no addresses")
-    targets = [_target(part, name) for part in parts]
+    targets = [_address(part, name) for part in parts]
     if len(set(targets)) != len(targets):
         raise _fail(name, "an address is listed twice")
     return tuple(targets)
-
-
-def _target(text: str, name: str) -> IPv4Address:
-    try:
-        return _ipv4(text, name)
-    except ConfigError:
-        raise _fail(name, f"{text!r} is not a unicast IPv4 address") from None
 
 
 def from_environment(env: Mapping[str, str] | None = None) -> Config:

@@ -100,7 +100,8 @@ def format_status(status: dict[str, Any]) -> str:
         if svc["vip"] is None:
             head = "ANY  * (every VIP)"
         else:
-            head = f"{svc['protocol'].upper():<4} {svc['vip']}:{svc['port'] or '*'}"
+            vip = f"[{svc['vip']}]" if ":" in svc["vip"] else svc["vip"]
+            head = f"{svc['protocol'].upper():<4} {vip}:{svc['port'] or '*'}"
         health = svc["health"]
         check = health["type"] if health["type"] == "none" else f"{health['type']}:{health['port'] or svc['port']}"
         lines.append(f"{head:<30} {check:<16} {_human(svc['packets']):>9} {_human(svc['bytes']):>9}")
@@ -114,6 +115,9 @@ def format_status(status: dict[str, Any]) -> str:
         f"forwarded {c['forwarded']}  passed {c['passed']}  connections {c['connections']}  "
         f"evictions {c['connection_evictions']}  table rebuilds {c['table_rebuilds']}"
     )
+    families = c.get("by_family", {})
+    lines.append("  ".join(f"{family}: forwarded {f['forwarded']} connections {f['connections']}"
+                           for family, f in sorted(families.items())))
     drops = {k: v for k, v in c["drops"].items() if v}
     lines.append("drops " + ("  ".join(f"{k} {v}" for k, v in sorted(drops.items())) if drops else "none"))
     control = status.get("control", {})
@@ -218,8 +222,8 @@ def explain_main(argv: list[str] | None = None) -> int:
     """`rusty-rail explain [--socket PATH] CLIENT:PORT VIP:PORT [tcp|udp]` (the same as `ctl explain`)."""
     parser = argparse.ArgumentParser(prog="rusty-rail explain", description="Which backend a flow goes to, and why.")
     add_socket_argument(parser)
-    parser.add_argument("client", metavar="CLIENT:PORT")
-    parser.add_argument("service", metavar="VIP:PORT")
+    parser.add_argument("client", metavar="CLIENT:PORT", help="e.g. 10.0.0.1:40000 or [2001:db8::1]:40000")
+    parser.add_argument("service", metavar="VIP:PORT", help="e.g. 10.1.0.1:80 or [2001:db8:1::1]:443")
     parser.add_argument("protocol", nargs="?", choices=("tcp", "udp"), default="tcp")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return main(["--socket", args.socket, "explain", args.client, args.service, args.protocol])

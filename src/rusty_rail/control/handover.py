@@ -39,12 +39,12 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from typing import Any, Protocol
 
 from rusty_rail.bpf import bpffs
 from rusty_rail.control.config import Config, HealthSpec, HealthType
 from rusty_rail.control.plane import ControlError
+from rusty_rail.core.address import Address, as_address
 from rusty_rail.core.service import ServiceKey
 from rusty_rail.dataplane import Engine, EngineError
 
@@ -53,7 +53,7 @@ __all__ = ["DaemonHandover", "HandoverAnswer", "HandoverRefused", "HandoverReque
 
 log = logging.getLogger("rusty_rail.control")
 
-HealthKey = tuple[ServiceKey, IPv4Address]
+HealthKey = tuple[ServiceKey, Address]
 
 
 class HandoverRefused(Exception):
@@ -74,7 +74,7 @@ class HealthRecord:
     """One backend's health-check state, carried from a daemon to its successor."""
 
     service: ServiceKey
-    backend: IPv4Address
+    backend: Address
     check: HealthSpec
     """The check this state was reached with: a successor with another check starts afresh."""
     up: bool
@@ -99,7 +99,7 @@ class HealthRecord:
         check = HealthSpec(HealthType(_get(c, "type", str)), _get(c, "port", int), _get(c, "path", str),
                            float(_get(c, "interval", (int, float))), float(_get(c, "timeout", (int, float))),
                            _get(c, "rise", int), _get(c, "fall", int))
-        return cls(ServiceKey.parse(_get(obj, "service", str)), IPv4Address(_get(obj, "backend", str)), check,
+        return cls(ServiceKey.parse(_get(obj, "service", str)), as_address(_get(obj, "backend", str)), check,
                    _get(obj, "up", bool), _get(obj, "reason", str), _get(obj, "successes", int),
                    _get(obj, "failures", int))
 

@@ -22,16 +22,16 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 
 from rusty_rail.control.config import HealthSpec, HealthType
+from rusty_rail.core.address import Address
 from rusty_rail.core.service import ServiceKey
 
 log = logging.getLogger("rusty_rail.health")
 
 Probe = Callable[["Target"], "str | None"]
 """Runs one check; returns None on success, else a short reason ('connection refused')."""
-OnChange = Callable[[ServiceKey, IPv4Address, bool, str], None]
+OnChange = Callable[[ServiceKey, Address, bool, str], None]
 """(service, backend, up, reason) on every transition."""
 
 
@@ -72,7 +72,7 @@ class Target:
     """One (service, backend) to check, with the port resolved (HealthSpec.port 0 = the service's)."""
 
     service: ServiceKey
-    backend: IPv4Address
+    backend: Address
     spec: HealthSpec
 
     @property
@@ -124,7 +124,7 @@ class HealthChecker:
     executor: Executor | None = None
     """Where probes run; default a pool of `max_workers` threads, created on first use."""
     max_workers: int = 8
-    _entries: dict[tuple[ServiceKey, IPv4Address], _Entry] = field(default_factory=dict)
+    _entries: dict[tuple[ServiceKey, Address], _Entry] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _wake: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -134,7 +134,7 @@ class HealthChecker:
     # -- what to check ---------------------------------------------------------------------------
 
     def set_targets(self, targets: Iterable[Target],
-                    carried: Mapping[tuple[ServiceKey, IPv4Address], HealthState] | None = None) -> None:
+                    carried: Mapping[tuple[ServiceKey, Address], HealthState] | None = None) -> None:
         """Check exactly these. A target that stays with the same spec keeps its state (a reload or a
         runtime change does not reset health); a new one starts up, or in its `carried` state (a
         restart's), and is probed at once."""
@@ -142,7 +142,7 @@ class HealthChecker:
         now = self.clock()
         with self._lock:
             wanted = {(t.service, t.backend): t for t in targets if t.spec.type != HealthType.NONE}
-            entries: dict[tuple[ServiceKey, IPv4Address], _Entry] = {}
+            entries: dict[tuple[ServiceKey, Address], _Entry] = {}
             for key, target in wanted.items():
                 old = self._entries.get(key)
                 if old is not None and old.target == target:
@@ -154,7 +154,7 @@ class HealthChecker:
             self._entries = entries
         self._wake.set()
 
-    def state(self, service: ServiceKey, backend: IPv4Address) -> HealthState | None:
+    def state(self, service: ServiceKey, backend: Address) -> HealthState | None:
         with self._lock:
             entry = self._entries.get((service, backend))
             return None if entry is None else entry.state

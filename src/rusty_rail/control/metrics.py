@@ -54,6 +54,15 @@ class PlaneCollector(Collector):
         yield GaugeMetricFamily("rusty_rail_ready", "1 once the engine forwards (rings open or program attached)",
                                 value=int(status.get("ready", True)))
         yield CounterMetricFamily("rusty_rail_forwarded_packets", "Packets forwarded to a backend", value=c["forwarded"])
+        families = c.get("by_family", {})
+        by_family = CounterMetricFamily("rusty_rail_family_forwarded_packets",
+                                        "Packets forwarded, by the inner packet's family", labels=["family"])
+        family_conns = GaugeMetricFamily("rusty_rail_family_connections", "Connection-table entries, by the flow's family",
+                                         labels=["family"])
+        for family, figures in sorted(families.items()):
+            by_family.add_metric([family], figures["forwarded"])
+            family_conns.add_metric([family], figures["connections"])
+        yield from (by_family, family_conns)
         yield CounterMetricFamily("rusty_rail_passed_packets", "Frames that were not GRE for us, left to the host", value=c["passed"])
         drops = CounterMetricFamily("rusty_rail_drops", "Packets dropped, by reason (docs/WIRE.md section 9)", labels=["reason"])
         for reason, count in sorted(c["drops"].items()):

@@ -31,12 +31,12 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
 from rusty_rail.control.bgp import ServiceRoute
 from rusty_rail.control.config import RESTART_FIELDS, Config, HealthSpec, HealthType, RouteSpec
 from rusty_rail.control.health import Target
+from rusty_rail.core.address import Address, as_address, with_port
 from rusty_rail.core.constants import MAX_WEIGHT
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceMatcher
@@ -51,7 +51,7 @@ class ControlError(Exception):
 
 @dataclass
 class BackendState:
-    address: IPv4Address
+    address: Address
     weight: int
     drained: bool = False
     healthy: bool = True
@@ -69,7 +69,7 @@ class BackendState:
 class ServiceState:
     key: ServiceKey
     health: HealthSpec
-    backends: dict[IPv4Address, BackendState] = field(default_factory=dict)
+    backends: dict[Address, BackendState] = field(default_factory=dict)
     route: RouteSpec = RouteSpec()
 
     @property
@@ -78,21 +78,23 @@ class ServiceState:
 
 
 def parse_service(text: str) -> ServiceKey:
-    """'10.1.0.1:80', '10.1.0.1:80/udp', '10.1.0.1' (every port), or '*' (the catch-all)."""
+    """'10.1.0.1:80', '10.1.0.1:80/udp', '10.1.0.1' (every port), '[2001:db8::1]:443', '2001:db8::1', or
+    '*' (the catch-all)."""
     try:
         return ServiceKey.parse(text.strip())
     except (ValueError, KeyError):
-        raise ControlError(f"{text!r} is not a service (VIP:PORT, VIP:PORT/udp, VIP or {CATCH_ALL_NAME})") from None
+        raise ControlError(f"{text!r} is not a service (VIP:PORT, VIP:PORT/udp, VIP, [IPv6 VIP]:PORT or "
+                           f"{CATCH_ALL_NAME})") from None
 
 
-def parse_backend(text: str) -> IPv4Address:
+def parse_backend(text: str) -> Address:
     try:
-        return IPv4Address(text.strip())
-    except AddressValueError:
-        raise ControlError(f"{text!r} is not an IPv4 address") from None
+        return as_address(text.strip())
+    except ValueError:
+        raise ControlError(f"{text!r} is not an IPv4 or IPv6 address") from None
 
 
-HealthKey = tuple[ServiceKey, IPv4Address]
+HealthKey = tuple[ServiceKey, Address]
 
 
 def _services_from(config: Config, health: Mapping[HealthKey, tuple[bool, str]] | None = None
@@ -204,13 +206,13 @@ class ControlPlane:
             raise ControlError(f"no service {service} (services: {known})")
         return found
 
-    def _backend(self, state: ServiceState, backend: IPv4Address) -> BackendState:
+    def _backend(self, state: ServiceState, backend: Address) -> BackendState:
         found = state.backends.get(backend)
         if found is None:
             raise ControlError(f"{backend} is not a backend of {state.name}")
         return found
 
-    def add(self, service: ServiceKey, backend: IPv4Address, weight: int = 1) -> None:
+    def add(self, service: ServiceKey, backend: Address, weight: int = 1) -> None:
         _check_weight(weight)
         with self._lock:
             services = self._copy()
@@ -222,7 +224,7 @@ class ControlPlane:
         log.info("added backend %s to %s (weight %d)", backend, state.name, weight,
                  extra={"service": state.name, "backend": str(backend)})
 
-    def remove(self, service: ServiceKey, backend: IPv4Address) -> None:
+    def remove(self, service: ServiceKey, backend: Address) -> None:
         with self._lock:
             services = self._copy()
             state = self._find(services, service)
@@ -231,7 +233,7 @@ class ControlPlane:
             self._commit(services, targets_changed=True)
         log.info("removed backend %s from %s", backend, state.name, extra={"service": state.name, "backend": str(backend)})
 
-    def drain(self, service: ServiceKey, backend: IPv4Address, drained: bool = True) -> None:
+    def drain(self, service: ServiceKey, backend: Address, drained: bool = True) -> None:
         with self._lock:
             services = self._copy()
             state = self._find(services, service)
@@ -240,10 +242,10 @@ class ControlPlane:
         log.info("%s backend %s of %s", "drained" if drained else "undrained", backend, state.name,
                  extra={"service": state.name, "backend": str(backend)})
 
-    def undrain(self, service: ServiceKey, backend: IPv4Address) -> None:
+    def undrain(self, service: ServiceKey, backend: Address) -> None:
         self.drain(service, backend, drained=False)
 
-    def set_weight(self, service: ServiceKey, backend: IPv4Address, weight: int) -> None:
+    def set_weight(self, service: ServiceKey, backend: Address, weight: int) -> None:
         _check_weight(weight)
         with self._lock:
             services = self._copy()
@@ -252,7 +254,7 @@ class ControlPlane:
             self._commit(services, targets_changed=False)
         log.info("weight of %s in %s is %d", backend, state.name, weight, extra={"service": state.name, "backend": str(backend)})
 
-    def set_health(self, service: ServiceKey, backend: IPv4Address, up: bool, reason: str = "") -> None:
+    def set_health(self, service: ServiceKey, backend: Address, up: bool, reason: str = "") -> None:
         """From the health checker. A report for a backend removed meanwhile is ignored."""
         with self._lock:
             current = self._services.get(service)
@@ -325,7 +327,7 @@ class ControlPlane:
             matched = ServiceMatcher(self._services).match(flow.packed)
         answer = self.engine.explain(flow)
         return {
-            "flow": f"{flow.src}:{flow.sport} -> {flow.dst}:{flow.dport} {_proto_name(flow.protocol)}",
+            "flow": f"{with_port(flow.src, flow.sport)} -> {with_port(flow.dst, flow.dport)} {_proto_name(flow.protocol)}",
             "service": None if matched is None else matched.name,
             "backend": None if answer.backend is None else str(answer.backend),
             "reason": answer.reason,
@@ -384,6 +386,11 @@ class ControlPlane:
             "services": out_services,
             "counters": {
                 "forwarded": counters.forwarded,
+                "by_family": {
+                    "ipv4": {"forwarded": counters.forwarded - counters.forwarded_ipv6,
+                             "connections": counters.connections - counters.connections_ipv6},
+                    "ipv6": {"forwarded": counters.forwarded_ipv6, "connections": counters.connections_ipv6},
+                },
                 "passed": counters.passed,
                 "drops": dict(counters.drops),
                 "connections": counters.connections,
@@ -401,4 +408,4 @@ def _check_weight(weight: int) -> None:
 
 
 def _proto_name(protocol: int) -> str:
-    return {6: "tcp", 17: "udp", 1: "icmp"}.get(protocol, f"proto {protocol}")
+    return {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(protocol, f"proto {protocol}")

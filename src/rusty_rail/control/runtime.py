@@ -210,7 +210,6 @@ def _arrived(engine: Engine) -> int:
 def _announcer(config: Config, engine: Engine) -> Announcer:
     """The BGP announcer for config.bgp; the router id defaults to the device's address, which is also
     the sessions' local address (and so the routes' next hop)."""
-    from ipaddress import IPv4Address
     from pathlib import Path
 
     from rusty_rail.dataplane import EngineError
@@ -219,9 +218,11 @@ def _announcer(config: Config, engine: Engine) -> Announcer:
     spec = config.bgp
     assert spec is not None
     try:
-        address = IPv4Address(device_info(config.device)[2])
+        address = device_info(config.device).address
     except EngineError as exc:
         raise ValueError(f"bgp: {exc}") from None
+    if address is None:
+        raise ValueError(f"bgp: device {config.device!r} has no IPv4 address (the sessions' local address)")
     if config.control_socket is None:
         raise ValueError("bgp: needs control_socket (the speaker's files live next to it)")
     run_dir = Path(f"{config.control_socket}.bgp")

@@ -23,12 +23,12 @@ import socketserver
 import stat
 import threading
 from collections.abc import Callable
-from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
 from rusty_rail.control.bgp import Announcer
 from rusty_rail.control.handover import DaemonHandover, HandoverRequest, peer_pid
 from rusty_rail.control.plane import ControlError, ControlPlane, parse_backend, parse_service
+from rusty_rail.core.address import Address, as_address, split_host_port
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceProtocol
 
@@ -128,15 +128,16 @@ def _weight(value: Any) -> int:
     return value
 
 
-def _address_port(text: str, what: str) -> tuple[IPv4Address, int]:
-    host, sep, port = text.strip().rpartition(":")
+def _address_port(text: str, what: str) -> tuple[Address, int]:
+    """'10.0.0.1:40000' or '[2001:db8::1]:40000'."""
     try:
-        address = IPv4Address(host)
-        number = int(port)
-    except (AddressValueError, ValueError):
-        raise ControlError(f"{what} {text!r} is not IP:PORT") from None
-    if not sep or not 0 <= number <= 0xFFFF:
-        raise ControlError(f"{what} {text!r} is not IP:PORT")
+        host, port = split_host_port(text)
+        address = as_address(host)
+        number = int(port) if port is not None else -1
+    except ValueError:
+        raise ControlError(f"{what} {text!r} is not IP:PORT or [IPv6]:PORT") from None
+    if not 0 <= number <= 0xFFFF:
+        raise ControlError(f"{what} {text!r} is not IP:PORT or [IPv6]:PORT")
     return address, number
 
 
@@ -146,6 +147,8 @@ def _flow(request: dict[str, Any]) -> FlowKey:
     protocol = str(request.get("protocol") or "tcp").lower()
     if protocol not in ("tcp", "udp"):
         raise ControlError(f"protocol {protocol!r} is not tcp or udp")
+    if client.version != vip.version:
+        raise ControlError(f"client {client} and service {vip} are not of one family (IPv4 or IPv6)")
     return FlowKey(client, vip, int(ServiceProtocol[protocol.upper()]), sport, dport)
 
 

@@ -38,7 +38,8 @@ def render(status: dict[str, Any], previous: dict[str, Any] | None = None, elaps
     prev_c = previous["counters"] if previous is not None else None
     header = Text.assemble(
         ("rusty-rail ", "bold"), f"{status['device']} · {status['engine']} · ",
-        f"forwarded {_human(c['forwarded'])} ({_rate(c['forwarded'], prev_c and prev_c['forwarded'], elapsed)}/s) · ",
+        f"forwarded {_human(c['forwarded'])} ({_rate(c['forwarded'], prev_c and prev_c['forwarded'], elapsed)}/s",
+        f", IPv6 {_human(c['by_family']['ipv6']['forwarded'])}" if "by_family" in c else "", ") · ",
         f"connections {_human(c['connections'])} · evictions {_human(c['connection_evictions'])} · ",
         f"rebuilds {c['table_rebuilds']}",
     )

@@ -37,10 +37,9 @@ class Timeouts:
         return self.other
 
 
-
-
 class ConnectionTable:
-    """Flow key (16 bytes, see flow.py) -> backend address (int), LRU-bounded, with idle timeouts."""
+    """Flow key (16 bytes for IPv4, 40 for IPv6: flow.py) -> backend address (int, either family:
+    core/address.py), LRU-bounded, with idle timeouts. One table for both families."""
 
     def __init__(self, capacity: int = DEFAULT_CONN_CAPACITY, timeouts: Timeouts = Timeouts()) -> None:
         if capacity < 1:
@@ -52,6 +51,8 @@ class ConnectionTable:
         self._timeout_by_proto = {int(IpProtocol.TCP): timeouts.tcp, int(IpProtocol.UDP): timeouts.udp}
         self.evictions = 0
         self.expirations = 0
+        self.ipv6 = 0
+        """Entries whose key is an IPv6 flow's (40 bytes): figures per family."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -60,7 +61,8 @@ class ConnectionTable:
         return key in self._entries
 
     def _timeout(self, key: bytes) -> float:
-        return self._timeout_by_proto.get(key[12], self.timeouts.other)
+        # key[-4]: flow.PROTOCOL_FROM_END as a literal (a constant index, no global lookup per packet).
+        return self._timeout_by_proto.get(key[-4], self.timeouts.other)
 
     def lookup(self, key: bytes, now: float) -> int | None:
         """The backend remembered for `key`, refreshing the entry; None when absent or idle too long."""
@@ -70,6 +72,8 @@ class ConnectionTable:
         if now >= entry[1]:
             del self._entries[key]
             self.expirations += 1
+            if len(key) != 16:
+                self.ipv6 -= 1
             return None
         entry[1] = now + self._timeout(key)
         self._entries.move_to_end(key)
@@ -92,9 +96,12 @@ class ConnectionTable:
             entries.move_to_end(key)
             return
         if len(entries) >= self.capacity:
-            entries.popitem(last=False)
+            if len(entries.popitem(last=False)[0]) != 16:
+                self.ipv6 -= 1
             self.evictions += 1
         entries[key] = [backend, now + self._timeout(key)]
+        if len(key) != 16:
+            self.ipv6 += 1
 
     def choose_many(self, keys: Sequence[bytes], proposed: Sequence[int], listed: Sequence[Container[int]],
                     now: float) -> list[int]:
@@ -112,6 +119,7 @@ class ConnectionTable:
         capacity = self.capacity
         chosen: list[int] = []
         append = chosen.append
+        ipv6 = 0  # the change to self.ipv6: IPv6 keys (not 16 bytes) added less those removed
         for key, backend, backends in zip(keys, proposed, listed, strict=True):
             entry = get(key)
             if entry is not None:
@@ -124,15 +132,22 @@ class ConnectionTable:
                     continue
                 del entries[key]  # lookup(): idle too long
                 self.expirations += 1
+                if len(key) != 16:
+                    ipv6 -= 1
             if len(entries) >= capacity:  # insert(): a new entry, the least recently used one out
-                evict(last=False)
+                if len(evict(last=False)[0]) != 16:
+                    ipv6 -= 1
                 self.evictions += 1
             entries[key] = [backend, now + timeout(key)]
+            if len(key) != 16:
+                ipv6 += 1
             append(backend)
+        self.ipv6 += ipv6
         return chosen
 
     def remove(self, key: bytes) -> None:
-        self._entries.pop(key, None)
+        if self._entries.pop(key, None) is not None and len(key) != 16:
+            self.ipv6 -= 1
 
     def expire(self, now: float, limit: int = 1024) -> int:
         """Drop up to `limit` idle entries from the least recently used end; returns how many.
@@ -148,6 +163,8 @@ class ConnectionTable:
                 break
             del entries[key]
             removed += 1
+            if len(key) != 16:
+                self.ipv6 -= 1
         self.expirations += removed
         return removed
 

@@ -28,6 +28,11 @@ MAX_WEIGHT = 1000
 
 GRE_OVERHEAD = 24
 """Outer IPv4 header (20 bytes, no options) + base GRE header (4): what encapsulation adds."""
+GRE6_OVERHEAD = 44
+"""Outer IPv6 header (40 bytes, no extension headers) + base GRE header (4)."""
+
+DEFAULT_MTU = 1500
+"""The device MTU a Balancer assumes when it is not told (Ethernet's); engines read the device's."""
 
 BPFFS = "/sys/fs/bpf"
 """Where the BPF filesystem is mounted by convention."""

@@ -59,7 +59,7 @@ def murmur3_32(data: bytes, seed: int = RR_HASH_SEED) -> int:
 
 
 def flow_hash(key: bytes, seed: int = RR_HASH_SEED) -> int:
-    """murmur3_32 of a 16-byte flow key (docs/WIRE.md section 6)."""
+    """murmur3_32 of a flow key, 16 bytes (IPv4) or 40 (IPv6) (docs/WIRE.md section 6)."""
     return mmh3.hash(key, seed, signed=False)
 
 

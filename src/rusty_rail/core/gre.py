@@ -11,6 +11,7 @@ from rusty_rail.core.errors import ParseError
 
 GRE_BASE_LEN = 4
 GRE_PROTO_IPV4 = 0x0800
+GRE_PROTO_IPV6 = 0x86DD
 
 
 class GreFlags(IntFlag):

@@ -14,9 +14,11 @@ control plane's `explain` and the XDP map planner all use it. A packet is matche
    with the lowest port, so every balancer picks the same one
 5. the catch-all service, if there is one
 
-No match: NO_SERVICE. The matcher is a dictionary of lookup entries (`entries`), each 8 bytes:
-`vip (4) | port (2, network order) | protocol (1) | fragment flag (1)`: the same keys the XDP program
-looks up in rr_services, so the planner writes exactly what this module matches on.
+No match: NO_SERVICE. The matcher is a dictionary of lookup entries (`entries`):
+`vip | port (2, network order) | protocol (1) | fragment flag (1)`, 8 bytes for an IPv4 VIP and 20 for an
+IPv6 one: the same keys the XDP program looks up in rr_services and rr_services6, so the planner writes
+exactly what this module matches on. A VIP matches flows of its own family (the key lengths differ); the
+catch-all matches both.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import total_ordering
-from ipaddress import IPv4Address
 from typing import Generic, TypeVar
 
+from rusty_rail.core.address import Address, as_address, split_host_port, with_port
+from rusty_rail.core.flow import FLOW_KEY_LEN
 from rusty_rail.core.maglev import MaglevTable
 
 T = TypeVar("T")
@@ -51,8 +54,8 @@ class ServiceProtocol(IntEnum):
 @total_ordering
 @dataclass(frozen=True)
 class ServiceKey:
-    vip: IPv4Address | None
-    """None: every VIP (the catch-all)."""
+    vip: Address | None
+    """None: every VIP (the catch-all); else an IPv4 or an IPv6 address."""
     protocol: ServiceProtocol = ServiceProtocol.ANY
     port: int = 0
 
@@ -73,7 +76,7 @@ class ServiceKey:
         return self.vip is None
 
     def entry(self, fragment: bool = False) -> bytes:
-        """The 8-byte lookup entry of this service (module docstring); the catch-all has none."""
+        """The lookup entry of this service (module docstring: 8 or 20 bytes); the catch-all has none."""
         if self.vip is None:
             raise ValueError("the catch-all service has no lookup entry")
         return lookup_entry(self.vip.packed, struct.pack("!H", self.port), self.protocol, fragment)
@@ -89,11 +92,12 @@ class ServiceKey:
     def __str__(self) -> str:
         if self.vip is None:
             return CATCH_ALL_NAME
-        return f"{self.vip}:{self.port}/{self.protocol.name.lower()}"
+        return f"{with_port(self.vip, self.port)}/{self.protocol.name.lower()}"
 
     @classmethod
     def parse(cls, text: str, protocol: str | None = None) -> ServiceKey:
-        """'10.1.0.1:80' (+ 'tcp'), '10.1.0.1:80/udp', '10.1.0.1' (every port, any protocol), '*'.
+        """'10.1.0.1:80' (+ 'tcp'), '10.1.0.1:80/udp', '10.1.0.1' (every port, any protocol), '*'; IPv6
+        VIPs in brackets when a port follows: '[2001:db8::1]:443', '[2001:db8::1]:53/udp', '2001:db8::1'.
 
         Raises ValueError (or KeyError for an unknown protocol name) on anything else."""
         text = text.strip()
@@ -102,13 +106,13 @@ class ServiceKey:
         proto_text = protocol
         if "/" in text:
             text, proto_text = text.split("/", 1)
-        host, _, port_text = text.partition(":")
+        host, port_text = split_host_port(text)
         port = int(port_text) if port_text else 0
         if proto_text is None:
             proto = ServiceProtocol.TCP if port else ServiceProtocol.ANY
         else:
             proto = ServiceProtocol[proto_text.upper()]
-        return cls(IPv4Address(host), proto, port)
+        return cls(as_address(host), proto, port)
 
 
 def lookup_entry(vip: bytes, port: bytes, protocol: int, fragment: bool = False) -> bytes:
@@ -133,43 +137,61 @@ class ServiceMatcher(Generic[T]):
             assert key.vip is not None
             entries[lookup_entry(key.vip.packed, _NO_PORT, key.protocol, fragment=True)] = services[key]
         self.entries: dict[bytes, T] = entries
-        """Every lookup entry (8 bytes, module docstring) -> value; the catch-all is not among them."""
-        self.named = len(services) - (1 if self.catch_all is not None else 0)
-        """Services with a VIP: with none, every packet goes to the catch-all without a lookup."""
+        """Every lookup entry (8 or 20 bytes, module docstring) -> value; the catch-all is not among them."""
+        self.named6 = sum(1 for k in services if k.vip is not None and k.vip.version == 6)
+        """Services with an IPv6 VIP: with none, an IPv6 flow goes to the catch-all without a lookup."""
+        self.named4 = len(services) - self.named6 - (1 if self.catch_all is not None else 0)
+        """Services with an IPv4 VIP: with none, an IPv4 flow goes to the catch-all without a lookup."""
+        self.named = self.named4 + self.named6
+        """Services with a VIP."""
 
     def match(self, key: bytes) -> T | None:
-        """The value for a 16-byte flow key (core/flow.py), by the rule in the module docstring. Hot path."""
-        if self.named:
-            get = self.entries.get
-            vip = key[4:8]
-            proto = key[12:13]
-            found = (get(vip + key[10:12] + proto + b"\x00") or get(vip + _NO_PORT + proto + b"\x00")
-                     or get(vip + b"\x00\x00\x00\x00"))
-            if found is None and proto in _PORTED and key[8:12] == b"\x00\x00\x00\x00":
-                found = get(vip + _NO_PORT + proto + b"\x01")
-            if found is not None:
-                return found
+        """The value for a flow key of either family (core/flow.py), by the rule in the module docstring.
+        Hot path: constant slices; the ports are bytes -8..-4 of a key of either length."""
+        if len(key) == FLOW_KEY_LEN:
+            if not self.named4:
+                return self.catch_all
+            vip, port, proto = key[4:8], key[10:12], key[12:13]
+        else:
+            if not self.named6:
+                return self.catch_all
+            vip, port, proto = key[16:32], key[34:36], key[36:37]
+        get = self.entries.get
+        found = (get(vip + port + proto + b"\x00") or get(vip + _NO_PORT + proto + b"\x00")
+                 or get(vip + b"\x00\x00\x00\x00"))
+        if found is None and proto in _PORTED and key[-8:-4] == b"\x00\x00\x00\x00":
+            found = get(vip + _NO_PORT + proto + b"\x01")
+        if found is not None:
+            return found
         return self.catch_all
 
     def tally(self, entries: Iterable[tuple[bytes, B]]) -> dict[tuple[T, B], int]:
-        """Connection entries (16-byte flow key, backend) counted per (value of the key's service,
-        backend), by match(); entries whose key matches no service are left out.
+        """Connection entries (flow key of either family, backend) counted per (value of the key's
+        service, backend), by match(); entries whose key matches no service are left out.
 
-        match() reads only the VIP, the destination port, the protocol and whether both ports are 0, so
-        keys are grouped by those first and the rule runs once per group, not once per entry."""
+        match() reads only the key's length, the VIP, the destination port, the protocol and whether
+        both ports are 0, so keys are grouped by those first and the rule runs once per group, not once
+        per entry."""
         if not self.named:
             if self.catch_all is None:
                 return {}
             return {(self.catch_all, b): n for b, n in Counter(b for _, b in entries).items()}
-        groups = Counter((k[4:8] + k[10:13] + (b"\x01" if k[8:12] == b"\x00\x00\x00\x00" else b"\x00"), b)
-                         for k, b in entries)
+        groups = Counter((_match_group(bytes(k)), b) for k, b in entries)
         out: dict[tuple[T, B], int] = {}
         for (group, backend), n in groups.items():
-            sport = b"\x00\x00" if group[7] else b"\xff\xff"  # any non-zero source port: not port-less
-            value = self.match(bytes(4) + group[0:4] + sport + group[4:7] + bytes(3))
+            value = self.match(group)
             if value is not None:
                 out[(value, backend)] = out.get((value, backend), 0) + n
         return out
+
+
+def _match_group(key: bytes) -> bytes:
+    """A key of the same length that match() treats as `key`: the source address zeroed and a non-zero
+    source port standing for any (both ports 0 stay 0: port-less)."""
+    at = len(key) - 8  # the ports: bytes -8..-4 of a key of either length
+    sport = b"\x00\x00" if key[at:at + 4] == b"\x00\x00\x00\x00" else b"\xff\xff"
+    half = at // 2     # the source address is the first half of what precedes the ports
+    return bytes(half) + key[half:at] + sport + key[at + 2:]
 
 
 @dataclass(frozen=True)
@@ -182,7 +204,7 @@ class Service:
     table: MaglevTable
 
     @property
-    def backends(self) -> tuple[IPv4Address, ...]:
+    def backends(self) -> tuple[Address, ...]:
         return self.table.backends
 
 
@@ -192,7 +214,7 @@ class Pool:
 
     service: Service
     backend_set: frozenset[int]
-    """Every listed backend (as int), drained ones included: their established flows stay."""
+    """Every listed backend (as int: core/address.py), drained ones included: their established flows stay."""
     slot_backend: list[int]
     """Slot -> backend address: the table resolved once, so a packet costs one list index."""
     packets: dict[int, int] = field(default_factory=dict)

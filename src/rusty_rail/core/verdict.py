@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 
 class DropReason(IntEnum):
-    """docs/WIRE.md section 9; the numbers index the XDP program's counters too (19..22 are its other
-    counters there, bpf/rr_structs.h). TX_REFUSED is counted by the engines from the device, never
+    """docs/WIRE.md section 9; the numbers index the XDP program's counters too (19..22 and 26 are its
+    other counters there, bpf/rr_structs.h). TX_REFUSED is counted by the engines from the device, never
     by the decision or the program."""
 
     OUTER_BAD_IHL = 1
@@ -30,8 +30,11 @@ class DropReason(IntEnum):
     NO_NEIGHBOUR = 16
     NO_SERVICE = 17
     TX_FAILED = 18
+    # 19-22 and 26 index the XDP program's other counters (bpf/rr_structs.h).
     TX_REFUSED = 23
     """Sent out of the device, which refused to transmit it (its tx_dropped; engines/device.py)."""
+    INNER_EXT_HEADERS = 24
+    OUTPUT_TOO_BIG = 25
 
 
 class Action(IntEnum):

@@ -17,9 +17,9 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from ipaddress import IPv4Address
 from typing import Protocol
 
+from rusty_rail.core.address import Address
 from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY, DEFAULT_PIN_ROOT
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import ServiceKey
@@ -91,7 +91,7 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class Explanation:
-    backend: IPv4Address | None
+    backend: Address | None
     reason: str
     """'connection entry', 'table slot N', 'no service matches', 'no backends', ..."""
 
@@ -107,15 +107,19 @@ class Counters:
     """Drop reason (DropReason name, lower case) -> packets."""
     connections: int = 0
     connection_evictions: int = 0
-    backends: Mapping[tuple[ServiceKey, IPv4Address], tuple[int, int]] = field(default_factory=dict)
+    backends: Mapping[tuple[ServiceKey, Address], tuple[int, int]] = field(default_factory=dict)
     """(service, backend) -> (packets, inner bytes) forwarded, for every backend listed now."""
-    flows: Mapping[tuple[ServiceKey, IPv4Address], int] | None = None
+    flows: Mapping[tuple[ServiceKey, Address], int] | None = None
     """(service, backend) -> connection entries of that service's flows naming the backend (an entry's
     key names its service: ServiceMatcher.tally); None when the table is too large to walk cheaply."""
     ready: bool = False
     """True once the engine forwards (rings open, program attached)."""
     engine: Mapping[str, int] = field(default_factory=dict)
     """Figures of this engine only (conn_hit, rx_kernel_drops, ...)."""
+    forwarded_ipv6: int = 0
+    """Of `forwarded`, the frames whose inner packet is IPv6 (docs/WIRE.md section 9): figures per family."""
+    connections_ipv6: int = 0
+    """Of `connections`, the IPv6 flows' entries."""
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
-
+from rusty_rail.core.address import Address, canonical_key
 from rusty_rail.core.constants import DEFAULT_TABLE_SIZE
 from rusty_rail.core.maglev import build_table
 from rusty_rail.core.service import Service, ServiceKey
 
-Weights = Mapping[IPv4Address, int]
+Weights = Mapping[Address, int]
 """backend -> weight; 0 = drained (keeps its established flows, takes no new ones)."""
 
 
@@ -45,14 +44,14 @@ class StateBuilder:
     table_size: int = DEFAULT_TABLE_SIZE
     tables_built: int = 0
     """Maglev tables built so far (status: table_rebuilds)."""
-    _cache: dict[ServiceKey, tuple[tuple[tuple[IPv4Address, int], ...], Service]] = field(default_factory=dict)
+    _cache: dict[ServiceKey, tuple[tuple[tuple[Address, int], ...], Service]] = field(default_factory=dict)
     _generation: int = 0
 
     def build(self, wanted: Mapping[ServiceKey, Weights]) -> DataplaneState:
         services = []
-        cache: dict[ServiceKey, tuple[tuple[tuple[IPv4Address, int], ...], Service]] = {}
+        cache: dict[ServiceKey, tuple[tuple[tuple[Address, int], ...], Service]] = {}
         for key in sorted(wanted):
-            weights = tuple(sorted(wanted[key].items()))
+            weights = tuple(sorted(wanted[key].items(), key=lambda item: canonical_key(item[0])))
             cached = self._cache.get(key)
             if cached is not None and cached[0] == weights:
                 service = cached[1]

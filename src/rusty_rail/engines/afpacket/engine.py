@@ -40,13 +40,13 @@ from rusty_rail.dataplane import (
     Explanation,
 )
 from rusty_rail.engines.afpacket import hostfilter
+from rusty_rail.engines.afpacket.bulk import bulk_blocks
 from rusty_rail.engines.afpacket.local import merge_counters
 from rusty_rail.engines.afpacket.pool import WorkerPool
-from rusty_rail.engines.afpacket.bulk import bulk_blocks
 from rusty_rail.engines.afpacket.walker import ProcessorFactory
 from rusty_rail.engines.afpacket.worker import Worker
 from rusty_rail.engines.device import TxRefusals
-from rusty_rail.engines.neighbours import device_info
+from rusty_rail.engines.neighbours import DeviceError, DeviceInfo, device_info
 
 
 class AfPacketEngine:
@@ -84,11 +84,19 @@ class AfPacketEngine:
         self._refusals: TxRefusals | None = None
         self._ready = threading.Event()
         self._final: Counters | None = None
+        self._device: DeviceInfo | None = None
+        """The device as start() found it: its addresses decide which backends apply() may take."""
 
     # -- state ---------------------------------------------------------------------------------------
 
     def apply(self, state: DataplaneState) -> None:
         with self._lock:
+            if self._device is not None:  # started: a backend needs an address of its family to send from
+                try:
+                    self._device.check_backends({int(b) for s in state.services for b in s.backends},
+                                                self.options.device)
+                except DeviceError as exc:
+                    raise ValueError(str(exc)) from None
             self._state = state
             if self._worker is not None:
                 self._worker.local.apply(state.services)
@@ -107,7 +115,10 @@ class AfPacketEngine:
         if self._worker is not None or self._pool is not None:
             return
         device = self.options.device
-        device_info(device)  # DeviceError (an EngineError) naming the device, before anything is set up
+        # DeviceError (an EngineError) naming the device, before anything is set up: no such device, no
+        # address, or none of a backend's family (docs/WIRE.md section 8).
+        info = device_info(device)
+        info.check_backends({int(b) for s in self._state.services for b in s.backends}, device)
         try:
             self._refusals = TxRefusals(device)
             if self.options.workers == 1:
@@ -139,6 +150,7 @@ class AfPacketEngine:
                 self.close()
                 raise EngineError(f"cannot keep the balanced GRE from the host stack on {device}: {exc}") from exc
             self._filtered = True
+        self._device = info
         self._ready.set()
 
     def _make_worker(self, services: tuple[Service, ...], fanout_group: int | None, control: Any) -> Worker:
@@ -189,6 +201,7 @@ class AfPacketEngine:
         if self._filtered:
             self._filtered = False
             hostfilter.remove(self.options.device)
+        self._device = None
         if self._refusals is not None:
             self._refusals.close()
             self._refusals = None
@@ -209,7 +222,9 @@ class AfPacketEngine:
         refusals = self._refusals
         refused = refusals.read() if refusals is not None else 0
         drops = {**counters.drops, DropReason.TX_REFUSED.name.lower(): refused}
-        return dataclasses.replace(counters, forwarded=max(0, counters.forwarded - refused), drops=drops)
+        forwarded = max(0, counters.forwarded - refused)
+        return dataclasses.replace(counters, forwarded=forwarded, drops=drops,
+                                   forwarded_ipv6=min(counters.forwarded_ipv6, forwarded))  # not traced to a family
 
     def _with_supervisor(self, counters: Counters) -> Counters:
         """Adds what only the supervisor knows: services it shipped to the workers."""

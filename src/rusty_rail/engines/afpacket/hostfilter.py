@@ -3,8 +3,10 @@
 AF_PACKET taps run before netdev ingress in __netif_receive_skb_core, so the engine's socket still gets
 every GRE frame while the host stack does not (it would otherwise answer "protocol unreachable", or
 duplicate the packet if anything on the host handles GRE). Everything else — ARP, ICMP, SSH — reaches the
-host untouched. `ether type ip` (not `meta protocol`) so a VLAN-tagged frame, whose tag the kernel keeps
-as metadata, is not matched: docs/WIRE.md passes those to the host.
+host untouched. `ether type ip` / `ether type ip6` (not `meta protocol`) so a VLAN-tagged frame, whose tag
+the kernel keeps as metadata, is not matched: docs/WIRE.md passes those to the host. For IPv6 the rule
+reads the fixed header's next header (`ip6 nexthdr`, not `meta l4proto`, which walks extension headers):
+GRE after extension headers is not ours (WIRE.md section 1) and reaches the host like any IPv6.
 
 The table is named after the device, so two engines on two devices do not collide, and a leftover from a
 crashed run is replaced atomically (`add` + `delete` + define in one transaction).
@@ -32,7 +34,8 @@ def _nft(*args: str, script: str | None = None) -> subprocess.CompletedProcess[s
 
 
 def install(device: str) -> str:
-    """Drop IPv4 GRE on `device`'s ingress before the host stack sees it. Returns the table name."""
+    """Drop GRE over IPv4 and IPv6 on `device`'s ingress before the host stack sees it. Returns the table
+    name."""
     if not _NAME_OK.fullmatch(device):
         raise ValueError(f"unexpected device name {device!r}")
     table = table_name(device)
@@ -43,6 +46,7 @@ table netdev {table} {{
     chain {CHAIN} {{
         type filter hook ingress device "{device}" priority -500; policy accept;
         ether type ip ip protocol gre counter drop comment "balanced by rusty-rail's AF_PACKET engine"
+        ether type ip6 ip6 nexthdr gre counter drop comment "balanced by rusty-rail's AF_PACKET engine"
     }}
 }}
 """

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from ipaddress import IPv4Address
 
+from rusty_rail.core.address import Address, as_address
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.constants import FLOW_COUNT_LIMIT
 from rusty_rail.core.flow import FlowKey
@@ -67,8 +67,11 @@ class LocalBalancer:
         """The balancer's figures, with the engine's own (`engine`) alongside; walk=False: no flows."""
         b = self.balancer
         drops = b.drops
+        forwarded = b.forwarded - drops[DropReason.TX_FAILED]  # decided, but neither TX path took it
         return Counters(
-            forwarded=b.forwarded - drops[DropReason.TX_FAILED],  # decided, but neither TX path took it
+            forwarded=forwarded,
+            forwarded_ipv6=min(b.forwarded6, forwarded),  # a failed send is not traced to its family
+            connections_ipv6=b.connections.ipv6,
             passed=b.passed,
             drops={name: drops[reason] for reason, name in _DROP_NAMES},
             connections=len(b.connections),
@@ -79,7 +82,7 @@ class LocalBalancer:
             engine=dict(engine or {}),
         )
 
-    def flows(self) -> dict[tuple[ServiceKey, IPv4Address], int] | None:
+    def flows(self) -> dict[tuple[ServiceKey, Address], int] | None:
         """Connection entries per (service, backend), the service being the one the entry's key matches
         now; None above FLOW_COUNT_LIMIT entries (or while the packet loop keeps changing the table
         under the walk)."""
@@ -92,7 +95,7 @@ class LocalBalancer:
                 entries = table.items()
             except RuntimeError:
                 continue
-            return {(service, IPv4Address(b)): n for (service, b), n in matcher.tally(entries).items()}
+            return {(service, as_address(b)): n for (service, b), n in matcher.tally(entries).items()}
         return None
 
     def explain(self, key: FlowKey) -> Explanation:
@@ -103,8 +106,8 @@ class LocalBalancer:
 def merge_counters(parts: list[Counters], ready: bool) -> Counters:
     """Workers' counters added up (each worker has its own connection table and figures)."""
     drops: dict[str, int] = {}
-    backends: dict[tuple[ServiceKey, IPv4Address], tuple[int, int]] = {}
-    flows: dict[tuple[ServiceKey, IPv4Address], int] | None = {}
+    backends: dict[tuple[ServiceKey, Address], tuple[int, int]] = {}
+    flows: dict[tuple[ServiceKey, Address], int] | None = {}
     engine: dict[str, int] = {}
     for part in parts:
         for name, n in part.drops.items():
@@ -121,6 +124,8 @@ def merge_counters(parts: list[Counters], ready: bool) -> Counters:
             engine[name] = engine.get(name, 0) + n
     return Counters(
         forwarded=sum(p.forwarded for p in parts),
+        forwarded_ipv6=sum(p.forwarded_ipv6 for p in parts),
+        connections_ipv6=sum(p.connections_ipv6 for p in parts),
         passed=sum(p.passed for p in parts),
         drops=drops,
         connections=sum(p.connections for p in parts),

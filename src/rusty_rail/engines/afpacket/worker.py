@@ -55,12 +55,13 @@ class Worker:
         self.neighbour_interval = neighbour_interval
         self.poll_ms = poll_ms
         self.neighbour_refreshes = 0
-        self.resolver = NeighbourResolver(device)  # raises DeviceError: missing device, no IPv4 address
+        self.resolver = NeighbourResolver(device)  # raises DeviceError: missing device, no IP address
         self.ring: PacketRing | None = None
         self.spill: socket.socket | None = None
         try:
-            balancer = Balancer(self.resolver.address, self.resolver.mac, services,
-                                ConnectionTable(connection_capacity))
+            resolver = self.resolver
+            balancer = Balancer(resolver.address, resolver.mac, services, ConnectionTable(connection_capacity),
+                                local_address6=resolver.address6, mtu=resolver.mtu)
             self.local = LocalBalancer(balancer)
             self.ring = PacketRing(self.resolver.ifindex, **(ring_options or {}))
             if fanout_group is not None:

@@ -4,13 +4,14 @@
   conn_hit / conn_new / conn_insert;
 - rr_backend_stats (per CPU, summed): packets and inner bytes per (service, backend), for the slots
   the map image says are in use (every backend listed now; one listed since the last sync shows 0, 0);
-- rr_conns: entries, and entries per (service, backend), from one BPF_MAP_LOOKUP_BATCH walk (the walk
-  runs in the kernel, off the packet path; counting per backend is the Python side's cost, hence
-  FLOW_COUNT_LIMIT; an entry's key names its service, ServiceMatcher.tally);
-- connection evictions, derived: the kernel's LRU map evicts without counting (connection_evictions);
+- rr_conns and rr_conns6: entries (of each family), and entries per (service, backend), from one
+  BPF_MAP_LOOKUP_BATCH walk of each (the walk runs in the kernel, off the packet path; counting per
+  backend is the Python side's cost, hence FLOW_COUNT_LIMIT; an entry's key names its service,
+  ServiceMatcher.tally);
+- connection evictions, derived: the kernel's LRU maps evict without counting (connection_evictions);
 - tx_refused, from the device (engines/device.py): the program counts a frame forwarded when it returns
   XDP_TX, and the device may still refuse it (native mode on a veth whose peer runs no XDP program
-  drops them all). `forwarded` is the program's figure less those.
+  drops them all). `forwarded` is the program's figure (both families) less those.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections import Counter
-from ipaddress import IPv4Address
 
 from rusty_rail.bpf import libbpf
+from rusty_rail.core.address import Address, as_address
 from rusty_rail.core.constants import FLOW_COUNT_LIMIT
 from rusty_rail.core.service import ServiceKey, ServiceMatcher
 from rusty_rail.core.verdict import DropReason
@@ -39,9 +40,12 @@ def stats(program: XdpProgram) -> list[int]:
 
 
 def named(program: XdpProgram) -> dict[str, int]:
-    """rr_stats by name: forwarded, passed, drop_<reason>, conn_hit, conn_new, conn_insert."""
+    """rr_stats by name: forwarded (both families), forwarded_ipv6, passed, drop_<reason>, conn_hit,
+    conn_new, conn_insert."""
     values = stats(program)
-    return {name: values[i] for i, name in sorted(m.stat_names().items())}
+    out = {name: values[i] for i, name in sorted(m.stat_names().items())}
+    out["forwarded"] = out.pop("forwarded_ipv4") + out["forwarded_ipv6"]
+    return out
 
 
 def _stat(program: XdpProgram, index: int) -> int:
@@ -49,46 +53,58 @@ def _stat(program: XdpProgram, index: int) -> int:
     return sum(struct.unpack(f"={program.ncpus}Q", raw)) if raw is not None else 0
 
 
-def backend_figures(program: XdpProgram) -> dict[tuple[ServiceKey, IPv4Address], tuple[int, int]]:
+def backend_figures(program: XdpProgram) -> dict[tuple[ServiceKey, Address], tuple[int, int]]:
     """(packets, inner bytes) forwarded per (service, backend) listed now, summed over CPUs."""
     size = ctypes.sizeof(m.RrBackendStats) * program.ncpus
     out = {}
     for (s, b), (service, address) in program.image.stat_slots.items():
         raw = program.lookup(m.MAP_BACKEND_STATS, ctypes.c_uint32(m.backend_stats_slot(s, b)), size)
         values = struct.unpack(f"={2 * program.ncpus}Q", raw) if raw is not None else (0, 0)
-        out[(service, IPv4Address(address))] = (sum(values[0::2]), sum(values[1::2]))
+        out[(service, as_address(address))] = (sum(values[0::2]), sum(values[1::2]))
     return out
 
 
 def connection_summary(program: XdpProgram, flow_limit: int | None = None,
                        matcher: ServiceMatcher[ServiceKey] | None = None
-                       ) -> tuple[int, dict[tuple[ServiceKey, IPv4Address], int] | None]:
-    """(entries in rr_conns, entries per (service, backend address)), in one BPF_MAP_LOOKUP_BATCH walk.
+                       ) -> tuple[int, dict[tuple[ServiceKey, Address], int] | None]:
+    """(entries in rr_conns and rr_conns6, entries per (service, backend address)), in one
+    BPF_MAP_LOOKUP_BATCH walk of each (_walk says more)."""
+    total, flows, _ = _walk(program, flow_limit, matcher)
+    return total, flows
+
+
+def _walk(program: XdpProgram, flow_limit: int | None, matcher: ServiceMatcher[ServiceKey] | None = None
+          ) -> tuple[int, dict[tuple[ServiceKey, Address], int] | None, int]:
+    """connection_summary's answer and the entries of rr_conns6 (IPv6 flows), from one walk of each map.
 
     An entry's service is the one its key matches in `matcher` (default: the services the map image
     holds now); entries of no service are left out of the counts. As core's ConnectionTable: every
-    entry the table holds counts, including idle ones the program has not rewritten yet (the LRU map
-    forgets entries only by eviction). The counts are None when there are more than `flow_limit`
+    entry the tables hold counts, including idle ones the program has not rewritten yet (the LRU maps
+    forget entries only by eviction). The counts are None when there are more than `flow_limit`
     entries (the walk goes on for the total). Under traffic, entries added or evicted during the walk
     may or may not be counted."""
     if matcher is None:
         matcher = ServiceMatcher({key: key for key in program.image.service_index})
-    key_size, value_size = ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)
-    words = value_size // 4  # rr_conn: backend_addr is its first 32-bit word
-    total = 0
-    counts: Counter[tuple[ServiceKey, int]] | None = Counter()
-    for n, keys, values in libbpf.map_lookup_batches(program.fds[m.MAP_CONNS], key_size, value_size):
-        total += n
-        if counts is not None:
-            if flow_limit is not None and total > flow_limit:
-                counts = None
-            else:
-                entries = zip((keys[i:i + key_size] for i in range(0, n * key_size, key_size)),
-                              memoryview(values).cast("I")[0:n * words:words])
-                counts.update(matcher.tally(entries))
+    value_size = ctypes.sizeof(m.RrConn)
+    words = value_size // 8  # rr_conn: backend_addr (16 bytes) is its first two 64-bit words
+    total = total6 = 0
+    counts: Counter[tuple[ServiceKey, tuple[int, int]]] | None = Counter()
+    for name in m.CONN_MAPS:
+        key_size = m.KEY_SIZES[name]
+        for n, keys, values in libbpf.map_lookup_batches(program.fds[name], key_size, value_size):
+            total += n
+            total6 += n if name == m.MAP_CONNS6 else 0
+            if counts is not None:
+                if flow_limit is not None and total > flow_limit:
+                    counts = None
+                else:
+                    view = memoryview(values).cast("Q")[0:n * words]
+                    entries = zip((keys[i:i + key_size] for i in range(0, n * key_size, key_size)),
+                                  zip(view[0::words], view[1::words]))
+                    counts.update(matcher.tally(entries))
     if counts is None:
-        return total, None
-    return total, {(s, IPv4Address(struct.pack("=I", a))): c for (s, a), c in counts.items()}
+        return total, None, total6
+    return total, {(s, as_address(m.from_identity(struct.pack("=QQ", *a)))): c for (s, a), c in counts.items()}, total6
 
 
 def connection_evictions(program: XdpProgram, live: int | None = None) -> int:
@@ -125,11 +141,14 @@ def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_L
     refused to transmit (engines/device.py TxRefusals), reported as tx_refused and not as forwarded.
     walk=False: rr_conns is not walked (connections, evictions 0 and flows None: the Engine protocol)."""
     values = stats(program)
-    live, flows = connection_summary(program, flow_limit, matcher) if walk else (0, None)
+    live, flows, live6 = _walk(program, flow_limit, matcher) if walk else (0, None, 0)
     drops = {reason.name.lower(): values[reason] for reason in DropReason}
     drops[DropReason.TX_REFUSED.name.lower()] = refused  # the device's figure: the program never counts it
+    forwarded = max(0, values[m.STAT_FORWARDED] + values[m.STAT_FORWARDED_IPV6] - refused)  # each once, by family
     return Counters(
-        forwarded=max(0, values[m.STAT_FORWARDED] - refused),
+        forwarded=forwarded,
+        forwarded_ipv6=min(values[m.STAT_FORWARDED_IPV6], forwarded),  # a refusal is not traced to a family
+        connections_ipv6=live6,
         passed=values[m.STAT_PASSED],
         drops=drops,
         connections=live,

@@ -12,13 +12,13 @@ the program attached. serve(): every `neighbour_interval` seconds (every `resolv
 backend's next hop is unknown: its new flows are dropped as NO_NEIGHBOUR meanwhile) the next hops are
 looked up again, and a change is written at once.
 
-Hitless restart (handover): hand_over(pin_root) pins rr_conns and rr_backends in the device's
-directory below `pin_root` (a path to the successor's bpffs: see bpf/bpffs.py) or says why it cannot,
-changing nothing; the engine keeps serving until stopped, and then leaves the program attached: it keeps
-forwarding on its (now frozen) maps. The next engine started for the same device finds the pins, loads
-its program with the pinned rr_conns as its own connection table, takes the backend indices the
-entries name from the pinned rr_backends (planner.adopt), fills its other maps, and only then replaces
-the running program atomically (XDP_FLAGS_REPLACE): the device is never without a program and every
+Hitless restart (handover): hand_over(pin_root) pins rr_conns, rr_conns6 and rr_backends in the
+device's directory below `pin_root` (a path to the successor's bpffs: see bpf/bpffs.py) or says why it
+cannot, changing nothing; the engine keeps serving until stopped, and then leaves the program attached:
+it keeps forwarding on its (now frozen) maps. The next engine started for the same device finds the
+pins, loads its program with the pinned rr_conns and rr_conns6 as its own connection tables, takes the
+backend indices the entries name from the pinned rr_backends (planner.adopt), fills its other maps, and
+only then replaces the running program atomically (XDP_FLAGS_REPLACE): the device is never without a program and every
 established flow keeps its backend. It then removes the pins. Whatever program runs on the device at
 start (a predecessor whose pins it cannot use or see, a killed run's leftover) is replaced the same
 way, never detached first; a plain stop detaches.
@@ -30,12 +30,13 @@ import logging
 import os
 import threading
 import time
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from rusty_rail.bpf import bpffs, libbpf
+from rusty_rail.core.address import as_address
 from rusty_rail.core.balancer import explain_choice
 from rusty_rail.core.conntrack import Timeouts
-from rusty_rail.core.constants import DEFAULT_PIN_ROOT, RR_HASH_SEED
+from rusty_rail.core.constants import DEFAULT_MTU, DEFAULT_PIN_ROOT, RR_HASH_SEED
 from rusty_rail.core.flow import FlowKey
 from rusty_rail.core.service import Service, ServiceMatcher
 from rusty_rail.dataplane import (Counters, DataplaneState, EngineError, EngineKind, EngineOptions, EngineReport,
@@ -65,9 +66,13 @@ class _Predecessor:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.conns_fd: int | None = libbpf.obj_get(os.path.join(directory, m.MAP_CONNS))
+        self.conns6_fd: int | None = None
+        """A predecessor that pinned no rr_conns6 (an IPv4-only release) leaves None: a new one."""
         self.backends_fd: int | None = None
         try:
             self.backends_fd = libbpf.obj_get(os.path.join(directory, m.MAP_BACKENDS))
+            if os.path.exists(os.path.join(directory, m.MAP_CONNS6)):
+                self.conns6_fd = libbpf.obj_get(os.path.join(directory, m.MAP_CONNS6))
         except BaseException:
             self.close()
             raise
@@ -83,7 +88,7 @@ class _Predecessor:
             return None
 
     def remove_pins(self) -> None:
-        for name in (m.MAP_CONNS, m.MAP_BACKENDS):
+        for name in (m.MAP_CONNS, m.MAP_CONNS6, m.MAP_BACKENDS):
             try:
                 os.unlink(os.path.join(self.directory, name))
             except FileNotFoundError:
@@ -95,10 +100,10 @@ class _Predecessor:
                 break
 
     def close(self) -> None:
-        for fd in (self.conns_fd, self.backends_fd):
+        for fd in (self.conns_fd, self.conns6_fd, self.backends_fd):
             if fd is not None:
                 os.close(fd)
-        self.conns_fd = self.backends_fd = None
+        self.conns_fd = self.conns6_fd = self.backends_fd = None
 
 
 class XdpEngine:
@@ -131,6 +136,8 @@ class XdpEngine:
         self._matcher: ServiceMatcher[Service] = ServiceMatcher({})
         self._macs: dict[int, bytes] = {}
         self._address: IPv4Address | None = None
+        self._address6: IPv6Address | None = None
+        self._mtu = DEFAULT_MTU
         self._mac = b""
         self._lock = threading.Lock()  # apply() comes from the control plane's threads
         self._resolver: NeighbourResolver | None = None
@@ -147,6 +154,12 @@ class XdpEngine:
                                  f"{self.options.max_services}")
             if len({b for s in state.services for b in s.backends}) > m.MAX_BACKENDS:
                 raise ValueError(f"more than {m.MAX_BACKENDS} backends")
+            if self._resolver is not None:  # started: a backend needs an address of its family to send from
+                try:
+                    self._resolver.info.check_backends({int(b) for s in state.services for b in s.backends},
+                                                       self.options.device)
+                except DeviceError as exc:
+                    raise ValueError(str(exc)) from None
             if self.program is not None:
                 self.program.sync(self._desired(state))  # ValueError: the maps stay as they were
             self._state, self._matcher = state, ServiceMatcher(state.by_key())
@@ -157,7 +170,12 @@ class XdpEngine:
         except DeviceError as exc:
             raise EngineError(f"XDP engine: {exc}") from None
         resolver = self._resolver
-        self._address, self._mac = IPv4Address(resolver.address), resolver.mac
+        self._address, self._address6, self._mac, self._mtu = resolver.address, resolver.address6, resolver.mac, resolver.mtu
+        try:
+            resolver.info.check_backends({int(b) for s in self._state.services for b in s.backends}, self.options.device)
+        except DeviceError as exc:
+            self.close()
+            raise EngineError(f"XDP engine: {exc}") from None
         try:
             self._refusals = TxRefusals(self.options.device)  # before the first XDP_TX: only ours count
         except OSError as exc:
@@ -222,9 +240,9 @@ class XdpEngine:
         return EngineReport(EngineKind.XDP, self.handed_over, report)
 
     def hand_over(self, pin_root: str) -> bool:
-        """Pin rr_conns and rr_backends for a successor below `pin_root` (this process's path to the
-        bpffs the successor reads: bpf/bpffs.py; prepared, i.e. mounted where missing and permitted)
-        and make the coming stop leave the program attached.
+        """Pin rr_conns, rr_conns6 and rr_backends for a successor below `pin_root` (this process's path
+        to the bpffs the successor reads: bpf/bpffs.py; prepared, i.e. mounted where missing and
+        permitted) and make the coming stop leave the program attached.
         On failure nothing changes (EngineError says why): the program stays attached, serving as before,
         and a stop still detaches."""
         with self._lock:
@@ -268,18 +286,18 @@ class XdpEngine:
     # -- the parts --------------------------------------------------------------------------------
 
     def _desired(self, state: DataplaneState) -> Desired:
-        assert self._address is not None
-        return Desired(state, self._address, self._mac, dict(self._macs), timeouts=self.timeouts)
+        return Desired(state, self._address, self._mac, dict(self._macs), timeouts=self.timeouts,
+                       local_address6=self._address6, mtu=self._mtu)
 
     def _load(self, before: _Predecessor | None) -> XdpProgram:
-        def load(reuse: int | None) -> XdpProgram:
+        def load(reuse: int | None, reuse6: int | None = None) -> XdpProgram:
             return XdpProgram(self.object_path, table_size=self._state.table_size,
                               conn_capacity=self.options.connection_capacity,
-                              max_services=self.options.max_services, reuse_conns_fd=reuse)
+                              max_services=self.options.max_services, reuse_conns_fd=reuse, reuse_conns6_fd=reuse6)
 
         if before is not None:
             try:
-                program = load(before.conns_fd)
+                program = load(before.conns_fd, before.conns6_fd)
             except ValueError as exc:  # e.g. another connection capacity: flows are re-hashed
                 log.warning("not reusing the predecessor's connection table: %s", exc)
             else:
@@ -342,7 +360,7 @@ class XdpEngine:
         backend = program.image.backends.get(entry.backend_index)
         if backend is None or backend.address != int(entry.backend):
             return None
-        timeout = {6: self.timeouts.tcp, 17: self.timeouts.udp}.get(packed[12], self.timeouts.other)
+        timeout = {6: self.timeouts.tcp, 17: self.timeouts.udp}.get(packed[-4], self.timeouts.other)  # the protocol
         if time.monotonic_ns() - entry.last_seen_ns >= timeout * 1e9:
             return None
         return backend.address
@@ -367,4 +385,4 @@ class _Changes(dict[int, "bytes | None"]):
 
     def set_neighbour(self, backend: int, mac: bytes | None) -> None:
         self[backend] = mac
-        log.info("next hop of %s: %s", IPv4Address(backend), mac.hex(":") if mac else "unresolved")
+        log.info("next hop of %s: %s", as_address(backend), mac.hex(":") if mac else "unresolved")

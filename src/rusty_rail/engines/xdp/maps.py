@@ -8,9 +8,9 @@ they are mirrored as byte arrays, so nothing depends on the host's byte order.
 from __future__ import annotations
 
 import ctypes
-from ipaddress import IPv4Address
 
 from rusty_rail.core import constants
+from rusty_rail.core.address import AddressLike, address_int, is_ipv6
 from rusty_rail.core.verdict import DropReason
 from rusty_rail.dataplane.engine import DEFAULT_MAX_SERVICES  # noqa: F401 (RR_DEFAULT_MAX_SERVICES)
 
@@ -18,11 +18,16 @@ MAP_CONFIG = "rr_config"
 MAP_BACKENDS = "rr_backends"
 MAP_MAGLEV = "rr_maglev"
 MAP_CONNS = "rr_conns"
+MAP_CONNS6 = "rr_conns6"
 MAP_STATS = "rr_stats"
 MAP_SERVICES = "rr_services"
+MAP_SERVICES6 = "rr_services6"
 MAP_MEMBERS = "rr_members"
 MAP_BACKEND_STATS = "rr_backend_stats"
-MAPS = (MAP_CONFIG, MAP_BACKENDS, MAP_MAGLEV, MAP_CONNS, MAP_STATS, MAP_SERVICES, MAP_MEMBERS, MAP_BACKEND_STATS)
+MAPS = (MAP_CONFIG, MAP_BACKENDS, MAP_MAGLEV, MAP_CONNS, MAP_CONNS6, MAP_STATS, MAP_SERVICES, MAP_SERVICES6,
+        MAP_MEMBERS, MAP_BACKEND_STATS)
+CONN_MAPS = (MAP_CONNS, MAP_CONNS6)
+"""The connection tables: IPv4 keys, IPv6 keys (docs/WIRE.md section 7)."""
 PERCPU_MAPS = (MAP_STATS, MAP_BACKEND_STATS)
 """Per-CPU arrays: a value is read and written for every possible CPU."""
 PROGRAM = "rr_balance"
@@ -37,21 +42,28 @@ MEMBER_WORDS = MAX_BACKENDS // 64
 
 TIMEOUT_TCP, TIMEOUT_UDP, TIMEOUT_OTHER = 0, 1, 2
 
-# rr_stats indexes (rr_structs.h): 0 forwarded, 1..18 DropReason, then these; 23 is DropReason.TX_REFUSED,
-# which the program never counts (counters.py reads it from the device).
+EXT_HEADERS = 4
+"""RR_EXT_HEADERS: inner IPv6 extension headers walked (core/ipv6.py EXTENSION_HEADER_LIMIT)."""
+
+# rr_stats indexes (rr_structs.h): 0 and 26 forwarded (inner IPv4, inner IPv6: each forward is counted
+# once, by family; "forwarded" is their sum), DropReason's numbers (1..18, 23..25), then these. 23 is
+# DropReason.TX_REFUSED, which the program never counts (counters.py reads it from the device).
 STAT_FORWARDED = 0
 STAT_PASSED = 19
 STAT_CONN_HIT = 20
 STAT_CONN_NEW = 21
-STAT_CONN_INSERT = 22  # new rr_conns entries (the lookup found none): counters.connection_evictions
+STAT_CONN_INSERT = 22  # new rr_conns / rr_conns6 entries (the lookup found none): connection_evictions
+STAT_FORWARDED_IPV6 = 26  # forwards whose inner packet is IPv6 (STAT_FORWARDED: IPv4)
 STAT_MAX = 32
 ENGINE_STATS = {STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new", STAT_CONN_INSERT: "conn_insert"}
 """Figures of this engine only (Counters.engine)."""
 
 
 def stat_names() -> dict[int, str]:
-    """rr_stats index -> name: forwarded, passed, drop_<reason>, conn_hit, conn_new, conn_insert."""
-    names = {STAT_FORWARDED: "forwarded", STAT_PASSED: "passed", **ENGINE_STATS}
+    """rr_stats index -> name: forwarded_ipv4, forwarded_ipv6, passed, drop_<reason>, conn_hit, conn_new,
+    conn_insert (counters.named adds "forwarded", the sum of the first two)."""
+    names = {STAT_FORWARDED: "forwarded_ipv4", STAT_PASSED: "passed", STAT_FORWARDED_IPV6: "forwarded_ipv6",
+             **ENGINE_STATS}
     for reason in DropReason:
         names[int(reason)] = f"drop_{reason.name.lower()}"
     return names
@@ -68,15 +80,20 @@ class RrConfig(ctypes.Structure):
         ("catch_all_size", ctypes.c_uint32),
         ("table_stride", ctypes.c_uint32),
         ("conn_timeout_ns", ctypes.c_uint64 * 3),
+        ("local_addr6", ctypes.c_uint8 * 16),
+        ("named_services6", ctypes.c_uint32),
+        ("mtu", ctypes.c_uint32),
     ]
 
 
 class RrBackend(ctypes.Structure):
     _fields_ = [
-        ("addr", ctypes.c_uint8 * 4),
+        ("addr", ctypes.c_uint8 * 16),
         ("mac", ctypes.c_uint8 * 6),
         ("has_mac", ctypes.c_uint8),
         ("in_use", ctypes.c_uint8),
+        ("ipv6", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
     ]
 
 
@@ -93,10 +110,24 @@ class RrFlowKey(ctypes.Structure):
     ]
 
 
+class RrFlowKey6(ctypes.Structure):
+    """The 40 bytes of docs/WIRE.md section 6 for IPv6; `bytes(RrFlowKey6)` equals core.flow's packed key."""
+
+    _fields_ = [
+        ("src", ctypes.c_uint8 * 16),
+        ("dst", ctypes.c_uint8 * 16),
+        ("sport", ctypes.c_uint8 * 2),
+        ("dport", ctypes.c_uint8 * 2),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
 class RrConn(ctypes.Structure):
     _fields_ = [
-        ("backend_addr", ctypes.c_uint8 * 4),
+        ("backend_addr", ctypes.c_uint8 * 16),
         ("backend_index", ctypes.c_uint32),
+        ("flow_hash", ctypes.c_uint32),
         ("last_seen_ns", ctypes.c_uint64),
     ]
 
@@ -106,6 +137,17 @@ class RrServiceKey(ctypes.Structure):
 
     _fields_ = [
         ("vip", ctypes.c_uint8 * 4),
+        ("port", ctypes.c_uint8 * 2),
+        ("proto", ctypes.c_uint8),
+        ("fragment", ctypes.c_uint8),
+    ]
+
+
+class RrServiceKey6(ctypes.Structure):
+    """core/service.py's lookup entry for an IPv6 VIP: 20 bytes."""
+
+    _fields_ = [
+        ("vip", ctypes.c_uint8 * 16),
         ("port", ctypes.c_uint8 * 2),
         ("proto", ctypes.c_uint8),
         ("fragment", ctypes.c_uint8),
@@ -141,15 +183,18 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "rr_config": RrConfig,
     "rr_backend": RrBackend,
     "rr_flow_key": RrFlowKey,
+    "rr_flow_key6": RrFlowKey6,
     "rr_conn": RrConn,
     "rr_service_key": RrServiceKey,
+    "rr_service_key6": RrServiceKey6,
     "rr_service": RrService,
     "rr_clock": RrClock,
     "rr_backend_stats": RrBackendStats,
 }
 
-KEY_SIZES = {MAP_CONFIG: 4, MAP_BACKENDS: 4, MAP_MAGLEV: 4, MAP_CONNS: ctypes.sizeof(RrFlowKey), MAP_STATS: 4,
-             MAP_SERVICES: ctypes.sizeof(RrServiceKey), MAP_MEMBERS: 4, MAP_BACKEND_STATS: 4}
+KEY_SIZES = {MAP_CONFIG: 4, MAP_BACKENDS: 4, MAP_MAGLEV: 4, MAP_CONNS: ctypes.sizeof(RrFlowKey),
+             MAP_CONNS6: ctypes.sizeof(RrFlowKey6), MAP_STATS: 4, MAP_SERVICES: ctypes.sizeof(RrServiceKey),
+             MAP_SERVICES6: ctypes.sizeof(RrServiceKey6), MAP_MEMBERS: 4, MAP_BACKEND_STATS: 4}
 """Key size of every map: a write whose key holds several keys is a batch (program.XdpProgram.write)."""
 
 
@@ -158,9 +203,31 @@ def backend_stats_slot(service_index: int, backend_index: int) -> int:
     return service_index * MAX_BACKENDS + backend_index
 
 
-def make_backend(addr: IPv4Address | str | int, mac: bytes | None, in_use: bool = True) -> RrBackend:
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def identity(address: AddressLike) -> bytes:
+    """A backend's 16-byte identity in rr_backends and rr_conns: its IPv6 address, or its IPv4 address
+    IPv4-mapped (::ffff:a.b.c.d, RFC 4291 2.5.5.2)."""
+    n = address_int(address)
+    return n.to_bytes(16, "big") if is_ipv6(n) else _V4_MAPPED + n.to_bytes(4, "big")
+
+
+def from_identity(raw: bytes) -> int:
+    """The backend (as int, core/address.py) an identity names."""
+    raw = bytes(raw)
+    return int.from_bytes(raw[12:] if raw[:12] == _V4_MAPPED else raw, "big")
+
+
+def conn_map(key: bytes) -> str:
+    """The connection table of a flow key: rr_conns for 16 bytes, rr_conns6 for 40."""
+    return MAP_CONNS if len(key) == ctypes.sizeof(RrFlowKey) else MAP_CONNS6
+
+
+def make_backend(addr: AddressLike, mac: bytes | None, in_use: bool = True) -> RrBackend:
     b = RrBackend()
-    b.addr = (ctypes.c_uint8 * 4)(*IPv4Address(addr).packed)
+    b.addr = (ctypes.c_uint8 * 16)(*identity(addr))
+    b.ipv6 = 1 if is_ipv6(address_int(addr)) else 0
     if mac is not None:
         if len(mac) != 6:
             raise ValueError("a MAC is 6 bytes")
@@ -170,7 +237,9 @@ def make_backend(addr: IPv4Address | str | int, mac: bytes | None, in_use: bool 
     return b
 
 
-def flow_key_from_bytes(key: bytes) -> RrFlowKey:
+def flow_key_from_bytes(key: bytes) -> RrFlowKey | RrFlowKey6:
+    if len(key) == ctypes.sizeof(RrFlowKey6):
+        return RrFlowKey6.from_buffer_copy(key)
     if len(key) != ctypes.sizeof(RrFlowKey):
-        raise ValueError("a flow key is 16 bytes")
+        raise ValueError("a flow key is 16 bytes (IPv4) or 40 (IPv6)")
     return RrFlowKey.from_buffer_copy(key)

@@ -15,8 +15,9 @@ The order (every step only names what an earlier step wrote):
    (service, address) they did not name before are zeroed, so a backend's figures start from zero
    when it joins or rejoins a service, and a reused index never inherits another's counts.
 4. rr_members (old | new while a service changes) and rr_maglev tables.
-5. rr_config (the catch-all, the named-service count), then rr_services: the keys of core/service.py's
-   `ServiceMatcher.entries` (the one statement of the match rule), removed entries last.
+5. rr_config (the catch-all, the named-service counts), then rr_services and rr_services6: the keys of
+   core/service.py's `ServiceMatcher.entries` (the one statement of the match rule; 8-byte entries go
+   to rr_services, 20-byte ones to rr_services6), removed entries last.
 6. rr_members down to the new members.
 7. Services that left: members cleared, index freed (rr_services stopped naming them in step 5).
 8. Backends no longer listed anywhere: marked unused, index freed (a later plan may reuse it).
@@ -33,11 +34,12 @@ import heapq
 from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, NamedTuple
 
+from rusty_rail.core.address import as_address, is_ipv6
 from rusty_rail.core.conntrack import Timeouts
-from rusty_rail.core.constants import RR_HASH_SEED
+from rusty_rail.core.constants import DEFAULT_MTU, RR_HASH_SEED
 from rusty_rail.core.maglev import MaglevTable
 from rusty_rail.core.service import ServiceKey, ServiceMatcher
 from rusty_rail.dataplane.state import DataplaneState
@@ -120,45 +122,58 @@ class Desired:
     """What the maps must make the program do."""
 
     state: DataplaneState
-    local_address: IPv4Address
-    """The device's first IPv4 address: the outer source of forwarded frames."""
+    local_address: IPv4Address | None
+    """The device's first IPv4 address: the outer source toward IPv4 backends (None: it has none)."""
     local_mac: bytes
     macs: Mapping[int, bytes] = field(default_factory=dict)
     """Backend (as int) -> its next hop's MAC; absent (or None): unknown, NO_NEIGHBOUR."""
     hash_seed: int = RR_HASH_SEED
     timeouts: Timeouts = Timeouts()
+    local_address6: IPv6Address | None = None
+    """The device's first global IPv6 address: the outer source toward IPv6 backends (None: none)."""
+    mtu: int = DEFAULT_MTU
+    """The device's MTU: a longer output is dropped (docs/WIRE.md section 8)."""
 
     @classmethod
     def mirror(cls, balancer: Balancer, table_size: int | None = None) -> Desired:
         """The maps that make the program decide as `balancer` (a core.balancer.Balancer) does: its
-        services, neighbours, address, seed and timeouts (tests, benchmarks, the fuzz target)."""
+        services, neighbours, addresses, MTU, seed and timeouts (tests, benchmarks, the fuzz target)."""
         services = tuple(pool.service for _, pool in sorted(balancer.services.items()))
         size = table_size or max((len(s.table.slots) for s in services), default=0) or DataplaneState().table_size
         macs = {b: balancer.neighbour(b) for b in balancer.backends if balancer.neighbour(b) is not None}
         return cls(DataplaneState(services, size), balancer.local_address, balancer.local_mac, macs,
-                   balancer.hash_seed, balancer.connections.timeouts)
+                   balancer.hash_seed, balancer.connections.timeouts, balancer.local_address6, balancer.mtu)
 
 
 @dataclass(frozen=True)
 class ConfigImage:
     """rr_config[0] (bpf/rr_structs.h)."""
 
-    local_address: IPv4Address
+    local_address: IPv4Address | None
     local_mac: bytes
     hash_seed: int
     named_services: int
+    """Services with an IPv4 VIP."""
     catch_all: int
     """0: none; else 1 + the catch-all's service index."""
     catch_all_size: int
     table_stride: int
     timeouts_ns: tuple[int, int, int]
+    local_address6: IPv6Address | None = None
+    named_services6: int = 0
+    """Services with an IPv6 VIP."""
+    mtu: int = DEFAULT_MTU
 
     def value(self) -> bytes:
         c = m.RrConfig()
-        c.local_addr = (ctypes.c_uint8 * 4)(*self.local_address.packed)
+        if self.local_address is not None:
+            c.local_addr = (ctypes.c_uint8 * 4)(*self.local_address.packed)
+        if self.local_address6 is not None:
+            c.local_addr6 = (ctypes.c_uint8 * 16)(*self.local_address6.packed)
         c.local_mac = (ctypes.c_uint8 * 6)(*self.local_mac)
         c.hash_seed = self.hash_seed & 0xFFFFFFFF
         c.named_services, c.catch_all, c.catch_all_size = self.named_services, self.catch_all, self.catch_all_size
+        c.named_services6, c.mtu = self.named_services6, self.mtu
         c.table_stride = self.table_stride
         c.conn_timeout_ns = (ctypes.c_uint64 * 3)(*self.timeouts_ns)
         return bytes(c)
@@ -204,7 +219,7 @@ class MapImage:
     service_index: dict[ServiceKey, int] = field(default_factory=dict)
     service_indices: IndexAllocator | None = None
     services: dict[bytes, tuple[int, int]] = field(default_factory=dict)
-    """rr_services: lookup entry (8 bytes) -> (service index, table size)."""
+    """rr_services and rr_services6: lookup entry (8 or 20 bytes) -> (service index, table size)."""
     tables: dict[int, TableImage] = field(default_factory=dict)
     members: dict[int, frozenset[int]] = field(default_factory=dict)
     """Service index -> the backend indices set in its rr_members bitmap."""
@@ -253,6 +268,11 @@ def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
                              f"{image.table_stride} the maps were sized for")
     listed = {s.key: [int(b) for b in s.backends] for s in services}
     wanted = sorted(set().union(*listed.values())) if listed else []
+    for address in wanted:
+        family, local = (6, desired.local_address6) if is_ipv6(address) else (4, desired.local_address)
+        if local is None:
+            raise ValueError(f"backend {as_address(address)} is IPv{family} but the device has no "
+                             f"{'global IPv6' if family == 6 else 'IPv4'} address")
     new, writes = image.copy(), []
 
     # 1. backends
@@ -294,10 +314,11 @@ def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
     matcher = ServiceMatcher({s.key: s.key for s in services})
     catch_all = matcher.catch_all
     config = ConfigImage(
-        IPv4Address(desired.local_address), bytes(desired.local_mac), desired.hash_seed & 0xFFFFFFFF,
-        matcher.named, 0 if catch_all is None else 1 + new.service_index[catch_all],
+        desired.local_address, bytes(desired.local_mac), desired.hash_seed & 0xFFFFFFFF,
+        matcher.named4, 0 if catch_all is None else 1 + new.service_index[catch_all],
         0 if catch_all is None else new.tables[new.service_index[catch_all]].size, new.table_stride,
-        tuple(int(t * _NS) for t in (desired.timeouts.tcp, desired.timeouts.udp, desired.timeouts.other)))
+        tuple(int(t * _NS) for t in (desired.timeouts.tcp, desired.timeouts.udp, desired.timeouts.other)),
+        desired.local_address6, matcher.named6, desired.mtu)
     if len(config.local_mac) != 6:
         raise ValueError("local_mac must be 6 bytes")
     _write_config(new, writes, config)
@@ -305,9 +326,9 @@ def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
                for entry, key in matcher.entries.items()}
     for entry, value in sorted(entries.items()):
         if new.services.get(entry) != value:
-            writes.append(Write(m.MAP_SERVICES, entry, bytes(m.RrService(*value))))
+            writes.append(Write(_services_map(entry), entry, bytes(m.RrService(*value))))
     for entry in sorted(set(new.services) - set(entries)):
-        writes.append(Write(m.MAP_SERVICES, entry, None))
+        writes.append(Write(_services_map(entry), entry, None))
     new.services = entries
     # 6. members down to the new ones
     for i, bits in members.items():
@@ -323,6 +344,11 @@ def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
             writes.append(Write(m.MAP_BACKENDS, _u32(index), bytes(m.make_backend(address, None, in_use=False))))
         new.backend_indices.free(index)
     return writes, new
+
+
+def _services_map(entry: bytes) -> str:
+    """rr_services for an IPv4 VIP's 8-byte entry, rr_services6 for an IPv6 VIP's 20-byte one."""
+    return m.MAP_SERVICES if len(entry) == m.KEY_SIZES[m.MAP_SERVICES] else m.MAP_SERVICES6
 
 
 def _u32(value: int) -> bytes:
@@ -367,7 +393,7 @@ def _unname(new: MapImage, writes: list[Write], indices: Iterable[int]) -> None:
     gone = set(indices)
     for entry, (i, _) in sorted(new.services.items()):
         if i in gone:
-            writes.append(Write(m.MAP_SERVICES, entry, None))
+            writes.append(Write(_services_map(entry), entry, None))
             del new.services[entry]
     if new.config is not None and new.config.catch_all - 1 in gone:
         _write_config(new, writes, replace(new.config, catch_all=0, catch_all_size=0))

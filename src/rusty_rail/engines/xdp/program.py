@@ -21,12 +21,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from ipaddress import IPv4Address
 from pathlib import Path
 
 from rusty_rail.bpf import build, libbpf
 from rusty_rail.bpf.netns import in_netns
-from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY, DEFAULT_TABLE_SIZE
+from rusty_rail.core.address import Address, AddressLike, address_int, as_address
+from rusty_rail.core.constants import DEFAULT_CONN_CAPACITY, DEFAULT_TABLE_SIZE, RR_HASH_SEED
+from rusty_rail.core.flowhash import flow_hash
 from rusty_rail.dataplane.engine import DEFAULT_MAX_SERVICES
 from rusty_rail.engines.xdp import maps as m
 from rusty_rail.engines.xdp.planner import Desired, MapImage, Write, adopt, plan
@@ -49,10 +50,13 @@ class XdpAction(IntEnum):
 @dataclass(frozen=True, slots=True)
 class XdpConnection:
     key: bytes
-    backend: IPv4Address
+    """16 bytes (IPv4, rr_conns) or 40 (IPv6, rr_conns6)."""
+    backend: Address
     backend_index: int
     last_seen_ns: int
     """CLOCK_MONOTONIC (time.monotonic_ns()) at tick resolution."""
+    flow_hash: int = 0
+    """The flow hash the program stored (the outer IPv6 flow label comes from it)."""
 
 
 def default_object_path() -> Path:
@@ -117,7 +121,7 @@ def read_backend_indices(backends_fd: int) -> dict[int, int]:
         if raw is not None:
             b = m.RrBackend.from_buffer_copy(raw)
             if b.in_use:
-                out[i] = int(IPv4Address(bytes(b.addr)))
+                out[i] = m.from_identity(bytes(b.addr))
     return out
 
 
@@ -127,13 +131,14 @@ class XdpProgram:
     `table_size` is the largest Maglev table it takes and `max_services` how many services: rr_maglev
     has max_services * table_size entries (64 * 65537 * 4 bytes = 16 MiB by default), rr_backend_stats
     max_services * 4096 per-CPU slots of 16 bytes (4 MiB per CPU by default); `conn_capacity` bounds
-    the LRU connection table. `reuse_conns_fd`: an existing rr_conns (a handover's pin) to use instead
-    of a new one; its sizes must be this program's (else ValueError).
+    each LRU connection table (rr_conns for IPv4 flows, rr_conns6 for IPv6 ones). `reuse_conns_fd`,
+    `reuse_conns6_fd`: an existing rr_conns / rr_conns6 (a handover's pins) to use instead of new ones;
+    their sizes must be this program's (else ValueError).
     """
 
     def __init__(self, object_path: str | os.PathLike | None = None, *, table_size: int = DEFAULT_TABLE_SIZE,
                  conn_capacity: int = DEFAULT_CONN_CAPACITY, max_services: int = DEFAULT_MAX_SERVICES,
-                 reuse_conns_fd: int | None = None) -> None:
+                 reuse_conns_fd: int | None = None, reuse_conns6_fd: int | None = None) -> None:
         if max_services < 1 or table_size < 1:
             raise ValueError("table_size and max_services must be at least 1")
         path = Path(object_path) if object_path is not None else default_object_path()
@@ -142,16 +147,20 @@ class XdpProgram:
         self._obj = libbpf.BpfObject(str(path))
         try:
             self._obj.map(m.MAP_MAGLEV).set_max_entries(table_size * max_services)
-            self._obj.map(m.MAP_CONNS).set_max_entries(conn_capacity)
-            if reuse_conns_fd is not None:
-                info = libbpf.map_info(reuse_conns_fd)
-                if (info.key_size, info.value_size) != (ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)):
-                    raise ValueError(f"the rr_conns to reuse has keys of {info.key_size} and values of "
+            for name, key_type, reuse in ((m.MAP_CONNS, m.RrFlowKey, reuse_conns_fd),
+                                          (m.MAP_CONNS6, m.RrFlowKey6, reuse_conns6_fd)):
+                self._obj.map(name).set_max_entries(conn_capacity)
+                if reuse is None:
+                    continue
+                info = libbpf.map_info(reuse)
+                if (info.key_size, info.value_size) != (ctypes.sizeof(key_type), ctypes.sizeof(m.RrConn)):
+                    raise ValueError(f"the {name} to reuse has keys of {info.key_size} and values of "
                                      f"{info.value_size} bytes, not this program's")
                 if info.max_entries != conn_capacity:
-                    raise ValueError(f"the rr_conns to reuse holds {info.max_entries} entries, not {conn_capacity}")
-                self._obj.map(m.MAP_CONNS).reuse_fd(reuse_conns_fd)
-            self._obj.map(m.MAP_SERVICES).set_max_entries(2 * max_services)  # each + its fragment fallback
+                    raise ValueError(f"the {name} to reuse holds {info.max_entries} entries, not {conn_capacity}")
+                self._obj.map(name).reuse_fd(reuse)
+            for name in (m.MAP_SERVICES, m.MAP_SERVICES6):
+                self._obj.map(name).set_max_entries(2 * max_services)  # each + its fragment fallback
             self._obj.map(m.MAP_MEMBERS).set_max_entries(m.MEMBER_WORDS * max_services)
             self._obj.map(m.MAP_BACKEND_STATS).set_max_entries(m.MAX_BACKENDS * max_services)
             program = self._obj.program(m.PROGRAM)
@@ -169,7 +178,8 @@ class XdpProgram:
             # For counters.connection_evictions: entries this instance did not see the program insert
             # (live in a reused rr_conns at start, written by write_connection), entries Python removed,
             # and conn_insert counts zeroed by counters.reset.
-            self.conn_baseline = self.count_connections() if reuse_conns_fd is not None else 0
+            reused = reuse_conns_fd is not None or reuse_conns6_fd is not None
+            self.conn_baseline = self.count_connections() if reused else 0
             self.conn_deleted = 0
             self.conn_inserts_reset = 0
         except BaseException:
@@ -261,54 +271,60 @@ class XdpProgram:
                 for i in range(size)]
 
     def service_entries(self) -> dict[bytes, tuple[int, int]]:
-        """rr_services as the kernel holds it: lookup entry (8 bytes) -> (service index, table size)."""
-        fd = self.fds[m.MAP_SERVICES]
+        """rr_services and rr_services6 as the kernel holds them: lookup entry (8 or 20 bytes) ->
+        (service index, table size)."""
         out = {}
-        for key in libbpf.map_keys(fd, ctypes.sizeof(m.RrServiceKey)):
-            raw = libbpf.map_lookup(fd, key, ctypes.sizeof(m.RrService))
-            if raw is not None:
-                value = m.RrService.from_buffer_copy(raw)
-                out[key] = (value.index, value.table_size)
+        for name in (m.MAP_SERVICES, m.MAP_SERVICES6):
+            fd = self.fds[name]
+            for key in libbpf.map_keys(fd, m.KEY_SIZES[name]):
+                raw = libbpf.map_lookup(fd, key, ctypes.sizeof(m.RrService))
+                if raw is not None:
+                    value = m.RrService.from_buffer_copy(raw)
+                    out[key] = (value.index, value.table_size)
         return out
 
-    # -- the connection table ---------------------------------------------------------------------
+    # -- the connection tables (rr_conns: IPv4 keys, rr_conns6: IPv6 keys) --------------------------
 
     def connection(self, key: bytes) -> XdpConnection | None:
-        raw = self.lookup(m.MAP_CONNS, key, ctypes.sizeof(m.RrConn))
+        raw = self.lookup(m.conn_map(key), key, ctypes.sizeof(m.RrConn))
         if raw is None:
             return None
         conn = m.RrConn.from_buffer_copy(raw)
-        return XdpConnection(key, IPv4Address(bytes(conn.backend_addr)), conn.backend_index, conn.last_seen_ns)
+        return XdpConnection(key, as_address(m.from_identity(bytes(conn.backend_addr))), conn.backend_index,
+                             conn.last_seen_ns, conn.flow_hash)
 
     def connections(self) -> list[XdpConnection]:
-        keys = libbpf.map_keys(self.fds[m.MAP_CONNS], ctypes.sizeof(m.RrFlowKey))
+        keys = [k for name in m.CONN_MAPS for k in libbpf.map_keys(self.fds[name], m.KEY_SIZES[name])]
         return [c for c in (self.connection(k) for k in keys) if c is not None]
 
     def count_connections(self) -> int:
-        key_size, value_size = ctypes.sizeof(m.RrFlowKey), ctypes.sizeof(m.RrConn)
-        return sum(n for n, _, _ in libbpf.map_lookup_batches(self.fds[m.MAP_CONNS], key_size, value_size))
+        return sum(n for name in m.CONN_MAPS
+                   for n, _, _ in libbpf.map_lookup_batches(self.fds[name], m.KEY_SIZES[name], ctypes.sizeof(m.RrConn)))
 
-    def write_connection(self, key: bytes, backend: IPv4Address | str | int, last_seen_ns: int,
+    def write_connection(self, key: bytes, backend: AddressLike, last_seen_ns: int,
                          index: int | None = None) -> None:
         """Write an entry by hand (tests: stickiness, timeouts); `index` defaults to the backend's."""
-        address = int(IPv4Address(backend))
+        address = address_int(backend)
         conn = m.RrConn(backend_index=self.image.backend_index[address] if index is None else index,
+                        flow_hash=flow_hash(key, self.image.config.hash_seed if self.image.config else RR_HASH_SEED),
                         last_seen_ns=last_seen_ns)
-        conn.backend_addr = (ctypes.c_uint8 * 4)(*IPv4Address(address).packed)
+        conn.backend_addr = (ctypes.c_uint8 * 16)(*m.identity(address))
         new = self.connection(key) is None
-        libbpf.map_update(self.fds[m.MAP_CONNS], key, conn)
+        libbpf.map_update(self.fds[m.conn_map(key)], key, conn)
         if new:
             self.conn_baseline += 1  # an entry the program did not insert (connection_evictions)
 
     def delete_connection(self, key: bytes) -> bool:
         """Forget one flow (benchmarks: force the next packet of it to miss). True if it was there."""
-        deleted = libbpf.map_delete(self.fds[m.MAP_CONNS], key)
+        deleted = libbpf.map_delete(self.fds[m.conn_map(key)], key)
         self.conn_deleted += int(deleted)
         return deleted
 
     def clear_connections(self) -> int:
-        fd = self.fds[m.MAP_CONNS]
-        deleted = sum(libbpf.map_delete(fd, k) for k in libbpf.map_keys(fd, ctypes.sizeof(m.RrFlowKey)))
+        deleted = 0
+        for name in m.CONN_MAPS:
+            fd = self.fds[name]
+            deleted += sum(libbpf.map_delete(fd, k) for k in libbpf.map_keys(fd, m.KEY_SIZES[name]))
         self.conn_deleted += deleted
         return deleted
 
@@ -397,13 +413,13 @@ class XdpProgram:
 
     def pin(self, directory: str) -> None:
         """Pin what a successor needs in `directory` (on a bpffs): rr_backends (which index names which
-        backend, for adopt()) and rr_conns (the flows' backends), last: its pin says the pins are
-        complete. Nothing else changes: the program stays attached and this instance keeps serving.
-        On failure the pins made are removed again and OSError raised."""
+        backend, for adopt()), rr_conns6 and rr_conns (the flows' backends), rr_conns last: its pin says
+        the pins are complete. Nothing else changes: the program stays attached and this instance keeps
+        serving. On failure the pins made are removed again and OSError raised."""
         os.makedirs(directory, exist_ok=True)
         made: list[str] = []
         try:
-            for name in (m.MAP_BACKENDS, m.MAP_CONNS):
+            for name in (m.MAP_BACKENDS, m.MAP_CONNS6, m.MAP_CONNS):
                 path = os.path.join(directory, name)
                 if os.path.lexists(path):
                     os.unlink(path)  # a stale pin of an earlier handover nobody took over
@@ -416,7 +432,7 @@ class XdpProgram:
 
     def unpin(self, directory: str) -> None:
         """Remove what pin() made (an undone handover; idempotent)."""
-        for name in (m.MAP_CONNS, m.MAP_BACKENDS):
+        for name in (m.MAP_CONNS, m.MAP_CONNS6, m.MAP_BACKENDS):
             try:
                 os.unlink(os.path.join(directory, name))
             except FileNotFoundError:
