@@ -26,6 +26,7 @@ from rusty_rail.lab import Lab, netns
 from rusty_rail.lab.events import logged
 from rusty_rail.lab.router import pin_dir
 from rusty_rail.lab.sniff import Sniffer
+from tests.engine_netns import wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -356,13 +357,21 @@ def test_cli_up_returns_through_a_pipe(prefix: str) -> None:
     """`rusty-rail lab up ... | tail` ends: the servers and balancers it leaves running write to files
     in the lab's log directory, not to the pipe."""
     cli = [sys.executable, "-m", "rusty_rail", "lab", "--prefix", prefix]
-    up = subprocess.run([*cli, "up", "--topology", "2", "--balancers"], stdout=subprocess.PIPE,
+    up = subprocess.run([*cli, "up", "--topology", "2", "--balancers", "--outer6", "ipv4"], stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, text=True, timeout=60)
     assert up.returncode == 0, up.stdout
     lab = Lab.existing(prefix)
-    assert f"logs: {lab.log_dir}" in up.stdout
+    assert f"logs: {lab.log_dir}" in up.stdout and lab.outer6 == "ipv4"
     st = json.loads(subprocess.run([*cli, "status"], capture_output=True, text=True, check=True).stdout)
-    assert st["logs"]["dir"] == str(lab.log_dir)
+    assert st["logs"]["dir"] == str(lab.log_dir) and st["router"]["outer6"] == "ipv4"
+    # IPv6 in GRE over IPv4 from the router, through the balancer (started in the background: poll until
+    # it forwards), on to the servers' IPv4 addresses.
+    wait_for(lambda: lab.traffic(n=1, timeout=0.5, vip=lab.vip6)[0].ok, timeout=15, interval=0.05,
+             what="the balancer forwarding IPv6")
+    traffic = subprocess.run([*cli, "traffic", "--ipv6", "-n", "20"], capture_output=True, text=True, timeout=60)
+    assert traffic.returncode == 0 and "server1" in traffic.stdout and "server2" in traffic.stdout, traffic.stdout
+    stats = lab.maps.stats()
+    assert stats["encapsulated_wire_ipv6"] > 0 and stats["outer_ipv6"] == 0
     assert set(st["logs"]["files"]) == {"lb1.log", "router-bird.log", "server1-httpd.log", "server2-httpd.log"}
     assert all(st["namespaces"][lb.namespace]["pids"] for lb in lab.balancers)  # still running, detached
     subprocess.run([*cli, "down"], check=True, timeout=60)
