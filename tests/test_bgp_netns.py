@@ -87,9 +87,10 @@ def test_sessions_ecmp_and_http_spread(engine: str, topology: int, tmp_path: Pat
 STREAMS, UPLOADS, STREAM_SECONDS = 32, 8, 6.0
 
 
-@pytest.mark.parametrize(("engine", "how"), [("afpacket", "ctl"), ("xdp", "sigterm")])
-def test_planned_drain(engine: str, how: str, tmp_path: Path) -> None:
-    with lab_up(3, bgp=True) as lab:
+@pytest.mark.parametrize(("engine", "how", "topology"),
+                         [("afpacket", "ctl", 3), ("xdp", "sigterm", 3), ("xdp", "ctl", 4), ("afpacket", "sigterm", 4)])
+def test_planned_drain(engine: str, how: str, topology: int, tmp_path: Path) -> None:
+    with lab_up(topology, bgp=True) as lab:
         lbs = BgpBalancers(lab, engine, tmp_path)
         lb1, lb2 = lab.balancers
         client = lab.clients[0]

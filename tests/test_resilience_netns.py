@@ -249,10 +249,11 @@ class BgpBalancers:
 
 
 @ENGINES
-def test_balancer_killed_mid_stream(engine: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("topology", [3, 4])
+def test_balancer_killed_mid_stream(engine: str, topology: int, tmp_path: Path) -> None:
     """No health poller anywhere: the killed daemon's BGP session dies with it, BIRD withdraws its route,
     and the kernel's multipath route (which the router's encapsulator follows) loses it as a next hop."""
-    with lab_up(3, bgp=True) as lab:
+    with lab_up(topology, bgp=True) as lab:
         lbs = BgpBalancers(lab, engine, tmp_path)
         try:
             lb1, lb2 = lab.balancers
