@@ -31,13 +31,7 @@ def config_text(engine: str, socket_path: Path, backends: list[str], *, health: 
     """bgp: a [bgp] section (BGP_SECTION: announce to the lab's router) appended. backends6: a second
     service, the IPv6 VIP's port 80 over these backends, checked alike."""
     listed = ", ".join(f'"{b}"' for b in backends)
-    six = "" if backends6 is None else f"""
-[[services]]
-vip = "{VIP6}"
-protocol = "tcp"
-port = 80
-backends = [{", ".join(f'"{b}"' for b in backends6)}]
-[services.health]
+    checks = f"""[services.health]
 type = "{health}"
 port = 80
 interval = {INTERVAL}
@@ -45,6 +39,13 @@ timeout = {timeout}
 rise = {RISE}
 fall = {FALL}
 """
+    six = "" if backends6 is None else f"""
+[[services]]
+vip = "{VIP6}"
+protocol = "tcp"
+port = 80
+backends = [{", ".join(f'"{b}"' for b in backends6)}]
+{checks}"""
     return f"""\
 device = "eth0"
 engine = "{engine}"
@@ -59,11 +60,4 @@ protocol = "tcp"
 port = 80
 backends = [{listed}]
 {extra_service}
-[services.health]
-type = "{health}"
-port = 80
-interval = {INTERVAL}
-timeout = {timeout}
-rise = {RISE}
-fall = {FALL}
-{six}{bgp}"""
+{checks}{six}{bgp}"""

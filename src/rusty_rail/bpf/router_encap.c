@@ -155,6 +155,20 @@ static __always_inline int inner6(struct ipv6hdr *ip6, void *end, struct rr_enca
 	return 1;
 }
 
+/* Make room after the Ethernet header and write the outer header (outer_len bytes), the 4-byte GRE
+ * header and the new ethertype: shared by both outer families. -1: no room; -2: a store failed. */
+static __always_inline int push(struct __sk_buff *skb, void *outer, __u32 outer_len, __be16 *gre,
+				__be16 type, __u64 l3_flag)
+{
+	if (bpf_skb_adjust_room(skb, outer_len + GRE_HLEN, BPF_ADJ_ROOM_MAC, l3_flag | BPF_F_ADJ_ROOM_ENCAP_L4_GRE))
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, outer, outer_len, 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN + outer_len, gre, GRE_HLEN, 0) ||
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &type, sizeof(type), 0))
+		return -2;
+	return 0;
+}
+
 /* Wrap the skb in IPv4 + GRE from src to dst. */
 static __always_inline int push4(struct __sk_buff *skb, struct inner *in, __be32 src, __be32 dst)
 {
@@ -175,14 +189,7 @@ static __always_inline int push4(struct __sk_buff *skb, struct inner *in, __be32
 	csum = (csum & 0xffff) + (csum >> 16);
 	csum = (csum & 0xffff) + (csum >> 16);
 	outer.check = ~csum & 0xffff;
-	if (bpf_skb_adjust_room(skb, ENCAP4_LEN, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_GRE))
-		return -1;
-	if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, sizeof(outer), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(outer), gre, sizeof(gre), 0) ||
-	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &type, sizeof(type), 0))
-		return -2;
-	return 0;
+	return push(skb, &outer, sizeof(outer), gre, type, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4);
 }
 
 /* Wrap the skb in IPv6 + GRE from src to dst. The flow label is the skb's flow hash (RFC 6438: a
@@ -199,14 +206,7 @@ static __always_inline int push6(struct __sk_buff *skb, struct inner *in, __u32 
 	outer.hop_limit = 64;
 	__builtin_memcpy(outer.saddr.in6_u.u6_addr32, src, 16);
 	__builtin_memcpy(outer.daddr.in6_u.u6_addr32, dst, 16);
-	if (bpf_skb_adjust_room(skb, ENCAP6_LEN, BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_ENCAP_L4_GRE))
-		return -1;
-	if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, sizeof(outer), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(outer), gre, sizeof(gre), 0) ||
-	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &type, sizeof(type), 0))
-		return -2;
-	return 0;
+	return push(skb, &outer, sizeof(outer), gre, type, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6);
 }
 
 SEC("tc")
