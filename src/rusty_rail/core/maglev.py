@@ -20,7 +20,8 @@ loop is sequential, so it is computed here in two exact ways, turn times standin
   left a backend's next claim is the empty slot of least position `((s - offset) * skip^-1) mod M`
   (M is prime); the last turns are resolved on that small (turns x empty slots) matrix.
 
-Unit weights with many backends use rounds (`_Rounds`); weighted or small pools use `_Chunks`, which
+The fill itself is in maglev_fill.py. Unit weights with many backends use rounds (`_Rounds`; a round's
+last few moving turns go one at a time in a plain loop); weighted or small pools use `_Chunks`, which
 runs deferred acceptance over chunks of many turns at once: a backend's turns go down one list in
 order, each taking the first slot after its predecessor's that no earlier turn holds (a running count
 along each list, iterated to its fixed point).
