@@ -22,7 +22,7 @@ at least one has slots. For those rows of the block:
 Everything else (frames to pass to the host, drops with their reasons, GRE options, IP options,
 fragments, ICMP, services without slots, IPv6) is decided by Balancer.decide, frame by frame; so are
 calls of fewer than `bulk_from` frames (BULK_FROM), where the arrays' cost per call is more than
-decide() per frame: at low rates, when a block holds what a 2 ms block timeout gathered. Order: the
+decide() per frame: at low rates, when a block holds what the block timeout (ring.py) gathered. Order: the
 connection table sees the block's packets in their order (bulk runs and per-frame decisions
 interleaved), and the outputs keep the block's order, so no two frames of a flow swap places.
 """
