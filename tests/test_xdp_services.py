@@ -256,8 +256,9 @@ def test_icmp_errors_find_the_service_of_their_flow(pair) -> None:
         assert flow in B[:3]
         reply = tcp(80, p, dst=CLIENTS[0], src="10.1.0.1")  # what the backend sent, quoted by a router
         assert backend(reference, x, wrap(icmp_error(reply))) == flow
-    # An echo request (not an error) is the 3-tuple: the any-protocol service.
-    assert backend(reference, x, wrap(ipv4(addr(CLIENTS[0]), addr("10.1.0.1"), 1, b"\x08" + bytes(7)))) == B[4]
+    # A timestamp request (not an error) is the 3-tuple: the any-protocol service. (An echo request is
+    # answered by the balancer: answer_ping's default, tests/test_xdp_program.py.)
+    assert backend(reference, x, wrap(ipv4(addr(CLIENTS[0]), addr("10.1.0.1"), 1, b"\x0d" + bytes(19)))) == B[4]
     assert_counters_agree(reference, x)
 
 
@@ -315,11 +316,12 @@ def test_maps_hold_the_services(pair) -> None:
     entries = x.service_entries()
     i80, i53 = x.image.service_index[svc("10.1.0.1:80/tcp")], x.image.service_index[svc("10.1.0.1:53/udp")]
     vip = IPv4Address("10.1.0.1").packed
+    ping = m.OPT_ANSWER_PING  # the default options: answer_ping only (docs/WIRE.md section 11)
     assert entries == {
-        lookup_entry(vip, (80).to_bytes(2, "big"), 6): (i80, TABLE_SIZE),
-        lookup_entry(vip, b"\x00\x00", 6, fragment=True): (i80, TABLE_SIZE),
-        lookup_entry(vip, (53).to_bytes(2, "big"), 17): (i53, 0),
-        lookup_entry(vip, b"\x00\x00", 17, fragment=True): (i53, 0),
+        lookup_entry(vip, (80).to_bytes(2, "big"), 6): (i80, TABLE_SIZE, ping),
+        lookup_entry(vip, b"\x00\x00", 6, fragment=True): (i80, TABLE_SIZE, ping),
+        lookup_entry(vip, (53).to_bytes(2, "big"), 17): (i53, 0, ping),
+        lookup_entry(vip, b"\x00\x00", 17, fragment=True): (i53, 0, ping),
     }
     pool = reference.services[svc("10.1.0.1:80/tcp")]
     assert x.read_table(i80, TABLE_SIZE) == [backend_index(x, pool.service.table.backends[s])

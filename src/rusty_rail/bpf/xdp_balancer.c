@@ -25,11 +25,13 @@
 #include <bpf/bpf_endian.h>
 
 #include "rr_maps.h"
+#include "rr_counters.h"
 #include "rr_packet.h"
 #include "rr_ipv6.h"
 #include "rr_services.h"
+#include "rr_options.h"
+#include "rr_answer.h"
 
-#define ETH_LEN 14
 #define OUT_GRE_LEN 4
 
 #define GRE_F_CSUM 0x8000
@@ -40,37 +42,6 @@
 
 #define OUT_TTL 64
 #define OUT_DF 0x4000
-
-static __always_inline void count(__u32 index)
-{
-	__u64 *counter = bpf_map_lookup_elem(&rr_stats, &index);
-
-	if (counter)
-		*counter += 1;          /* per-CPU: no atomics needed */
-}
-
-static __always_inline int drop(__u32 reason)
-{
-	count(reason);
-	return XDP_DROP;
-}
-
-/* CLOCK_MONOTONIC at tick resolution: bpf_ktime_get_ns() once per jiffy per CPU (rr_clock), so a
- * packet costs an inlined jiffies load and per-CPU array lookup instead of a clock read. */
-static __always_inline __u64 clock_ns(void)
-{
-	__u32 zero = 0;
-	struct rr_clock *clock = bpf_map_lookup_elem(&rr_clock, &zero);
-	__u64 jiffies = bpf_jiffies64();
-
-	if (!clock)
-		return bpf_ktime_get_ns();
-	if (clock->jiffies != jiffies || !clock->ns) {
-		clock->ns = bpf_ktime_get_ns();
-		clock->jiffies = jiffies;
-	}
-	return clock->ns;
-}
 
 /* rr_conns6's update, in a function of its own (a BPF subprogram): written inline beside rr_conns'
  * clang merges the two calls into one whose map the verifier then cannot know, and no longer turns the
@@ -95,20 +66,14 @@ static __always_inline __u64 conn_timeout(const struct rr_config *cfg, __u8 prot
 	return cfg->conn_timeout_ns[RR_TIMEOUT_OTHER];
 }
 
-/* The GRE checksum (RFC 2784 2.5) over the `len` bytes at `offset` in the frame (the caller checked
- * they are there): 1 when it is right. A global function, so the verifier walks its loop once, with
- * offset and length unknown: written inline it walked the loop's iterations again for every path here
- * (outer family, GRE header variant), three quarters of all its work. Off the usual path: only GRE with
- * the C flag comes here. A longer packet than RR_MAX_CSUM_LEN is not verifiable: 0. */
-__attribute__((noinline)) int rr_gre_checksum_ok(struct xdp_md *ctx, __u64 offset, __u64 len)
+/* The GRE checksum (RFC 2784 2.5) over the `len` bytes at `offset` in the frame is right. rr_csum is a
+ * global function, so the verifier walks its loop once, with offset and length unknown: written inline
+ * it walked the loop's iterations again for every path here (outer family, GRE header variant), three
+ * quarters of all its work. Off the usual path: only GRE with the C flag comes here. A longer packet
+ * than RR_MAX_CSUM_LEN is not verifiable: not right. */
+static __always_inline int gre_checksum_ok(struct xdp_md *ctx, __u32 offset, __u32 len)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-
-	/* 64-bit arguments: a 32-bit one is compared as such and widened after, losing its bounds. */
-	if (offset > ETH_LEN + IP6_LEN || len > RR_MAX_CSUM_LEN)
-		return 0;
-	return csum_fold(csum_bytes(data + offset, data_end, len)) == 0xFFFF;
+	return rr_csum(ctx, offset, len) == 0xFFFF;
 }
 
 SEC("xdp")
@@ -193,7 +158,7 @@ int rr_balance(struct xdp_md *ctx)
 
 		if (gre_avail < gre_len)
 			return drop(RR_DROP_GRE_TRUNCATED);
-		if ((flags & GRE_F_CSUM) && !rr_gre_checksum_ok(ctx, ETH_LEN + l3_len, gre_avail))
+		if ((flags & GRE_F_CSUM) && !gre_checksum_ok(ctx, ETH_LEN + l3_len, gre_avail))
 			return drop(RR_DROP_GRE_CHECKSUM);
 		if (ld16(gre + 2) == bpf_htons(ETH_P_IP))
 			six = 0;
@@ -212,6 +177,8 @@ int rr_balance(struct xdp_md *ctx)
 	__u32 inner_len;
 	__u8 tos;               /* IPv4 TOS or IPv6 traffic class: the outer header's */
 	int reason;
+	__u32 inner_at = ETH_LEN + l3_len + gre_len;   /* where the inner packet starts in the frame */
+	__u32 udp_at = 0;       /* a UDP header's offset (not a fragment, no IPv6 extension headers); 0: none */
 
 	if (!six) {
 		if (inner_avail < IP4_LEN || (void *)(inner + IP4_LEN) > data_end)
@@ -230,6 +197,8 @@ int rr_balance(struct xdp_md *ctx)
 		__builtin_memset(&key, 0, sizeof(key));
 		reason = inner_flow_key(inner, data_end, inner_len, ihl4, &key);
 		tos = inner[1];
+		if (inner[9] == IPPROTO_UDP && !(ld16(inner + 6) & bpf_htons(IP_MF_OFFSET)))
+			udp_at = inner_at + ihl4;
 	} else {
 		if (inner_avail < IP6_LEN || (void *)(inner + IP6_LEN) > data_end)
 			return drop(RR_DROP_INNER_TRUNCATED);
@@ -240,6 +209,8 @@ int rr_balance(struct xdp_md *ctx)
 			return drop(RR_DROP_INNER_BAD_LENGTH);
 		reason = inner6_flow_key(inner, data_end, inner_len, &key6);
 		tos = (__u8)(inner[0] << 4 | inner[1] >> 4);
+		if (inner[6] == IPPROTO_UDP)
+			udp_at = inner_at + IP6_LEN;
 	}
 	if (reason)
 		return drop(reason);
@@ -250,33 +221,54 @@ int rr_balance(struct xdp_md *ctx)
 
 	if (!cfg)
 		return drop(RR_DROP_NO_BACKEND);
-	/* The flow's service gives the table and the member bitmap (section 10). */
+	/* The flow's service gives the table, the member bitmap (section 10) and the options (11). */
 	struct rr_service *named = NULL;
 	__u32 svc_index = 0;
 	__u32 table_size = 0;
+	__u32 flags = 0;
 
 	if (!six && cfg->named_services)
 		named = find_named(&key);
 	else if (six && cfg->named_services6)
 		named = find_named6(&key6);
-	if (!find_service(cfg, named, &svc_index, &table_size))
+	if (!find_service(cfg, named, &svc_index, &table_size, &flags))
 		return drop(RR_DROP_NO_SERVICE);
 
 	struct rr_backend *backend = NULL;
 	__u32 backend_index = 0;
-	struct rr_conn *conn;
-	__u8 proto;
+	struct rr_conn *conn = NULL;
+	__u8 proto = six ? key6.proto : key.proto;
+	__u32 hash = 0;
+	int hashed = 0;         /* `hash` holds the flow's 5-tuple hash */
 
-	if (!six) {
+	if ((flags & RR_OPT_ANSWER_PING) && (proto == IPPROTO_ICMP || proto == NH_ICMPV6)) {
+		int answered = rr_echo(ctx, inner_at, six);     /* an echo request: answered here (11.3) */
+
+		if (answered >= 0)
+			return answered;
+	}
+	if (flags & RR_OPT_SLOW) {
+		if ((flags & RR_OPT_QUIC) && udp_at && proto == IPPROTO_UDP) {
+			int index = quic_backend(svc_index, quic_server_id(ctx, udp_at, inner_at + inner_len));
+
+			if (index >= 0) {
+				backend_index = index;
+				backend = bpf_map_lookup_elem(&rr_backends, &backend_index);
+				if (backend && !backend->in_use)
+					backend = NULL;
+				if (backend)
+					count(RR_STAT_QUIC_ROUTED);
+			}
+		}
+		if (!backend && !(flags & RR_OPT_NO_CONNS))
+			conn = six ? bpf_map_lookup_elem(&rr_conns6, &key6) : bpf_map_lookup_elem(&rr_conns, &key);
+	} else if (!six) {
 		conn = bpf_map_lookup_elem(&rr_conns, &key);
-		proto = key.proto;
 	} else {
 		conn = bpf_map_lookup_elem(&rr_conns6, &key6);
-		proto = key6.proto;
 	}
 	/* Read after the lookup: nothing then waits on it across the call. */
 	__u64 now = clock_ns();
-	__u32 hash = 0;
 
 	if (conn) {
 		__u32 index = conn->backend_index;
@@ -290,6 +282,7 @@ int rr_balance(struct xdp_md *ctx)
 			backend = b;
 			backend_index = index;
 			hash = conn->flow_hash;
+			hashed = 1;
 			conn->last_seen_ns = now;
 			count(RR_STAT_CONN_HIT);
 		}
@@ -298,7 +291,10 @@ int rr_balance(struct xdp_md *ctx)
 		if (table_size == 0)
 			return drop(RR_DROP_NO_BACKEND);
 		hash = six ? flow_hash6(&key6, cfg->hash_seed) : flow_hash(&key, cfg->hash_seed);
-		__u32 slot = hash % table_size + svc_index * cfg->table_stride;
+		hashed = 1;
+		__u32 slot_of = (flags & RR_OPT_HASH_MASK) == 0 ? hash :
+				six ? slot_hash6(&key6, flags, cfg->hash_seed, hash) : slot_hash(&key, flags, cfg->hash_seed, hash);
+		__u32 slot = slot_of % table_size + svc_index * cfg->table_stride;
 		__u32 *index = bpf_map_lookup_elem(&rr_maglev, &slot);
 
 		if (!index)
@@ -308,7 +304,10 @@ int rr_balance(struct xdp_md *ctx)
 		if (!backend || !backend->in_use)
 			return drop(RR_DROP_NO_BACKEND);
 		/* Written before the neighbour check, as core/balancer.py does: the flow belongs to this
-		 * backend even while its next hop is being resolved. */
+		 * backend even while its next hop is being resolved. Never for a service without a
+		 * connection table. */
+		if (flags & RR_OPT_NO_CONNS)
+			goto chosen;
 		struct rr_conn fresh = {
 			.backend_index = backend_index,
 			.flow_hash = hash,
@@ -327,6 +326,7 @@ int rr_balance(struct xdp_md *ctx)
 		if (!conn && !err)
 			count(RR_STAT_CONN_INSERT);
 	}
+chosen:
 	if (!backend->has_mac)
 		return drop(RR_DROP_NO_NEIGHBOUR);
 
@@ -334,14 +334,15 @@ int rr_balance(struct xdp_md *ctx)
 	int out6 = backend->ipv6;
 	__u32 out_l3 = out6 ? IP6_LEN : IP4_LEN;
 
-	/* Only an IPv6 output can be longer than its input (an IPv4 one never is): WIRE.md section 8. */
-	if (out6 && IP6_LEN + OUT_GRE_LEN + inner_len > cfg->mtu)
-		return drop(RR_DROP_OUTPUT_TOO_BIG);
+	/* Longer than the path toward the backend takes (the device's MTU or its route's): 8b. */
+	if (out_l3 + OUT_GRE_LEN + inner_len > backend->mtu)
+		return rr_too_big(ctx, inner_at, six, backend->mtu - out_l3 - OUT_GRE_LEN);
+	if (out6 && !hashed)    /* a QUIC forward: the flow label still comes from the 5-tuple's hash */
+		hash = six ? flow_hash6(&key6, cfg->hash_seed) : flow_hash(&key, cfg->hash_seed);
 	/* Cut what follows the inner packet (outer padding, bytes past either packet's length), then move
 	 * the start so exactly the new headers precede the inner packet, which stays in place. */
-	__u32 in_hdr = ETH_LEN + l3_len + gre_len;
-	int tail = (int)frame_len - (int)(in_hdr + inner_len);
-	int head = (int)in_hdr - (int)(ETH_LEN + out_l3 + OUT_GRE_LEN);
+	int tail = (int)frame_len - (int)(inner_at + inner_len);
+	int head = (int)inner_at - (int)(ETH_LEN + out_l3 + OUT_GRE_LEN);
 
 	if (tail > 0 && bpf_xdp_adjust_tail(ctx, -tail))
 		return drop(RR_DROP_TX_FAILED);

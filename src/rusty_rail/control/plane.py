@@ -400,6 +400,7 @@ class ControlPlane:
                 "connections": counters.connections,
                 "connection_evictions": counters.connection_evictions,
                 "table_rebuilds": self.tables_built,
+                "options": dict(counters.options),
             },
             "engine_counters": dict(counters.engine),
             "control": control,
