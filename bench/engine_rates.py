@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/engine_rates.py [--engines baseline,afpacket,afpacket-decide,xdp]
         [--rounds 1] [--rate 100000] [--seconds-paced 4] [--packets-max 1200000] [--flows random|single]
+        [--traffic ipv4,ipv6,ipv6-in-ipv4] [--phases paced,max]
         [--ring rx_blocks=64,...] [--workers N] [--engine-cpus 1] [--profile]   (summary: rates_report.py)
 
 afpacket is the engine as it runs (its block processor: engines/afpacket/bulk.py); afpacket-decide the
@@ -18,7 +19,11 @@ Traffic: 84-byte frames, Ethernet | IPv4 (GRE, valid checksum, fixed) | GRE | IP
 The inner source address (10.x.y.z) and UDP source port are trafgen drnd() fields: every packet is
 (almost surely) a new flow, i.e. the balancer's miss path (hash, Maglev slot, connection insert, LRU
 eviction once the table is full). The inner IPv4 checksum is left 0: WIRE.md says it is not checked.
---flows single sends one flow (all connection-table hits) for comparison.
+--flows single sends one flow (all connection-table hits) for comparison. --traffic: each engine once
+per kind of frame (trafgen_frames.py), on a pair of its own, in this one command: ipv4 (the above), ipv6
+(124 bytes, IPv6 UDP from 2001:db8:c::/96 + 4 random bytes in GRE over IPv6, to IPv6 backends
+2001:db8:77::101-103, as xdp_test_run.py's IPv6 rows), ipv6-in-ipv4 (104 bytes, to the IPv4 backends);
+results keyed "<engine>/<kind>" but for ipv4. IPv6 is off on the pair unless the outer header is IPv6.
 
 Phases per engine, in one engine process (rounds times each): "paced" = trafgen -b RATEpps for
 --seconds-paced seconds; "max" = trafgen -t 0 (no gap), --packets-max packets.
@@ -70,9 +75,7 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -89,11 +92,13 @@ from pyroute2 import netns  # noqa: E402
 
 from bench.procstat import cpu_stat, family, jiffies, napi_threads, task_ns  # noqa: E402
 from bench.rates_report import summarise  # noqa: E402
-from bench.trafgen_frames import trafgen_config  # noqa: E402
+from bench.trafgen_frames import TRAFFIC, frame_bytes, run_trafgen, trafgen_config  # noqa: E402
 from tests.engine_netns import VethPair  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = {"10.77.0.101": "02:00:00:00:01:01", "10.77.0.102": "02:00:00:00:01:02", "10.77.0.103": "02:00:00:00:01:03"}
+BACKENDS6 = {"2001:db8:77::101": "02:00:00:00:01:01", "2001:db8:77::102": "02:00:00:00:01:02",
+             "2001:db8:77::103": "02:00:00:00:01:03"}
 SENDER_MAC = bytes.fromhex("020000000099")  # nobody's: the baseline's MAC swap sends frames here
 SENDER_CPU, ENGINE_CPU = 0, 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -104,18 +109,9 @@ AFPACKET: dict[str, Any] = {}  # main() sets it: the engine's workers (None: its
 # -- traffic ------------------------------------------------------------------------------------------
 
 def trafgen(v: VethPair, cfg: str, packets: int, rate: int | None) -> tuple[int, float]:
-    """Runs trafgen in the peer namespace on CPU0; returns (packets it sent, wall seconds)."""
-    cmd = [*boost_cmd(), "ip", "netns", "exec", v.peer_ns, "nice", "-n", str(NICE), "taskset", "-c", str(SENDER_CPU), "trafgen", "-o", v.peer_dev,
-           "-i", cfg, "-n", str(packets), "-P", "1", "--no-sock-mem", "-Q"]  # leave sysctls and IRQs alone
-    # Always trafgen's send()-per-packet path (see the docstring): -b paces it, -t 0 runs it flat out.
-    cmd += ["-b", f"{rate}pps"] if rate else ["-t", "0"]
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, start_new_session=NICE < 0)
-    elapsed = time.monotonic() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"trafgen failed ({r.returncode}): {r.stderr[-500:]}")
-    m = re.search(r"(\d+) packets outgoing", r.stdout + r.stderr)
-    return (int(m.group(1)) if m else packets), elapsed
+    """trafgen in the peer namespace on CPU0 at NICE; (packets it sent, wall seconds)."""
+    return run_trafgen(v, cfg, packets, rate, [*boost_cmd(), "ip", "netns", "exec", v.peer_ns, "nice", "-n", str(NICE),
+                                               "taskset", "-c", str(SENDER_CPU)], new_session=NICE < 0)
 
 
 def boost_cmd() -> list[str]:
@@ -141,7 +137,8 @@ def boost_self() -> None:
 
 # -- the engine process -------------------------------------------------------------------------------
 
-def engine_child(kind: str, v: VethPair, conn: Any, ring: dict[str, int] | None, profile: str | None) -> None:
+def engine_child(kind: str, v: VethPair, conn: Any, ring: dict[str, int] | None, profile: str | None,
+                 backends: list[str]) -> None:
     """Runs in the lb namespace on CPU1. Commands over `conn`: "counters" -> dict, "stop" -> final dict."""
     try:
         netns.setns(v.lb_ns)
@@ -168,7 +165,7 @@ def engine_child(kind: str, v: VethPair, conn: Any, ring: dict[str, int] | None,
                 workers = {"workers": AFPACKET["workers"]} if AFPACKET.get("workers") else {}
                 dataplane = AfPacketEngine(EngineOptions(v.lb_dev, **workers), ring_options=ring,
                                            processor=decide_blocks if kind == "afpacket-decide" else bulk_blocks)
-            dataplane.apply(DataplaneState((Service(ServiceKey.catch_all(), build_table(list(BACKENDS))),)))
+            dataplane.apply(DataplaneState((Service(ServiceKey.catch_all(), build_table(backends)),)))
             engine: Any = type("E", (), {"ready": threading.Event()})()  # the same handle as the baseline's
 
             def counters() -> dict[str, int]:
@@ -251,11 +248,12 @@ def engine_child(kind: str, v: VethPair, conn: Any, ring: dict[str, int] | None,
 class Engine:
     """The parent's handle on one engine process."""
 
-    def __init__(self, kind: str, v: VethPair, ring: dict[str, int] | None, profile: str | None) -> None:
+    def __init__(self, kind: str, v: VethPair, ring: dict[str, int] | None, profile: str | None,
+                 backends: list[str]) -> None:
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
         # Not a daemon: the AF_PACKET engine forks its workers from it (kill() ends it on every path out).
-        self.proc = ctx.Process(target=engine_child, args=(kind, v, child, ring, profile))
+        self.proc = ctx.Process(target=engine_child, args=(kind, v, child, ring, profile, backends))
         self.proc.start()
         if not self.conn.poll(40):
             self.kill()
@@ -302,6 +300,20 @@ def threaded_napi(v: VethPair) -> list[int]:
         os.sched_setaffinity(pid, {ENGINE_CPU})
         os.setpriority(os.PRIO_PROCESS, pid, NICE)
     return sorted(new)
+
+
+def quiet(v: VethPair, still_s: float = 1.5, timeout: float = 15.0) -> None:
+    """Until neither device has received anything for still_s: a pair with IPv6 on says its own piece
+    after coming up (DAD, MLD reports: a few frames), which must not be counted as delivered."""
+    def received() -> tuple[int, int]:
+        return counter(v, v.lb_ns, v.lb_dev, "rx_packets"), counter(v, v.peer_ns, v.peer_dev, "rx_packets")
+    last, since, deadline = received(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < still_s:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the pair never went quiet for {still_s} s ({timeout} s)")
+        time.sleep(0.1)  # sampling counters, bounded by the deadline
+        if (now := received()) != last:
+            last, since = now, time.monotonic()
 
 
 def counter(v: VethPair, ns: str, dev: str, name: str) -> int:
@@ -361,33 +373,44 @@ def phase(v: VethPair, engine: Engine, cpu_pids: list[int], cfg: str, packets: i
     }
 
 
-def run_engine(kind: str, args: argparse.Namespace, ring: dict[str, int] | None) -> dict[str, Any]:
+def run_engine(kind: str, args: argparse.Namespace, ring: dict[str, int] | None, traffic: str = "ipv4") -> dict[str, Any]:
     v = VethPair()
     engine = None
+    six = TRAFFIC[traffic][1] == "ipv6"  # the outer family, and so the backends'
+    backends = BACKENDS6 if six else BACKENDS
     try:
-        for ns in (v.lb_ns, v.peer_ns):  # no IPv6 chatter (ND, MLD) in the counters
-            v.run(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1",
-                  check=False)
-        for b, mac in BACKENDS.items():
+        for ns, dev in ((v.lb_ns, v.lb_dev), (v.peer_ns, v.peer_dev)):
+            if six:  # IPv6 on, but nothing of its own to say: no router solicitations in the counters
+                v.run(ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.router_solicitations=0", check=False)
+            else:  # no IPv6 chatter (ND, MLD) in the counters
+                v.run(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1",
+                      check=False)
+        if six:
+            v.add_ipv6()
+            quiet(v)
+        for b, mac in backends.items():
             v.ip(v.lb_ns, "neigh", "replace", b, "lladdr", mac, "dev", v.lb_dev, "nud", "permanent")
         if kind in ("xdp", "baseline"):
             from rusty_rail.engines.xdp import attach_pass
 
             attach_pass(v.peer_dev, netns=v.peer_ns)  # XDP_TX on a veth delivers only to a peer running XDP
         with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as f:
-            f.write(trafgen_config(v, args.flows, SENDER_MAC))
+            f.write(trafgen_config(v, args.flows, SENDER_MAC, traffic))
         profile = str(RESULTS / f"engine_rates-{kind}.prof") if args.profile and kind.startswith("afpacket") else None
-        engine = Engine(kind, v, ring, profile)
+        engine = Engine(kind, v, ring, profile, list(backends))
         cpu_pids = threaded_napi(v) if kind in ("xdp", "baseline") else [engine.proc.pid]
         phases: dict[str, list[dict[str, Any]]] = {"paced": [], "max": []}
+        wanted = args.phases.split(",")
         for _ in range(args.rounds):
-            if kind != "baseline":
+            if kind != "baseline" and "paced" in wanted:
                 phases["paced"].append(phase(v, engine, cpu_pids, f.name, int(args.rate * args.seconds_paced), args.rate))
-            phases["max"].append(phase(v, engine, cpu_pids, f.name, args.packets_max, None))
+            if "max" in wanted:
+                phases["max"].append(phase(v, engine, cpu_pids, f.name, args.packets_max, None))
         final = engine.stop()
         engine = None
         os.unlink(f.name)
-        return {"phases": phases, "final": final, "cpu_pids": "engine process" if kind.startswith("afpacket") else "napi kthread"}
+        return {"phases": phases, "final": final, "traffic": traffic, "frame_bytes": frame_bytes(traffic),
+                "cpu_pids": "engine process" if kind.startswith("afpacket") else "napi kthread"}
     finally:
         if engine is not None:
             engine.kill()
@@ -402,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds-paced", type=float, default=8.0)
     p.add_argument("--packets-max", type=int, default=1_200_000)
     p.add_argument("--flows", choices=("random", "single"), default="random")
+    p.add_argument("--traffic", default="ipv4", help=f"kinds of frames, each engine once per kind: {', '.join(TRAFFIC)}")
+    p.add_argument("--phases", default="paced,max", help="paced, max or both")
     p.add_argument("--ring", default=os.environ.get("RING", ""), help="AF_PACKET PacketRing options, k=v,...")
     p.add_argument("--nice", type=int, default=-20,
                    help="nice value of sender, engine and NAPI thread (-20: as close to a dedicated core as "
@@ -410,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-cpus", default=str(ENGINE_CPU), help="CPUs of the engine process and its workers")
     p.add_argument("--profile", action="store_true", help="cProfile the AF_PACKET engine (bench/results/*.prof)")
     args = p.parse_args(argv)
+    kinds = args.traffic.split(",")
+    if set(kinds) - set(TRAFFIC) or set(args.phases.split(",")) - {"paced", "max"}:
+        p.error(f"--traffic takes {', '.join(TRAFFIC)}; --phases takes paced, max")
     if os.geteuid() != 0:
         print("engine_rates: needs root (namespaces, XDP)", file=sys.stderr)
         return 2
@@ -423,13 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     load0 = os.getloadavg()
     results: dict[str, Any] = {}
-    print(f"engine_rates: 84-byte GRE frames, {args.flows} flows, paced {args.rate / 1e3:.0f} kpps x "
+    print(f"engine_rates: {', '.join(f'{t} ({frame_bytes(t)}-byte frames)' for t in kinds)}, {args.flows} flows, "
+          f"paced {args.rate / 1e3:.0f} kpps x "
           f"{args.seconds_paced:g} s, max {args.packets_max:,} packets, {args.rounds} round(s), nice {args.nice}; "
           f"load {load0[0]:.2f}",
           flush=True)
-    for kind in args.engines.split(","):
+    for engine_kind, traffic in ((e, t) for e in args.engines.split(",") for t in kinds):
+        kind = engine_kind if traffic == "ipv4" else f"{engine_kind}/{traffic}"
         t0 = time.monotonic()
-        results[kind] = run_engine(kind, args, ring)
+        results[kind] = run_engine(engine_kind, args, ring, traffic)
         for name, rows in results[kind]["phases"].items():
             for r in rows:
                 print(f"  {kind:8} {name:5} offered {r['offered_kpps']:6.1f} kpps delivered {r['delivered_kpps']:6.1f} kpps "
@@ -452,10 +482,11 @@ def main(argv: list[str] | None = None) -> int:
             pstats.Stats(str(path)).sort_stats("tottime").print_stats(18)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = {
-        "bench": "engine_rates", "time": stamp, "kernel": platform.release(), "frame_bytes": 84,
+        "bench": "engine_rates", "time": stamp, "kernel": platform.release(),
+        "frame_bytes": {t: frame_bytes(t) for t in kinds}, "traffic": kinds, "phases": args.phases.split(","),
         "flows": args.flows, "rate_pps": args.rate, "seconds_paced": args.seconds_paced,
         "packets_max": args.packets_max, "rounds": args.rounds, "nice": args.nice, "ring": ring, "loadavg": [load0, os.getloadavg()],
-        "backends": BACKENDS, "results": results, "summary": lines,
+        "backends": {**BACKENDS, **BACKENDS6}, "results": results, "summary": lines,
     }
     path = RESULTS / f"engine_rates-{stamp}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -1,5 +1,6 @@
 """Issue 11: the balancers announce their VIPs over BGP (ExaBGP) to the lab's router, a real BIRD 2 with
-ECMP; the router's GRE follows its kernel's multipath route. Topologies 3 and 4, both engines.
+ECMP; the router's GRE follows its kernel's multipath route. Topologies 3 and 4, both engines. Issue 10:
+IPv6 VIPs (/128) go over the same sessions, by the same rules (tests 1 and 3).
 
 1. Sessions up, the router's route to the VIP names both balancers; real HTTP spread over both, every
    flow on one server (both balancers name the same backend for it).
@@ -28,7 +29,7 @@ import pytest
 from rusty_rail.lab.events import logged
 from rusty_rail.lab.topology import ROUTER_AS, ROUTER_V
 from tests.engine_netns import wait_for
-from tests.lab_config import BGP_SECTION, SERVICE, config_text
+from tests.lab_config import BGP_SECTION, SERVICE, SERVICE6, config_text
 from tests.test_resilience_netns import BgpBalancers, by_name, lab_up, served
 
 pytestmark = pytest.mark.netns
@@ -36,34 +37,47 @@ pytestmark = pytest.mark.netns
 
 @pytest.mark.parametrize(("engine", "topology"), [("afpacket", 3), ("xdp", 3), ("afpacket", 4), ("xdp", 4)])
 def test_sessions_ecmp_and_http_spread(engine: str, topology: int, tmp_path: Path) -> None:
+    """Both families: the IPv6 VIP's /128 goes over the same (IPv4) sessions with each balancer's IPv6
+    address as next hop, and its service's backends are the servers' IPv6 addresses (GRE over IPv6 from the
+    router to the balancers and on to the servers)."""
     with lab_up(topology, bgp=True) as lab:
-        lbs = BgpBalancers(lab, engine, tmp_path)
+        lbs = BgpBalancers(lab, engine, tmp_path, ipv6=True)
         try:
             assert sorted(lab.vip_next_hops()) == [lb.address for lb in lab.balancers]
+            assert sorted(lab.vip_next_hops(lab.vip6)) == [lb.address6 for lb in lab.balancers]
             for lb in lab.balancers:
                 bgp = lbs.request(lb, {"cmd": "status"})["bgp"]
                 (peer,) = bgp["peers"]
                 assert (peer["address"], peer["as"], peer["state"], peer["prefixes"]) == (
-                    ROUTER_V, ROUTER_AS, "up", [f"{lab.vip}/32"])
+                    ROUTER_V, ROUTER_AS, "up", [f"{lab.vip}/32", f"{lab.vip6}/128"])
+                assert bgp["next_hop6"] == lb.address6
             servers = by_name(lab)
-            via: Counter[str] = Counter()
-            for client in lab.clients:
-                results = lab.traffic(n=30, client=client)
-                assert set(served(results)) == set(servers)
-                for r in results:
-                    assert r.sport is not None
-                    via[lab.route_choice(client, r.sport) or "none"] += 1
-                    # One flow, one server: both balancers (the one that carried it, and the other by its
-                    # own table) name the server that answered.
-                    for lb in lab.balancers:
-                        backend = lbs.request(lb, {"cmd": "explain", "client": f"{client.address}:{r.sport}",
-                                                   "service": SERVICE, "protocol": "tcp"})["backend"]
-                        assert backend == servers[r.server].address
-            assert set(via) == {lb.address for lb in lab.balancers}, via
-            forwarded = [lbs.request(lb, {"cmd": "status"})["counters"]["forwarded"] for lb in lab.balancers]
-            assert all(f > 0 for f in forwarded), forwarded
-            print(f"{engine} topology {topology}: sessions up, router next hops {lab.vip_next_hops()}; "
-                  f"{sum(via.values())} HTTP flows split {dict(via)} by the router, forwarded {forwarded}")
+            via: dict[str, Counter[str]] = {}
+            for vip, service in ((lab.vip, SERVICE), (lab.vip6, SERVICE6)):
+                via[vip] = Counter()
+                for client in lab.clients:
+                    results = lab.traffic(n=30, client=client, vip=vip)
+                    assert set(served(results)) == set(servers)
+                    six = vip == lab.vip6
+                    for r in results:
+                        assert r.sport is not None
+                        via[vip][lab.route_choice(client, r.sport, vip=vip) or "none"] += 1
+                        # One flow, one server: both balancers (the one that carried it, and the other by its
+                        # own table) name the server that answered.
+                        source = f"[{client.address6}]:{r.sport}" if six else f"{client.address}:{r.sport}"
+                        for lb in lab.balancers:
+                            backend = lbs.request(lb, {"cmd": "explain", "client": source, "service": service,
+                                                       "protocol": "tcp"})["backend"]
+                            server = servers[r.server]
+                            assert backend == (server.address6 if six else server.address)
+            assert set(via[lab.vip]) == {lb.address for lb in lab.balancers}, via
+            assert set(via[lab.vip6]) == {lb.address6 for lb in lab.balancers}, via
+            counters = [lbs.request(lb, {"cmd": "status"})["counters"] for lb in lab.balancers]
+            forwarded = [(c["by_family"]["ipv4"]["forwarded"], c["by_family"]["ipv6"]["forwarded"]) for c in counters]
+            assert all(v4 > 0 and v6 > 0 for v4, v6 in forwarded), forwarded
+            print(f"{engine} topology {topology}: sessions up, router next hops {lab.vip_next_hops()} and "
+                  f"{lab.vip_next_hops(lab.vip6)}; HTTP flows split {dict(via[lab.vip])} and {dict(via[lab.vip6])} "
+                  f"by the router, forwarded (IPv4, IPv6) {forwarded}")
             lbs.stop()
         except BaseException:
             lbs.show_log()
@@ -73,9 +87,10 @@ def test_sessions_ecmp_and_http_spread(engine: str, topology: int, tmp_path: Pat
 STREAMS, UPLOADS, STREAM_SECONDS = 32, 8, 6.0
 
 
-@pytest.mark.parametrize(("engine", "how"), [("afpacket", "ctl"), ("xdp", "sigterm")])
-def test_planned_drain(engine: str, how: str, tmp_path: Path) -> None:
-    with lab_up(3, bgp=True) as lab:
+@pytest.mark.parametrize(("engine", "how", "topology"),
+                         [("afpacket", "ctl", 3), ("xdp", "sigterm", 3), ("xdp", "ctl", 4), ("afpacket", "sigterm", 4)])
+def test_planned_drain(engine: str, how: str, topology: int, tmp_path: Path) -> None:
+    with lab_up(topology, bgp=True) as lab:
         lbs = BgpBalancers(lab, engine, tmp_path)
         lb1, lb2 = lab.balancers
         client = lab.clients[0]
@@ -139,25 +154,34 @@ def _settled(read: object, quiet_s: float = 0.3, timeout: float = 5.0) -> int:
 
 
 def test_service_without_healthy_backends_is_withdrawn(tmp_path: Path) -> None:
+    """The same rule for both families: each VIP's route goes when its service's last backend fails its
+    checks, and comes back with one healthy backend."""
     with lab_up(4, bgp=True) as lab:
-        lbs = BgpBalancers(lab, "afpacket", tmp_path)
+        lbs = BgpBalancers(lab, "afpacket", tmp_path, ipv6=True)
+        prefixes = {f"{lab.vip}/32", f"{lab.vip6}/128"}
         try:
-            started = time.monotonic()
             for s in lab.servers:
                 lab.stop_httpd(s)
             gone = lbs.wait_next_hops([], timeout=10)
+            gone6 = lbs.wait_next_hops([], timeout=10, vip=lab.vip6)
             for lb in lab.balancers:
-                (withdraw,) = logged(lbs.log_paths[lb.name], "bgp_withdraw")
-                assert withdraw["prefix"] == f"{lab.vip}/32" and "no healthy backend" in withdraw["reason"], withdraw
-            assert not lab.traffic(n=1, timeout=0.5)[0].ok  # the router has no route to the VIP
+                withdraws = logged(lbs.log_paths[lb.name], "bgp_withdraw")
+                assert {w["prefix"] for w in withdraws} == prefixes and len(withdraws) == 2, withdraws
+                assert all("no healthy backend" in w["reason"] for w in withdraws), withdraws
+            for vip in (lab.vip, lab.vip6):
+                assert not lab.traffic(n=1, timeout=0.5, vip=vip)[0].ok  # the router has no route to the VIP
             lab.start_httpd(lab.servers[0])
             back = lbs.wait_next_hops([lb.address for lb in lab.balancers], timeout=10)
-            assert set(served(lab.traffic(n=10))) == {lab.servers[0].name}
+            lbs.wait_next_hops([lb.address6 for lb in lab.balancers], timeout=10, vip=lab.vip6)
+            for vip in (lab.vip, lab.vip6):
+                assert set(served(lab.traffic(n=10, vip=vip))) == {lab.servers[0].name}
             for lb in lab.balancers:
                 announces = logged(lbs.log_paths[lb.name], "bgp_announce")
-                assert len(announces) == 2 and "1 healthy backend" in announces[-1]["reason"], announces
-            print(f"both backends' httpd stopped: every balancer withdrew the VIP, gone from the router after "
-                  f"{gone:.2f} s; one back: announced again, both next hops after {back:.2f} s")
+                assert len(announces) == 4 and {a["prefix"] for a in announces[2:]} == prefixes, announces
+                assert all("1 healthy backend" in a["reason"] for a in announces[2:]), announces
+            print(f"both backends' httpd stopped: every balancer withdrew both VIPs, gone from the router after "
+                  f"{gone:.2f} s (IPv4) and {gone + gone6:.2f} s (IPv6); one back: announced again, both next hops "
+                  f"after {back:.2f} s")
             lbs.stop()
         except BaseException:
             lbs.show_log()

@@ -86,19 +86,23 @@ def one_at_a_time(table: ConnectionTable, keys: list[bytes], proposed: list[int]
 
 
 @given(st.lists(st.lists(st.tuples(st.integers(0, 30), st.sampled_from([6, 17, 1]), st.integers(1, 4),
-                                   st.booleans(), st.booleans()), max_size=40), max_size=12),
+                                   st.booleans(), st.booleans(), st.integers(1, 3)), max_size=40), max_size=12),
        st.integers(1, 12))
 def test_choose_many_leaves_the_table_as_one_at_a_time(blocks, capacity: int) -> None:
-    """Repeated keys in a block, evictions from a small table, timeouts between blocks, backends that
-    left, keys of both lengths (16 and 40 bytes): every choice, the entries in LRU order with their
-    deadlines, and every other attribute of the table (its figures) agree."""
+    """Repeated keys in a block (also back to back, with one backend set object per pool as the engine
+    passes them), evictions from a small table, timeouts between blocks, backends that left, keys of
+    both lengths (16 and 40 bytes): every choice, the entries in LRU order with their deadlines, and
+    every other attribute of the table (its figures) agree."""
     timeouts = Timeouts(tcp=7, udp=3, other=2)
     batch, single = ConnectionTable(capacity, timeouts), ConnectionTable(capacity, timeouts)
+    pools: dict[frozenset[int], frozenset[int]] = {}
     for now, ops in enumerate(blocks):
+        ops = [op for op in ops for _ in range(op[-1])]  # each op 1-3 times in a row
         keys = [oracle_key("10.0.0.1", "10.1.0.1", proto, flow, 80) + (bytes(24) if long else b"")
-                for flow, proto, _, _, long in ops]
-        proposed = [backend for _, _, backend, _, _ in ops]
-        listed = [frozenset({1, 2, 3, 4} if all_listed else {backend}) for _, _, backend, all_listed, _ in ops]
+                for flow, proto, _, _, long, _ in ops]
+        proposed = [backend for _, _, backend, _, _, _ in ops]
+        listed = [pools.setdefault(s, s) for s in
+                  (frozenset({1, 2, 3, 4} if all_listed else {backend}) for _, _, backend, all_listed, _, _ in ops)]
         assert batch.choose_many(keys, proposed, listed, now) == one_at_a_time(single, keys, proposed, listed, now)
         assert list(batch._entries.items()) == list(single._entries.items())
         assert {k: v for k, v in vars(batch).items() if k != "_entries"} == \

@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 import threading
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 import pytest
@@ -64,8 +64,6 @@ def test_a_bgp_section_and_route_keys() -> None:
      "services[1].med: differs from services[0].med"),
     ('device = "eth0"\n[[services]]\nvip = "*"\nbackends = ["10.2.0.1"]\nannounce = true\n',
      'services[0].announce: true: the catch-all service (vip "*") has no VIP to announce'),
-    (BASE + '[[services]]\nvip = "2001:db8:1::1"\nport = 443\nbackends = ["2001:db8:2::1"]\n' + BGP,
-     "services[1].announce: 2001:db8:1::1 is an IPv6 VIP, which BGP does not announce yet"),
 ])
 def test_bad_bgp_keys_are_named(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -94,16 +92,29 @@ def test_the_announce_rule() -> None:
         assert wanted_routes(services, **kwargs)["10.1.0.1/32"] == (None, why)
 
 
-def test_ipv6_vips_are_served_but_not_announced() -> None:
-    """With [bgp], an IPv6 VIP's service needs announce = false (the sessions are IPv4); without [bgp] the
-    key does not matter. Were one announced, its route would be a /128 and sort after the IPv4 ones."""
-    v6 = '[[services]]\nvip = "2001:db8:1::1"\nport = 443\nbackends = ["2001:db8:2::1", "10.2.0.1"]\n'
-    assert loads_config(BASE + v6).services[1].route.announce
-    config = loads_config(BASE + v6 + "announce = false\n" + BGP)
-    assert config.bgp is not None and not config.services[1].route.announce
-    six = ServiceRoute("[2001:db8:1::1]:443/tcp", ip_address("2001:db8:1::1"), RouteSpec(), 1)
-    assert list(wanted_routes([six, WEB], ready=True, drained=False, stopping=False)) == ["10.1.0.1/32",
-                                                                                       "2001:db8:1::1/128"]
+V6 = '[[services]]\nvip = "2001:db8:1::1"\nport = 443\nbackends = ["2001:db8:2::1", "10.2.0.1"]\n'
+SIX = ServiceRoute("[2001:db8:1::1]:443/tcp", ip_address("2001:db8:1::1"), RouteSpec(med=7), 1)
+
+
+def test_ipv6_vips_are_announced_by_the_same_rule_with_an_ipv6_next_hop() -> None:
+    """An IPv6 VIP is announced (a /128, after the IPv4 ones) with the device's IPv6 address as next hop,
+    over the IPv4 session; announce = false keeps it out, as for IPv4. Without an IPv6 next hop it is
+    withdrawn, and says why."""
+    config = loads_config(BASE + V6 + BGP)
+    assert config.bgp is not None and config.services[1].route.announce
+    assert not loads_config(BASE + V6 + "announce = false\n" + BGP).services[1].route.announce
+    hop = IPv6Address("2001:db8:137::11")
+    wanted = wanted_routes([SIX, WEB], ready=True, drained=False, stopping=False, next_hop6=hop)
+    assert list(wanted) == ["10.1.0.1/32", "2001:db8:1::1/128"]
+    assert wanted["2001:db8:1::1/128"] == (Route("2001:db8:1::1/128", 7, (), "2001:db8:137::11"),
+                                           "[2001:db8:1::1]:443/tcp: 1 healthy backend")
+    assert wanted["10.1.0.1/32"][0] == Route("10.1.0.1/32", 10, ((65000, 80),), "self")
+    down = ServiceRoute(SIX.name, SIX.vip, SIX.route, 0)
+    assert wanted_routes([down], ready=True, drained=False, stopping=False, next_hop6=hop)["2001:db8:1::1/128"] == (
+        None, "[2001:db8:1::1]:443/tcp: no healthy backend")
+    assert wanted_routes([SIX], ready=True, drained=True, stopping=False, next_hop6=hop)["2001:db8:1::1/128"][0] is None
+    assert wanted_routes([SIX], ready=True, drained=False, stopping=False)["2001:db8:1::1/128"] == (
+        None, "no IPv6 next hop: the device has no global IPv6 address")
 
 
 def test_route_commands_in_exabgps_grammar() -> None:
@@ -111,6 +122,10 @@ def test_route_commands_in_exabgps_grammar() -> None:
     assert r.announce() == "announce route 10.1.0.1/32 next-hop self med 10 community [65000:80 65000:443]"
     assert Route("10.1.0.2/32").announce() == "announce route 10.1.0.2/32 next-hop self"
     assert r.withdraw() == "withdraw route 10.1.0.1/32 next-hop self"
+    six = Route("2001:db8:1::1/128", next_hop="2001:db8:137::11")
+    assert six.announce() == "announce route 2001:db8:1::1/128 next-hop 2001:db8:137::11"
+    assert six.withdraw() == "withdraw route 2001:db8:1::1/128 next-hop 2001:db8:137::11"
+    assert Route.held(six.announce()) == six and Route.held(r.announce()) == Route("10.1.0.1/32")
 
 
 SPEC = BgpSpec(65001, (PeerSpec(IPv4Address("192.168.137.1"), 65000),
@@ -123,6 +138,7 @@ def test_exabgp_configuration() -> None:
     assert text.count("neighbor ") == 2 and "  local-address 192.168.137.11;" in text and "  router-id 1.1.1.1;" in text
     assert "  peer-as 65002;\n  hold-time 9;\n  md5-password \"s3cret\";" in text
     assert text.count("md5-password") == 1 and text.count("neighbor-changes") == 2
+    assert text.count("  family { ipv4 unicast; ipv6 unicast; }") == 2  # IPv6 VIPs over the IPv4 sessions
 
 
 class FakeSpeaker:
@@ -183,6 +199,34 @@ def test_announcer_follows_the_rule_and_logs_why(caplog: pytest.LogCaptureFixtur
                      ("bgp_withdraw", "10.1.0.1:80/tcp: no healthy backend"),
                      ("bgp_announce", "10.1.0.1:80/tcp: 2 healthy backends"),
                      ("bgp_withdraw", "no service announces it any more")]
+
+
+def test_announcer_withdraws_an_ipv6_route_with_the_next_hop_it_was_announced_with() -> None:
+    services = [SIX]
+    speaker = FakeSpeaker()
+    a = Announcer(SPEC, routes=lambda: services, ready=lambda: True, make_speaker=lambda _: speaker,  # type: ignore[arg-type,return-value]
+                  next_hop6=IPv6Address("2001:db8:137::11"))
+    a.reconcile()
+    services.clear()
+    a.reconcile()
+    assert speaker.sent == ["announce route 2001:db8:1::1/128 next-hop 2001:db8:137::11 med 7",
+                            "withdraw route 2001:db8:1::1/128 next-hop 2001:db8:137::11"]
+    assert a.status()["next_hop6"] == "2001:db8:137::11"
+
+
+def test_announcing_an_ipv6_vip_needs_an_ipv6_address_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before anything starts, naming the device and the VIP; with announce = false it starts."""
+    from rusty_rail.control import runtime
+    from rusty_rail.engines import neighbours
+
+    info = neighbours.DeviceInfo(2, b"\x02" * 6, IPv4Address("192.168.137.11"), None, 1500)
+    monkeypatch.setattr(neighbours, "device_info", lambda device: info)
+    base = BASE.replace("[[services]]", 'control_socket = "/run/rr-test.sock"\n[[services]]', 1)
+    with pytest.raises(ValueError, match="bgp: device 'eth0' has no global IPv6 address, the next hop of IPv6 VIP "
+                                         "2001:db8:1::1's route"):
+        runtime._announcer(loads_config(base + V6 + BGP), engine=None)  # type: ignore[arg-type]
+    quiet = loads_config(base + V6 + "announce = false\n" + BGP)
+    assert runtime._announcer(quiet, engine=None).next_hop6 is None  # type: ignore[arg-type]
 
 
 def test_announcer_takes_over_what_a_speaker_holds() -> None:

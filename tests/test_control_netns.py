@@ -447,8 +447,8 @@ def test_ctl_against_a_running_balancer(engine: str, tmp_path: Path) -> None:
 def test_unconfigured_vips_and_ports_never_reach_a_backend(engine: str, tmp_path: Path) -> None:
     with running(engine, tmp_path) as rig:
         lab = rig.lab
-        service_net, _ = lab.maps.config()
-        assert service_net == "10.1.0.0/24", service_net  # the router wraps all of S, not only the VIP
+        service_net = lab.maps.config().service_net
+        assert str(service_net) == "10.1.0.0/24", service_net  # the router wraps all of S, not only the VIP
         before = rig.status()["counters"]
         wrapped_before = lab.maps.stats()["encapsulated_wire"]
         sniffers = {s.name: Sniffer(s.namespace, s.device) for s in lab.servers}

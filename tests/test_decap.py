@@ -1,4 +1,5 @@
-"""`rusty-rail decap`: attach, status (the kernel's program id), detach, and GRE through a veth decapsulated.
+"""`rusty-rail decap`: attach, status (the kernel's program id), detach, and GRE through a veth decapsulated
+(GRE over IPv4 or IPv6, carrying IPv4 or IPv6).
 
 The server side is the veth fixture's "lb" namespace (lb0, 10.77.0.1) holding a VIP on lo; the peer sends
 GRE at it from an AF_PACKET socket. Without the program the server's kernel (no GRE module) answers GRE
@@ -18,7 +19,7 @@ import pytest
 from rusty_rail import decap
 from rusty_rail.bpf import libbpf, tc
 from rusty_rail.bpf.build import object_path
-from tests.engine_netns import VethPair, drain, gre_frame, ipv4, is_icmp_protocol_unreachable, pending, udp
+from tests.engine_netns import VethPair, checksum, drain, gre_frame, ipv4, ipv6, is_icmp_protocol_unreachable, pending, udp
 
 pytestmark = pytest.mark.netns
 
@@ -86,6 +87,46 @@ def test_attach_status_detach_and_gre_decapsulated(server: VethPair, capsys: pyt
         drain(peer, is_icmp_protocol_unreachable, 1)
         assert _pending_datagrams(app) == []
         assert decap.detach(pair.lb_dev, pair.lb_ns).attached is False  # idempotent
+    finally:
+        app.close()
+        peer.close()
+
+
+VIP6, CLIENT6 = "2001:db8:1::1", "2001:db8:c::1"
+
+
+def udp6(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """IPv6 UDP with its checksum (RFC 8200 8.1: mandatory over IPv6, the receiving stack checks it)."""
+    length = 8 + len(payload)
+    pseudo = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + length.to_bytes(4, "big")
+    header = sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + length.to_bytes(2, "big")
+    check = checksum(pseudo + b"\0\0\0\x11" + header + b"\0\0" + payload) or 0xFFFF
+    return ipv6(src, dst, 17, header + check.to_bytes(2, "big") + payload)
+
+
+@pytest.mark.parametrize(("outer", "inner"), [("ipv4", "ipv6"), ("ipv6", "ipv4"), ("ipv6", "ipv6")])
+def test_either_outer_family_carries_either_inner_family(server: VethPair, outer: str, inner: str) -> None:
+    """GRE over IPv6 (no ip6_gre module either) and across families: the inner packet reaches the VIP of
+    its own family, the skb's protocol and the Ethernet type switched where the families differ."""
+    pair = server
+    pair.add_ipv6()
+    pair.ip(pair.lb_ns, "-6", "addr", "add", f"{VIP6}/128", "dev", "lo", "nodad")
+    family = socket.AF_INET6 if inner == "ipv6" else socket.AF_INET
+    with pair.inside(pair.lb_ns):
+        app = socket.socket(family, socket.SOCK_DGRAM)
+    app.bind((VIP6 if inner == "ipv6" else VIP, PORT))
+    app.settimeout(5)
+    peer = pair.peer_packet_socket()
+    try:
+        decap.attach(pair.lb_dev, pair.lb_ns)
+        if inner == "ipv6":
+            packet, client = udp6(CLIENT6, VIP6, 1234, PORT, b"through gre"), CLIENT6
+        else:
+            packet, client = ipv4(CLIENT, VIP, 17, udp(1234, PORT, b"through gre")), CLIENT
+        outer_src, outer_dst = (pair.peer_ip, pair.lb_ip) if outer == "ipv4" else (pair.peer_ip6, pair.lb_ip6)
+        peer.send(gre_frame(pair.lb_mac, pair.peer_mac, outer_src, outer_dst, packet))
+        data, source = app.recvfrom(2048)
+        assert (data, source[:2]) == (b"through gre", (client, 1234))
     finally:
         app.close()
         peer.close()

@@ -26,6 +26,7 @@ from rusty_rail.lab import Lab, netns
 from rusty_rail.lab.events import logged
 from rusty_rail.lab.router import pin_dir
 from rusty_rail.lab.sniff import Sniffer
+from tests.engine_netns import wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -62,7 +63,10 @@ def test_up_down_leaves_nothing(prefix: str, topology: int) -> None:
         assert all(ns["exists"] for ns in st["namespaces"].values())
         assert all(st["decap"].values())
         assert sorted(st["router"]["static_targets"]) == [b.address for b in lab.balancers]
-        assert st["router"]["vip_next_hops"] == []  # no balancer announces the VIP (none runs)
+        assert sorted(st["router"]["static_targets6"]) == [b.address6 for b in lab.balancers]
+        assert st["router"]["vip_next_hops"] == st["router"]["vip6_next_hops"] == []  # no balancer announces
+        assert (st["router"]["service6"], st["router"]["src6"], st["router"]["outer6"]) == (
+            "2001:db8:1::/64", lab.router.address6, "ipv6")
         assert st["logs"] == {"dir": str(lab.log_dir),
                               "files": sorted(["router-bird.log", *(f"{s.name}-httpd.log" for s in lab.servers)])}
         assert _names(_host_links()) == before, "the lab must not create links in the host namespace"
@@ -135,6 +139,52 @@ def test_direct_gre_carries_tcp_with_dsr(prefix: str, topology: int) -> None:
 
         stats = lab.maps.stats()
         assert stats["encapsulated"] > 0
+        assert stats["no_route"] == stats["no_gateway"] == stats["room_fail"] == 0
+
+
+@pytest.mark.parametrize("outer6", ["ipv6", "ipv4"])
+def test_direct_gre_carries_ipv6_with_dsr(prefix: str, outer6: str) -> None:
+    """IPv6 HTTP through the router's GRE in either outer family, decapsulated by the servers, answered
+    directly (DSR); 1 MB each way, the uploads crossing the encapsulator as GSO packets."""
+    with Lab(2, prefix, direct=True, outer6=outer6) as lab:
+        client, vip6 = lab.clients[0], lab.vip6
+        sniff = {h.name: Sniffer(h.namespace, h.device) for h in (lab.router, *lab.servers)}
+        try:
+            results = lab.traffic(n=20, vip=vip6)
+            frames = {name: s.frames() for name, s in sniff.items()}
+        finally:
+            for s in sniff.values():
+                s.close()
+        assert [r.error for r in results if not r.ok] == []
+        by_address = {s.address6: s.name for s in lab.servers}
+        for r in results:  # the encapsulator followed the kernel's IPv6 multipath choice for each flow
+            assert r.sport is not None
+            hop = lab.route_choice(client, r.sport, vip=vip6)
+            assert hop is not None and r.server == by_address[hop]
+        assert {r.server for r in results} == {s.name for s in lab.servers}
+
+        version = 6 if outer6 == "ipv6" else 4
+        outer_to = {s.name: s.address6 if outer6 == "ipv6" else s.address for s in lab.servers}
+        wrapped = [f for f in frames["router"] if f.outgoing and f.proto == 47]
+        assert wrapped and all(f.version == version and f.inner == (6, client.address6, vip6) for f in wrapped)
+        assert {f.dst for f in wrapped} == set(outer_to.values())
+        assert any(not f.outgoing and f.version == 6 and f.proto == 6 and (f.src, f.dst) == (vip6, client.address6)
+                   for f in frames["router"])  # the replies: plain IPv6 from the VIP
+        for s in lab.servers:
+            s_frames = frames[s.name]
+            assert any(not f.outgoing and f.proto == 47 and f.dst == outer_to[s.name] for f in s_frames)
+            assert not any(f.outgoing and f.proto == 47 for f in s_frames)  # replies are never tunnelled
+            assert any(f.outgoing and f.version == 6 and f.proto == 6 and (f.src, f.dst) == (vip6, client.address6)
+                       for f in s_frames)
+
+        wire_before = lab.maps.stats()["encapsulated_wire"]
+        down = lab.traffic(n=1, path="/bytes/1000000", timeout=10, vip=vip6)
+        up = lab.traffic(n=1, upload=1_000_000, timeout=10, vip=vip6)
+        assert [r.error for r in down + up if not r.ok] == [] and down[0].size == 1_000_000
+        stats = lab.maps.stats()
+        assert stats["encapsulated_wire_ipv6"] == stats["encapsulated_wire"] > wire_before
+        assert stats["outer_ipv6"] == (stats["encapsulated"] if outer6 == "ipv6" else 0)
+        assert stats["encapsulated_wire"] > 2 * stats["encapsulated"]  # GSO packets, cut after the encap
         assert stats["no_route"] == stats["no_gateway"] == stats["room_fail"] == 0
 
 
@@ -251,23 +301,27 @@ def test_through_balancers(prefix: str, topology: int, engine: str) -> None:
         procs = lab.start_balancers(env={"RR_ENGINE": engine})  # output: lab.balancer_log(lb)
         _wait_until_served(lab, 15)
         wrapped_before = lab.maps.stats()["encapsulated_wire"]  # a first SYN may beat the balancer's start
-        # The balancer's own host stays reachable while it balances: ping, and TCP to a local service.
+        # The balancer's own host stays reachable while it balances, over both families: ping (ICMP,
+        # ICMPv6), and TCP to a local service.
         lb = lab.balancers[0]
         listener = lab.popen(lb.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "listen", "2222"], stdout=subprocess.PIPE)
         assert listener.stdout is not None and listener.stdout.readline() == b"listening\n"
         for client in lab.clients:
-            results = lab.traffic(n=20, client=client)
-            assert [r.error for r in results if not r.ok] == []
-            assert {r.server for r in results} == {s.name for s in lab.servers}
-            lab.run(lab.router.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "ping", lb.address])
-            lab.run(lab.router.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "tcp", lb.address, "2222"])
+            for vip in (lab.vip, lab.vip6):  # IPv6: in GRE over IPv6 to the balancers, over IPv4 to the servers
+                results = lab.traffic(n=20, client=client, vip=vip)
+                assert [r.error for r in results if not r.ok] == []
+                assert {r.server for r in results} == {s.name for s in lab.servers}
+            lab.run(lab.router.namespace, [lab.python, "-m", "rusty_rail.lab.probe", "reach", "2222", lb.address,
+                                           lb.address6])
         assert all(p.poll() is None for p in procs), "a balancer exited"
-        encapsulated = lab.maps.stats()["encapsulated_wire"]  # wire packets, as the balancers count
+        stats = lab.maps.stats()  # wire packets, as the balancers count
         reports = stop_balancers(procs, lab)
         forwarded = [r["counters"]["forwarded"] for r in reports]
         # Every packet the router wrapped once the balancers were up was forwarded, and nothing else
         # was: the servers' replies (as many packets as the requests) never passed a balancer (DSR).
-        assert encapsulated - wrapped_before <= sum(forwarded) <= encapsulated
+        # The IPv6 ones too, all of which were sent after the first IPv4 request passed.
+        assert stats["encapsulated_wire"] - wrapped_before <= sum(forwarded) <= stats["encapsulated_wire"]
+        assert sum(r["counters"]["forwarded_ipv6"] for r in reports) == stats["encapsulated_wire_ipv6"] > 0
         assert all(r["engine"] == engine for r in reports)
         if len(procs) > 1:
             assert all(f > 0 for f in forwarded), "ECMP should use both balancers"
@@ -303,13 +357,21 @@ def test_cli_up_returns_through_a_pipe(prefix: str) -> None:
     """`rusty-rail lab up ... | tail` ends: the servers and balancers it leaves running write to files
     in the lab's log directory, not to the pipe."""
     cli = [sys.executable, "-m", "rusty_rail", "lab", "--prefix", prefix]
-    up = subprocess.run([*cli, "up", "--topology", "2", "--balancers"], stdout=subprocess.PIPE,
+    up = subprocess.run([*cli, "up", "--topology", "2", "--balancers", "--outer6", "ipv4"], stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, text=True, timeout=60)
     assert up.returncode == 0, up.stdout
     lab = Lab.existing(prefix)
-    assert f"logs: {lab.log_dir}" in up.stdout
+    assert f"logs: {lab.log_dir}" in up.stdout and lab.outer6 == "ipv4"
     st = json.loads(subprocess.run([*cli, "status"], capture_output=True, text=True, check=True).stdout)
-    assert st["logs"]["dir"] == str(lab.log_dir)
+    assert st["logs"]["dir"] == str(lab.log_dir) and st["router"]["outer6"] == "ipv4"
+    # IPv6 in GRE over IPv4 from the router, through the balancer (started in the background: poll until
+    # it forwards), on to the servers' IPv4 addresses.
+    wait_for(lambda: lab.traffic(n=1, timeout=0.5, vip=lab.vip6)[0].ok, timeout=15, interval=0.05,
+             what="the balancer forwarding IPv6")
+    traffic = subprocess.run([*cli, "traffic", "--ipv6", "-n", "20"], capture_output=True, text=True, timeout=60)
+    assert traffic.returncode == 0 and "server1" in traffic.stdout and "server2" in traffic.stdout, traffic.stdout
+    stats = lab.maps.stats()
+    assert stats["encapsulated_wire_ipv6"] > 0 and stats["outer_ipv6"] == 0
     assert set(st["logs"]["files"]) == {"lb1.log", "router-bird.log", "server1-httpd.log", "server2-httpd.log"}
     assert all(st["namespaces"][lb.namespace]["pids"] for lb in lab.balancers)  # still running, detached
     subprocess.run([*cli, "down"], check=True, timeout=60)

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import numpy as np
 import pytest
 
-from rusty_rail.core import constants, maglev
+from rusty_rail.core import constants, maglev, maglev_fill
 from rusty_rail.core.maglev import MaglevTable, build_table, canonical_backends, is_prime, permutation_params
 from tests.oracle import oracle_maglev
 
@@ -194,8 +194,8 @@ def test_both_fill_engines_give_the_same_table(n: int) -> None:
     size = 4099
     params = np.array([permutation_params(b, size) for b in addresses(n)], np.int64)
     ones = np.ones(n, np.int64)
-    rounds = maglev._Rounds(params[:, 0], params[:, 1], ones, size).run() % n
-    chunks = maglev._Chunks(params[:, 0], params[:, 1], ones, size).run() % n
+    rounds = maglev_fill._Rounds(params[:, 0], params[:, 1], ones, size).run() % n
+    chunks = maglev_fill._Chunks(params[:, 0], params[:, 1], ones, size).run() % n
     expected = build_table(addresses(n), size=size).slots
     assert rounds.tolist() == chunks.tolist() == expected.tolist()
 

@@ -198,20 +198,24 @@ class BgpBalancers:
     which spreads the flows over them by ECMP (a lab with bgp=True has no static routes at all)."""
 
     def __init__(self, lab: Lab, engine: str, tmp_path: Path, *, balancers: list[Host] | None = None,
-                 bgp: str = BGP_SECTION) -> None:
-        """balancers: which to run (default all); bgp: their [bgp] section."""
+                 bgp: str = BGP_SECTION, ipv6: bool = False) -> None:
+        """balancers: which to run (default all); bgp: their [bgp] section; ipv6: a second service, the IPv6
+        VIP over the servers' IPv6 addresses (GRE over IPv6 to them), announced as well."""
         self.lab, self.engine = lab, engine
         chosen = balancers if balancers is not None else list(lab.balancers)
         self.sockets = {lb.name: tmp_path / f"{lb.name}.sock" for lb in chosen}
         self.configs = {lb.name: tmp_path / f"{lb.name}.toml" for lb in chosen}
         self.log_paths = {lb.name: tmp_path / f"{lb.name}.log" for lb in chosen}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        backends6 = [s.address6 for s in lab.servers] if ipv6 else None
         for lb in chosen:
             self.configs[lb.name].write_text(config_text(engine, self.sockets[lb.name],
-                                                         [s.address for s in lab.servers], bgp=bgp))
+                                                         [s.address for s in lab.servers], bgp=bgp, backends6=backends6))
             self.start(lb)
         try:
             self.wait_next_hops([lb.address for lb in chosen])
+            if ipv6:
+                self.wait_next_hops([lb.address6 for lb in chosen], vip=lab.vip6)
         except BaseException:
             self.show_log()
             raise
@@ -221,11 +225,12 @@ class BgpBalancers:
         with self.log_paths[lb.name].open("ab") as log:
             self.procs[lb.name] = self.lab.start_balancer(lb, argv, stdout=log, stderr=log)
 
-    def wait_next_hops(self, addresses: list[str], timeout: float = 30.0) -> float:
-        """Until the router's route to the VIP names exactly these balancers; the seconds it took."""
+    def wait_next_hops(self, addresses: list[str], timeout: float = 30.0, vip: str | None = None) -> float:
+        """Until the router's route to the VIP (default the IPv4 one) names exactly these balancers (their
+        addresses of its family); the seconds it took."""
         started = time.monotonic()
-        wait_for(timeout=timeout, interval=0.005, what=f"the router's next hops to be {addresses}",
-                 predicate=lambda: sorted(self.lab.vip_next_hops()) == sorted(addresses))
+        wait_for(timeout=timeout, interval=0.005, what=f"the router's next hops to {vip or self.lab.vip} to be {addresses}",
+                 predicate=lambda: sorted(self.lab.vip_next_hops(vip)) == sorted(addresses))
         return time.monotonic() - started
 
     def request(self, lb: Host, request: dict[str, Any]) -> Any:
@@ -244,10 +249,11 @@ class BgpBalancers:
 
 
 @ENGINES
-def test_balancer_killed_mid_stream(engine: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("topology", [3, 4])
+def test_balancer_killed_mid_stream(engine: str, topology: int, tmp_path: Path) -> None:
     """No health poller anywhere: the killed daemon's BGP session dies with it, BIRD withdraws its route,
     and the kernel's multipath route (which the router's encapsulator follows) loses it as a next hop."""
-    with lab_up(3, bgp=True) as lab:
+    with lab_up(topology, bgp=True) as lab:
         lbs = BgpBalancers(lab, engine, tmp_path)
         try:
             lb1, lb2 = lab.balancers

@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("ctl", help="status and changes of a running balancer", add_help=False)
     sub.add_parser("top", help="live view of a running balancer", add_help=False)
     sub.add_parser("explain", help="which backend a flow goes to, and why", add_help=False)
-    demo = sub.add_parser("demo", help="topology 4 with real HTTP traffic, a table per backend, torn down after")
-    demo.add_argument("--requests", type=int, default=400, help="HTTP requests per client")
+    demo = sub.add_parser("demo", help="topology 4 with real HTTP over IPv4 and IPv6, a table per backend, torn down after")
+    demo.add_argument("--requests", type=int, default=400, help="HTTP requests per client and family")
     demo.add_argument("--engine", default="auto", choices=["auto", "afpacket", "xdp"])
     return parser
 

@@ -105,7 +105,8 @@ def _log_stopped(report: EngineReport) -> None:
     c = report.counters
     log.info("stopped%s", " (handed over)" if report.handed_over else "", extra={
         "event": "stopped", "engine": report.engine.value, "handover": report.handed_over,
-        "counters": {"forwarded": c.forwarded, "passed": c.passed, **{f"drop_{k}": v for k, v in c.drops.items()},
+        "counters": {"forwarded": c.forwarded, "forwarded_ipv6": c.forwarded_ipv6, "passed": c.passed,
+                     **{f"drop_{k}": v for k, v in c.drops.items()},
                      "connections": c.connections, "connection_evictions": c.connection_evictions},
         "engine_counters": dict(c.engine),
     })

@@ -1,8 +1,9 @@
 """`rusty-rail decap --device IF attach|detach|status [--netns NAME]`: GRE decapsulation on a server.
 
-For backends whose kernel has no GRE module (no gre0 device): bpf/gre_decap.c on IF's tc ingress
-(clsact, direct action) strips outer IPv4 + GRE from GRE v0 carrying IPv4, and the stack delivers the
-inner packet to the VIP the server holds on `lo`; the server answers the client directly (DSR).
+For backends whose kernel has no GRE or ip6_gre module (no gre0 or ip6gre0 device): bpf/gre_decap.c on
+IF's tc ingress (clsact, direct action) strips the outer IPv4 or IPv6 header + GRE from GRE v0 carrying
+IPv4 or IPv6 (either in either), and the stack delivers the inner packet to the VIP the server holds on
+`lo`; the server answers the client directly (DSR).
 Only our own filter (handle 1, priority 49) is added or removed; other clsact filters stay.
 """
 

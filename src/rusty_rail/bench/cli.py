@@ -2,12 +2,14 @@
 
     rusty-rail bench --out docs          # what `make bench` runs: docs/BENCHMARKS.md, docs/bench/*.png
     rusty-rail bench --quick --out /tmp/b --only maglev,e2e
+    rusty-rail bench --out docs --only xdp,rates --previous docs/bench/results.json   # refresh two sections
 
 Sections: maglev (balance and disruption, the paper's terms), build (table build against C), xdp (per-path
 cost against the baseline), rates (delivered/offered against offered rate, both engines), e2e (real
 tools through the lab against the direct path, HAProxy and nftables). The last line printed is a JSON
 object of every figure (report.headline). A section that fails is reported in the file and the exit
-status is 1; the others still run.
+status is 1; the others still run. --previous: the sections not run now come from an earlier run's
+results.json, and the report names them with that run's date and commit.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def _runners(args: argparse.Namespace) -> dict[str, tuple[str, Callable[[], dict
         "build": ("maglev_build", lambda: maglev_build.run(7)),
         "xdp": ("xdp_costs", lambda: scripts.xdp_costs(_log, 100_000 if quick else 1_000_000, 2 if quick else 5)),
         "rates": ("engine_rates", lambda: scripts.engine_rates(_log, (100_000, 200_000) if quick else RATES,
-                                                               2 if quick else 5, 200_000 if quick else 1_000_000)),
+                                                               2 if quick else 5, 200_000 if quick else 1_000_000,
+                                                               1 if quick else 3)),
         "e2e": ("e2e", e2e),
     }
 
@@ -75,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="end-to-end rounds (medians; default 5)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds per end-to-end test (default 5)")
     p.add_argument("--quick", action="store_true", help="short runs to check the command works: not figures")
+    p.add_argument("--previous", help="results.json of an earlier run: the sections not run now are taken from it")
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -90,6 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners = _runners(args)
     results: dict[str, Any] = {}
     failures: dict[str, str] = {}
+    if args.previous:
+        # Read before anything is written: --previous may be the very file this run replaces.
+        earlier = json.loads(Path(args.previous).read_text(), object_hook=_int_keys)
+        run_now = {runners[section][0] for section in sections}
+        results = {key: value for key, value in earlier["results"].items() if key not in run_now}
+        machine["carried"] = {"sections": sorted(results), "date": earlier["machine"]["date"],
+                              "commit": earlier["machine"]["commit"]}
     for section in sections:
         key, measure = runners[section]
         started = time.monotonic()
@@ -113,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"bench: wrote {out / 'BENCHMARKS.md'} and {len(plots)} plots in {out / 'bench'}")
     print(json.dumps({"machine": machine, "figures": headline(results), "failures": failures}, default=str))
     return 1 if failures else 0
+
+
+def _int_keys(obj: dict[str, Any]) -> dict[Any, Any]:
+    """JSON turned the results' integer keys (table sizes, backend counts, percentages) into strings: back."""
+    return {int(k) if k.isdigit() else k: v for k, v in obj.items()}
 
 
 def _plots(results: dict[str, Any], out: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from .e2e import PATHS, UNITS
@@ -17,8 +18,23 @@ PATH_LABELS = {
 }
 
 
+XDP_ROWS = (("baseline", "baseline"), ("hit", "hit"), ("hit_named", "hit named"), ("miss_expired", "miss expired"),
+            ("miss_deleted", "miss deleted"), ("hit_v6", "IPv6 hit (v6 in v6)"),
+            ("miss_expired_v6", "IPv6 miss expired (v6 in v6)"))
+"""bench/xdp_test_run.py's cases, in the report's order: key -> label."""
+
+
 def _f(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
+
+
+def _at_max(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Medians over rounds at the sender's maximum: delivered/offered (packets), delivered rate / offered
+    rate (drain time included), delivered kpps."""
+    return {"ratio": statistics.median(r["ratio"] for r in rows),
+            "rate_ratio": statistics.median(r["delivered_kpps"] / r["offered_kpps"] for r in rows),
+            "delivered_kpps": statistics.median(r["delivered_kpps"] for r in rows),
+            "offered_kpps": statistics.median(r["offered_kpps"] for r in rows)}
 
 
 def headline(results: dict[str, Any]) -> dict[str, float]:
@@ -40,9 +56,12 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
             out[f"maglev_moved_one_leaves_M{size}_N{n}"] = paper["one_change"][size][n]["leave"]
     xdp = results.get("xdp_costs")
     if xdp:
-        for key in ("baseline", "hit", "hit_named", "miss_expired", "miss_deleted"):
-            out[f"xdp_{key}_ns"] = xdp["ns_per_packet"][key]
-            out[f"xdp_{key}_ratio"] = xdp["ratio_to_baseline"][key]
+        for key, _ in XDP_ROWS:
+            if key in xdp["ns_per_packet"]:
+                out[f"xdp_{key}_ns"] = xdp["ns_per_packet"][key]
+                out[f"xdp_{key}_ratio"] = xdp["ratio_to_baseline"][key]
+        for key, ratio in xdp.get("paired_ratio_to_baseline", {}).items():
+            out[f"xdp_{key}_paired_ratio"] = ratio
     rates = results.get("engine_rates")
     if rates:
         for kind, points in rates["paced"].items():
@@ -51,6 +70,13 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
         for kind, rows in rates["max"].items():
             if rows:
                 out[f"{kind}_kpps_at_sender_max"] = rows[0]["delivered_kpps"]
+        for family, kinds in rates.get("families", {}).items():
+            for kind, rows in kinds.items():
+                if rows:
+                    at_max = _at_max(rows)
+                    out[f"{kind}_delivered_at_sender_max_{family}"] = at_max["ratio"]
+                    out[f"{kind}_rate_ratio_at_sender_max_{family}"] = at_max["rate_ratio"]
+                    out[f"{kind}_kpps_at_sender_max_{family}"] = at_max["delivered_kpps"]
     e2e = results.get("e2e")
     if e2e:
         for mode, tests in e2e["summary"].items():
@@ -73,6 +99,10 @@ def markdown(results: dict[str, Any], machine: dict[str, Any], plots: dict[str, 
         "figures are ratios against a baseline measured in the same run). JSON of every figure: `bench/results.json`.",
         "",
     ]
+    carried = machine.get("carried")
+    if carried and carried["sections"]:
+        lines[-1:-1] = [f"Carried over from the run of {carried['date']} (commit {carried['commit']}), not measured "
+                        f"again: {', '.join(carried['sections'])}."]
     for section in (_headline_section, _paper_section, _build_section, _xdp_section, _rates_section, _e2e_section,
                     _reordering_section):
         lines += section(results, plots)
@@ -96,9 +126,17 @@ def _headline_section(results: dict[str, Any], plots: dict[str, str]) -> list[st
             rows.append((f"{kind} delivered at 200 kpps offered", f"{100 * h[f'{kind}_delivered_at_200kpps']:.2f}%",
                          "offered", ""))
     if "xdp_hit_ratio" in h:
-        for key in ("hit", "miss_expired", "miss_deleted"):
-            rows.append((f"XDP {key.replace('_', ' ')}", f"{_f(h[f'xdp_{key}_ns'], 1)} ns",
-                         f"MAC swap: {_f(h['xdp_baseline_ns'], 1)} ns", f"{_f(h[f'xdp_{key}_ratio'])}x"))
+        for key, label in XDP_ROWS[1:]:
+            if key != "hit_named" and f"xdp_{key}_ns" in h:
+                paired = f" (paired: {_f(h[f'xdp_{key}_paired_ratio'])}x)" if f"xdp_{key}_paired_ratio" in h else ""
+                rows.append((f"XDP {label}", f"{_f(h[f'xdp_{key}_ns'], 1)} ns",
+                             f"MAC swap: {_f(h['xdp_baseline_ns'], 1)} ns", f"{_f(h[f'xdp_{key}_ratio'])}x{paired}"))
+    for kind in ("afpacket", "xdp"):
+        if f"{kind}_delivered_at_sender_max_ipv6" in h and f"{kind}_delivered_at_sender_max_ipv4" in h:
+            v4, v6 = (f"{100 * h[f'{kind}_delivered_at_sender_max_{f}']:.2f}% of packets, {100 * h[f'{kind}_rate_ratio_at_sender_max_{f}']:.2f}% of the rate"
+                      f" ({_f(h[f'{kind}_kpps_at_sender_max_{f}'], 1)} kpps)" for f in ("ipv4", "ipv6"))
+            rows.append((f"{kind} delivered at the sender's max, IPv6", v6, f"IPv4: {v4}",
+                         f"{_f(h[f'{kind}_kpps_at_sender_max_ipv6'] / h[f'{kind}_kpps_at_sender_max_ipv4'])}x IPv4's kpps"))
     summary = results.get("e2e", {}).get("summary", {})
     wire_up = summary.get("wire", {}).get("upload", {})
     if "rr-xdp" in wire_up and "gre" in wire_up:
@@ -158,12 +196,16 @@ def _xdp_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
     r = results.get("xdp_costs")
     if not r:
         return []
-    ns, ratio = r["ns_per_packet"], r["ratio_to_baseline"]
+    ns, ratio, paired = r["ns_per_packet"], r["ratio_to_baseline"], r.get("paired_ratio_to_baseline", {})
     out = ["## The XDP program per path (BPF_PROG_TEST_RUN)", "",
-           f"84-byte frame, repeat {r['repeat']:,}, median of {r['rounds']} rounds; baseline: bpf/xdp_baseline.o "
-           "(swap MACs, XDP_TX) in the same process.", "", "| path | ns/packet | x baseline |", "| --- | --- | --- |"]
-    for key in ("baseline", "hit", "hit_named", "miss_expired", "miss_deleted"):
-        out.append(f"| {key.replace('_', ' ')} | {ns[key]:.1f} | {ratio[key]:.2f} |")
+           f"84-byte frame (IPv6 rows: {r.get('frame_bytes', {}).get('ipv6') or 104}-byte, GRE over IPv6 carrying IPv6 "
+           f"UDP, to IPv6 backends), repeat {r['repeat']:,}, median of {r['rounds']} rounds; baseline: "
+           "bpf/xdp_baseline.o (swap MACs, XDP_TX) in the same process. Paired: the baseline and the case back to "
+           "back in each round, the median of the rounds' ratios (steadier on a loaded machine).", "",
+           "| path | ns/packet | x baseline | paired x baseline |", "| --- | --- | --- | --- |"]
+    for key, label in XDP_ROWS:
+        if key in ns:
+            out.append(f"| {label} | {ns[key]:.1f} | {ratio[key]:.2f} | {f'{paired[key]:.2f}' if key in paired else '-'} |")
     return out + [""] + _img(plots, "xdp_costs")
 
 
@@ -183,7 +225,27 @@ def _rates_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
         for p in rows:
             out.append(f"| {kind}, sender's max | {p['offered_kpps']:.1f} | {p['delivered_kpps']:.1f} | "
                        f"{100 * p['delivered_kpps'] / p['offered_kpps']:.2f}% (rate) | {p['cpu1_us_per_pkt']:.2f} |")
-    return out + [""] + _img(plots, "engine_rates")
+    out += [""] + _img(plots, "engine_rates")
+    families = r.get("families")
+    if families:
+        sizes = r.get("family_frame_bytes", {})
+        out += ["### IPv4 and IPv6 at the sender's maximum", "",
+                f"One command, {r.get('family_rounds', 1)} round(s) of {r['max_packets']:,} packets per engine and "
+                f"family, medians: IPv4 in GRE over IPv4 ({sizes.get('ipv4', 84)}-byte frames) and IPv6 in GRE over "
+                f"IPv6 to IPv6 backends ({sizes.get('ipv6', 124)}-byte frames), random inner flows. Delivered/offered "
+                "counts packets; the rate column divides the delivered rate (up to the last frame delivered) by the "
+                "offered one.", "",
+                "| engine | family | offered kpps | delivered kpps | delivered/offered | delivered rate / offered rate |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for kind in ("afpacket", "xdp"):
+            for family in ("ipv4", "ipv6"):
+                rows = families.get(family, {}).get(kind)
+                if rows:
+                    m = _at_max(rows)
+                    out.append(f"| {kind} | {family} | {m['offered_kpps']:.1f} | {m['delivered_kpps']:.1f} | "
+                               f"{100 * m['ratio']:.2f}% | {100 * m['rate_ratio']:.2f}% |")
+        out.append("")
+    return out
 
 
 def _e2e_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:

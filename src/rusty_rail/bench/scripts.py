@@ -39,16 +39,21 @@ def run_script(name: str, argv: Sequence[str], log: Callable[[str], None], timeo
 
 
 def xdp_costs(log: Callable[[str], None], repeat: int = 1_000_000, rounds: int = 5) -> dict[str, Any]:
-    """ns per packet of each XDP path and of the MAC-swap baseline, same BPF_PROG_TEST_RUN run."""
+    """ns per packet of each XDP path (IPv4 and IPv6) and of the MAC-swap baseline, same BPF_PROG_TEST_RUN
+    run; the hit paths also paired with the baseline round by round."""
     result = run_script("xdp_test_run", [str(repeat), str(rounds)], log)
     return {"ns_per_packet": result["ns_per_packet"], "ratio_to_baseline": result["ratio_to_baseline"],
+            "paired_ratio_to_baseline": result.get("paired_ratio_to_baseline", {}),
+            "frame_bytes": {"ipv4": result.get("frame_bytes"), "ipv6": result.get("frame6_bytes")},
             "repeat": repeat, "rounds": rounds}
 
 
 def engine_rates(log: Callable[[str], None], rates: Sequence[int], seconds: float,
-                 max_packets: int) -> dict[str, Any]:
-    """Delivered/offered of both engines against the offered rate (one paced phase per rate), and each
-    engine's and the XDP MAC-swap baseline's rate at the sender's maximum."""
+                 max_packets: int, family_rounds: int = 3) -> dict[str, Any]:
+    """Delivered/offered of both engines against the offered rate (one paced phase per rate), each
+    engine's and the XDP MAC-swap baseline's rate at the sender's maximum; then both engines at the
+    sender's maximum with IPv4 frames and with IPv6 ones (GRE over IPv6 carrying IPv6, to IPv6 backends),
+    family_rounds times each, in one command so both families see the same machine."""
     points: dict[str, list[dict[str, float]]] = {"afpacket": [], "xdp": []}
     at_max: dict[str, list[dict[str, float]]] = {"afpacket": [], "xdp": [], "baseline": []}
     for i, rate in enumerate(rates):
@@ -60,9 +65,16 @@ def engine_rates(log: Callable[[str], None], rates: Sequence[int], seconds: floa
                 points[kind].append({"rate_kpps": rate / 1e3, **_row(row)})
             for row in res["phases"].get("max", []):
                 at_max[kind].append(_row(row))
-    return {"paced": points, "max": at_max, "seconds": seconds, "max_packets": max_packets}
+    result = run_script("engine_rates", ["--engines", "afpacket,xdp", "--traffic", "ipv4,ipv6", "--phases", "max",
+                                         "--packets-max", str(max_packets), "--rounds", str(family_rounds)], log)
+    families: dict[str, dict[str, list[dict[str, float]]]] = {"ipv4": {}, "ipv6": {}}
+    for key, res in result["results"].items():
+        kind, _, traffic = key.partition("/")
+        families[traffic or "ipv4"][kind] = [_row(row) for row in res["phases"]["max"]]
+    return {"paced": points, "max": at_max, "seconds": seconds, "max_packets": max_packets, "families": families,
+            "family_frame_bytes": result["frame_bytes"], "family_rounds": family_rounds}
 
 
 def _row(row: dict[str, Any]) -> dict[str, float]:
     return {"offered_kpps": row["offered_kpps"], "delivered_kpps": row["delivered_kpps"], "ratio": row["ratio"],
-            "cpu1_us_per_pkt": row.get("cpu1_us_per_pkt", 0.0)}
+            "cpu1_us_per_pkt": row.get("cpu1_us_per_pkt", 0.0), "lag_s": row.get("lag_s", 0.0)}

@@ -7,12 +7,15 @@
     announcer.set_stopping()             # a planned stop: withdrawn before the data plane lets go
     announcer.close(handover=False)
 
-The rule (wanted_routes), for each VIP of a service with `announce = true`:
-- announced (a /32, next hop self, the service's MED and communities) while the engine is ready, the
+The rule (wanted_routes), for each VIP of a service with `announce = true`, of either family:
+- announced (a /32 with next hop self, the session's local address; or a /128 with the device's global
+  IPv6 address as next hop, over the same IPv4 session: multiprotocol BGP, RFC 4760; the service's MED
+  and communities) while the engine is ready, the
   balancer is not drained or stopping, and some service on that VIP has a healthy backend (a drained
   backend counts: its established flows still need the route); until the engine is ready nothing
   changes (a speaker taken over in a hitless restart keeps its routes: the old program still forwards);
-- withdrawn otherwise, and when no service names the VIP any more.
+- withdrawn otherwise, and when no service names the VIP any more; an IPv6 VIP also while the device
+  has no global IPv6 address to be its next hop.
 Every announce and withdraw is one JSON log line (`event` bgp_announce / bgp_withdraw) with the reason.
 """
 
@@ -23,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv6Address
 from typing import Any
 
 from rusty_rail.control.bgp_config import BgpSpec, host_prefix
@@ -54,10 +58,12 @@ class Route:
     prefix: str
     med: int | None = None
     communities: tuple[tuple[int, int], ...] = ()
+    next_hop: str = "self"
+    """"self": the session's local address (IPv4); an IPv6 route's is an IPv6 address of the balancer."""
 
     def announce(self) -> str:
-        """ExaBGP's API command (its `announce route` grammar); next hop self: the session's local address."""
-        words = [f"announce route {self.prefix} next-hop self"]
+        """ExaBGP's API command (its `announce route` grammar)."""
+        words = [f"announce route {self.prefix} next-hop {self.next_hop}"]
         if self.med is not None:
             words.append(f"med {self.med}")
         if self.communities:
@@ -65,12 +71,21 @@ class Route:
         return " ".join(words)
 
     def withdraw(self) -> str:
-        return f"withdraw route {self.prefix} next-hop self"
+        return f"withdraw route {self.prefix} next-hop {self.next_hop}"
+
+    @classmethod
+    def held(cls, command: str) -> Route:
+        """The route of an announce command the speaker holds (its prefix and next hop: enough to
+        withdraw it)."""
+        words = command.split()
+        hop = words[4] if len(words) > 4 and words[3] == "next-hop" else "self"
+        return cls(words[2], next_hop=hop)
 
 
-def wanted_routes(services: Iterable[ServiceRoute], *, ready: bool, drained: bool,
-                  stopping: bool) -> dict[str, tuple[Route | None, str]]:
-    """prefix -> (the route to announce, or None to withdraw it; why), for every VIP with announce = true."""
+def wanted_routes(services: Iterable[ServiceRoute], *, ready: bool, drained: bool, stopping: bool,
+                  next_hop6: IPv6Address | None = None) -> dict[str, tuple[Route | None, str]]:
+    """prefix -> (the route to announce, or None to withdraw it; why), for every VIP with announce = true.
+    next_hop6: the IPv6 VIPs' next hop (the device's global IPv6 address; None: it has none)."""
     by_vip: dict[Address, list[ServiceRoute]] = {}
     for s in services:
         if s.vip is not None and s.route.announce:
@@ -87,9 +102,12 @@ def wanted_routes(services: Iterable[ServiceRoute], *, ready: bool, drained: boo
             out[prefix] = (None, "engine not forwarding yet")
         elif not serving:
             out[prefix] = (None, f"{', '.join(s.name for s in group)}: no healthy backend")
+        elif vip.version == 6 and next_hop6 is None:
+            out[prefix] = (None, "no IPv6 next hop: the device has no global IPv6 address")
         else:
             spec = group[0].route  # services on one VIP agree on MED and communities (config checks it)
-            out[prefix] = (Route(prefix, spec.med, spec.communities),
+            hop = str(next_hop6) if vip.version == 6 else "self"
+            out[prefix] = (Route(prefix, spec.med, spec.communities, hop),
                            "; ".join(f"{s.name}: {s.healthy} healthy backend{'s' if s.healthy != 1 else ''}"
                                      for s in serving))
     return out
@@ -108,10 +126,12 @@ class PeerState:
 
 class Announcer:
     def __init__(self, spec: BgpSpec, routes: Callable[[], list[ServiceRoute]], ready: Callable[[], bool],
-                 make_speaker: Callable[[Announcer], Speaker], clock: Callable[[], float] = time.time) -> None:
+                 make_speaker: Callable[[Announcer], Speaker], clock: Callable[[], float] = time.time,
+                 next_hop6: IPv6Address | None = None) -> None:
         """routes(): the services' route view; ready(): whether the engine forwards; make_speaker(self):
-        the speaker, wired to on_connect/on_event (tests give a fake)."""
+        the speaker, wired to on_connect/on_event (tests give a fake); next_hop6: the IPv6 VIPs' next hop."""
         self.spec = spec
+        self.next_hop6 = next_hop6
         self.routes, self.ready = routes, ready
         self.clock = clock
         self.drained = False
@@ -216,7 +236,8 @@ class Announcer:
             if self.frozen:
                 return
             ready = self.ready()
-            wanted = wanted_routes(self.routes(), ready=ready, drained=self.drained, stopping=self.stopping)
+            wanted = wanted_routes(self.routes(), ready=ready, drained=self.drained, stopping=self.stopping,
+                                   next_hop6=self.next_hop6)
             self.reasons = {prefix: reason for prefix, (_, reason) in wanted.items()}
             if not ready and not (self.drained or self.stopping):
                 # Until the engine forwards, the speaker keeps what it holds: nothing at a fresh start; after a
@@ -237,7 +258,7 @@ class Announcer:
                     self._withdraw(prefix, reason)
 
     def _withdraw(self, prefix: str, reason: str) -> None:
-        if self.speaker.send(Route(prefix).withdraw()):
+        if self.speaker.send(Route.held(self.announced[prefix]).withdraw()):
             del self.announced[prefix]
             log.info("bgp withdraw %s: %s", prefix, reason,
                      extra={"event": "bgp_withdraw", "prefix": prefix, "reason": reason})
@@ -252,6 +273,7 @@ class Announcer:
             return {
                 "local_as": self.spec.local_as,
                 "router_id": str(self.speaker.router_id),
+                "next_hop6": str(self.next_hop6) if self.next_hop6 else None,
                 "drained": self.drained,
                 "stopping": self.stopping,
                 "speaker": {"connected": self.speaker.connected.is_set(), "pid": self.speaker.exabgp_pid,

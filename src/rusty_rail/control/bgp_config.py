@@ -12,7 +12,7 @@ key path and the value, like every other key).
     password = "secret"             # optional: TCP MD5 (RFC 2385)
 
     [[services]]                    # per service (default: announce = true, no communities, no MED)
-    announce = true
+    announce = true                 # an IPv4 VIP as a /32, an IPv6 one as a /128
     communities = ["65000:80"]
     med = 10
 """
@@ -125,14 +125,9 @@ def host_prefix(vip: Address) -> str:
     return f"{vip}/{vip.max_prefixlen}"
 
 
-def parse_bgp(value: Any, path: str = "bgp", services: Sequence[ServiceSpec] = ()) -> BgpSpec:
-    """[bgp]; `services` are checked against it: an IPv6 VIP is never announced (below)."""
-    for i, service in enumerate(services):
-        # The sessions are IPv4 and ExaBGP's "next-hop self" is the IPv4 local address: an IPv6 VIP's route
-        # would need multiprotocol BGP (RFC 4760) with an IPv6 next hop, which is not done yet.
-        if service.key.vip is not None and service.key.vip.version == 6 and service.route.announce:
-            raise _fail(f"services[{i}].announce", f"{service.key.vip} is an IPv6 VIP, which BGP does not announce "
-                        "yet (IPv4 sessions only): set announce = false")
+def parse_bgp(value: Any, path: str = "bgp") -> BgpSpec:
+    """[bgp]. The sessions are IPv4 (router IDs and peers); they carry the IPv6 VIPs' routes too
+    (multiprotocol BGP, RFC 4760), whose next hop is the device's global IPv6 address (runtime.py)."""
     table = _table(value, path, _BGP_KEYS)
     if "local_as" not in table:
         raise _fail(_join(path, "local_as"), "missing")

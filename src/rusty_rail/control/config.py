@@ -388,7 +388,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
 
     check_shared_vips(services)
     config = _common(table, names=lambda key: key, services=tuple(services), control_socket_default=DEFAULT_CONTROL_SOCKET)
-    return dataclasses.replace(config, bgp=parse_bgp(table["bgp"], services=services)) if "bgp" in table else config
+    return dataclasses.replace(config, bgp=parse_bgp(table["bgp"])) if "bgp" in table else config
 
 
 def loads_config(text: str, source: str = "<string>") -> Config:

@@ -209,7 +209,9 @@ def _arrived(engine: Engine) -> int:
 
 def _announcer(config: Config, engine: Engine) -> Announcer:
     """The BGP announcer for config.bgp; the router id defaults to the device's address, which is also
-    the sessions' local address (and so the routes' next hop)."""
+    the sessions' local address (and so the IPv4 routes' next hop). The IPv6 routes' next hop is the
+    device's first global IPv6 address: a configuration announcing an IPv6 VIP on a device without one
+    is refused here, before anything starts."""
     from pathlib import Path
 
     from rusty_rail.dataplane import EngineError
@@ -218,11 +220,17 @@ def _announcer(config: Config, engine: Engine) -> Announcer:
     spec = config.bgp
     assert spec is not None
     try:
-        address = device_info(config.device).address
+        info = device_info(config.device)
     except EngineError as exc:
         raise ValueError(f"bgp: {exc}") from None
+    address = info.address
     if address is None:
         raise ValueError(f"bgp: device {config.device!r} has no IPv4 address (the sessions' local address)")
+    announced6 = [s.key.vip for s in config.services if s.key.vip is not None and s.key.vip.version == 6
+                  and s.route.announce]
+    if announced6 and info.address6 is None:
+        raise ValueError(f"bgp: device {config.device!r} has no global IPv6 address, the next hop of IPv6 VIP "
+                         f"{announced6[0]}'s route (add one, or set announce = false on its services)")
     if config.control_socket is None:
         raise ValueError("bgp: needs control_socket (the speaker's files live next to it)")
     run_dir = Path(f"{config.control_socket}.bgp")
@@ -231,4 +239,5 @@ def _announcer(config: Config, engine: Engine) -> Announcer:
     def make_speaker(announcer: Announcer) -> Speaker:
         return Speaker(spec, router_id, address, run_dir, announcer.on_connect, announcer.on_event)
 
-    return Announcer(spec, routes=lambda: [], ready=lambda: engine.ready, make_speaker=make_speaker)
+    return Announcer(spec, routes=lambda: [], ready=lambda: engine.ready, make_speaker=make_speaker,
+                     next_hop6=info.address6)

@@ -2,7 +2,7 @@
 
     speaker = Speaker(spec, router_id, local_address, run_dir, on_connect=..., on_event=...)
     speaker.start()                    # ExaBGP runs (or a held one is taken over); sessions come up by themselves
-    speaker.send("announce route 10.1.0.1/32 next-hop self")
+    speaker.send("announce route 10.1.0.1/32 next-hop self")     # or 2001:db8:1::1/128 next-hop <IPv6>
     speaker.hold(30) / speaker.shutdown()
     speaker.close()
 
@@ -47,7 +47,10 @@ _EXABGP_FAMILY_TABLE = ("the connection can not carry", "is not configured for",
 
 def render_exabgp(spec: BgpSpec, router_id: IPv4Address, local_address: IPv4Address, relay_argv: list[str]) -> str:
     """ExaBGP's configuration: the relay as API process, one neighbor per peer, no static routes
-    (every route comes through the API, so a speaker that starts announces nothing until told)."""
+    (every route comes through the API, so a speaker that starts announces nothing until told). Each
+    session offers IPv4 and IPv6 unicast (RFC 4760 capabilities) and nothing else: the IPv6 VIPs' routes
+    go over the IPv4 session, with an IPv6 next hop; a router that takes no IPv6 routes simply leaves
+    that family out of the session."""
     lines = ["process rusty-rail {", f"  run {' '.join(relay_argv)};", "  encoder json;", "}"]
     for peer in spec.peers:
         lines += [
@@ -58,6 +61,7 @@ def render_exabgp(spec: BgpSpec, router_id: IPv4Address, local_address: IPv4Addr
             f"  peer-as {peer.asn};",
             f"  hold-time {peer.hold_time};",
             *([f'  md5-password "{peer.password}";'] if peer.password else []),
+            "  family { ipv4 unicast; ipv6 unicast; }",
             "  api { processes [ rusty-rail ]; neighbor-changes; }",
             "}",
         ]

@@ -115,20 +115,31 @@ class ConnectionTable:
         to lookup() then insert(): every choice, the entries in LRU order with their deadlines, and
         every figure of the table."""
         entries = self._entries
-        get, refresh, evict, timeout = entries.get, entries.move_to_end, entries.popitem, self._timeout
+        get, refresh, evict = entries.get, entries.move_to_end, entries.popitem
+        # now + _timeout(key) for each protocol, added once per call (the same floats, no call per key).
+        deadlines, other = {p: now + t for p, t in self._timeout_by_proto.items()}, now + self.timeouts.other
         capacity = self.capacity
         chosen: list[int] = []
         append = chosen.append
         ipv6 = 0  # the change to self.ipv6: IPv6 keys (not 16 bytes) added less those removed
+        last_key, last_backends, last = None, None, [0, now]
         for key, backend, backends in zip(keys, proposed, listed, strict=True):
+            if key == last_key and backends is last_backends and now < last[1] and last[0] in backends:
+                # The same flow as the packet before (a block of one flow holds runs of them): its entry
+                # was just made or refreshed to this deadline, is the most recent, and holds a backend
+                # of `backends`, so lookup() and insert() would change nothing.
+                append(last[0])
+                continue
             entry = get(key)
+            deadline = deadlines.get(key[-4], other)  # key[-4]: the protocol, as _timeout() reads it
             if entry is not None:
                 if now < entry[1]:  # lookup(): a hit refreshes the entry
-                    entry[1] = now + timeout(key)
+                    entry[1] = deadline
                     refresh(key)
                     if entry[0] not in backends:  # insert() over an entry: rewritten, no eviction
                         entry[0] = backend
                     append(entry[0])
+                    last_key, last_backends, last = key, backends, entry
                     continue
                 del entries[key]  # lookup(): idle too long
                 self.expirations += 1
@@ -138,7 +149,8 @@ class ConnectionTable:
                 if len(evict(last=False)[0]) != 16:
                     ipv6 -= 1
                 self.evictions += 1
-            entries[key] = [backend, now + timeout(key)]
+            entries[key] = last = [backend, deadline]
+            last_key, last_backends = key, backends
             if len(key) != 16:
                 ipv6 += 1
             append(backend)

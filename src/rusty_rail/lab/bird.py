@@ -7,16 +7,16 @@
     bird.set_static([StaticRoute("10.1.0.0/24", ("192.168.137.21", "192.168.137.22"))])   # `configure`
 
 What BIRD does here, as a router in front of Maglev does:
-- a passive BGP session per balancer (the balancers connect); imports only routes inside the service
-  prefix S (the VIPs, /32), exports nothing;
+- a passive BGP session per balancer (the balancers connect), carrying both families (multiprotocol
+  BGP, RFC 4760: IPv6 routes over the IPv4 session, with the balancer's IPv6 address as next hop);
+  imports only routes inside the service prefixes S (the VIPs, /32 and /128), exports nothing;
 - `merge paths` in the kernel protocol: the balancers' equal routes to a VIP become one multipath kernel
   route, and the router's GRE encapsulator follows the kernel's choice per flow (router_encap.c);
 - a static protocol for what the lab sets by hand: the direct mode (router -> servers), or a test
-  pinning the traffic to chosen balancers. Static routes cover the whole prefix S (/24), so a VIP a
-  balancer announces (/32) wins by the longest match.
+  pinning the traffic to chosen balancers. Static routes cover the whole prefix S (/24, /64), so a VIP
+  a balancer announces (/32, /128) wins by the longest match.
 
-Every protocol block is written per address family (FAMILIES), so IPv6 routes go next to the IPv4 ones
-by adding a family. BIRD is driven only through its control socket (`configure`, and `show` for people);
+Every protocol block is written per address family (Family: its channel, prefix and route MTU). BIRD is driven only through its control socket (`configure`, and `show` for people);
 the truth about forwarding is read from the kernel's table (router.py), never from BIRD's text.
 """
 
@@ -37,6 +37,7 @@ BIRD = "bird"
 class Family:
     name: str  # BIRD's channel name: ipv4 | ipv6
     service_prefix: str  # the VIPs' prefix S: what a balancer may announce, and what static routes cover
+    route_mtu: int = 0  # > 0: the MTU of this family's kernel routes (room for the tunnel's header)
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,9 @@ class BirdError(RuntimeError):
 
 
 def render_config(router_id: str, local_as: int, peers: Sequence[Peer], families: Sequence[Family],
-                  static_include: Path, log_path: Path, hold_time: int = 3, route_mtu: int = 0) -> str:
-    """bird.conf for the lab router. route_mtu > 0 sets the kernel routes' MTU (room for GRE)."""
+                  static_include: Path, log_path: Path, hold_time: int = 3) -> str:
+    """bird.conf for the lab router."""
     ipaddress.IPv4Address(router_id)  # BIRD's router id is always a 32-bit number written as IPv4
-    mtu = f"krt_mtu = {route_mtu}; " if route_mtu else ""
     lines = [
         f"# Written by rusty_rail.lab.bird: the lab router, BGP to {len(peers)} balancers.",
         f"router id {router_id};",
@@ -69,6 +69,7 @@ def render_config(router_id: str, local_as: int, peers: Sequence[Peer], families
     ]
     for fam in families:
         net = ipaddress.ip_network(fam.service_prefix)
+        mtu = f"krt_mtu = {fam.route_mtu}; " if fam.route_mtu else ""
         lines += [
             f"filter {fam.name}_vips {{ if net ~ [ {net}{{{net.prefixlen},{net.max_prefixlen}}} ] then accept; reject; }}",
             # Only what BGP and the lab's static protocol hold goes to the kernel, merged into multipath.
@@ -159,12 +160,12 @@ class Bird:
         return [BIRD, "-f", "-c", str(self.config_path), "-s", str(self.socket_path)]
 
     def write_config(self, router_id: str, local_as: int, peers: Sequence[Peer], families: Sequence[Family],
-                     static: Sequence[StaticRoute] = (), route_mtu: int = 0) -> None:
+                     static: Sequence[StaticRoute] = ()) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         self._families = tuple(families)
         self._write_static(static)
         self.config_path.write_text(render_config(router_id, local_as, peers, families, self.static_path,
-                                                  self.log_path, route_mtu=route_mtu))
+                                                  self.log_path))
 
     def _write_static(self, routes: Sequence[StaticRoute]) -> None:
         for fam in self._families:

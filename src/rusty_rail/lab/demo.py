@@ -1,8 +1,12 @@
-"""`rusty-rail demo`: topology 4 (two clients, two LBs, two servers) with real HTTP, then torn down.
+"""`rusty-rail demo`: topology 4 (two clients, two LBs, two servers) with real HTTP over IPv4 and IPv6,
+then torn down.
 
-The balancers run from a configuration file with [bgp]: each announces the VIP to the lab's router
-(BIRD 2), which installs one ECMP route over both; the demo prints the router's BGP sessions and that
-route, then who served the clients' requests and through which balancer the router sent them.
+The balancers run from a configuration file with [bgp] and two services, the IPv4 VIP over the servers'
+IPv4 addresses and the IPv6 VIP over their IPv6 addresses: each balancer announces both VIPs to the lab's
+router (BIRD 2; the IPv6 one over the same session, its IPv6 address as next hop), which installs one
+ECMP route per VIP over both; the demo prints the router's BGP sessions and those routes, then, side by
+side for the two families, who served the clients' requests and through which balancer the router sent
+them. IPv6 travels in GRE over IPv6 from the router to the balancers and on to the servers.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ def run_demo(requests_per_client: int = 400, engine: str = "auto", prefix: str =
         print(f"topology 4 up: {', '.join(lab.plan.namespaces)}")
         procs = [lab.start_balancer(lb, [lab.python, "-m", "rusty_rail", "run", "--config", str(_config(lab, lb, engine))])
                  for lb in lab.balancers]
-        print(f"balancers started (engine {engine}), announcing {lab.vip} over BGP (AS {BALANCER_AS}) to the "
-              f"router (BIRD 2, AS {ROUTER_AS})")
+        print(f"balancers started (engine {engine}), announcing {lab.vip} and {lab.vip6} over BGP (AS {BALANCER_AS}) "
+              f"to the router (BIRD 2, AS {ROUTER_AS})")
         try:
             return _serve(lab, procs, requests_per_client)
         finally:
@@ -71,21 +75,22 @@ def _sockets(directory: str, names: list[str]) -> list[str]:
 
 
 def _config(lab: Lab, lb: Host, engine: str) -> Path:
-    """A balancer's configuration: the VIP over both servers, TCP health checks, BGP to the router."""
+    """A balancer's configuration: each VIP over both servers (the addresses of its family), TCP health
+    checks, BGP to the router."""
     path = lab.log_dir / f"{lb.name}.toml"
-    backends = ", ".join(f'"{s.address}"' for s in lab.servers)
+    services = "".join(f"""
+[[services]]
+vip = "{vip}"
+port = 80
+backends = [{", ".join(f'"{address}"' for address in backends)}]
+[services.health]
+type = "tcp"
+""" for vip, backends in ((lab.vip, [s.address for s in lab.servers]), (lab.vip6, [s.address6 for s in lab.servers])))
     path.write_text(f"""device = "{lb.device}"
 engine = "{engine}"
 table_size = 1009
 control_socket = "{lab.log_dir / lb.name}.sock"
-
-[[services]]
-vip = "{lab.vip}"
-port = 80
-backends = [{backends}]
-[services.health]
-type = "tcp"
-
+{services}
 [bgp]
 local_as = {BALANCER_AS}
 drain_timeout = 5.0
@@ -96,10 +101,16 @@ as = {ROUTER_AS}
     return path
 
 
+FAMILIES = ("IPv4", "IPv6")
+
+
 def _serve(lab: Lab, procs: list[subprocess.Popen[bytes]], requests_per_client: int) -> int:
-    """Wait for the router's ECMP route over both balancers, send the clients' requests, print who served them."""
+    """Wait for the router's ECMP routes over both balancers, send the clients' requests to both VIPs,
+    print who served them."""
+    vips = dict(zip(FAMILIES, (lab.vip, lab.vip6)))
+    hops = {"IPv4": [lb.address for lb in lab.balancers], "IPv6": [lb.address6 for lb in lab.balancers]}
     deadline = time.monotonic() + READY_DEADLINE_S
-    while sorted(lab.vip_next_hops()) != [lb.address for lb in lab.balancers]:  # poll: sessions take a moment
+    while any(sorted(lab.vip_next_hops(vips[f])) != hops[f] for f in FAMILIES):  # poll: sessions take a moment
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             _stop(lab, procs)
             print("the balancers' routes did not reach the router; the end of their logs:")
@@ -111,48 +122,58 @@ def _serve(lab: Lab, procs: list[subprocess.Popen[bytes]], requests_per_client: 
     for line in lab.bird.show("protocols").splitlines():
         if line.startswith(("Name", *(lb.name for lb in lab.balancers))):
             print(f"  {line}")
-    print(f"router: BGP routes to {lab.vip} (BIRD `show route`)")
-    for line in lab.bird.show(f"route for {lab.vip}").splitlines()[1:]:
-        print(f"  {line}")
-    print(f"router: kernel route {lab.vip}/32, ECMP via {', '.join(lab.vip_next_hops())} "
-          "(the GRE encapsulator follows the kernel's choice for each flow)")
+    for family, vip in vips.items():
+        print(f"router: BGP routes to {vip} (BIRD `show route`)")
+        for line in lab.bird.show(f"route for {vip}").splitlines()[1:]:
+            print(f"  {line}")
+        print(f"router: kernel route {vip}/{32 if family == 'IPv4' else 128}, ECMP via "
+              f"{', '.join(lab.vip_next_hops(vip))}")
+    print("(the GRE encapsulator follows the kernel's choice for each flow: IPv4 in GRE over IPv4, IPv6 in GRE "
+          "over IPv6)")
     print()
-    lb_name = {lb.address: lb.name for lb in lab.balancers}
-    per_backend: Counter[tuple[str, str]] = Counter()
-    per_balancer: Counter[tuple[str, str]] = Counter()
+    lb_name = {address: lb.name for lb in lab.balancers for address in (lb.address, lb.address6)}
+    per_backend: Counter[tuple[str, str, str]] = Counter()
+    per_balancer: Counter[tuple[str, str, str]] = Counter()
     failures = 0
     for client in lab.clients:
-        start = time.monotonic()
-        results = lab.traffic(n=requests_per_client, client=client)
-        elapsed = time.monotonic() - start
-        for r in results:
-            if not r.ok:
-                failures += 1
-                continue
-            # The router's kernel picked the balancer by its multipath hash: ask it which, for this flow.
-            lb = lab.route_choice(client, r.sport or 0) or "?"
-            per_backend[(client.name, r.server or "?")] += 1
-            per_balancer[(client.name, lb_name.get(lb, lb))] += 1
-        print(f"{client.name}: {len(results)} requests in {elapsed:.1f}s ({len(results) / elapsed:.0f}/s)")
+        for family, vip in vips.items():
+            start = time.monotonic()
+            results = lab.traffic(n=requests_per_client, client=client, vip=vip)
+            elapsed = time.monotonic() - start
+            for r in results:
+                if not r.ok:
+                    failures += 1
+                    continue
+                # The router's kernel picked the balancer by its multipath hash: ask it which, for this flow.
+                lb = lab.route_choice(client, r.sport or 0, vip=vip) or "?"
+                per_backend[(client.name, family, r.server or "?")] += 1
+                per_balancer[(client.name, family, lb_name.get(lb, lb))] += 1
+            print(f"{client.name} {family}: {len(results)} requests to {vip} in {elapsed:.1f}s "
+                  f"({len(results) / elapsed:.0f}/s)")
     reports = _stop(lab, procs)
 
     servers = [s.name for s in lab.servers]
     balancers = [lb.name for lb in lab.balancers]
+    rows = [(f"{client.name} {family}", [per_backend[(client.name, family, s)] for s in servers]
+             + [per_balancer[(client.name, family, b)] for b in balancers])
+            for client in lab.clients for family in FAMILIES]
+    rows += [(f"total {family}", [sum(row[i] for name, row in rows if name.endswith(family))
+                                   for i in range(len(servers) + len(balancers))]) for family in FAMILIES]
     print()
-    print(f"{'requests':<10}" + "".join(f"{n:>10}" for n in servers + balancers))
-    for client in lab.clients:
-        row = [per_backend[(client.name, s)] for s in servers] + [per_balancer[(client.name, b)] for b in balancers]
-        print(f"{client.name:<10}" + "".join(f"{n:>10}" for n in row))
-    total = [sum(per_backend[(c.name, s)] for c in lab.clients) for s in servers]
-    total += [sum(per_balancer[(c.name, b)] for c in lab.clients) for b in balancers]
-    print(f"{'total':<10}" + "".join(f"{n:>10}" for n in total))
+    print(f"{'requests':<16}" + "".join(f"{n:>10}" for n in servers + balancers))
+    for name, row in rows:
+        print(f"{name:<16}" + "".join(f"{n:>10}" for n in row))
     print()
     for lb, report in zip(lab.balancers, reports):
         counters = report.get("counters", {})
         drops = {k: v for k, v in counters.items() if k.startswith("drop_") and v}
-        print(f"{lb.name} ({report.get('engine', '?')}): forwarded {counters.get('forwarded', '?')} packets, drops {drops or 'none'}")
+        forwarded, six = counters.get("forwarded", 0), counters.get("forwarded_ipv6", 0)
+        print(f"{lb.name} ({report.get('engine', '?')}): forwarded {forwarded} packets ({forwarded - six} IPv4, "
+              f"{six} IPv6), drops {drops or 'none'}")
     router = lab.maps.stats()
-    print(f"router: {router['encapsulated_wire']} packets wrapped in GRE ({router['encapsulated']} skbs)")
+    wire, wire6 = router["encapsulated_wire"], router["encapsulated_wire_ipv6"]
+    print(f"router: {wire} packets wrapped in GRE ({wire - wire6} IPv4, {wire6} IPv6; {router['encapsulated']} skbs, "
+          f"{router['outer_ipv6']} of them in GRE over IPv6)")
     print("all requests answered" if failures == 0 else f"{failures} requests failed")
     return 0 if failures == 0 else 1
 

@@ -13,7 +13,8 @@ soon as the process starts: connections queue in the listen backlog.
 
 HTTP/1.1: a client may keep its connection and send more requests on it (keep-alive), so tests can
 hold one real TCP connection through the balancer across drains and backend changes. The lab binds
-0.0.0.0:80, so the server answers on the VIP (through GRE) and on its own address (health checks).
+[::]:80 dual-stack, so the server answers on both VIPs (through GRE) and on its own addresses (health
+checks), over IPv4 and IPv6.
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(name: str, sock: socket.socket) -> None:
+    """Serve on a listening socket of either family (the lab's is dual-stack: IPv6, V6ONLY off)."""
     handler = type("Handler", (_Handler,), {"server_name_": name})
-    srv = ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+    server = type("Server", (ThreadingHTTPServer,), {"address_family": sock.family})
+    srv = server(sock.getsockname()[:2], handler, bind_and_activate=False)
     srv.socket.close()
     srv.socket = sock
     srv.daemon_threads = True

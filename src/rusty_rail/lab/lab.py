@@ -3,6 +3,15 @@
     with Lab(topology=2, prefix="rr-") as lab:     # up() on entry, down() on exit
         lab.start_balancers()                      # `python -m rusty_rail` in each balancer namespace
         results = lab.traffic(n=20)                # real HTTP GETs client -> VIP
+        results = lab.traffic(n=20, vip=lab.vip6)  # the same over IPv6
+
+Every host is dual-stack (topology.py has the plan). The router wraps IPv4 packets in GRE over IPv4, and
+IPv6 packets in GRE over IPv6 by default; Lab(outer6="ipv4") sends those in GRE over IPv4 instead (to
+the IPv4 address of the same host as the route's IPv6 next hop: router_encap.c's rr_encap_endpoints).
+Past the balancers, the outer family is the backends': a balancer run in the environment form
+(balancer_env()) lists the servers' IPv4 addresses, so IPv6 flows reach the servers in GRE over IPv4;
+a configuration file may give an IPv6 VIP the servers' IPv6 addresses (GRE over IPv6 all the way).
+The servers decapsulate either outer family carrying either inner family (gre_decap.c).
 
 The router is BIRD 2 (bird.py) with a BGP session to every balancer: balancers that announce their VIPs
 over BGP (a config file with [bgp]) get the router's ECMP route; `set_targets()` (static routes in BIRD)
@@ -18,6 +27,7 @@ without explicit stdout/stderr) goes to files in `log_dir`, never to the caller'
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import socket
@@ -32,23 +42,17 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as _pynetns
 
 from .. import decap
-from . import netns
+from . import build, netns
 from . import router as _router
 from .bird import Bird, Family, Peer, StaticRoute
 from .topology import (
     BALANCER_AS,
-    C_BRIDGE,
-    C_PREFIXLEN,
-    C_NET,
     ROUTER_AS,
-    ROUTER_C,
-    ROUTER_T,
+    S6_NET,
     S_NET,
-    T_PREFIXLEN,
     TOPOLOGIES,
     TUNNEL_MTU,
-    V_BRIDGE,
-    V_PREFIXLEN,
+    TUNNEL_MTU6,
     Host,
     Plan,
     plan,
@@ -61,6 +65,8 @@ if TYPE_CHECKING:
     from . import traffic as _traffic
     from .events import Events
 
+OUTER6 = ("ipv6", "ipv4")
+"""The outer families the router's tunnels for IPv6 packets may use (Lab(outer6=...))."""
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,15}$")
 RUN_DIR = Path("/run/rusty-rail-lab")
 
@@ -76,12 +82,16 @@ class Lab:
     """Namespaces, links and GRE endpoints of one topology. Attributes come from the `Plan`."""
 
     def __init__(self, topology: int = 1, prefix: str = "rr-", *, direct: bool = False, bgp: bool = False,
-                 python: str = sys.executable) -> None:
+                 outer6: str = "ipv6", python: str = sys.executable) -> None:
         """direct=True points the router's GRE straight at the servers (no balancer): a test mode.
-        bgp=True: no static routes at all; the router sends only where balancers announce (BGP)."""
+        bgp=True: no static routes at all; the router sends only where balancers announce (BGP).
+        outer6: the outer family of the router's tunnels for IPv6 packets, "ipv6" or "ipv4"."""
+        if outer6 not in OUTER6:
+            raise ValueError(f"outer6 must be one of {', '.join(OUTER6)}, not {outer6!r}")
         self.plan: Plan = plan(topology, _check_prefix(prefix))
         self.direct = direct
         self.bgp = bgp
+        self.outer6 = outer6
         self.python = python
         self.maps = _router.RouterMaps(_router.pin_dir(prefix))
         self.log_dir = RUN_DIR / prefix  # the prefix is checked above: a plain directory name
@@ -97,6 +107,7 @@ class Lab:
     balancers = property(lambda self: self.plan.balancers)
     servers = property(lambda self: self.plan.servers)
     vip = property(lambda self: self.plan.vip)
+    vip6 = property(lambda self: self.plan.vip6)
 
     @classmethod
     def existing(cls, prefix: str = "rr-") -> Lab:
@@ -106,6 +117,7 @@ class Lab:
             p = plan(topo, prefix)
             if set(p.namespaces) <= present:
                 lab = cls(topo, prefix)
+                lab.outer6 = "ipv4" if _pins_exist(lab) and lab.maps.endpoints() else "ipv6"
                 targets = set(lab.targets())
                 lab.direct = bool(targets) and targets <= {s.address for s in p.servers}
                 lab.bgp = not targets
@@ -120,12 +132,15 @@ class Lab:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             for ns in self.plan.namespaces:
                 netns.create(ns)
-            self._links()
-            self._addresses_and_routes()
-            self._sysctls()
+            build.links(self.plan)
+            build.addresses_and_routes(self.plan)
+            build.sysctls(self.plan)
             netns.offloads_off(self.router.namespace, self.router.device)
             _router.attach(self.router.namespace, self.router.device, self.maps.pins)
-            self.maps.configure(S_NET, self.router.address)
+            self.maps.configure(_router.EncapConfig(ipaddress.IPv4Network(S_NET), ipaddress.IPv4Address(self.router.address),
+                                                    ipaddress.IPv6Network(S6_NET), ipaddress.IPv6Address(self.router.address6)))
+            if self.outer6 == "ipv4":
+                self.maps.set_endpoints({h.address6: h.address for h in (*self.balancers, *self.servers)})
             self._start_bird()
             if self.direct:
                 self.route_to_servers()
@@ -288,86 +303,101 @@ class Lab:
         self.direct = False
 
     def set_targets(self, addresses: Sequence[str], timeout: float = 10.0) -> None:
-        """The router's static ECMP route to the service prefix S (BIRD's static protocol), and wait
-        until the kernel's table has it; [] removes it. A VIP's BGP route (/32) wins over it."""
-        self.bird.set_static([StaticRoute(S_NET, tuple(addresses))])
+        """The router's static ECMP routes to the service prefixes S (BIRD's static protocol), to these
+        hosts (their IPv4 addresses): S's IPv4 prefix through them, its IPv6 prefix through the same hosts'
+        IPv6 addresses; and wait until the kernel's table has both. [] removes them. A VIP's BGP route
+        (/32, /128) wins over them."""
+        twins = {h.address: h.address6 for h in (self.router, *self.balancers, *self.servers)}
+        addresses6 = [twins[a] for a in addresses]
+        self.bird.set_static([StaticRoute(S_NET, tuple(addresses)), StaticRoute(S6_NET, tuple(addresses6))])
         deadline = time.monotonic() + timeout
-        while sorted(self.targets()) != sorted(addresses):
+        while sorted(self.targets()) != sorted(addresses) or sorted(self.targets(S6_NET)) != sorted(addresses6):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the router's route to {S_NET} is {self.targets()}, not {list(addresses)}, "
-                                   f"{timeout}s after BIRD was told (its log: {self.bird.log_path})")
+                raise RuntimeError(f"the router's routes to {S_NET} and {S6_NET} are {self.targets()} and "
+                                   f"{self.targets(S6_NET)}, not {list(addresses)} and {addresses6}, {timeout}s "
+                                   f"after BIRD was told (its log: {self.bird.log_path})")
             time.sleep(0.01)  # polling the kernel's table for BIRD's change, with the deadline above
 
     def targets(self, prefix: str = S_NET) -> list[str]:
         """The next hops of the router's kernel route to prefix (default S: the static one)."""
         return _router.next_hops(self.router.namespace, prefix)
 
-    def vip_next_hops(self) -> list[str]:
-        """The next hops of the router's route to the VIP itself: what the balancers announce (BGP)."""
-        return self.targets(f"{self.vip}/32")
+    def vip_next_hops(self, vip: str | None = None) -> list[str]:
+        """The next hops of the router's route to a VIP itself (default the IPv4 one; its /32 or /128):
+        what the balancers announce (BGP)."""
+        vip = vip or self.vip
+        return self.targets(f"{vip}/{ipaddress.ip_address(vip).max_prefixlen}")
 
-    def route_choice(self, client: Host, sport: int, dport: int = 80, proto: int = 6) -> str | None:
-        """The address the router sends this flow's GRE to: the kernel's multipath choice (router.py)."""
-        return _router.route_choice(self.router.namespace, self.plan.router_c.device, client.address, self.vip,
-                                    proto, sport, dport)
+    def route_choice(self, client: Host, sport: int, dport: int = 80, proto: int = 6,
+                     vip: str | None = None) -> str | None:
+        """The address the router sends this flow's GRE to (default: to the IPv4 VIP; an IPv6 VIP's flow
+        is the client's IPv6 address's): the kernel's multipath choice (router.py). For an IPv6 flow,
+        the IPv6 next hop (with outer6="ipv4" the tunnel goes to the same host's IPv4 address)."""
+        vip = vip or self.vip
+        src = client.address6 if ipaddress.ip_address(vip).version == 6 else client.address
+        return _router.route_choice(self.router.namespace, self.plan.router_c.device, src, vip, proto, sport, dport)
 
     def balancer_by_address(self, address: str | None) -> Host | None:
-        return next((lb for lb in self.balancers if lb.address == address), None)
+        """The balancer with this address, of either family."""
+        return next((lb for lb in self.balancers if address in (lb.address, lb.address6)), None)
 
     def _start_bird(self) -> None:
         """BIRD in the router's namespace: a BGP session per balancer, no routes yet."""
         peers = [Peer(lb.name, lb.address, BALANCER_AS) for lb in self.balancers]
-        self.bird.write_config(self.router.address, ROUTER_AS, peers, [Family("ipv4", S_NET)], route_mtu=TUNNEL_MTU)
+        families = [Family("ipv4", S_NET, TUNNEL_MTU), Family("ipv6", S6_NET, TUNNEL_MTU6 if self.outer6 == "ipv6" else TUNNEL_MTU)]
+        self.bird.write_config(self.router.address, ROUTER_AS, peers, families)
         with self._log(self.bird.log_path.name) as log:
             self.popen(self.router.namespace, self.bird.argv(), stdin=subprocess.DEVNULL, stdout=log,
                        stderr=subprocess.STDOUT)
         self.bird.wait_ready(10.0)
 
     def traffic(self, n: int = 10, client: Host | None = None, path: str = "/",
-                timeout: float = 5.0, upload: int = 0) -> list[_traffic.Result]:
-        """n real HTTP GETs (new connection each) from client (default the first) to the VIP;
-        POSTs of `upload` bytes instead when upload > 0."""
+                timeout: float = 5.0, upload: int = 0, vip: str | None = None) -> list[_traffic.Result]:
+        """n real HTTP GETs (new connection each) from client (default the first) to vip (default the
+        IPv4 VIP; lab.vip6 for IPv6); POSTs of `upload` bytes instead when upload > 0."""
         from . import traffic as _traffic  # lazily: `-m rusty_rail.lab.traffic` must not be pre-imported
 
         c = client or self.clients[0]
-        out = self.run(c.namespace, [self.python, "-m", "rusty_rail.lab.traffic", "--host", self.vip,
+        out = self.run(c.namespace, [self.python, "-m", "rusty_rail.lab.traffic", "--host", vip or self.vip,
                                      "-n", str(n), "--path", path, "--timeout", str(timeout),
                                      "--upload", str(upload)],
                        timeout=n * timeout + 30)
         return _traffic.parse(out.stdout)
 
-    def keepalive(self, client: Host | None = None, port: int = 80,
-                  timeout: float = 5.0) -> _keepalive.KeepAlive:
-        """One real TCP connection from client (default the first) to VIP:port, kept open: requests
-        are sent on it with .get() until .close() (see keepalive.py)."""
+    def keepalive(self, client: Host | None = None, port: int = 80, timeout: float = 5.0,
+                  vip: str | None = None) -> _keepalive.KeepAlive:
+        """One real TCP connection from client (default the first) to vip:port (default the IPv4 VIP),
+        kept open: requests are sent on it with .get() until .close() (see keepalive.py)."""
         from . import keepalive as _keepalive
 
         c = client or self.clients[0]
         return _keepalive.KeepAlive(self.popen(
-            c.namespace, [self.python, "-m", "rusty_rail.lab.keepalive", "--host", self.vip, "--port", str(port),
+            c.namespace, [self.python, "-m", "rusty_rail.lab.keepalive", "--host", vip or self.vip, "--port", str(port),
                           "--timeout", str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE), timeout + 10)
 
-    def pool(self, n: int, client: Host | None = None, port: int = 80, timeout: float = 5.0) -> _pool.Pool:
-        """n real TCP connections from client (default the first) to VIP:port, all kept open in one
-        process: .get() sends a request on every one (see pool.py)."""
+    def pool(self, n: int, client: Host | None = None, port: int = 80, timeout: float = 5.0,
+             vip: str | None = None) -> _pool.Pool:
+        """n real TCP connections from client (default the first) to vip:port (default the IPv4 VIP), all
+        kept open in one process: .get() sends a request on every one (see pool.py)."""
         from . import pool as _pool
 
         c = client or self.clients[0]
         return _pool.Pool(self.popen(
-            c.namespace, [self.python, "-m", "rusty_rail.lab.pool", "--host", self.vip, "--port", str(port),
+            c.namespace, [self.python, "-m", "rusty_rail.lab.pool", "--host", vip or self.vip, "--port", str(port),
                           "-n", str(n), "--timeout", str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE), timeout + 10)
 
     def streams(self, n: int, *, size: int = 2_000_000, seconds: float = 4.0, uploads: int = 0,
-                client: Host | None = None, timeout: float = 20.0) -> _streams.Streams:
-        """n concurrent long transfers from client (default the first) to the VIP, each `size` bytes
-        spread over about `seconds`; `uploads` of them are POSTs, the rest downloads (see streams.py)."""
+                client: Host | None = None, timeout: float = 20.0, vip: str | None = None) -> _streams.Streams:
+        """n concurrent long transfers from client (default the first) to vip (default the IPv4 VIP), each
+        `size` bytes spread over about `seconds`; `uploads` of them are POSTs, the rest downloads
+        (see streams.py)."""
         from . import streams as _streams
 
         c = client or self.clients[0]
         return _streams.Streams(self.popen(
-            c.namespace, [self.python, "-m", "rusty_rail.lab.streams", "--host", self.vip, "-n", str(n),
+            c.namespace, [self.python, "-m", "rusty_rail.lab.streams", "--host", vip or self.vip, "-n", str(n),
                           "--size", str(size), "--seconds", str(seconds), "--uploads", str(uploads),
                           "--timeout", str(timeout)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
@@ -382,99 +412,27 @@ class Lab:
             "others_with_prefix": sorted(present - set(self.plan.namespaces)),
         }
         if _pins_exist(self):
-            service, src = self.maps.config()
-            st["router"] = {"service": service, "src": src, "static_targets": self.targets(),
-                            "vip_next_hops": self.vip_next_hops(), "stats": self.maps.stats()}
+            cfg = self.maps.config()
+            st["router"] = {"service": str(cfg.service_net), "src": str(cfg.src), "service6": str(cfg.service6_net),
+                            "src6": str(cfg.src6), "outer6": self.outer6, "static_targets": self.targets(),
+                            "static_targets6": self.targets(S6_NET), "vip_next_hops": self.vip_next_hops(),
+                            "vip6_next_hops": self.vip_next_hops(self.vip6), "stats": self.maps.stats()}
         st["decap"] = {s.name: decap.status(s.device, s.namespace).attached
                        for s in self.servers if s.namespace in present}
         st["logs"] = {"dir": str(self.log_dir),
                       "files": sorted(p.name for p in self.log_dir.glob("*.log")) if self.log_dir.is_dir() else []}
         return st
 
-    # -- building ------------------------------------------------------------------------------
-
-    def _links(self) -> None:
-        p = self.plan
-        bridged = [(V_BRIDGE, h) for h in (p.router, *p.balancers, *p.servers)]
-        bridged += [(C_BRIDGE, h) for h in (*p.clients, p.router_c)]
-        with IPRoute(netns=p.net_ns) as ipr:
-            for br in (V_BRIDGE, C_BRIDGE):
-                ipr.link("add", ifname=br, kind="bridge")
-                ipr.link("set", index=ipr.link_lookup(ifname=br)[0], state="up")
-            for br, h in bridged:
-                # The peer is created directly in the host's namespace: no link ever exists in ours.
-                ipr.link("add", ifname=h.bridge_port, kind="veth",
-                         peer={"ifname": h.device, "net_ns_fd": h.namespace, "address": h.mac})
-                ipr.link("set", index=ipr.link_lookup(ifname=h.bridge_port)[0],
-                         master=ipr.link_lookup(ifname=br)[0], state="up")
-        # A veth delivers what an XDP program sends with XDP_TX only when its peer runs XDP too:
-        # give the balancers' bridge ports an XDP_PASS program, so an XDP balancer works here.
-        from ..engines.xdp import attach_pass
-
-        for lb in p.balancers:
-            attach_pass(lb.bridge_port, mode="native", netns=p.net_ns)
-
-    def _addresses_and_routes(self) -> None:
-        p = self.plan
-        v_hosts = (p.router, *p.balancers, *p.servers)
-        for h in (*p.clients, p.router_c, *v_hosts):
-            plen = C_PREFIXLEN if h in (*p.clients, p.router_c) else V_PREFIXLEN
-            with IPRoute(netns=h.namespace) as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-                idx = ipr.link_lookup(ifname=h.device)[0]
-                ipr.link("set", index=idx, state="up")
-                ipr.addr("add", index=idx, address=h.address, prefixlen=plen)
-        for c in p.clients:
-            with IPRoute(netns=c.namespace) as ipr:
-                # MTU 1476 so the client's segments still fit after the router adds 24 bytes of GRE.
-                ipr.route("add", dst="0.0.0.0/0", gateway=ROUTER_C, metrics={"mtu": TUNNEL_MTU})
-        with IPRoute(netns=p.router.namespace) as ipr:
-            idx = ipr.link_lookup(ifname=p.router.device)[0]
-            ipr.addr("add", index=idx, address=ROUTER_T, prefixlen=T_PREFIXLEN)
-            # No route to S here: BIRD installs it (BGP from the balancers, or the lab's static ones).
-        # Permanent neighbours on network V: the encap program's fib lookup and the balancers'
-        # next-hop lookup find every MAC from the first packet, with no ARP race.
-        for h in v_hosts:
-            with IPRoute(netns=h.namespace) as ipr:
-                idx = ipr.link_lookup(ifname=h.device)[0]
-                for other in v_hosts:
-                    if other is not h:
-                        ipr.neigh("add", dst=other.address, lladdr=other.mac, ifindex=idx, state="permanent")
-                if h is not p.router:
-                    # Replies to clients go to the router as plain IP (DSR), never into a tunnel.
-                    ipr.route("add", dst=C_NET, gateway=p.router.address)
-        for s in p.servers:
-            with IPRoute(netns=s.namespace) as ipr:
-                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=p.vip, prefixlen=32)
-
-    def _sysctls(self) -> None:
-        p = self.plan
-        if Path("/proc/sys/net/bridge").is_dir():
-            # br_netfilter is loaded (by someone else: the lab needs none of it): keep its hooks out of
-            # the lab's bridges, which would otherwise pass every frame through netfilter a second time.
-            netns.sysctl(p.net_ns, {f"net.bridge.bridge-nf-call-{t}": 0 for t in ("iptables", "ip6tables", "arptables")})
-        no_rpf = {"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
-        for c in p.clients:
-            netns.sysctl(c.namespace, {**no_rpf, f"net.ipv4.conf.{c.device}.rp_filter": 0})
-        # fib_multipath_hash_policy=1: multipath routes hash the L4 5-tuple, so the encapsulator's
-        # bpf_fib_lookup (ports filled) spreads flows, and keeps each on one balancer.
-        netns.sysctl(p.router.namespace, {**no_rpf, "net.ipv4.ip_forward": 1, "net.ipv4.fib_multipath_hash_policy": 1,
-                                          "net.ipv4.conf.eth0.rp_filter": 0, "net.ipv4.conf.eth1.rp_filter": 0})
-        for lb in p.balancers:
-            netns.sysctl(lb.namespace, {**no_rpf, f"net.ipv4.conf.{lb.device}.rp_filter": 0})
-        for s in p.servers:
-            # arp_ignore/announce: the VIP is on lo; the server must not answer ARP for it on V.
-            netns.sysctl(s.namespace, {**no_rpf, f"net.ipv4.conf.{s.device}.rp_filter": 0,
-                                       "net.ipv4.conf.all.arp_ignore": 1, "net.ipv4.conf.all.arp_announce": 2})
-
     def _start_httpd(self, s: Host) -> None:
         # Listen before the server process starts: connections queue in the backlog, so the
-        # server is "ready" the moment up() returns, with no polling at all. Every address: the
-        # VIP (client traffic, decapsulated) and the server's own (the balancers' health checks).
-        sock = _pynetns.create_socket(s.namespace, socket.AF_INET, socket.SOCK_STREAM)
+        # server is "ready" the moment up() returns, with no polling at all. Every address of both
+        # families (one dual-stack socket): the VIPs (client traffic, decapsulated) and the server's
+        # own (the balancers' health checks).
+        sock = _pynetns.create_socket(s.namespace, socket.AF_INET6, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", 80))
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 80))
             sock.listen(128)
             with self._log(f"{s.name}-httpd.log") as log:
                 self._httpd[s.name] = self.popen(

@@ -1,8 +1,9 @@
 """Reachability probes run inside a lab namespace: is the balancer's host still answering?
 
-    python -m rusty_rail.lab.probe ping ADDRESS          # one ICMP echo (raw socket; no ping binary here)
+    python -m rusty_rail.lab.probe ping ADDRESS          # one ICMP or ICMPv6 echo (raw socket; no ping binary)
     python -m rusty_rail.lab.probe tcp ADDRESS PORT      # connect, read the greeting
-    python -m rusty_rail.lab.probe listen PORT           # serve a greeting to each connection
+    python -m rusty_rail.lab.probe listen PORT           # serve a greeting to each connection (IPv4 and IPv6)
+    python -m rusty_rail.lab.probe reach PORT ADDRESS... # ping, then tcp, each address (one process for all)
 
 Exit 0 on success, 1 with one line on failure.
 """
@@ -10,6 +11,7 @@ Exit 0 on success, 1 with one line on failure.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -22,11 +24,15 @@ GREETING = b"rusty-rail-probe\n"
 
 
 def ping(address: str, timeout: float = 3.0) -> float:
-    """Round-trip seconds of one ICMP echo to `address`."""
+    """Round-trip seconds of one ICMP echo (RFC 792) or ICMPv6 echo (RFC 4443, for an IPv6 `address`)."""
+    six = ipaddress.ip_address(address).version == 6
     ident = os.getpid() & 0xFFFF
-    body = bytes([8, 0, 0, 0]) + ident.to_bytes(2, "big") + b"\x00\x01" + b"rusty-rail"
-    body = body[:2] + internet_checksum(body).to_bytes(2, "big") + body[4:]
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    request, reply = (128, 129) if six else (8, 0)
+    body = bytes([request, 0, 0, 0]) + ident.to_bytes(2, "big") + b"\x00\x01" + b"rusty-rail"
+    if not six:  # the kernel computes an ICMPv6 raw socket's checksum itself (RFC 3542 3.1)
+        body = body[:2] + internet_checksum(body).to_bytes(2, "big") + body[4:]
+    family, proto = (socket.AF_INET6, socket.IPPROTO_ICMPV6) if six else (socket.AF_INET, socket.IPPROTO_ICMP)
+    with socket.socket(family, socket.SOCK_RAW, proto) as s:
         start = time.monotonic()
         s.sendto(body, (address, 0))
         deadline = start + timeout
@@ -36,8 +42,9 @@ def ping(address: str, timeout: float = 3.0) -> float:
                 packet = s.recv(2048)
             except TimeoutError:
                 break
-            icmp = packet[(packet[0] & 0x0F) * 4 :]
-            if icmp[0] == 0 and icmp[4:6] == ident.to_bytes(2, "big"):
+            # A raw IPv4 socket hands over the IP header too; an IPv6 one only the ICMPv6 message.
+            icmp = packet if six else packet[(packet[0] & 0x0F) * 4 :]
+            if icmp[0] == reply and icmp[4:6] == ident.to_bytes(2, "big"):
                 return time.monotonic() - start
     raise TimeoutError(f"no echo reply from {address} within {timeout}s")
 
@@ -48,12 +55,19 @@ def tcp(address: str, port: int, timeout: float = 3.0) -> bytes:
 
 
 def listen(port: int) -> None:
-    with socket.create_server(("0.0.0.0", port), reuse_port=True) as server:
+    with socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=True) as server:
         print("listening", flush=True)  # the caller waits for this line, not for a sleep
         while True:
             conn, _ = server.accept()
             with conn:
                 conn.sendall(GREETING)
+
+
+def _greeted(address: str, port: int) -> None:
+    got = tcp(address, port)
+    if got != GREETING:
+        raise ConnectionError(f"unexpected greeting {got!r} from {address}:{port}")
+    print(f"tcp {address}:{port} answered")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,15 +78,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("address")
     t.add_argument("port", type=int)
     sub.add_parser("listen").add_argument("port", type=int)
+    r = sub.add_parser("reach")
+    r.add_argument("port", type=int)
+    r.add_argument("addresses", nargs="+")
     a = p.parse_args(argv)
     try:
         if a.cmd == "ping":
             print(f"reply from {a.address} in {ping(a.address) * 1000:.2f} ms")
         elif a.cmd == "tcp":
-            got = tcp(a.address, a.port)
-            if got != GREETING:
-                raise ConnectionError(f"unexpected greeting {got!r}")
-            print(f"tcp {a.address}:{a.port} answered")
+            _greeted(a.address, a.port)
+        elif a.cmd == "reach":
+            for address in a.addresses:
+                print(f"reply from {address} in {ping(address) * 1000:.2f} ms")
+                _greeted(address, a.port)
         else:
             listen(a.port)
     except OSError as exc:

@@ -22,29 +22,45 @@ PACKET_OUTGOING = 4
 @dataclass(frozen=True)
 class Frame:
     outgoing: bool
-    proto: int  # outer IPv4 protocol (47 = GRE, 6 = TCP)
+    proto: int  # outer IPv4 protocol or IPv6 next header (47 = GRE, 6 = TCP)
     src: str
     dst: str
-    inner: tuple[int, str, str] | None  # (proto, src, dst) inside GRE
+    inner: tuple[int, str, str] | None  # (proto, src, dst) inside GRE, of either family
     inner_ports: tuple[int, int] | None = None  # (sport, dport) of inner TCP/UDP, when present
+    version: int = 4  # the outer IP version
+
+    @property
+    def inner_version(self) -> int | None:
+        return None if self.inner is None else (6 if ":" in self.inner[1] else 4)
+
+
+def _ip(data: bytes, at: int) -> tuple[int, str, str, int] | None:
+    """(protocol, src, dst, transport offset) of the IPv4 or IPv6 header at `at` (IPv6: the fixed
+    header's next header; extension headers are not walked), or None when there is none."""
+    version = data[at] >> 4 if len(data) > at else 0
+    if version == 4 and len(data) >= at + 20:
+        return data[at + 9], socket.inet_ntoa(data[at + 12:at + 16]), socket.inet_ntoa(data[at + 16:at + 20]), \
+            at + (data[at] & 0x0F) * 4
+    if version == 6 and len(data) >= at + 40:
+        return (data[at + 6], socket.inet_ntop(socket.AF_INET6, data[at + 8:at + 24]),
+                socket.inet_ntop(socket.AF_INET6, data[at + 24:at + 40]), at + 40)
+    return None
 
 
 def _parse(frame: bytes, pkttype: int) -> Frame | None:
-    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+    if frame[12:14] not in (b"\x08\x00", b"\x86\xdd") or (outer := _ip(frame, 14)) is None:
         return None
-    ihl = (frame[14] & 0x0F) * 4
-    proto = frame[23]
-    src, dst = socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34])
+    proto, src, dst, gre = outer
     inner = ports = None
-    if proto == 47:
-        flags = struct.unpack("!H", frame[14 + ihl:16 + ihl])[0]
-        at = 14 + ihl + 4 + 4 * bin(flags & 0xB000).count("1")
-        if len(frame) >= at + 20:
-            inner = (frame[at + 9], socket.inet_ntoa(frame[at + 12:at + 16]), socket.inet_ntoa(frame[at + 16:at + 20]))
-            l4 = at + (frame[at] & 0x0F) * 4
+    if proto == 47 and len(frame) >= gre + 4:
+        flags = struct.unpack("!H", frame[gre:gre + 2])[0]
+        found = _ip(frame, gre + 4 + 4 * bin(flags & 0xB000).count("1"))
+        if found is not None:
+            inner = found[:3]
+            l4 = found[3]
             if inner[0] in (6, 17) and len(frame) >= l4 + 4:
                 ports = struct.unpack("!HH", frame[l4:l4 + 4])
-    return Frame(pkttype == PACKET_OUTGOING, proto, src, dst, inner, ports)
+    return Frame(pkttype == PACKET_OUTGOING, proto, src, dst, inner, ports, frame[14] >> 4)
 
 
 class Sniffer:

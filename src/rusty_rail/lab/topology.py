@@ -1,12 +1,20 @@
-"""The addressing plan of the original's four test topologies, as data (no I/O here).
+"""The addressing plan of the original's four test topologies, dual-stack, as data (no I/O here).
 
     clients --C-- router --V-- balancers
-                         \\--V-- servers (VIP on lo, GRE decap, replies straight back: DSR)
+                         \\--V-- servers (VIPs on lo, GRE decap, replies straight back: DSR)
 
-V 192.168.137.0/24 is a bridge joining router, balancers and servers; C 10.0.0.0/24 is a second
-bridge joining the clients and the router (so two clients share one subnet); S 10.1.0.0/24 holds the
-VIP 10.1.0.1; T 172.16.0.0/22 is the tunnel subnet. The router's routes to S come from BIRD: BGP
-from the balancers (AS BALANCER_AS, the router AS ROUTER_AS), or static ones the lab sets.
+V is a bridge joining router, balancers and servers; C is a second bridge joining the clients and the
+router (so two clients share one subnet); S holds the VIPs; T is the tunnel subnet. Every network has an
+IPv6 twin next to the original's IPv4 one, inside the documentation prefix 2001:db8::/32 (RFC 3849),
+whose last group repeats the IPv4 address's last octet (192.168.137.11 is 2001:db8:137::11):
+
+    V  192.168.137.0/24   2001:db8:137::/64     router .1 / ::1, balancers .11- / ::11-, servers .21- / ::21-
+    C  10.0.0.0/24        2001:db8:c::/64       clients .1- / ::1-, router .254 / ::fe
+    S  10.1.0.0/24        2001:db8:1::/64       the VIPs 10.1.0.1 and 2001:db8:1::1
+    T  172.16.0.0/22                            the router's 172.16.0.1
+
+The router's routes to S come from BIRD: BGP from the balancers (AS BALANCER_AS, the router AS
+ROUTER_AS), or static ones the lab sets; the IPv6 routes' next hops are the hosts' IPv6 addresses on V.
 """
 
 from __future__ import annotations
@@ -29,6 +37,18 @@ ROUTER_V = "192.168.137.1"
 ROUTER_C = "10.0.0.254"
 ROUTER_T = "172.16.0.1"
 TUNNEL_MTU = 1476  # 1500 - 20 (outer IPv4) - 4 (GRE)
+
+V6_NET = "2001:db8:137::/64"
+C6_NET = "2001:db8:c::/64"
+S6_NET = "2001:db8:1::/64"
+PREFIXLEN6 = 64
+VIP6 = "2001:db8:1::1"
+ROUTER_V6 = "2001:db8:137::1"
+ROUTER_C6 = "2001:db8:c::fe"
+TUNNEL_MTU6 = 1456
+"""The clients' IPv6 route MTU: room for the larger tunnel header, 40 (outer IPv6) + 4 (GRE), whichever
+outer family the router's tunnels for IPv6 use, so one client setting serves both."""
+
 ROUTER_AS = 65000
 BALANCER_AS = 65001  # every balancer the same AS: their routes to a VIP are equal, and BIRD merges them
 V_BRIDGE = "brv"
@@ -42,7 +62,7 @@ def _mac(net: int, last_octet: int) -> str:
 
 @dataclass(frozen=True)
 class Host:
-    """One end of a link: the namespace, the device inside it, its address and MAC."""
+    """One end of a link: the namespace, the device inside it, its addresses and MAC."""
 
     name: str  # "client1", "router", "lb1", "server2"
     namespace: str
@@ -50,6 +70,7 @@ class Host:
     address: str
     mac: str
     bridge_port: str  # the veth peer's name on the bridge, in the net namespace
+    address6: str  # the IPv6 twin of address (the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,7 @@ class Plan:
     balancers: tuple[Host, ...]
     servers: tuple[Host, ...]
     vip: str = VIP
+    vip6: str = VIP6
 
     @property
     def namespaces(self) -> tuple[str, ...]:
@@ -82,11 +104,12 @@ def plan(topology: int, prefix: str = "rr-") -> Plan:
         raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)}, not {topology}")
     n_clients, n_servers, n_balancers = TOPOLOGIES[topology]
 
-    def v_host(name: str, octet: int, device: str = "eth0", ns: str | None = None) -> Host:
-        return Host(name, ns or prefix + name, device, f"192.168.137.{octet}", _mac(0, octet), f"v-{name}")
+    def v_host(name: str, octet: int) -> Host:
+        return Host(name, prefix + name, "eth0", f"192.168.137.{octet}", _mac(0, octet), f"v-{name}",
+                    f"2001:db8:137::{octet}")
 
     clients = tuple(
-        Host(f"client{i}", f"{prefix}client{i}", "eth0", f"10.0.0.{i}", _mac(1, i), f"c-client{i}")
+        Host(f"client{i}", f"{prefix}client{i}", "eth0", f"10.0.0.{i}", _mac(1, i), f"c-client{i}", f"2001:db8:c::{i}")
         for i in range(1, n_clients + 1)
     )
     return Plan(
@@ -94,7 +117,7 @@ def plan(topology: int, prefix: str = "rr-") -> Plan:
         prefix=prefix,
         net_ns=f"{prefix}net",
         clients=clients,
-        router_c=Host("router", f"{prefix}router", "eth1", ROUTER_C, _mac(1, 254), "c-router"),
+        router_c=Host("router", f"{prefix}router", "eth1", ROUTER_C, _mac(1, 254), "c-router", ROUTER_C6),
         router=v_host("router", 1),
         balancers=tuple(v_host(f"lb{i}", 10 + i) for i in range(1, n_balancers + 1)),
         servers=tuple(v_host(f"server{i}", 20 + i) for i in range(1, n_servers + 1)),

@@ -1,0 +1,363 @@
+"""The fill of Pseudocode 1 (Eisenbud et al., NSDI 2016, section 3.4) with numpy: slot -> backend.
+
+maglev.py's docstring says why the two computations here are exact (deferred acceptance with turn
+times as priorities; the position matrix of the last empty slots). Unit-weight pools of `ROUND_POOL`
+backends or more run `_Rounds` (one round at a time, then the position matrix); weighted or small
+pools run `_Chunks`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_UNCLAIMED = np.int32(2**31 - 1)   # claim time of an empty slot; turn times are < M < 2**31
+ROUND_POOL = 100                   # unit-weight pools this large are filled round by round
+
+
+def fill(offset: np.ndarray, skip: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
+    """Pseudocode 1 over backends 0..n-1 (weights >= 1) given their offsets and skips: slot -> backend."""
+    if len(offset) == 1:
+        return np.zeros(size, np.int32)
+    unit = bool((weights == 1).all())
+    engine = _Rounds if unit and len(offset) >= ROUND_POOL else _Chunks
+    claim = engine(offset, skip, weights, size).run()
+    # a slot's claim time is the turn that filled it; turn -> backend is the round's layout
+    within = claim % int(weights.sum())
+    if unit:
+        return within
+    return np.searchsorted(np.cumsum(weights), within, side="right").astype(np.int32)
+
+
+def _modinv(a: np.ndarray, m: int) -> np.ndarray:
+    """a^(m-2) mod m elementwise: the inverse of each skip, m prime (products fit in int64)."""
+    result, base, e = np.ones_like(a), a % m, m - 2
+    while e:
+        if e & 1:
+            result = result * base % m
+        base = base * base % m
+        e >>= 1
+    return result
+
+
+class _Fill:
+    """Shared state: `claim[s]` is the turn that holds slot s (tentatively, during a step)."""
+
+    BLOCK = 24576  # elements per scan block: temporaries stay small (no page faults, cache resident)
+
+    def __init__(self, offset: np.ndarray, skip: np.ndarray, weights: np.ndarray, size: int) -> None:
+        self.M, self.N = size, len(offset)
+        self.offset, self.skip, self.w = offset, skip, weights
+        self.W = int(weights.sum())
+        self.claim = np.full(size, _UNCLAIMED, np.int32)
+        # a block of k steps must not overflow int32: (M - 1) * k < 2**31
+        self.kmax = max(1, min(self.BLOCK, (2**31 - 1) // size - 1))
+        self.steps = np.arange(self.kmax + 1, dtype=np.int32)[:, None]
+        self.cols = np.arange(max(self.N, self.BLOCK), dtype=np.intp)
+        self._inverse: np.ndarray | None = None
+
+    def inverse(self) -> np.ndarray:
+        if self._inverse is None:
+            self._inverse = _modinv(self.skip, self.M)
+        return self._inverse
+
+    def first_open(self, skip: np.ndarray, start: np.ndarray, before: np.ndarray, k: int) -> np.ndarray:
+        """Per row: the first slot of start, start + skip, ... whose claim time is >= `before`
+        (empty, or held by a later turn), k steps at a time (int32 arrays)."""
+        k = min(k, self.kmax)
+        cols = max(1, self.BLOCK // k)
+        if len(start) <= cols:
+            return self._first_open(skip, start, before, k)
+        out = np.empty(len(start), np.int32)
+        for c in range(0, len(start), cols):
+            part = slice(c, c + cols)
+            out[part] = self._first_open(skip[part], start[part], before[part], k)
+        return out
+
+    def _first_open(self, skip: np.ndarray, start: np.ndarray, before: np.ndarray, k: int) -> np.ndarray:
+        M, n = self.M, len(start)
+        slots = skip * self.steps[:k]
+        slots += start
+        slots -= slots // M * M
+        ok = self.claim.take(slots) >= before
+        at = ok.argmax(0) * n  # flat index of each column's first open slot
+        at += self.cols[:n]
+        out = slots.take(at)
+        hit = ok.take(at)
+        if not hit.all():
+            # no open slot within k steps: go on from the block's end with longer blocks
+            miss = (~hit).nonzero()[0]
+            sk = skip.take(miss)
+            resume = slots[-1].take(miss) + sk
+            resume %= M
+            out[miss] = self.first_open(sk, resume, before.take(miss), 4 * k)
+        return out
+
+
+class _Rounds(_Fill):
+    """Unit weights: one round at a time by deferred acceptance, the last turns on the position matrix."""
+
+    HIT = 2.0              # scan block = HIT expected gaps between empty slots
+    PY_PROBES = 64         # moving turns whose scans take about this many probes: finished in Python
+    TAIL = 256             # the last round's last turns (at most) go to the position matrix
+    TAIL_STEP = 0.3        # ... in steps of this share of the slots left
+    LAST_ROUND_STEP = 0.5  # in the last round, DA handles this share of the slots left at a time
+
+    def run(self) -> np.ndarray:
+        M, N = self.M, self.N
+        self.skip32 = self.skip.astype(np.int32)
+        tail = min(M % N or N, self.TAIL)
+        t = 0
+        self.cur = self.offset.astype(np.int32)  # each backend's next position, as a slot
+        while t < M - tail:
+            n = min(N - t % N, M - tail - t)
+            if M - t <= N:  # last round: many collisions, so shorter steps keep cascades short
+                n = min(n, max(1, int(self.LAST_ROUND_STEP * (M - t))))
+            self.round(t, n)
+            t += n
+        while t < M:
+            n = max(1, min(M - t, int(self.TAIL_STEP * (M - t))))
+            self.by_position(t, n)
+            t += n
+        return self.claim
+
+    def round(self, t0: int, n: int) -> None:
+        """Turns t0 .. t0+n-1, i.e. backends i0 .. i0+n-1 of one round (the turn is the priority)."""
+        M, claim = self.M, self.claim
+        i0 = t0 % self.N
+        skip = self.skip32[i0:i0 + n]
+        k = int(self.HIT * M / (M - t0)) + 1
+        turn = np.arange(t0, t0 + n, dtype=np.int32)
+        slot = self.first_open(skip, self.cur[i0:i0 + n], turn, k)
+        np.minimum.at(claim, slot, turn)
+        moving = (claim.take(slot) < turn).nonzero()[0]
+        probes = M / (M - t0)  # list entries a moving turn looks at, about
+        while len(moving):
+            if len(moving) * probes <= self.PY_PROBES:
+                self.finish(moving, slot, skip, t0)
+                break
+            # rejected turns propose further down their lists; a proposal that wins may displace a
+            # later turn of this round, which then moves on as well
+            sk, who = skip.take(moving), turn.take(moving)
+            start = slot.take(moving) + sk
+            start %= M
+            new = self.first_open(sk, start, who, k)
+            slot[moving] = new
+            held = claim.take(new)
+            np.minimum.at(claim, new, who)
+            lost = claim.take(new) < who
+            displaced = held[(held != _UNCLAIMED) & ~lost] - t0
+            moving = np.concatenate((moving[lost], displaced))
+        slot += skip
+        slot %= M
+        self.cur[i0:i0 + n] = slot
+
+    def finish(self, moving: np.ndarray, slot: np.ndarray, skip: np.ndarray, t0: int) -> None:
+        """The round's last moving turns by deferred acceptance one at a time: for a few turns a plain
+        loop costs less than the numpy calls of a vectorised step."""
+        M, claim, empty = self.M, self.claim, int(_UNCLAIMED)
+        stack = moving.tolist()
+        while stack:
+            i = stack.pop()
+            who, step = t0 + i, int(skip[i])
+            s = int(slot[i]) + step
+            s -= M if s >= M else 0
+            while (held := int(claim[s])) < who:  # held by an earlier turn: look further
+                s += step
+                s -= M if s >= M else 0
+            claim[s], slot[i] = who, s
+            if held != empty:  # displaced a later turn of this round: it moves on
+                stack.append(held - t0)
+
+    def by_position(self, t0: int, n: int) -> None:
+        """Turns t0 .. t0+n-1 (backends i0.., one turn each) on the matrix of the empty slots'
+        positions relative to each backend's pointer: each turn wants its least-position slot."""
+        M = self.M
+        rows = np.arange(t0 % self.N, t0 % self.N + n)
+        free = np.flatnonzero(self.claim == _UNCLAIMED)
+        pos = free - self.cur[rows, None].astype(np.int64)
+        pos += M
+        pos *= self.inverse()[rows, None]
+        pos -= pos // M * M
+        holder = np.full(len(free), n, np.int64)  # turn (0..n-1) holding each empty slot
+        want = pos.argmin(1)
+        moving = np.arange(n)
+        while True:
+            held = holder[want]
+            np.minimum.at(holder, want, moving)
+            now = holder[want]
+            lost, displaced = now != moving, (now < held) & (held < n)
+            if not (lost.any() or displaced.any()):
+                break
+            # a turn never takes a slot held by an earlier one: strike it from its row
+            pos[moving[lost], want[lost]] = M
+            pos[held[displaced], want[displaced]] = M
+            moving = np.concatenate((moving[lost], held[displaced]))
+            want = pos[moving].argmin(1)
+        got = np.flatnonzero(holder < n)
+        self.claim[free[got]] = holder[got] + t0
+        b = rows[holder[got]]
+        self.cur[b] = (free[got] + self.skip[b]) % M
+
+
+class _Chunks(_Fill):
+    """Any weights: deferred acceptance over chunks of turns, with ragged per-backend slot lists."""
+
+    SHARE = 0.15     # a chunk takes this share of the slots left (up to CAP turns)
+    CAP = 12000
+    SPARE = 1.5      # extra list entries per backend, beyond its turns and expected rejections
+
+    def run(self) -> np.ndarray:
+        self.wend = np.cumsum(self.w)
+        self.base, self.cur = self.wend - self.w, self.offset.copy()
+        self.index, self.free = np.full(self.N, -1, np.int64), None
+        t = 0
+        while t < self.M:
+            n = max(1, min(self.M - t, int(self.SHARE * (self.M - t)), self.CAP))
+            self.chunk(t, t + n)
+            t += n
+        return self.claim
+
+    def turns_before(self, t: np.ndarray | int, w: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """How many turns of each backend come before turn t (t may be per row)."""
+        return t // self.W * w + np.minimum(np.maximum(t % self.W - base, 0), w)
+
+    def lists(self, rows: np.ndarray, lo: np.ndarray, k: np.ndarray, ck: dict) -> tuple[np.ndarray, ...]:
+        """Open slots (at the chunk's start) among steps lo .. lo+k of each row's list, in (row, step)
+        order: by walking, or from the positions of all open slots when that is cheaper."""
+        M, total = self.M, int(k.sum())
+        free = self.free
+        if free is not None and total > 2 * len(rows) * len(free):
+            pos = free - ck["cur"][rows][:, None]
+            pos += M
+            pos *= self.inverse()[ck["backend"][rows]][:, None]
+            pos %= M
+            r, c = np.nonzero((pos >= lo[:, None]) & (pos < (lo + k)[:, None]))
+            key = np.sort((r * M + pos[r, c]) * len(free) + c)
+            return free[key % len(free)], rows[key // len(free) // M]
+        ends = np.cumsum(k)
+        row = np.repeat(rows, k)
+        step = np.arange(total) + np.repeat(lo - (ends - k), k)
+        slot = ck["cur"][row] + ck["skip"][row] * step
+        slot %= M
+        keep = np.flatnonzero(self.claim[slot] >= ck["t0"])
+        return slot[keep], row[keep]
+
+    def chunk(self, t0: int, t1: int) -> None:
+        M, W, claim = self.M, self.W, self.claim
+        done = self.turns_before(t0, self.w, self.base)
+        count = self.turns_before(t1, self.w, self.base) - done
+        play = np.flatnonzero(count)
+        n = len(play)
+        self.index[play] = np.arange(n)
+        cb, db, wb, bb = count[play], done[play], self.w[play], self.base[play]
+        ck = {"cur": self.cur[play], "skip": self.skip[play], "backend": play, "t0": t0}
+        left = M - t0
+        if 4 * left < M:  # few slots left: lists may come from the open slots' positions
+            self.free = np.flatnonzero(claim == _UNCLAIMED)
+        k = ((cb * (1 + (t1 - t0) / left) + self.SPARE) * (M / left)).astype(np.int64) + 1
+        walked = k.copy()
+        slot, seg = self.lists(np.arange(n), np.zeros(n, np.int64), k, ck)
+        cnt = np.bincount(seg, minlength=n)
+        s0 = np.cumsum(cnt) - cnt
+        take = np.zeros(len(slot), bool)
+        dirty: np.ndarray | None = None
+        while True:
+            if dirty is None:  # first pass: nothing is held yet, every row takes its first entries
+                idx, g = None, seg
+                nth = np.arange(len(slot)) - s0[seg]
+                tk = nth < cb[seg]
+            else:
+                lens = cnt[dirty]
+                ends = np.cumsum(lens)
+                first = np.repeat(ends - lens, lens)
+                idx = np.arange(int(ends[-1])) + np.repeat(s0[dirty], lens) - first
+                g = seg[idx]
+                tk, nth = self._takes(claim[slot[idx]], g, first, cb, db, wb, bb, t0)
+            ti = np.flatnonzero(tk)
+            pg = g[ti]
+            rows = np.arange(n) if dirty is None else dirty
+            short = rows[np.bincount(pg, minlength=n)[rows] < cb[rows]]
+            if len(short):  # a list ran out: walk further for those rows and look again
+                more = np.maximum(walked[short], 16)
+                es, eg = self.lists(short, walked[short], more, ck)
+                walked[short] += more
+                slot, seg, take, cnt, s0 = _merge(slot, seg, take, cnt, es, eg, n)
+                dirty = rows
+                continue
+            if idx is None:
+                take, pi = tk, ti
+            else:
+                take[idx], pi = tk, idx[ti]
+            g_turn = db[pg] + nth[ti]
+            turn = (g_turn // wb[pg] * W + bb[pg] + g_turn % wb[pg]).astype(np.int32)
+            won = slot[pi]
+            held = claim[won]
+            np.minimum.at(claim, won, turn)
+            now = claim[won]
+            mark = np.zeros(n, bool)
+            mark[pg[turn > now]] = True
+            displaced = (now < held) & (held != _UNCLAIMED)
+            if displaced.any():
+                old_b = np.searchsorted(self.wend, held[displaced] % W, side="right")
+                new_b = np.searchsorted(self.wend, now[displaced] % W, side="right")
+                mark[self.index[old_b[old_b != new_b]]] = True
+            dirty = np.flatnonzero(mark)
+            if len(dirty) == 0:
+                break
+        pi = np.flatnonzero(take)
+        last = pi[np.r_[seg[pi][1:] != seg[pi][:-1], True]]
+        self.cur[play[seg[last]]] = (slot[last] + ck["skip"][seg[last]]) % M
+        self.index[play] = -1
+
+    def _takes(self, held: np.ndarray, g: np.ndarray, first: np.ndarray, cb: np.ndarray,
+               db: np.ndarray, wb: np.ndarray, bb: np.ndarray, t0: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which list entries a row's turns take, given the current claims: its k-th turn takes the
+        first entry after its (k-1)-th whose holder is later than it (or is itself)."""
+        W = self.W
+        wg, bg, cbg = wb[g], bb[g], cb[g]
+        # turns of this row before the holder's turn (entries held before the chunk: none)
+        ahead = self.turns_before(held, wg, bg) - db[g]
+        phase = held % W
+        own = (phase >= bg) & (phase < bg + wg) & (held >= t0) & (held != _UNCLAIMED)
+        free = (ahead >= cbg) | own
+        some = (ahead > 0) & ~free  # usable by the row's earlier turns only
+        nth = _running_count(free, first)
+        if some.any():
+            while True:  # count = entries taken before; converges (see _running_count)
+                tk = free | (some & (nth < ahead))
+                again = _running_count(tk, first)
+                if np.array_equal(again, nth):
+                    break
+                nth = again
+            return tk & (nth < cbg), nth
+        return free & (nth < cbg), nth
+
+
+def _running_count(x: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Per segment (first[i] = index where i's segment starts): how many x are true before i.
+
+    Iterating count -> running_count(takes(count)) alternates between lower and upper bounds of the
+    sequential count and fixes one more entry of each segment per step, so it ends at the exact one."""
+    c = np.cumsum(x)
+    c -= x
+    return c - c[first]
+
+
+def _merge(slot: np.ndarray, seg: np.ndarray, take: np.ndarray, cnt: np.ndarray, es: np.ndarray,
+           eg: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """Append entries (es, eg) to the ends of their rows' lists, keeping rows contiguous."""
+    ecnt = np.bincount(eg, minlength=n)
+    ncnt = cnt + ecnt
+    ns0 = np.cumsum(ncnt) - ncnt
+    s0 = np.cumsum(cnt) - cnt
+    old_at = ns0[seg] + (np.arange(len(slot)) - s0[seg])
+    e0 = np.cumsum(ecnt) - ecnt
+    new_at = ns0[eg] + cnt[eg] + (np.arange(len(es)) - e0[eg])
+    size = len(slot) + len(es)
+    out_slot = np.empty(size, slot.dtype)
+    out_seg = np.empty(size, seg.dtype)
+    out_take = np.zeros(size, bool)
+    out_slot[old_at], out_slot[new_at] = slot, es
+    out_seg[old_at], out_seg[new_at] = seg, eg
+    out_take[old_at] = take
+    return out_slot, out_seg, out_take, ncnt, ns0
