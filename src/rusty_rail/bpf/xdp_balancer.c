@@ -178,7 +178,6 @@ int rr_balance(struct xdp_md *ctx)
 	__u8 tos;               /* IPv4 TOS or IPv6 traffic class: the outer header's */
 	int reason;
 	__u32 inner_at = ETH_LEN + l3_len + gre_len;   /* where the inner packet starts in the frame */
-	__u32 udp_at = 0;       /* a UDP header's offset (not a fragment, no IPv6 extension headers); 0: none */
 
 	if (!six) {
 		if (inner_avail < IP4_LEN || (void *)(inner + IP4_LEN) > data_end)
@@ -197,8 +196,6 @@ int rr_balance(struct xdp_md *ctx)
 		__builtin_memset(&key, 0, sizeof(key));
 		reason = inner_flow_key(inner, data_end, inner_len, ihl4, &key);
 		tos = inner[1];
-		if (inner[9] == IPPROTO_UDP && !(ld16(inner + 6) & bpf_htons(IP_MF_OFFSET)))
-			udp_at = inner_at + ihl4;
 	} else {
 		if (inner_avail < IP6_LEN || (void *)(inner + IP6_LEN) > data_end)
 			return drop(RR_DROP_INNER_TRUNCATED);
@@ -209,8 +206,6 @@ int rr_balance(struct xdp_md *ctx)
 			return drop(RR_DROP_INNER_BAD_LENGTH);
 		reason = inner6_flow_key(inner, data_end, inner_len, &key6);
 		tos = (__u8)(inner[0] << 4 | inner[1] >> 4);
-		if (inner[6] == IPPROTO_UDP)
-			udp_at = inner_at + IP6_LEN;
 	}
 	if (reason)
 		return drop(reason);
@@ -234,12 +229,14 @@ int rr_balance(struct xdp_md *ctx)
 	if (!find_service(cfg, named, &svc_index, &table_size, &flags))
 		return drop(RR_DROP_NO_SERVICE);
 
+	/* Every value live from here to the output costs the hit path a stack spill (the program has four
+	 * callee-saved registers): the option paths recompute what they need rather than carry it. */
 	struct rr_backend *backend = NULL;
 	__u32 backend_index = 0;
 	struct rr_conn *conn = NULL;
 	__u8 proto = six ? key6.proto : key.proto;
 	__u32 hash = 0;
-	int hashed = 0;         /* `hash` holds the flow's 5-tuple hash */
+	__u64 now = 0;
 
 	if ((flags & RR_OPT_ANSWER_PING) && (proto == IPPROTO_ICMP || proto == NH_ICMPV6)) {
 		int answered = rr_echo(ctx, inner_at, six);     /* an echo request: answered here (11.3) */
@@ -247,39 +244,39 @@ int rr_balance(struct xdp_md *ctx)
 		if (answered >= 0)
 			return answered;
 	}
-	int use_conns = 1;
-
 	if (flags & RR_OPT_SLOW) {
-		if ((flags & RR_OPT_QUIC) && udp_at && proto == IPPROTO_UDP) {
-			int index = quic_backend(svc_index, quic_server_id(ctx, udp_at, inner_at + inner_len));
+		if ((flags & RR_OPT_QUIC) && proto == IPPROTO_UDP) {
+			int index = quic_backend(svc_index, quic_server_id(ctx, inner_at, six, inner_at + inner_len));
 
 			if (index >= 0) {
 				backend_index = index;
 				backend = bpf_map_lookup_elem(&rr_backends, &backend_index);
-				if (backend && !backend->in_use)
-					backend = NULL;
-				if (backend) {
+				if (backend && backend->in_use) {
 					count(RR_STAT_QUIC_ROUTED);
-					use_conns = 0;
+					/* The flow label of an IPv6 output still comes from the 5-tuple's hash. */
+					if (backend->ipv6)
+						hash = six ? flow_hash6(&key6, cfg->hash_seed) : flow_hash(&key, cfg->hash_seed);
+					goto chosen;
 				}
+				backend = NULL;
 			}
 		}
 		if (flags & RR_OPT_NO_CONNS)
-			use_conns = 0;
+			goto table;
 	}
 	/* One call site per connection table: clang sinks two lookups of different maps into one call
 	 * whose map the verifier cannot know, so it calls the generic helper (an indirect call) instead
 	 * of inlining the hash lookup: the IPv4 and IPv6 hit paths' regression, a fifth of each. The
 	 * empty asm after the IPv4 lookup leaves the two branches different last instructions, so
 	 * nothing is sunk (checked in bpftool's xlated dump: two __htab_map_lookup_elem calls). */
-	if (use_conns && !six) {
+	if (!six) {
 		conn = bpf_map_lookup_elem(&rr_conns, &key);
 		barrier_var(conn);
-	} else if (use_conns) {
+	} else {
 		conn = bpf_map_lookup_elem(&rr_conns6, &key6);
 	}
 	/* Read after the lookup: nothing then waits on it across the call. */
-	__u64 now = clock_ns();
+	now = clock_ns();
 
 	if (conn) {
 		__u32 index = conn->backend_index;
@@ -293,16 +290,15 @@ int rr_balance(struct xdp_md *ctx)
 			backend = b;
 			backend_index = index;
 			hash = conn->flow_hash;
-			hashed = 1;
 			conn->last_seen_ns = now;
 			count(RR_STAT_CONN_HIT);
 		}
 	}
 	if (!backend) {
+table:
 		if (table_size == 0)
 			return drop(RR_DROP_NO_BACKEND);
 		hash = six ? flow_hash6(&key6, cfg->hash_seed) : flow_hash(&key, cfg->hash_seed);
-		hashed = 1;
 		__u32 slot_of = (flags & RR_OPT_HASH_MASK) == 0 ? hash :
 				six ? slot_hash6(&key6, flags, cfg->hash_seed, hash) : slot_hash(&key, flags, cfg->hash_seed, hash);
 		__u32 slot = slot_of % table_size + svc_index * cfg->table_stride;
@@ -348,8 +344,6 @@ chosen:
 	/* Longer than the path toward the backend takes (the device's MTU or its route's): 8b. */
 	if (out_l3 + OUT_GRE_LEN + inner_len > backend->mtu)
 		return rr_too_big(ctx, inner_at, six, backend->mtu - out_l3 - OUT_GRE_LEN);
-	if (out6 && !hashed)    /* a QUIC forward: the flow label still comes from the 5-tuple's hash */
-		hash = six ? flow_hash6(&key6, cfg->hash_seed) : flow_hash(&key, cfg->hash_seed);
 	/* Cut what follows the inner packet (outer padding, bytes past either packet's length), then move
 	 * the start so exactly the new headers precede the inner packet, which stays in place. */
 	int tail = (int)frame_len - (int)(inner_at + inner_len);
