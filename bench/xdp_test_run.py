@@ -8,7 +8,8 @@ Programs (same process, same CPU, same 84-byte frame: Ethernet | IPv4 | GRE | IP
 - hit:  the balancer with the flow's connection entry present (M = 65537, 3 backends), serving the
   environment form: one catch-all service, found without a map lookup.
 - miss: the balancer taking the table path every time (hash, Maglev slot, backend, LRU write).
-- hit, named service: the same flow's service given by its VIP, port and protocol (rr_services lookup).
+- hit, named service: the same flow's service given by its VIP, port and protocol: its connection entry
+  names the service (stamped under rr_config.services_gen), so a hit skips the rr_services lookup.
 - the per-service options (docs/WIRE.md section 11), each on the named service alone, the same flow:
   hash = "source-ip" (a hit: the connection table is read as usual), connection_table = false (every
   packet by its slot: a hash, the slot, no table), quic = true with the payload a QUIC short header
@@ -30,10 +31,10 @@ an ordinary run is all hits after the first. Two measurements are reported:
    timed region) before each run; the kernel's reported duration covers only the run, but at
    repeat = 1 it includes the timer's own overhead, so it is compared with the hit and the baseline
    measured the same way (repeat = 1, R times), and the miss - hit difference is what is reported.
-Figures: median over `rounds` of the kernel's average ns per repetition. The two hit paths (IPv4, IPv6)
-are also measured paired: baseline and hit run back to back in each round, and the median of the rounds'
-ratios is reported, which other load on the machine moves far less than a ratio of medians taken
-seconds apart.
+Figures: median over `rounds` of the kernel's average ns per repetition. The hit paths (IPv4, IPv6, the
+named service) and the options are also measured paired: baseline and case run back to back in each
+round, and the median of the rounds' ratios is reported, which other load on the machine moves far less
+than a ratio of medians taken seconds apart.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def main() -> int:
         counters.reset(x)
         results["hit_named"] = median_ns(lambda: timed(x.prog_fd, repeat), rounds)
         checks["hit_named"] = {k: v for k, v in counters.named(x).items() if v}
+        paired["hit_named"] = paired_ratio(lambda: timed(base_fd, repeat), lambda: timed(x.prog_fd, repeat), rounds)
 
         # The options, each on that named service (its flow is the same; the table path where the
         # option skips the connection table).

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rusty_rail.core.options import ServiceOptions
 from rusty_rail.core.service import ServiceKey, ServiceMatcher, ServiceProtocol
 from rusty_rail.dataplane import DataplaneState, StateBuilder
 from rusty_rail.engines.xdp import maps as m
-from rusty_rail.engines.xdp.planner import Desired, IndexAllocator, MapImage, Write, adopt, option_flags, plan
+from rusty_rail.engines.xdp.planner import (Desired, IndexAllocator, MapImage, Write, adopt, cache_families, option_flags,
+                                            plan)
 
 TABLE_SIZE = 13
 LB, LB6, LB_MAC = IPv4Address("192.168.137.11"), IPv6Address("2001:db8:137::11"), bytes.fromhex("020000000011")
@@ -188,12 +191,28 @@ def test_environment_form_is_one_catch_all_without_lookup_entries() -> None:
     assert image.backend_index == {int(ip_address(b)): i for i, b in enumerate(POOL[:3])}
 
 
+def test_the_service_cache_is_off_for_a_family_with_quic_or_without_a_connection_table() -> None:
+    """rr_config.cache_services: a family's flows look their entry up first only when every service with
+    a VIP of that family writes entries for them (the catch-all is found without a lookup anyway)."""
+    s = state({KEYS[1]: {POOL[0]: 1}, KEYS[-1]: {POOL[1]: 1}, CATCH_ALL: {POOL[2]: 1}}).services
+    both = m.CACHE_SERVICES4 | m.CACHE_SERVICES6
+
+    def options(key: ServiceKey, o: ServiceOptions):
+        return tuple(replace(x, options=o) if x.key == key else x for x in s)
+
+    assert cache_families(s) == both
+    assert cache_families(options(KEYS[1], ServiceOptions(quic=True))) == m.CACHE_SERVICES6
+    assert cache_families(options(KEYS[-1], ServiceOptions(connection_table=False))) == m.CACHE_SERVICES4
+    assert cache_families(options(CATCH_ALL, ServiceOptions(connection_table=False))) == both
+
+
 def test_plan_is_pure_and_idempotent() -> None:
     d = desired(state({CATCH_ALL: {b: 1 for b in POOL[:2]}, KEYS[1]: {POOL[2]: 1}}))
     image = empty()
     before = image.copy()
-    first, after = plan(d, image)
-    assert plan(d, image)[0] == first           # the same answer again: nothing changed in `image`
+    clock = lambda: 1_000  # noqa: E731 (the services generation's clock, held still)
+    first, after = plan(d, image, clock)
+    assert plan(d, image, clock)[0] == first    # the same answer again: nothing changed in `image`
     assert image == before
     assert plan(d, after)[0] == []              # the maps hold it already
     rebuilt = desired(state({CATCH_ALL: {b: 1 for b in POOL[:2]}, KEYS[1]: {POOL[2]: 1}}))

@@ -11,6 +11,7 @@ every counter (NO_SERVICE included). Needs root (loading BPF).
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import time
 from collections import Counter
@@ -308,6 +309,60 @@ def test_connection_entries_belong_to_the_flows_service(pair) -> None:
     # Other protocols still use the any-protocol service.
     assert backend(reference, x, wrap(udp(5, 80, dst="10.1.0.2"))) in (B[0], B[1])
     assert_counters_agree(reference, x)
+
+
+def stamp(x: XdpProgram) -> m.RrConn:
+    """The one connection entry's value: its service stamp (rr_conn.svc_*)."""
+    (entry,) = x.connections()
+    return m.RrConn.from_buffer_copy(x.lookup(m.conn_map(entry.key), entry.key, ctypes.sizeof(m.RrConn)))
+
+
+def test_a_flows_cached_service_gives_way_to_a_new_one(pair) -> None:
+    """The program's service cache (rr_conn's stamp, rr_config.services_gen): a hit under the current
+    generation skips the rr_services lookup; a more specific service added for the flow's port bumps
+    the generation, and the flow's next packet goes to the new service."""
+    reference, x = pair
+    vip_any, http = svc("10.1.0.2"), svc("10.1.0.2:80/tcp")
+    apply(reference, x, {vip_any: ((B[0], B[1]), (1, 1))})
+    frame = wrap(tcp(45000, 80, dst="10.1.0.2"))
+    assert backend(reference, x, frame) in (B[0], B[1])
+    assert backend(reference, x, frame) in (B[0], B[1])   # a hit: the entry's stamp named the service
+    gen = x.read_config().services_gen
+    assert gen and (stamp(x).svc_gen, stamp(x).svc_index) == (gen, x.image.service_index[vip_any])
+    apply(reference, x, {vip_any: ((B[0], B[1]), (1, 1)), http: ((B[2],), (1,))})
+    assert x.read_config().services_gen > gen
+    assert backend(reference, x, frame) == B[2]
+    assert (stamp(x).svc_gen, stamp(x).svc_index) == (x.read_config().services_gen, x.image.service_index[http])
+    # The same services again (new table objects, same contents): no new generation, the stamp holds.
+    gen = x.read_config().services_gen
+    apply(reference, x, {vip_any: ((B[0], B[1]), (1, 1)), http: ((B[2],), (1,))})
+    assert x.read_config().services_gen == gen and backend(reference, x, frame) == B[2]
+    assert_counters_agree(reference, x)
+
+
+def test_a_handovers_successor_never_trusts_its_predecessors_stamps() -> None:
+    """A successor adopting the connection tables issues generations after every one its predecessor
+    did, so the entries it adopts are looked up again (and restamped), and their flows keep their
+    backends even when the service indices are allocated differently."""
+    reference = Balancer(LB_ADDRESS, LB_MAC)
+    old = {svc("10.1.0.2"): ((B[0], B[1]), (1, 1))}
+    with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 10, max_services=4) as first:
+        apply(reference, first, old)
+        flows = {p: backend(reference, first, wrap(tcp(p, 80, dst="10.1.0.2"))) for p in range(46000, 46020)}
+        first_gen = first.read_config().services_gen
+        with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 10, max_services=4,
+                        reuse_conns_fd=first.fds[m.MAP_CONNS]) as second:
+            second.adopt(first.fds[m.MAP_BACKENDS])
+            # Another service first: the VIP's service gets another index here.
+            apply(reference, second, {svc("10.1.0.1:53/udp"): ((B[2],), (1,)), **old})
+            assert second.read_config().services_gen > first_gen
+            assert second.image.service_index[svc("10.1.0.2")] != first.image.service_index[svc("10.1.0.2")]
+            for p, b in flows.items():
+                assert backend(reference, second, wrap(tcp(p, 80, dst="10.1.0.2"))) == b
+            assert counters.named(second)["conn_hit"] == len(flows)
+            gens = {m.RrConn.from_buffer_copy(second.lookup(m.MAP_CONNS, e.key, ctypes.sizeof(m.RrConn))).svc_gen
+                    for e in second.connections()}
+            assert gens == {second.read_config().services_gen}   # every adopted entry restamped
 
 
 def test_maps_hold_the_services(pair) -> None:

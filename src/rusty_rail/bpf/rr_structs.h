@@ -29,7 +29,18 @@ struct rr_config {
 	__u32 catch_all_flags;      /* the catch-all's options, RR_OPT_* (rr_service.flags for the others) */
 	__u64 icmp_period_ns;       /* the "too big" token bucket (rr_icmp_bucket): credit one answer costs */
 	__u64 icmp_capacity_ns;     /* and the most credit a CPU holds (the burst); 0: no answers */
+	__u64 services_gen;         /* bumped after every change of what names the services (rr_services,
+				     * rr_services6, the catch-all, their options): a connection entry
+				     * stamped with the current value holds the flow's service (rr_conn) */
+	__u32 cache_services;       /* RR_CACHE_*: families whose flows look their connection entry up first */
+	__u32 pad2;
 };
+
+/* rr_config.cache_services: every service with a VIP of that family keeps a connection table and has no
+ * QUIC, so an entry is what most of its packets find: it is looked up before the service (whose lookup
+ * a stamped entry then spares). Otherwise a flow without entries would pay a lookup for nothing. */
+#define RR_CACHE_SERVICES4 1
+#define RR_CACHE_SERVICES6 2
 
 /* A service's options (docs/WIRE.md section 11; core/options.py ServiceOptions), as rr_service.flags and
  * rr_config.catch_all_flags hold them. A service whose flags have none of RR_OPT_SLOW decides TCP and UDP
@@ -91,6 +102,13 @@ struct rr_conn {
 	__u32 backend_index;
 	__u32 flow_hash;            /* docs/WIRE.md section 6, of the entry's key */
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC, tick resolution (struct rr_clock) */
+	/* The flow's service, as its lookup answered while rr_config.services_gen was svc_gen: a hit under
+	 * the same generation skips the lookup, whose answer cannot have changed. 0: never stamped. */
+	__u64 svc_gen;
+	__u32 svc_index;
+	__u32 svc_table_size;
+	__u32 svc_flags;
+	__u32 pad;
 };
 
 /* rr_clock[0], per CPU: the time of this CPU's first packet in the current jiffy. The hit path reads

@@ -51,6 +51,24 @@ static __attribute__((noinline)) long insert6(struct rr_flow_key6 *key, struct r
 	return bpf_map_update_elem(&rr_conns6, key, conn, BPF_ANY);
 }
 
+/* The flow's connection entry. One call site per connection table: clang sinks two lookups of different
+ * maps into one call whose map the verifier cannot know, so it calls the generic helper (an indirect
+ * call) instead of inlining the hash lookup: that was the IPv4 and IPv6 hit paths' regression, a fifth
+ * of each. The empty asm after the IPv4 lookup leaves the two branches different last instructions, so
+ * nothing is sunk (bpftool's xlated dump shows no bpf_map_lookup_elem call left). */
+static __always_inline struct rr_conn *find_conn(int six, struct rr_flow_key *key, struct rr_flow_key6 *key6)
+{
+	struct rr_conn *conn;
+
+	if (!six) {
+		conn = bpf_map_lookup_elem(&rr_conns, key);
+		barrier_var(conn);
+	} else {
+		conn = bpf_map_lookup_elem(&rr_conns6, key6);
+	}
+	return conn;
+}
+
 /* The two 16-byte backend identities (rr_backend.addr, rr_conn.backend_addr) are equal. */
 static __always_inline int same_backend(const __u8 *a, const __u8 *b)
 {
@@ -216,24 +234,42 @@ int rr_balance(struct xdp_md *ctx)
 
 	if (!cfg)
 		return drop(RR_DROP_NO_BACKEND);
-	/* The flow's service gives the table, the member bitmap (section 10) and the options (11). */
+	/* The flow's service gives the table, the member bitmap (section 10) and the options (11). With named
+	 * services of the flow's family, all with a connection table and without QUIC (cache_services), the
+	 * connection entry is looked up first: one stamped under the current services_gen names the service,
+	 * and the rr_services lookup is skipped (its answer cannot have changed: the planner bumps the
+	 * generation after rewriting what names services). The generation is read before any lookup, so a
+	 * stamp never outlives the services it was read from. */
+	__u64 gen = *(volatile __u64 *)&cfg->services_gen;
+	__u32 named_here = six ? cfg->named_services6 : cfg->named_services;
+	int cache = named_here && (cfg->cache_services & (six ? RR_CACHE_SERVICES6 : RR_CACHE_SERVICES4));
 	struct rr_service *named = NULL;
+	struct rr_conn *conn = NULL;
 	__u32 svc_index = 0;
 	__u32 table_size = 0;
 	__u32 flags = 0;
+	int conn_looked_up = 0;
+	int stamped = 0;        /* conn holds the flow's service under this generation */
 
-	if (!six && cfg->named_services)
-		named = find_named(&key);
-	else if (six && cfg->named_services6)
-		named = find_named6(&key6);
-	if (!find_service(cfg, named, &svc_index, &table_size, &flags))
+	if (cache) {
+		conn = find_conn(six, &key, &key6);
+		conn_looked_up = 1;
+		if (conn && gen && conn->svc_gen == gen) {
+			svc_index = conn->svc_index;
+			table_size = conn->svc_table_size;
+			flags = conn->svc_flags;
+			stamped = 1;
+		}
+	}
+	if (named_here && !stamped)
+		named = six ? find_named6(&key6) : find_named(&key);
+	if (!stamped && !find_service(cfg, named, &svc_index, &table_size, &flags))
 		return drop(RR_DROP_NO_SERVICE);
 
 	/* Every value live from here to the output costs the hit path a stack spill (the program has four
 	 * callee-saved registers): the option paths recompute what they need rather than carry it. */
 	struct rr_backend *backend = NULL;
 	__u32 backend_index = 0;
-	struct rr_conn *conn = NULL;
 	__u8 proto = six ? key6.proto : key.proto;
 	__u32 hash = 0;
 	__u64 now = 0;
@@ -261,20 +297,13 @@ int rr_balance(struct xdp_md *ctx)
 				backend = NULL;
 			}
 		}
-		if (flags & RR_OPT_NO_CONNS)
+		if (flags & RR_OPT_NO_CONNS) {
+			conn = NULL;    /* an entry left from before the option: never read or written */
 			goto table;
+		}
 	}
-	/* One call site per connection table: clang sinks two lookups of different maps into one call
-	 * whose map the verifier cannot know, so it calls the generic helper (an indirect call) instead
-	 * of inlining the hash lookup: the IPv4 and IPv6 hit paths' regression, a fifth of each. The
-	 * empty asm after the IPv4 lookup leaves the two branches different last instructions, so
-	 * nothing is sunk (checked in bpftool's xlated dump: two __htab_map_lookup_elem calls). */
-	if (!six) {
-		conn = bpf_map_lookup_elem(&rr_conns, &key);
-		barrier_var(conn);
-	} else {
-		conn = bpf_map_lookup_elem(&rr_conns6, &key6);
-	}
+	if (!conn_looked_up)
+		conn = find_conn(six, &key, &key6);
 	/* Read after the lookup: nothing then waits on it across the call. */
 	now = clock_ns();
 
@@ -291,6 +320,12 @@ int rr_balance(struct xdp_md *ctx)
 			backend_index = index;
 			hash = conn->flow_hash;
 			conn->last_seen_ns = now;
+			if (cache && !stamped) {
+				conn->svc_index = svc_index;
+				conn->svc_table_size = table_size;
+				conn->svc_flags = flags;
+				conn->svc_gen = gen;
+			}
 			count(RR_STAT_CONN_HIT);
 		}
 	}
@@ -319,6 +354,10 @@ table:
 			.backend_index = backend_index,
 			.flow_hash = hash,
 			.last_seen_ns = now,
+			.svc_gen = gen,
+			.svc_index = svc_index,
+			.svc_table_size = table_size,
+			.svc_flags = flags,
 		};
 		long err;
 

@@ -44,6 +44,10 @@ MEMBER_WORDS = MAX_BACKENDS // 64
 MAX_QUIC_IDS = 4096
 """rr_quic entries: (service, QUIC server ID) pairs over every service with quic = true."""
 
+# rr_config.cache_services (rr_structs.h RR_CACHE_*): families whose flows look their connection entry up
+# before their service.
+CACHE_SERVICES4 = 1
+CACHE_SERVICES6 = 2
 # rr_service.flags / rr_config.catch_all_flags (rr_structs.h RR_OPT_*): a service's options.
 OPT_HASH_MASK = 0x3  # core/options.py HashFields' values
 OPT_NO_CONNS = 0x4
@@ -100,6 +104,9 @@ class RrConfig(ctypes.Structure):
         ("catch_all_flags", ctypes.c_uint32),
         ("icmp_period_ns", ctypes.c_uint64),
         ("icmp_capacity_ns", ctypes.c_uint64),
+        ("services_gen", ctypes.c_uint64),
+        ("cache_services", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
     ]
 
 
@@ -148,6 +155,11 @@ class RrConn(ctypes.Structure):
         ("backend_index", ctypes.c_uint32),
         ("flow_hash", ctypes.c_uint32),
         ("last_seen_ns", ctypes.c_uint64),
+        ("svc_gen", ctypes.c_uint64),
+        ("svc_index", ctypes.c_uint32),
+        ("svc_table_size", ctypes.c_uint32),
+        ("svc_flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 

@@ -19,7 +19,12 @@ The order (every step only names what an earlier step wrote):
    and rr_services6: the keys of core/service.py's `ServiceMatcher.entries` (the one statement of the
    match rule; 8-byte entries go to rr_services, 20-byte ones to rr_services6) with each service's index,
    table size and options (`option_flags`), removed entries last; then rr_quic (QUIC server IDs of the
-   backends listed in services with quic = true), removed entries last.
+   backends listed in services with quic = true), removed entries last. When anything that names a
+   service changed (an rr_services or rr_services6 entry, the catch-all, their options), rr_config again
+   with services_gen bumped, after them: a connection entry stamped with the old generation no longer
+   stands for the lookup (the program's service cache, rr_structs.h rr_conn). Generations are
+   CLOCK_MONOTONIC nanoseconds (or the last one + 1), so a handover's successor, adopting the
+   predecessor's connection tables, never issues a generation one of their entries carries.
 6. rr_members down to the new members.
 7. Services that left: members cleared, index freed (rr_services stopped naming them in step 5).
 8. Backends no longer listed anywhere: marked unused, index freed (a later plan may reuse it).
@@ -33,8 +38,9 @@ from __future__ import annotations
 
 import ctypes
 import heapq
+import time
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, NamedTuple
@@ -52,7 +58,7 @@ if TYPE_CHECKING:
     from rusty_rail.core.balancer import Balancer
 
 __all__ = ["BackendEntry", "ConfigImage", "Desired", "IndexAllocator", "MapImage", "TableImage", "Write",
-           "adopt", "option_flags", "plan"]
+           "adopt", "cache_families", "option_flags", "plan"]
 
 _NS = 1_000_000_000
 
@@ -177,6 +183,10 @@ class ConfigImage:
     catch_all_flags: int = 0
     """The catch-all's options (option_flags)."""
     icmp_limit: IcmpLimit = IcmpLimit()
+    services_gen: int = 0
+    """Bumped after every change of what names the services (module docstring, step 5)."""
+    cache_services: int = 0
+    """CACHE_SERVICES4 / CACHE_SERVICES6 (cache_families)."""
 
     def value(self) -> bytes:
         c = m.RrConfig()
@@ -191,7 +201,13 @@ class ConfigImage:
         c.icmp_period_ns, c.icmp_capacity_ns = self.icmp_limit.period_ns, self.icmp_limit.capacity_ns
         c.table_stride = self.table_stride
         c.conn_timeout_ns = (ctypes.c_uint64 * 3)(*self.timeouts_ns)
+        c.services_gen, c.cache_services = self.services_gen, self.cache_services
         return bytes(c)
+
+    def naming(self) -> tuple[int, ...]:
+        """The fields that decide a flow's service (with rr_services): a change bumps services_gen."""
+        return (self.named_services, self.named_services6, self.catch_all, self.catch_all_size, self.catch_all_flags,
+                self.cache_services)
 
 
 @dataclass(frozen=True)
@@ -275,9 +291,11 @@ def adopt(image: MapImage, backends: Mapping[int, int]) -> MapImage:
     return new
 
 
-def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
+def plan(desired: Desired, image: MapImage,
+         clock: Callable[[], int] = time.monotonic_ns) -> tuple[list[Write], MapImage]:
     """The writes that make the maps of `image` hold `desired`, in a safe order (module docstring), and
-    the image after them. Raises ValueError (and writes nothing) when the maps cannot hold it."""
+    the image after them. Raises ValueError (and writes nothing) when the maps cannot hold it. `clock`
+    gives the services generations (CLOCK_MONOTONIC ns)."""
     services = desired.state.services
     if len(services) > image.max_services:
         raise ValueError(f"{len(services)} services: more than max_services = {image.max_services}")
@@ -308,7 +326,7 @@ def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
     leaving = [k for k in new.service_index if k not in listed]
     arriving = [k for k in listed if k not in new.service_index]
     if len(arriving) > new.service_indices.available:
-        _unname(new, writes, {new.service_index[k] for k in leaving})
+        _unname(new, writes, {new.service_index[k] for k in leaving}, clock)
         for key in leaving:
             _release(new, writes, key)
         leaving = []
@@ -339,9 +357,10 @@ def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
         0 if catch_all is None else new.tables[new.service_index[catch_all]].size, new.table_stride,
         tuple(int(t * _NS) for t in (desired.timeouts.tcp, desired.timeouts.udp, desired.timeouts.other)),
         desired.local_address6, matcher.named6, 0 if catch_all is None else option_flags(by_key[catch_all].options),
-        desired.icmp_limit)
+        desired.icmp_limit, 0 if new.config is None else new.config.services_gen, cache_families(services))
     if len(config.local_mac) != 6:
         raise ValueError("local_mac must be 6 bytes")
+    renamed = new.config is None or new.config.naming() != config.naming()
     _write_config(new, writes, config)
     entries = {entry: (new.service_index[key], new.tables[new.service_index[key]].size,
                        option_flags(by_key[key].options)) for entry, key in matcher.entries.items()}
@@ -350,6 +369,8 @@ def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
             writes.append(Write(_services_map(entry), entry, bytes(m.RrService(*value))))
     for entry in sorted(set(new.services) - set(entries)):
         writes.append(Write(_services_map(entry), entry, None))
+    if renamed or new.services != entries:
+        _bump_services_gen(new, writes, clock)
     new.services = entries
     _write_quic(new, writes, services)
     # 6. members down to the new ones
@@ -366,6 +387,14 @@ def plan(desired: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
             writes.append(Write(m.MAP_BACKENDS, _u32(index), bytes(m.make_backend(address, None, in_use=False))))
         new.backend_indices.free(index)
     return writes, new
+
+
+def cache_families(services: Iterable[Service]) -> int:
+    """rr_config.cache_services: the VIP families whose services all keep a connection table and have no
+    QUIC, so their flows' packets mostly find an entry, which then names their service."""
+    uncached = {m.CACHE_SERVICES6 if s.key.vip.version == 6 else m.CACHE_SERVICES4 for s in services
+                if s.key.vip is not None and (not s.options.connection_table or s.options.quic)}
+    return (m.CACHE_SERVICES4 | m.CACHE_SERVICES6) & ~sum(uncached)
 
 
 def option_flags(options: ServiceOptions) -> int:
@@ -437,8 +466,15 @@ def _write_table(new: MapImage, writes: list[Write], index: int, table: MaglevTa
     new.tables[index] = TableImage(table, indices, packed)
 
 
-def _unname(new: MapImage, writes: list[Write], indices: Iterable[int]) -> None:
-    """Stop rr_services and the config naming the services of `indices` (before freeing them)."""
+def _bump_services_gen(new: MapImage, writes: list[Write], clock: Callable[[], int]) -> None:
+    """rr_config again, with a services generation no connection entry can carry yet (step 5)."""
+    assert new.config is not None
+    _write_config(new, writes, replace(new.config, services_gen=max(new.config.services_gen + 1, clock())))
+
+
+def _unname(new: MapImage, writes: list[Write], indices: Iterable[int], clock: Callable[[], int]) -> None:
+    """Stop rr_services and the config naming the services of `indices` (before freeing them; the
+    generation bumped, so no connection entry names them either)."""
     gone = set(indices)
     for entry, (i, _, _) in sorted(new.services.items()):
         if i in gone:
@@ -446,6 +482,8 @@ def _unname(new: MapImage, writes: list[Write], indices: Iterable[int]) -> None:
             del new.services[entry]
     if new.config is not None and new.config.catch_all - 1 in gone:
         _write_config(new, writes, replace(new.config, catch_all=0, catch_all_size=0))
+    if new.config is not None:
+        _bump_services_gen(new, writes, clock)
 
 
 def _release(new: MapImage, writes: list[Write], key: ServiceKey) -> None:
