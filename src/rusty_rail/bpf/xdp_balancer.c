@@ -240,9 +240,9 @@ int rr_balance(struct xdp_md *ctx)
 	 * and the rr_services lookup is skipped (its answer cannot have changed: the planner bumps the
 	 * generation after rewriting what names services). The generation is read before any lookup, so a
 	 * stamp never outlives the services it was read from. */
-	__u64 gen = *(volatile __u64 *)&cfg->services_gen;
 	__u32 named_here = six ? cfg->named_services6 : cfg->named_services;
 	int cache = named_here && (cfg->cache_services & (six ? RR_CACHE_SERVICES6 : RR_CACHE_SERVICES4));
+	__u64 gen = 0;          /* without the cache, entries are written unstamped */
 	struct rr_service *named = NULL;
 	struct rr_conn *conn = NULL;
 	__u32 svc_index = 0;
@@ -252,6 +252,7 @@ int rr_balance(struct xdp_md *ctx)
 	int stamped = 0;        /* conn holds the flow's service under this generation */
 
 	if (cache) {
+		gen = *(volatile __u64 *)&cfg->services_gen;
 		conn = find_conn(six, &key, &key6);
 		conn_looked_up = 1;
 		if (conn && gen && conn->svc_gen == gen) {

@@ -19,12 +19,10 @@ The order (every step only names what an earlier step wrote):
    and rr_services6: the keys of core/service.py's `ServiceMatcher.entries` (the one statement of the
    match rule; 8-byte entries go to rr_services, 20-byte ones to rr_services6) with each service's index,
    table size and options (`option_flags`), removed entries last; then rr_quic (QUIC server IDs of the
-   backends listed in services with quic = true), removed entries last. When anything that names a
-   service changed (an rr_services or rr_services6 entry, the catch-all, their options), rr_config again
-   with services_gen bumped, after them: a connection entry stamped with the old generation no longer
-   stands for the lookup (the program's service cache, rr_structs.h rr_conn). Generations are
-   CLOCK_MONOTONIC nanoseconds (or the last one + 1), so a handover's successor, adopting the
-   predecessor's connection tables, never issues a generation one of their entries carries.
+   backends listed in services with quic = true), removed entries last. If anything naming a service
+   changed, rr_config again with services_gen bumped: no connection entry's service stamp (rr_structs.h
+   rr_conn) stands any more. Generations are CLOCK_MONOTONIC ns (or the last + 1): a handover's successor
+   never issues one its predecessor's adopted entries carry.
 6. rr_members down to the new members.
 7. Services that left: members cleared, index freed (rr_services stopped naming them in step 5).
 8. Backends no longer listed anywhere: marked unused, index freed (a later plan may reuse it).
