@@ -8,7 +8,14 @@ Programs (same process, same CPU, same 84-byte frame: Ethernet | IPv4 | GRE | IP
 - hit:  the balancer with the flow's connection entry present (M = 65537, 3 backends), serving the
   environment form: one catch-all service, found without a map lookup.
 - miss: the balancer taking the table path every time (hash, Maglev slot, backend, LRU write).
-- hit, named service: the same flow's service given by its VIP, port and protocol (rr_services lookup).
+- hit, named service: the same flow's service given by its VIP, port and protocol: its connection entry
+  names the service (stamped under rr_config.services_gen), so a hit skips the rr_services lookup.
+- the per-service options (docs/WIRE.md section 11), each on the named service alone, the same flow:
+  hash = "source-ip" (a hit: the connection table is read as usual), connection_table = false (every
+  packet by its slot: a hash, the slot, no table), quic = true with the payload a QUIC short header
+  naming a backend's server ID (no table either). "hit" above is the default options (answer_ping on,
+  which costs a UDP flow nothing). An echo answer is not measured here: its output is plain IP, which
+  the next repetition would pass.
 - IPv6 hit / miss (expired): the same measurements for an IPv6 flow: a 104-byte frame, Ethernet | IPv6 |
   GRE | IPv6 | UDP | 18 bytes, to IPv6 backends (rr_conns6, the outer IPv6 header, the flow label from
   the entry). Its output has the same length and flow, so every repetition after the first is a hit.
@@ -24,10 +31,10 @@ an ordinary run is all hits after the first. Two measurements are reported:
    timed region) before each run; the kernel's reported duration covers only the run, but at
    repeat = 1 it includes the timer's own overhead, so it is compared with the hit and the baseline
    measured the same way (repeat = 1, R times), and the miss - hit difference is what is reported.
-Figures: median over `rounds` of the kernel's average ns per repetition. The two hit paths (IPv4, IPv6)
-are also measured paired: baseline and hit run back to back in each round, and the median of the rounds'
-ratios is reported, which other load on the machine moves far less than a ratio of medians taken
-seconds apart.
+Figures: median over `rounds` of the kernel's average ns per repetition. The hit paths (IPv4, IPv6, the
+named service) and the options are also measured paired: baseline and case run back to back in each
+round, and the median of the rounds' ratios is reported, which other load on the machine moves far less
+than a ratio of medians taken seconds apart.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from rusty_rail.core.balancer import Balancer  # noqa: E402
 from rusty_rail.core.conntrack import Timeouts  # noqa: E402
 from rusty_rail.core.constants import DEFAULT_TABLE_SIZE  # noqa: E402
 from rusty_rail.core.maglev import build_table  # noqa: E402
+from rusty_rail.core.options import HashFields, ServiceOptions  # noqa: E402
 from rusty_rail.core.service import Service, ServiceKey, ServiceProtocol  # noqa: E402
 from rusty_rail.engines.xdp import XdpAction, XdpProgram, counters  # noqa: E402
 from rusty_rail.engines.xdp.planner import Desired  # noqa: E402
@@ -74,9 +82,10 @@ def _ipv4(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
     return h[:10] + _csum(h).to_bytes(2, "big") + h[12:] + payload
 
 
-def frame() -> bytes:
-    """84 bytes, no padding and no GRE options: the output has the same length and inner flow."""
-    udp = (40000).to_bytes(2, "big") + (53).to_bytes(2, "big") + (26).to_bytes(2, "big") + b"\0\0" + b"x" * 18
+def frame(payload: bytes = b"x" * 18) -> bytes:
+    """84 bytes (an 18-byte payload), no padding and no GRE options: the output has the same length and
+    inner flow."""
+    udp = (40000).to_bytes(2, "big") + (53).to_bytes(2, "big") + (8 + len(payload)).to_bytes(2, "big") + b"\0\0" + payload
     inner = _ipv4(bytes([10, 0, 0, 1]), bytes([10, 1, 0, 1]), 17, udp)
     outer = _ipv4(bytes([192, 168, 137, 1]), bytes([192, 168, 137, 11]), 47, b"\x00\x00\x08\x00" + inner)
     return LB_MAC + bytes.fromhex("020000000001") + b"\x08\x00" + outer
@@ -174,6 +183,27 @@ def main() -> int:
         counters.reset(x)
         results["hit_named"] = median_ns(lambda: timed(x.prog_fd, repeat), rounds)
         checks["hit_named"] = {k: v for k, v in counters.named(x).items() if v}
+        paired["hit_named"] = paired_ratio(lambda: timed(base_fd, repeat), lambda: timed(x.prog_fd, repeat), rounds)
+
+        # The options, each on that named service (its flow is the same; the table path where the
+        # option skips the connection table).
+        server_ids = tuple((int(IPv4Address(b)), i + 1) for i, b in enumerate(sorted(BACKENDS)))
+        quic_pkt = frame(b"\x40\x00\x00\x02" + bytes(14))  # short header, rotation 0, server ID 2
+        for name, options, packet in (
+                ("hit_source_ip", ServiceOptions(hash=HashFields.SOURCE_IP), pkt),
+                ("no_conn_table", ServiceOptions(connection_table=False), pkt),
+                ("quic_server_id", ServiceOptions(quic=True, server_ids=server_ids), quic_pkt)):
+            x.sync(replace(desired, state=replace(desired.state, services=(replace(named, options=options),))))
+            counters.reset(x)
+
+            def timed_case(r: int, packet: bytes = packet) -> float:
+                retval, _, duration = libbpf.prog_test_run(x.prog_fd, packet, repeat=r)
+                assert retval == XdpAction.TX, retval
+                return float(duration)
+
+            results[name] = median_ns(lambda: timed_case(repeat), rounds)
+            checks[name] = {k: v for k, v in counters.named(x).items() if v}
+            paired[name] = paired_ratio(lambda: timed(base_fd, repeat), lambda: timed_case(repeat), rounds)
 
         # An IPv6 flow in GRE over IPv6 to IPv6 backends: hit, then every entry stale (the miss).
         pkt6 = frame6()
@@ -206,6 +236,9 @@ def main() -> int:
         ("balancer, connection HIT", "hit", f"repeat={repeat:,}"),
         ("balancer, HIT, named service", "hit_named", f"repeat={repeat:,}"),
         ("balancer, MISS (entry expired)", "miss_expired", f"repeat={repeat:,}"),
+        ("HIT, hash = source-ip", "hit_source_ip", f"repeat={repeat:,}"),
+        ("connection_table = false", "no_conn_table", f"repeat={repeat:,}"),
+        ("quic = true, server ID", "quic_server_id", f"repeat={repeat:,}"),
         ("balancer, IPv6 HIT (v6 in v6)", "hit_v6", f"repeat={repeat:,}"),
         ("balancer, IPv6 MISS (expired)", "miss_expired_v6", f"repeat={repeat:,}"),
         ("balancer, MISS (entry deleted)", "miss_deleted", "hit + (miss_r1 - hit_r1)"),

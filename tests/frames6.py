@@ -40,10 +40,26 @@ def fragment_header(nh: int, offset: int, more: bool, ident: int) -> bytes:
     return struct.pack("!BBHI", nh, 0, offset << 3 | int(more), ident)
 
 
+QUIC_SERVER_IDS = tuple(range(1, 9))
+"""Server IDs the differential test gives its backends (QUIC payloads name them, or any other)."""
+
+
+@st.composite
+def udp_payload(draw, max_size: int) -> bytes:
+    """Random bytes, or now and then the start of a QUIC packet (docs/WIRE.md section 11.4): either header
+    form, config rotation bits 0 or not, a server ID of QUIC_SERVER_IDS or any."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=max_size))
+    rotation = draw(st.sampled_from([0, 0, 0, 0x20, 0xE0])) | draw(st.integers(0, 0x1F))
+    server_id = draw(st.one_of(st.sampled_from(QUIC_SERVER_IDS), st.integers(0, 0xFFFF)))
+    first = draw(st.sampled_from([0x40, 0x40, 0xC0])) | draw(st.integers(0, 0x3F))  # short, short, long
+    return bytes((first, rotation)) + server_id.to_bytes(2, "big") + draw(st.binary(max_size=8))
+
+
 @st.composite
 def transport6(draw, nh: int) -> bytes:
     """A TCP/UDP/ICMPv6 header (maybe cut short) and payload, or random bytes for other protocols."""
-    payload = draw(st.binary(max_size=16))
+    payload = draw(udp_payload(16)) if nh == 17 else draw(st.binary(max_size=16))
     if nh == 6:
         header = struct.pack("!HHIIBBHHH", draw(_ports), draw(_ports), 1, 0, 0x50, 0x10, 65535, 0, 0)
     elif nh == 17:

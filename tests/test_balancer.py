@@ -143,8 +143,12 @@ def test_any_input_gives_a_verdict_and_known_flows_keep_their_backend(frame: byt
     balancer = _FUZZ_BALANCER
     before = balancer.decide(flow_frame(777), now=0).backend
     verdict = balancer.decide(frame, now=0)
-    assert verdict.action in (Action.FORWARD, Action.PASS, Action.DROP)
+    assert verdict.action in (Action.FORWARD, Action.REPLY, Action.PASS, Action.DROP)
     if verdict.action == Action.FORWARD:
         out = Ether(verdict.frame)
         assert out[GRE].proto == (0x86DD if out[GRE].payload.version == 6 else 0x0800)
+    if verdict.action == Action.REPLY:  # plain ICMP or ICMPv6 back toward the frame's sender
+        out = Ether(verdict.frame)
+        assert out.dst == Ether(frame).src
+        assert (out.payload.proto if out.type == 0x0800 else out.payload.nh) in (1, 58)
     assert balancer.decide(flow_frame(777), now=0).backend == before

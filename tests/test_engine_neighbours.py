@@ -19,7 +19,7 @@ class Sink:
     def __init__(self) -> None:
         self.calls: list[tuple[int, bytes | None]] = []
 
-    def set_neighbour(self, backend: int, mac: bytes | None) -> None:
+    def set_neighbour(self, backend: int, mac: bytes | None, mtu: int | None = None) -> None:
         self.calls.append((backend, mac))
 
 

@@ -42,3 +42,5 @@ def test_fuzz_slice_parsers_and_engines_agree() -> None:
     counters = target.balancer.counters()
     assert counters["forwarded"] > 100 and counters["passed"] > 50  # the slice reached both ends
     assert counters["forwarded_ipv6"] > 50, counters  # and the IPv6 paths
+    # and the options' paths (docs/WIRE.md section 11): echo and "too big" answers, QUIC server IDs
+    assert min(counters["icmp_echo_replies"], counters["icmp_too_big"], counters["quic_routed"]) > 0, counters

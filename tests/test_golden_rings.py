@@ -9,7 +9,9 @@ both were handled, and the frames that came back say what was sent:
 
 - FORWARD: exactly the fixture's output bytes (and the sentinel's);
 - DROP: nothing but the sentinel, and the drop counted under its reason;
-- PASS: nothing but the sentinel, and no drop counted: the engine left the frame to the host.
+- PASS: nothing but the sentinel, and no drop counted: the engine left the frame to the host;
+- REPLY: exactly the fixture's answer (plain IP from a VIP back to the sender) and the sentinel, the
+  answer counted among the options' figures.
 
 Twice: with the engine as it ships (a fixture and its sentinel are a call of two frames, which its
 block processor hands to decide()), and with the block processor's array path taking every call.
@@ -18,6 +20,7 @@ block processor hands to decide()), and with the block processor's array path ta
 from __future__ import annotations
 
 from collections.abc import Callable
+from ipaddress import ip_address
 
 import pytest
 
@@ -30,6 +33,9 @@ from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import VethPair, drain, pending, wait_for
 from tests.fixtures.golden import (
     ALL_BACKENDS,
+    SMALL,
+    SMALL6,
+    SMALL_MTU,
     LB_ADDRESS,
     LB_ADDRESS6,
     LB_MAC,
@@ -40,6 +46,7 @@ from tests.fixtures.golden import (
 )
 
 pytestmark = pytest.mark.netns
+LB_PACKED, LB6_PACKED = ip_address(LB_ADDRESS).packed, ip_address(LB_ADDRESS6).packed
 
 
 def golden_lb(v: VethPair) -> None:
@@ -50,6 +57,8 @@ def golden_lb(v: VethPair) -> None:
     v.ip(v.lb_ns, "-6", "addr", "add", f"{LB_ADDRESS6}/64", "dev", v.lb_dev, "nodad")
     v.ip(v.lb_ns, "route", "add", "10.2.0.0/24", "dev", v.lb_dev)
     v.ip(v.lb_ns, "-6", "route", "add", "2001:db8:2::/64", "dev", v.lb_dev)
+    for backend in {**SMALL, **SMALL6}:  # the path toward them is narrower than the device (WIRE.md 8b)
+        v.ip(v.lb_ns, "route", "add", backend, "dev", v.lb_dev, "mtu", str(SMALL_MTU))
     for backend, mac in ALL_BACKENDS.items():
         v.ip(v.lb_ns, "neigh", "replace", backend, "lladdr", mac, "dev", v.lb_dev, "nud", "permanent")
 
@@ -63,11 +72,29 @@ def gre_from_lb(frame: bytes) -> bool:
     return len(frame) >= 34 and frame[12:14] == b"\x08\x00" and frame[23] == 47
 
 
-def handled(expect_forwarded: int, expect_drops: dict[str, int], ask: Callable[[], Counters]) -> Counters:
+def answer_from_lb(frame: bytes) -> bool:
+    """An answer of the engine's own (WIRE.md section 11): ICMP or ICMPv6 from an address that is not the
+    lb host's (a VIP). The host's own ICMP answers to PASS fixtures come from its addresses."""
+    if frame[12:14] == b"\x86\xdd":
+        return len(frame) >= 54 and frame[20] == 58 and frame[22:38] != LB6_PACKED and frame[22:24] != b"\xfe\x80"
+    return len(frame) >= 34 and frame[12:14] == b"\x08\x00" and frame[23] == 1 and frame[26:30] != LB_PACKED
+
+
+def sent_by_engine(frame: bytes) -> bool:
+    return gre_from_lb(frame) or answer_from_lb(frame)
+
+
+def answers(c: Counters) -> int:
+    return c.options.get("icmp_echo_replies", 0) + c.options.get("icmp_too_big", 0)
+
+
+def handled(expect_forwarded: int, expect_drops: dict[str, int], ask: Callable[[], Counters],
+            expect_answers: int = 0) -> Counters:
     """Wait until the engine counted what the fixture and its sentinel must add up to."""
     def done() -> Counters | None:
         c = ask()
-        return c if c.forwarded >= expect_forwarded and all(c.drops[k] >= n for k, n in expect_drops.items()) else None
+        return c if (c.forwarded >= expect_forwarded and answers(c) >= expect_answers
+                     and all(c.drops[k] >= n for k, n in expect_drops.items())) else None
     counters = wait_for(done, timeout=5, what=f"{expect_forwarded} forwards and drops {expect_drops}")
     assert counters is not None
     return counters
@@ -98,9 +125,10 @@ def test_every_golden_fixture_through_the_rings(veth: VethPair, arrays: bool) ->
             if fx.action == Action.DROP:
                 assert fx.reason is not None
                 drops[fx.reason.name.lower()] += 1
-            after = handled(forwards, drops, engine.counters)
-            got = drain(cap, gre_from_lb, forwards - before.forwarded)
-            got += pending(cap, gre_from_lb)
+            replied = answers(before) + (fx.action == Action.REPLY)
+            after = handled(forwards, drops, engine.counters, replied)
+            got = drain(cap, sent_by_engine, forwards - before.forwarded + (fx.action == Action.REPLY))
+            got += pending(cap, sent_by_engine)
             failures += check(fx, got, sentinel_output, before, after, forwards, drops)
             before = after
         report = engine.stop()
@@ -116,7 +144,7 @@ def check(fx: Golden, got: list[bytes], sentinel: bytes, before: Counters, after
     """What is wrong with one fixture's run, in words (empty: nothing)."""
     wrong = []
     want = [sentinel]
-    if fx.action == Action.FORWARD:
+    if fx.action in (Action.FORWARD, Action.REPLY):
         assert fx.output is not None
         want = sorted([fx.output, sentinel])
     if sorted(got) != want:

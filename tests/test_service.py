@@ -42,7 +42,7 @@ def test_packets_go_to_their_service() -> None:
     assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=1, dport=80)) in ("10.2.0.1", "10.2.0.2")
     assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=53)) == "10.2.0.3"
     assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.2") / TCP(sport=1, dport=22)) == "10.2.0.4"
-    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.2") / ICMP()) == "10.2.0.4"
+    assert backend_of(b, IP(src="10.0.0.1", dst="10.1.0.2") / ICMP(type=13)) == "10.2.0.4"  # not an echo: forwarded
 
 
 def test_unconfigured_vip_port_or_protocol_is_no_service() -> None:

@@ -354,7 +354,7 @@ def test_both_families_entries_per_service_and_forwards_per_family() -> None:
     from tests.fixtures.golden import fixtures, golden_balancer
 
     reference = golden_balancer()
-    with XdpProgram(table_size=65537, conn_capacity=1 << 12, max_services=4) as x:
+    with XdpProgram(table_size=65537, conn_capacity=1 << 12, max_services=16) as x:
         mirror(x, reference)
         for fx in fixtures():
             verdict = reference.decide(fx.frame, now=time.monotonic())

@@ -8,7 +8,9 @@ bytes) plus a backend-set / neighbour change in the middle of each list. Backend
 form (one catch-all service; tests/test_xdp_services.py runs services with VIPs the same way). Every frame goes to
 both `Balancer.decide` and `XdpProgram.test_run`, which hold the same table, neighbours and (because both
 start empty and see the same frames) the same connection table. Per frame: the verdict and the output
-bytes must agree. Per example: every counter (forwarded, passed, each drop reason) must agree, which
+bytes must agree (the balancer's own answers included). Each example draws the catch-all's options
+(docs/WIRE.md section 11: hash fields, connection table, answer_ping, QUIC with server IDs) and one
+backend behind a narrow route (section 8b); UDP payloads are QUIC headers now and then. Per example: every counter (forwarded, passed, each drop reason) must agree, which
 pins each drop's reason to within the example; Hypothesis then shrinks any disagreement.
 
 Frames are built here with struct, not scapy (speed: >= 10,000 frames per run) and not with core's
@@ -20,7 +22,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import Counter
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,8 +32,10 @@ from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.verdict import Action, DropReason
 from rusty_rail.engines.xdp import XdpProgram, counters, default_object_path
 from rusty_rail.engines.xdp import maps as m
-from tests.frames6 import ROUTER6, inner_packet6, outer6
-from tests.services import catch_all
+from rusty_rail.core.maglev import build_table
+from rusty_rail.core.options import HashFields, IcmpLimit, ServiceOptions
+from rusty_rail.core.service import Service, ServiceKey
+from tests.frames6 import QUIC_SERVER_IDS, ROUTER6, inner_packet6, outer6, udp_payload
 from tests.xdp_support import VERDICT, mirror
 
 pytestmark = [
@@ -48,7 +52,15 @@ LB_MAC = bytes.fromhex("020000000011")
 POOL = {f"10.2.0.{i}": bytes.fromhex(f"0200000002{i:02x}") for i in range(1, 6)}
 POOL6 = {f"2001:db8:2::{i}": bytes.fromhex(f"0200000006{i:02x}") for i in range(1, 4)}
 MIXED = {**POOL, **POOL6}
-MTUS = st.sampled_from([1500, 1500, 1500, 96])  # 96: most IPv6 outputs are OUTPUT_TOO_BIG
+MTUS = st.sampled_from([1500, 1500, 1500, 96])  # 96: most IPv6 outputs are too big (answered or dropped)
+ROUTE_MTUS = st.sampled_from([None, None, 80, 120])  # one backend's route (docs/WIRE.md section 8b)
+SERVER_IDS = tuple((int(ip_address(b)), sid) for b, sid in zip(sorted(MIXED), QUIC_SERVER_IDS))
+OPTIONS = st.builds(ServiceOptions, hash=st.sampled_from(HashFields), connection_table=st.booleans(),
+                    answer_ping=st.booleans(), quic=st.booleans(), server_ids=st.just(SERVER_IDS))
+"""Every option of docs/WIRE.md section 11, drawn per example for the catch-all."""
+UNLIMITED = IcmpLimit(per_second=1_000_000_000, burst=1_000_000)
+"""The engines keep time differently (the caller's clock, the kernel's tick); a bucket that never runs dry
+makes the "too big" answers comparable. tests/test_xdp_program.py tests the bucket itself."""
 CLIENTS = ["10.0.0.1", "10.0.0.2", "10.0.3.77"]
 VIPS = ["10.1.0.1", "10.1.0.2"]
 
@@ -98,7 +110,7 @@ fragment_fields = st.one_of(
 @st.composite
 def transport(draw, proto: int) -> bytes:
     """A TCP/UDP/ICMP header (maybe cut short) and payload, or random bytes for other protocols."""
-    payload = draw(st.binary(max_size=24))
+    payload = draw(udp_payload(24)) if proto == 17 else draw(st.binary(max_size=24))
     if proto == 6:
         header = struct.pack("!HHIIBBHHH", draw(ports), draw(ports), draw(st.integers(0, 2**32 - 1)), 0,
                              0x50, draw(st.integers(0, 255)), 65535, 0, 0)
@@ -208,22 +220,24 @@ backend_sets = st.one_of(some_backends, st.just(set()))
 
 @st.composite
 def scenario(draw):
-    """(backends, unresolved, frames, (change_at, new backends, new unresolved), MTU)."""
+    """(backends, unresolved, frames, (change_at, new backends, new unresolved), MTU, options, a narrow route)."""
     before = draw(some_backends)
     unresolved = draw(st.sets(st.sampled_from(sorted(MIXED)), max_size=1))
     batch = draw(st.lists(frames, min_size=FRAMES_PER_EXAMPLE, max_size=FRAMES_PER_EXAMPLE))
     change = (draw(st.integers(0, FRAMES_PER_EXAMPLE)), draw(backend_sets),
               draw(st.sets(st.sampled_from(sorted(MIXED)), max_size=1)))
-    return before, unresolved, batch, change, draw(MTUS)
+    narrow = (draw(st.sampled_from(sorted(MIXED))), draw(ROUTE_MTUS))
+    return before, unresolved, batch, change, draw(MTUS), draw(OPTIONS), narrow
 
 
 # -- the test ----------------------------------------------------------------------------------------
 
 
-def configure(reference: Balancer, x: XdpProgram, backends: set[str], unresolved: set[str]) -> None:
-    reference.set_services([catch_all(sorted(backends), TABLE_SIZE)])
+def configure(reference: Balancer, x: XdpProgram, backends: set[str], unresolved: set[str],
+              options: ServiceOptions = ServiceOptions(), narrow: tuple[str, int | None] = ("", None)) -> None:
+    reference.set_services([Service(ServiceKey.catch_all(), build_table(sorted(backends), TABLE_SIZE), options)])
     for b, mac in MIXED.items():
-        reference.set_neighbour(b, None if b in unresolved else mac)
+        reference.set_neighbour(b, None if b in unresolved else mac, narrow[1] if b == narrow[0] else None)
     mirror(x, reference)
 
 
@@ -232,6 +246,9 @@ def python_counters(reference: Balancer) -> list[int]:
     out[m.STAT_FORWARDED] = reference.forwarded - reference.forwarded6  # rr_stats counts by family
     out[m.STAT_FORWARDED_IPV6] = reference.forwarded6
     out[m.STAT_PASSED] = reference.passed
+    out[m.STAT_ICMP_ECHO] = reference.echo_replies
+    out[m.STAT_ICMP_TOO_BIG] = reference.too_big_replies
+    out[m.STAT_QUIC_ROUTED] = reference.quic_routed
     for reason in DropReason:
         out[int(reason)] = reference.drops[reason]
     return out
@@ -246,6 +263,7 @@ def is_ipv6(frame: bytes) -> bool:
 
 def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
     seen: Counter[str] = Counter()
+    option_figures: Counter[str] = Counter()
     ipv6_frames = 0
     with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 16, max_services=1) as x:
 
@@ -254,15 +272,15 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
         @given(scenario())
         def check(case) -> None:
             nonlocal ipv6_frames
-            backends, unresolved, batch, (change_at, after, after_unresolved), mtu = case
+            backends, unresolved, batch, (change_at, after, after_unresolved), mtu, options, narrow = case
             # Fresh state per example, so Hypothesis can replay and shrink it.
-            reference = Balancer(LB_ADDRESS, LB_MAC, local_address6=LB_ADDRESS6, mtu=mtu)
+            reference = Balancer(LB_ADDRESS, LB_MAC, local_address6=LB_ADDRESS6, mtu=mtu, icmp_limit=UNLIMITED)
             x.clear_connections()
             counters.reset(x)
-            configure(reference, x, backends, unresolved)
+            configure(reference, x, backends, unresolved, options, narrow)
             for i, frame in enumerate(batch):
                 if i == change_at:
-                    configure(reference, x, after, after_unresolved)
+                    configure(reference, x, after, after_unresolved, options, narrow)
                 verdict = reference.decide(frame, now=time.monotonic())
                 seen[verdict.action.name if verdict.action != Action.DROP else verdict.reason.name] += 1
                 ipv6_frames += is_ipv6(frame)
@@ -271,13 +289,15 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
                     reference.passed -= 1  # not seen by the program: keep the counters comparable
                     continue
                 action, out = x.test_run(frame)
-                assert action == VERDICT[verdict.action], (frame.hex(), verdict)
-                if verdict.action == Action.FORWARD:
+                assert action == VERDICT[verdict.action], (frame.hex(), verdict, options)
+                if verdict.action in (Action.FORWARD, Action.REPLY):
                     assert out.hex() == verdict.frame.hex()
                 elif verdict.action == Action.PASS:
                     assert out == frame
             got = counters.stats(x)
             want = python_counters(reference)
+            option_figures.update(quic_routed=reference.quic_routed, icmp_too_big=reference.too_big_replies,
+                                  icmp_echo_replies=reference.echo_replies)
             names = m.stat_names()
             assert {names[i]: got[i] for i in names if i not in (m.STAT_CONN_HIT, m.STAT_CONN_NEW, m.STAT_CONN_INSERT)} == \
                    {names[i]: want[i] for i in names if i not in (m.STAT_CONN_HIT, m.STAT_CONN_NEW, m.STAT_CONN_INSERT)}
@@ -288,7 +308,9 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
     assert total >= 10_000, total
     assert ipv6_frames >= total / 3, (ipv6_frames, total)
     # The generator must reach the forward path, the host path and most drop reasons.
-    assert seen["FORWARD"] > 1000 and seen["PASS"] > 100, seen
+    assert seen["FORWARD"] > 1000 and seen["PASS"] > 100 and seen["REPLY"] > 50, seen
+    # ... and every option's own path (a few dozen of each in a run: enough to pin them, see the counters)
+    assert min(option_figures[k] for k in ("quic_routed", "icmp_too_big", "icmp_echo_replies")) >= 5, option_figures
     reached = {r.name for r in DropReason} & set(seen)
     unreachable = {"NO_SERVICE", "TX_FAILED", "TX_REFUSED"}  # no engine produces these from a frame alone
     assert {"INNER_EXT_HEADERS", "OUTPUT_TOO_BIG"} <= reached, seen

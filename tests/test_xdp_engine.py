@@ -214,7 +214,8 @@ def test_counters_and_explain_match_the_python_core(pair, pin_root) -> None:
                                                                 "gre_protocol", "inner_truncated", "inner_version",
                                                                 "inner_bad_ihl", "inner_bad_length", "no_backend",
                                                                 "no_neighbour", "no_service", "tx_failed",
-                                                                "tx_refused", "inner_ext_headers", "output_too_big"}
+                                                                "tx_refused", "inner_ext_headers", "output_too_big",
+                                                                "icmp_rate_limited"}
         assert c.drops["tx_refused"] == 0  # the peer runs XDP_PASS: native XDP_TX delivers
         for f in frames:
             inner = f[38:]

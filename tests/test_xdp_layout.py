@@ -16,6 +16,7 @@ import pytest
 
 from rusty_rail.core.verdict import DropReason
 from rusty_rail.core.service import ServiceKey, ServiceProtocol
+from rusty_rail.core.options import HashFields
 from rusty_rail.engines.xdp import maps as m
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "src" / "rusty_rail" / "bpf"
@@ -37,6 +38,16 @@ CONSTANTS = {
     "RR_TIMEOUT_TCP": m.TIMEOUT_TCP,
     "RR_TIMEOUT_UDP": m.TIMEOUT_UDP,
     "RR_TIMEOUT_OTHER": m.TIMEOUT_OTHER,
+    "RR_STAT_ICMP_TOO_BIG": m.STAT_ICMP_TOO_BIG,
+    "RR_STAT_ICMP_ECHO": m.STAT_ICMP_ECHO,
+    "RR_STAT_QUIC_ROUTED": m.STAT_QUIC_ROUTED,
+    "RR_MAX_QUIC_IDS": m.MAX_QUIC_IDS,
+    "RR_OPT_HASH_MASK": m.OPT_HASH_MASK,
+    "RR_OPT_NO_CONNS": m.OPT_NO_CONNS,
+    "RR_OPT_ANSWER_PING": m.OPT_ANSWER_PING,
+    "RR_OPT_QUIC": m.OPT_QUIC,
+    "RR_OPT_HASH_SOURCE_IP": int(HashFields.SOURCE_IP),
+    "RR_OPT_HASH_SOURCE_IP_PORT": int(HashFields.SOURCE_IP_PORT),
     **{f"RR_DROP_{reason.name}": int(reason) for reason in DropReason},
 }
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rusty_rail.core.options import ServiceOptions
 from rusty_rail.core.service import ServiceKey, ServiceMatcher, ServiceProtocol
 from rusty_rail.dataplane import DataplaneState, StateBuilder
 from rusty_rail.engines.xdp import maps as m
-from rusty_rail.engines.xdp.planner import Desired, IndexAllocator, MapImage, Write, adopt, plan
+from rusty_rail.engines.xdp.planner import (Desired, IndexAllocator, MapImage, Write, adopt, cache_families, option_flags,
+                                            plan)
 
 TABLE_SIZE = 13
 LB, LB6, LB_MAC = IPv4Address("192.168.137.11"), IPv6Address("2001:db8:137::11"), bytes.fromhex("020000000011")
@@ -32,7 +35,7 @@ KEYS = [CATCH_ALL, ServiceKey(IPv4Address("10.1.0.1"), TCP, 80), ServiceKey(IPv4
         ServiceKey(IPv6Address("2001:db8:1::1"), TCP, 443), ServiceKey(IPv6Address("2001:db8:1::1"))]
 VALUE_SIZES = {m.MAP_CONFIG: ctypes.sizeof(m.RrConfig), m.MAP_BACKENDS: ctypes.sizeof(m.RrBackend), m.MAP_MAGLEV: 4,
                m.MAP_SERVICES: ctypes.sizeof(m.RrService), m.MAP_SERVICES6: ctypes.sizeof(m.RrService),
-               m.MAP_MEMBERS: 8, m.MAP_BACKEND_STATS: ctypes.sizeof(m.RrBackendStats)}
+               m.MAP_MEMBERS: 8, m.MAP_BACKEND_STATS: ctypes.sizeof(m.RrBackendStats), m.MAP_QUIC: 4}
 SERVICE_MAPS = (m.MAP_SERVICES, m.MAP_SERVICES6)
 
 
@@ -116,7 +119,7 @@ class Maps:
         index_of = image.backend_index
         matcher = ServiceMatcher(services)
         cfg = self.config()
-        assert cfg is not None and cfg.table_stride == TABLE_SIZE and cfg.mtu == 1400
+        assert cfg is not None and cfg.table_stride == TABLE_SIZE
         assert (cfg.named_services, cfg.named_services6) == (matcher.named4, matcher.named6)
         assert bytes(cfg.local_addr) == LB.packed and bytes(cfg.local_mac) == LB_MAC
         assert bytes(cfg.local_addr6) == LB6.packed
@@ -125,10 +128,12 @@ class Maps:
         else:
             assert cfg.catch_all == 1 + image.service_index[CATCH_ALL]
             assert cfg.catch_all_size == len(matcher.catch_all.table.slots)
+            assert cfg.catch_all_flags == option_flags(matcher.catch_all.options)
         got = {k: m.RrService.from_buffer_copy(v) for name in SERVICE_MAPS for k, v in self.maps[name].items()}
         assert all(len(k) == m.KEY_SIZES[name] for name in SERVICE_MAPS for k in self.maps[name])
-        assert {k: (v.index, v.table_size) for k, v in got.items()} == {
-            entry: (image.service_index[s.key], len(s.table.slots)) for entry, s in matcher.entries.items()}
+        assert {k: (v.index, v.table_size, v.flags) for k, v in got.items()} == {
+            entry: (image.service_index[s.key], len(s.table.slots), option_flags(s.options))
+            for entry, s in matcher.entries.items()}
         for key, service in services.items():
             i = image.service_index[key]
             table = service.table
@@ -141,6 +146,7 @@ class Maps:
             entry = self.backend(index_of[a])
             assert m.from_identity(bytes(entry.addr)) == a and entry.ipv6 == (ip_address(a).version == 6)
             assert (bytes(entry.mac) if entry.has_mac else None) == d.macs.get(a)
+            assert entry.mtu == d.backend_mtu(a) == 1400  # the device's: no route sets one here
 
 
 def run(maps: Maps, d: Desired, image: MapImage) -> tuple[list[Write], MapImage]:
@@ -185,12 +191,28 @@ def test_environment_form_is_one_catch_all_without_lookup_entries() -> None:
     assert image.backend_index == {int(ip_address(b)): i for i, b in enumerate(POOL[:3])}
 
 
+def test_the_service_cache_is_off_for_a_family_with_quic_or_without_a_connection_table() -> None:
+    """rr_config.cache_services: a family's flows look their entry up first only when every service with
+    a VIP of that family writes entries for them (the catch-all is found without a lookup anyway)."""
+    s = state({KEYS[1]: {POOL[0]: 1}, KEYS[-1]: {POOL[1]: 1}, CATCH_ALL: {POOL[2]: 1}}).services
+    both = m.CACHE_SERVICES4 | m.CACHE_SERVICES6
+
+    def options(key: ServiceKey, o: ServiceOptions):
+        return tuple(replace(x, options=o) if x.key == key else x for x in s)
+
+    assert cache_families(s) == both
+    assert cache_families(options(KEYS[1], ServiceOptions(quic=True))) == m.CACHE_SERVICES6
+    assert cache_families(options(KEYS[-1], ServiceOptions(connection_table=False))) == m.CACHE_SERVICES4
+    assert cache_families(options(CATCH_ALL, ServiceOptions(connection_table=False))) == both
+
+
 def test_plan_is_pure_and_idempotent() -> None:
     d = desired(state({CATCH_ALL: {b: 1 for b in POOL[:2]}, KEYS[1]: {POOL[2]: 1}}))
     image = empty()
     before = image.copy()
-    first, after = plan(d, image)
-    assert plan(d, image)[0] == first           # the same answer again: nothing changed in `image`
+    clock = lambda: 1_000  # noqa: E731 (the services generation's clock, held still)
+    first, after = plan(d, image, clock)
+    assert plan(d, image, clock)[0] == first    # the same answer again: nothing changed in `image`
     assert image == before
     assert plan(d, after)[0] == []              # the maps hold it already
     rebuilt = desired(state({CATCH_ALL: {b: 1 for b in POOL[:2]}, KEYS[1]: {POOL[2]: 1}}))

@@ -11,6 +11,7 @@ every counter (NO_SERVICE included). Needs root (loading BPF).
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import time
 from collections import Counter
@@ -256,8 +257,9 @@ def test_icmp_errors_find_the_service_of_their_flow(pair) -> None:
         assert flow in B[:3]
         reply = tcp(80, p, dst=CLIENTS[0], src="10.1.0.1")  # what the backend sent, quoted by a router
         assert backend(reference, x, wrap(icmp_error(reply))) == flow
-    # An echo request (not an error) is the 3-tuple: the any-protocol service.
-    assert backend(reference, x, wrap(ipv4(addr(CLIENTS[0]), addr("10.1.0.1"), 1, b"\x08" + bytes(7)))) == B[4]
+    # A timestamp request (not an error) is the 3-tuple: the any-protocol service. (An echo request is
+    # answered by the balancer: answer_ping's default, tests/test_xdp_program.py.)
+    assert backend(reference, x, wrap(ipv4(addr(CLIENTS[0]), addr("10.1.0.1"), 1, b"\x0d" + bytes(19)))) == B[4]
     assert_counters_agree(reference, x)
 
 
@@ -309,17 +311,72 @@ def test_connection_entries_belong_to_the_flows_service(pair) -> None:
     assert_counters_agree(reference, x)
 
 
+def stamp(x: XdpProgram) -> m.RrConn:
+    """The one connection entry's value: its service stamp (rr_conn.svc_*)."""
+    (entry,) = x.connections()
+    return m.RrConn.from_buffer_copy(x.lookup(m.conn_map(entry.key), entry.key, ctypes.sizeof(m.RrConn)))
+
+
+def test_a_flows_cached_service_gives_way_to_a_new_one(pair) -> None:
+    """The program's service cache (rr_conn's stamp, rr_config.services_gen): a hit under the current
+    generation skips the rr_services lookup; a more specific service added for the flow's port bumps
+    the generation, and the flow's next packet goes to the new service."""
+    reference, x = pair
+    vip_any, http = svc("10.1.0.2"), svc("10.1.0.2:80/tcp")
+    apply(reference, x, {vip_any: ((B[0], B[1]), (1, 1))})
+    frame = wrap(tcp(45000, 80, dst="10.1.0.2"))
+    assert backend(reference, x, frame) in (B[0], B[1])
+    assert backend(reference, x, frame) in (B[0], B[1])   # a hit: the entry's stamp named the service
+    gen = x.read_config().services_gen
+    assert gen and (stamp(x).svc_gen, stamp(x).svc_index) == (gen, x.image.service_index[vip_any])
+    apply(reference, x, {vip_any: ((B[0], B[1]), (1, 1)), http: ((B[2],), (1,))})
+    assert x.read_config().services_gen > gen
+    assert backend(reference, x, frame) == B[2]
+    assert (stamp(x).svc_gen, stamp(x).svc_index) == (x.read_config().services_gen, x.image.service_index[http])
+    # The same services again (new table objects, same contents): no new generation, the stamp holds.
+    gen = x.read_config().services_gen
+    apply(reference, x, {vip_any: ((B[0], B[1]), (1, 1)), http: ((B[2],), (1,))})
+    assert x.read_config().services_gen == gen and backend(reference, x, frame) == B[2]
+    assert_counters_agree(reference, x)
+
+
+def test_a_handovers_successor_never_trusts_its_predecessors_stamps() -> None:
+    """A successor adopting the connection tables issues generations after every one its predecessor
+    did, so the entries it adopts are looked up again (and restamped), and their flows keep their
+    backends even when the service indices are allocated differently."""
+    reference = Balancer(LB_ADDRESS, LB_MAC)
+    old = {svc("10.1.0.2"): ((B[0], B[1]), (1, 1))}
+    with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 10, max_services=4) as first:
+        apply(reference, first, old)
+        flows = {p: backend(reference, first, wrap(tcp(p, 80, dst="10.1.0.2"))) for p in range(46000, 46020)}
+        first_gen = first.read_config().services_gen
+        with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 10, max_services=4,
+                        reuse_conns_fd=first.fds[m.MAP_CONNS]) as second:
+            second.adopt(first.fds[m.MAP_BACKENDS])
+            # Another service first: the VIP's service gets another index here.
+            apply(reference, second, {svc("10.1.0.1:53/udp"): ((B[2],), (1,)), **old})
+            assert second.read_config().services_gen > first_gen
+            assert second.image.service_index[svc("10.1.0.2")] != first.image.service_index[svc("10.1.0.2")]
+            for p, b in flows.items():
+                assert backend(reference, second, wrap(tcp(p, 80, dst="10.1.0.2"))) == b
+            assert counters.named(second)["conn_hit"] == len(flows)
+            gens = {m.RrConn.from_buffer_copy(second.lookup(m.MAP_CONNS, e.key, ctypes.sizeof(m.RrConn))).svc_gen
+                    for e in second.connections()}
+            assert gens == {second.read_config().services_gen}   # every adopted entry restamped
+
+
 def test_maps_hold_the_services(pair) -> None:
     reference, x = pair
     apply(reference, x, {svc("10.1.0.1:80/tcp"): ((B[0], B[1]), (1, 1)), svc("10.1.0.1:53/udp"): ((B[1],), (0,))})
     entries = x.service_entries()
     i80, i53 = x.image.service_index[svc("10.1.0.1:80/tcp")], x.image.service_index[svc("10.1.0.1:53/udp")]
     vip = IPv4Address("10.1.0.1").packed
+    ping = m.OPT_ANSWER_PING  # the default options: answer_ping only (docs/WIRE.md section 11)
     assert entries == {
-        lookup_entry(vip, (80).to_bytes(2, "big"), 6): (i80, TABLE_SIZE),
-        lookup_entry(vip, b"\x00\x00", 6, fragment=True): (i80, TABLE_SIZE),
-        lookup_entry(vip, (53).to_bytes(2, "big"), 17): (i53, 0),
-        lookup_entry(vip, b"\x00\x00", 17, fragment=True): (i53, 0),
+        lookup_entry(vip, (80).to_bytes(2, "big"), 6): (i80, TABLE_SIZE, ping),
+        lookup_entry(vip, b"\x00\x00", 6, fragment=True): (i80, TABLE_SIZE, ping),
+        lookup_entry(vip, (53).to_bytes(2, "big"), 17): (i53, 0, ping),
+        lookup_entry(vip, b"\x00\x00", 17, fragment=True): (i53, 0, ping),
     }
     pool = reference.services[svc("10.1.0.1:80/tcp")]
     assert x.read_table(i80, TABLE_SIZE) == [backend_index(x, pool.service.table.backends[s])

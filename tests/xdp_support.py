@@ -8,13 +8,15 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.ethernet import mac_to_bytes
 from rusty_rail.core.maglev import build_table
+from rusty_rail.core.options import ENVIRONMENT_OPTIONS
 from rusty_rail.core.service import Service, ServiceKey
 from rusty_rail.core.verdict import Action
 from rusty_rail.dataplane import DataplaneState
 from rusty_rail.engines.xdp import XdpAction, XdpProgram, counters
 from rusty_rail.engines.xdp.planner import Desired
 
-VERDICT = {Action.FORWARD: XdpAction.TX, Action.PASS: XdpAction.PASS, Action.DROP: XdpAction.DROP}
+VERDICT = {Action.FORWARD: XdpAction.TX, Action.REPLY: XdpAction.TX, Action.PASS: XdpAction.PASS,
+           Action.DROP: XdpAction.DROP}
 
 
 def mirror(program: XdpProgram, balancer: Balancer) -> None:
@@ -24,7 +26,8 @@ def mirror(program: XdpProgram, balancer: Balancer) -> None:
 
 def catch_all_state(backends: Iterable[str], size: int, weights: Mapping[str, int] | None = None) -> DataplaneState:
     """The environment form: one catch-all service."""
-    return DataplaneState((Service(ServiceKey.catch_all(), build_table(list(backends), size, weights)),), size)
+    return DataplaneState((Service(ServiceKey.catch_all(), build_table(list(backends), size, weights), ENVIRONMENT_OPTIONS),),
+                          size)
 
 
 def desired(state: DataplaneState, address: str, mac: str | bytes, macs: Mapping[str, str | bytes],

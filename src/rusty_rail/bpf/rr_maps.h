@@ -84,14 +84,32 @@ struct {
 } rr_conns6 SEC(".maps");
 
 /* Counters by index (rr_structs.h): 0 forwarded with an inner IPv4 packet, 26 with an inner IPv6 one,
- * 1..18, 24, 25 drop reasons, 19 passed, 20 conn_hit, 21 conn_new, 22 conn_insert (new rr_conns /
- * rr_conns6 entries only: engines/xdp/counters.py derives LRU evictions). */
+ * 1..18, 24, 25, 27 drop reasons, 19 passed, 20 conn_hit, 21 conn_new, 22 conn_insert (new rr_conns /
+ * rr_conns6 entries only: engines/xdp/counters.py derives LRU evictions), 28..30 the options' answers and
+ * QUIC forwards. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, RR_STAT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
 } rr_stats SEC(".maps");
+
+/* The "too big" answers' token bucket, per CPU (rr_structs.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rr_icmp_bucket);
+} rr_icmp_bucket SEC(".maps");
+
+/* RR_QUIC_KEY(service index, server ID) -> rr_backends index, for the backends listed in a service with
+ * quic = true (docs/WIRE.md section 11.4). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RR_MAX_QUIC_IDS);
+	__type(key, __u32);
+	__type(value, __u32);
+} rr_quic SEC(".maps");
 
 /* Per (service, backend): packets and inner bytes forwarded, at service index * RR_MAX_BACKENDS +
  * rr_backends index. Per CPU, so the forward path adds without atomics; the

@@ -14,6 +14,7 @@
 #include "rr_hash.h"
 #include "rr_structs.h"
 
+#define ETH_LEN 14
 #define IP4_LEN 20
 #define IP_MF_OFFSET 0x3FFF             /* MF flag and fragment offset */
 

@@ -37,7 +37,9 @@ static __always_inline struct rr_service *find_named(const struct rr_flow_key *k
 	if ((key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP) && !key->sport && !key->dport) {
 		sk.proto = key->proto;
 		sk.fragment = 1;
-		return bpf_map_lookup_elem(&rr_services, &sk);
+		svc = bpf_map_lookup_elem(&rr_services, &sk);
+		barrier_var(svc);       /* not sunk into one call with find_named6's (see find_conn) */
+		return svc;
 	}
 	return NULL;
 }
@@ -74,21 +76,23 @@ static __always_inline struct rr_service *find_named6(const struct rr_flow_key6 
 	return NULL;
 }
 
-/* The flow's service as its index and table size; 0 when none matches (NO_SERVICE). Services with a
- * VIP of the flow's family first (only when there are any: the environment form looks nothing up),
- * then the catch-all. `named` is find_named's or find_named6's answer, NULL when not looked up. */
+/* The flow's service as its index, table size and options; 0 when none matches (NO_SERVICE). Services
+ * with a VIP of the flow's family first (only when there are any: the environment form looks nothing
+ * up), then the catch-all. `named` is find_named's or find_named6's answer, NULL when not looked up. */
 static __always_inline int find_service(const struct rr_config *cfg, struct rr_service *named,
-					__u32 *index, __u32 *table_size)
+					__u32 *index, __u32 *table_size, __u32 *flags)
 {
 	if (named) {
 		*index = named->index;
 		*table_size = named->table_size;
+		*flags = named->flags;
 		return 1;
 	}
 	if (!cfg->catch_all)
 		return 0;
 	*index = cfg->catch_all - 1;
 	*table_size = cfg->catch_all_size;
+	*flags = cfg->catch_all_flags;
 	return 1;
 }
 

@@ -26,8 +26,32 @@ struct rr_config {
 	__u64 conn_timeout_ns[3];   /* at offset 32: 8-aligned without padding; idle timeouts, by RR_TIMEOUT_* */
 	__u8 local_addr6[16];       /* outer source toward IPv6 backends (:: when the device has none) */
 	__u32 named_services6;      /* services with an IPv6 VIP; 0: IPv6 flows skip every rr_services6 lookup */
-	__u32 mtu;                  /* the device's: a longer output IP packet is dropped (OUTPUT_TOO_BIG) */
+	__u32 catch_all_flags;      /* the catch-all's options, RR_OPT_* (rr_service.flags for the others) */
+	__u64 icmp_period_ns;       /* the "too big" token bucket (rr_icmp_bucket): credit one answer costs */
+	__u64 icmp_capacity_ns;     /* and the most credit a CPU holds (the burst); 0: no answers */
+	__u64 services_gen;         /* bumped after every change of what names the services (rr_services,
+				     * rr_services6, the catch-all, their options): a connection entry
+				     * stamped with the current value holds the flow's service (rr_conn) */
+	__u32 cache_services;       /* RR_CACHE_*: families whose flows look their connection entry up first */
+	__u32 pad2;
 };
+
+/* rr_config.cache_services: every service with a VIP of that family keeps a connection table and has no
+ * QUIC, so an entry is what most of its packets find: it is looked up before the service (whose lookup
+ * a stamped entry then spares). Otherwise a flow without entries would pay a lookup for nothing. */
+#define RR_CACHE_SERVICES4 1
+#define RR_CACHE_SERVICES6 2
+
+/* A service's options (docs/WIRE.md section 11; core/options.py ServiceOptions), as rr_service.flags and
+ * rr_config.catch_all_flags hold them. A service whose flags have none of RR_OPT_SLOW decides TCP and UDP
+ * flows exactly as without options. */
+#define RR_OPT_HASH_MASK 0x3        /* core/options.py HashFields: 0 5-tuple, 1 source-ip, 2 source-ip-port */
+#define RR_OPT_HASH_SOURCE_IP 1
+#define RR_OPT_HASH_SOURCE_IP_PORT 2
+#define RR_OPT_NO_CONNS 0x4         /* connection_table = false: rr_conns is never read or written */
+#define RR_OPT_ANSWER_PING 0x8      /* echo requests to the service are answered here */
+#define RR_OPT_QUIC 0x10            /* QUIC short headers go by their server ID (rr_quic) */
+#define RR_OPT_SLOW (RR_OPT_HASH_MASK | RR_OPT_NO_CONNS | RR_OPT_QUIC)
 
 #define RR_TIMEOUT_TCP 0
 #define RR_TIMEOUT_UDP 1
@@ -42,7 +66,9 @@ struct rr_backend {
 	__u8 has_mac;               /* 0: next hop unknown, NO_NEIGHBOUR */
 	__u8 in_use;                /* 0: a free slot of the array, or a backend that left */
 	__u8 ipv6;                  /* 1: the outer header toward it is IPv6 (docs/WIRE.md section 8) */
-	__u8 pad[7];
+	__u8 pad1;
+	__u16 mtu;                  /* the largest IP packet toward it: the device's MTU or its route's (8b) */
+	__u8 pad[4];
 };
 
 /* The 16 bytes of docs/WIRE.md section 6 for an IPv4 flow, in that order: rr_conns' key and, read as
@@ -76,6 +102,13 @@ struct rr_conn {
 	__u32 backend_index;
 	__u32 flow_hash;            /* docs/WIRE.md section 6, of the entry's key */
 	__u64 last_seen_ns;         /* CLOCK_MONOTONIC, tick resolution (struct rr_clock) */
+	/* The flow's service, as its lookup answered while rr_config.services_gen was svc_gen: a hit under
+	 * the same generation skips the lookup, whose answer cannot have changed. 0: never stamped. */
+	__u64 svc_gen;
+	__u32 svc_index;
+	__u32 svc_table_size;
+	__u32 svc_flags;
+	__u32 pad;
 };
 
 /* rr_clock[0], per CPU: the time of this CPU's first packet in the current jiffy. The hit path reads
@@ -110,7 +143,20 @@ struct rr_service_key6 {
 struct rr_service {
 	__u32 index;
 	__u32 table_size;           /* slots of its table (0: no backend with a weight: NO_BACKEND) */
+	__u32 flags;                /* its options, RR_OPT_* */
 };
+
+/* rr_icmp_bucket[0], per CPU: the "too big" answers' token bucket (core/options.py TokenBucket), credit
+ * in nanoseconds. Zero at load: the first packet finds it full (credit capped at icmp_capacity_ns). */
+struct rr_icmp_bucket {
+	__u64 credit_ns;
+	__u64 last_ns;
+};
+
+/* rr_quic key: a service's index and a QUIC server ID (docs/WIRE.md section 11.4); the value is the
+ * rr_backends index of the backend with that ID. */
+#define RR_QUIC_KEY(svc_index, server_id) ((svc_index) << 16 | (server_id))
+#define RR_MAX_QUIC_IDS 4096
 
 /* rr_backend_stats value, per CPU: what was forwarded to backend b for the service with index s, at
  * rr_backend_stats[s * RR_MAX_BACKENDS + b]. Counted as core/balancer.py counts a
@@ -121,7 +167,7 @@ struct rr_backend_stats {
 	__u64 bytes;
 };
 
-/* rr_stats indexes. 1..18 and 23..25 are the drop reasons of docs/WIRE.md section 9, numbered as there.
+/* rr_stats indexes. 1..18, 23..25 and 27 are the drop reasons of docs/WIRE.md section 9, numbered as there.
  * A forward is counted once, by its inner packet's family: RR_STAT_FORWARDED (IPv4) or
  * RR_STAT_FORWARDED_IPV6; the figure "forwarded" is their sum (engines/xdp/counters.py). */
 #define RR_STAT_FORWARDED 0
@@ -155,6 +201,10 @@ struct rr_backend_stats {
 #define RR_DROP_INNER_EXT_HEADERS 24 /* more than RR_EXT_HEADERS inner IPv6 extension headers, or one cut short */
 #define RR_DROP_OUTPUT_TOO_BIG 25   /* the output's IP packet is longer than rr_config.mtu */
 #define RR_STAT_FORWARDED_IPV6 26   /* forwards whose inner packet is IPv6 (RR_STAT_FORWARDED: IPv4) */
+#define RR_DROP_ICMP_RATE_LIMITED 27 /* too big, to be answered, but this CPU's token bucket was empty */
+#define RR_STAT_ICMP_TOO_BIG 28     /* "fragmentation needed" / "packet too big" answers sent (XDP_TX) */
+#define RR_STAT_ICMP_ECHO 29        /* echo requests answered (XDP_TX) */
+#define RR_STAT_QUIC_ROUTED 30      /* forwards whose backend came from their QUIC server ID */
 #define RR_STAT_MAX 32
 
 #define RR_EXT_HEADERS 4            /* inner IPv6 extension headers walked (core/ipv6.py EXTENSION_HEADER_LIMIT) */

@@ -25,11 +25,13 @@
 #include <bpf/bpf_endian.h>
 
 #include "rr_maps.h"
+#include "rr_counters.h"
 #include "rr_packet.h"
 #include "rr_ipv6.h"
 #include "rr_services.h"
+#include "rr_options.h"
+#include "rr_answer.h"
 
-#define ETH_LEN 14
 #define OUT_GRE_LEN 4
 
 #define GRE_F_CSUM 0x8000
@@ -41,43 +43,30 @@
 #define OUT_TTL 64
 #define OUT_DF 0x4000
 
-static __always_inline void count(__u32 index)
-{
-	__u64 *counter = bpf_map_lookup_elem(&rr_stats, &index);
-
-	if (counter)
-		*counter += 1;          /* per-CPU: no atomics needed */
-}
-
-static __always_inline int drop(__u32 reason)
-{
-	count(reason);
-	return XDP_DROP;
-}
-
-/* CLOCK_MONOTONIC at tick resolution: bpf_ktime_get_ns() once per jiffy per CPU (rr_clock), so a
- * packet costs an inlined jiffies load and per-CPU array lookup instead of a clock read. */
-static __always_inline __u64 clock_ns(void)
-{
-	__u32 zero = 0;
-	struct rr_clock *clock = bpf_map_lookup_elem(&rr_clock, &zero);
-	__u64 jiffies = bpf_jiffies64();
-
-	if (!clock)
-		return bpf_ktime_get_ns();
-	if (clock->jiffies != jiffies || !clock->ns) {
-		clock->ns = bpf_ktime_get_ns();
-		clock->jiffies = jiffies;
-	}
-	return clock->ns;
-}
-
 /* rr_conns6's update, in a function of its own (a BPF subprogram): written inline beside rr_conns'
  * clang merges the two calls into one whose map the verifier then cannot know, and no longer turns the
  * IPv4 path's update into a direct call. */
 static __attribute__((noinline)) long insert6(struct rr_flow_key6 *key, struct rr_conn *conn)
 {
 	return bpf_map_update_elem(&rr_conns6, key, conn, BPF_ANY);
+}
+
+/* The flow's connection entry. One call site per connection table: clang sinks two lookups of different
+ * maps into one call whose map the verifier cannot know, so it calls the generic helper (an indirect
+ * call) instead of inlining the hash lookup: that was the IPv4 and IPv6 hit paths' regression, a fifth
+ * of each. The empty asm after the IPv4 lookup leaves the two branches different last instructions, so
+ * nothing is sunk (bpftool's xlated dump shows no bpf_map_lookup_elem call left). */
+static __always_inline struct rr_conn *find_conn(int six, struct rr_flow_key *key, struct rr_flow_key6 *key6)
+{
+	struct rr_conn *conn;
+
+	if (!six) {
+		conn = bpf_map_lookup_elem(&rr_conns, key);
+		barrier_var(conn);
+	} else {
+		conn = bpf_map_lookup_elem(&rr_conns6, key6);
+	}
+	return conn;
 }
 
 /* The two 16-byte backend identities (rr_backend.addr, rr_conn.backend_addr) are equal. */
@@ -95,20 +84,14 @@ static __always_inline __u64 conn_timeout(const struct rr_config *cfg, __u8 prot
 	return cfg->conn_timeout_ns[RR_TIMEOUT_OTHER];
 }
 
-/* The GRE checksum (RFC 2784 2.5) over the `len` bytes at `offset` in the frame (the caller checked
- * they are there): 1 when it is right. A global function, so the verifier walks its loop once, with
- * offset and length unknown: written inline it walked the loop's iterations again for every path here
- * (outer family, GRE header variant), three quarters of all its work. Off the usual path: only GRE with
- * the C flag comes here. A longer packet than RR_MAX_CSUM_LEN is not verifiable: 0. */
-__attribute__((noinline)) int rr_gre_checksum_ok(struct xdp_md *ctx, __u64 offset, __u64 len)
+/* The GRE checksum (RFC 2784 2.5) over the `len` bytes at `offset` in the frame is right. rr_csum is a
+ * global function, so the verifier walks its loop once, with offset and length unknown: written inline
+ * it walked the loop's iterations again for every path here (outer family, GRE header variant), three
+ * quarters of all its work. Off the usual path: only GRE with the C flag comes here. A longer packet
+ * than RR_MAX_CSUM_LEN is not verifiable: not right. */
+static __always_inline int gre_checksum_ok(struct xdp_md *ctx, __u32 offset, __u32 len)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-
-	/* 64-bit arguments: a 32-bit one is compared as such and widened after, losing its bounds. */
-	if (offset > ETH_LEN + IP6_LEN || len > RR_MAX_CSUM_LEN)
-		return 0;
-	return csum_fold(csum_bytes(data + offset, data_end, len)) == 0xFFFF;
+	return rr_csum(ctx, offset, len) == 0xFFFF;
 }
 
 SEC("xdp")
@@ -193,7 +176,7 @@ int rr_balance(struct xdp_md *ctx)
 
 		if (gre_avail < gre_len)
 			return drop(RR_DROP_GRE_TRUNCATED);
-		if ((flags & GRE_F_CSUM) && !rr_gre_checksum_ok(ctx, ETH_LEN + l3_len, gre_avail))
+		if ((flags & GRE_F_CSUM) && !gre_checksum_ok(ctx, ETH_LEN + l3_len, gre_avail))
 			return drop(RR_DROP_GRE_CHECKSUM);
 		if (ld16(gre + 2) == bpf_htons(ETH_P_IP))
 			six = 0;
@@ -212,6 +195,7 @@ int rr_balance(struct xdp_md *ctx)
 	__u32 inner_len;
 	__u8 tos;               /* IPv4 TOS or IPv6 traffic class: the outer header's */
 	int reason;
+	__u32 inner_at = ETH_LEN + l3_len + gre_len;   /* where the inner packet starts in the frame */
 
 	if (!six) {
 		if (inner_avail < IP4_LEN || (void *)(inner + IP4_LEN) > data_end)
@@ -250,33 +234,79 @@ int rr_balance(struct xdp_md *ctx)
 
 	if (!cfg)
 		return drop(RR_DROP_NO_BACKEND);
-	/* The flow's service gives the table and the member bitmap (section 10). */
+	/* The flow's service gives the table, the member bitmap (section 10) and the options (11). With named
+	 * services of the flow's family, all with a connection table and without QUIC (cache_services), the
+	 * connection entry is looked up first: one stamped under the current services_gen names the service,
+	 * and the rr_services lookup is skipped (its answer cannot have changed: the planner bumps the
+	 * generation after rewriting what names services). The generation is read before any lookup, so a
+	 * stamp never outlives the services it was read from. */
+	__u32 named_here = six ? cfg->named_services6 : cfg->named_services;
+	int cache = named_here && (cfg->cache_services & (six ? RR_CACHE_SERVICES6 : RR_CACHE_SERVICES4));
+	__u64 gen = 0;          /* without the cache, entries are written unstamped */
 	struct rr_service *named = NULL;
+	struct rr_conn *conn = NULL;
 	__u32 svc_index = 0;
 	__u32 table_size = 0;
+	__u32 flags = 0;
+	int conn_looked_up = 0;
+	int stamped = 0;        /* conn holds the flow's service under this generation */
 
-	if (!six && cfg->named_services)
-		named = find_named(&key);
-	else if (six && cfg->named_services6)
-		named = find_named6(&key6);
-	if (!find_service(cfg, named, &svc_index, &table_size))
+	if (cache) {
+		gen = *(volatile __u64 *)&cfg->services_gen;
+		conn = find_conn(six, &key, &key6);
+		conn_looked_up = 1;
+		if (conn && gen && conn->svc_gen == gen) {
+			svc_index = conn->svc_index;
+			table_size = conn->svc_table_size;
+			flags = conn->svc_flags;
+			stamped = 1;
+		}
+	}
+	if (named_here && !stamped)
+		named = six ? find_named6(&key6) : find_named(&key);
+	if (!stamped && !find_service(cfg, named, &svc_index, &table_size, &flags))
 		return drop(RR_DROP_NO_SERVICE);
 
+	/* Every value live from here to the output costs the hit path a stack spill (the program has four
+	 * callee-saved registers): the option paths recompute what they need rather than carry it. */
 	struct rr_backend *backend = NULL;
 	__u32 backend_index = 0;
-	struct rr_conn *conn;
-	__u8 proto;
-
-	if (!six) {
-		conn = bpf_map_lookup_elem(&rr_conns, &key);
-		proto = key.proto;
-	} else {
-		conn = bpf_map_lookup_elem(&rr_conns6, &key6);
-		proto = key6.proto;
-	}
-	/* Read after the lookup: nothing then waits on it across the call. */
-	__u64 now = clock_ns();
+	__u8 proto = six ? key6.proto : key.proto;
 	__u32 hash = 0;
+	__u64 now = 0;
+
+	if ((flags & RR_OPT_ANSWER_PING) && (proto == IPPROTO_ICMP || proto == NH_ICMPV6)) {
+		int answered = rr_echo(ctx, inner_at, six);     /* an echo request: answered here (11.3) */
+
+		if (answered >= 0)
+			return answered;
+	}
+	if (flags & RR_OPT_SLOW) {
+		if ((flags & RR_OPT_QUIC) && proto == IPPROTO_UDP) {
+			int index = quic_backend(svc_index, quic_server_id(ctx, inner_at, six, inner_at + inner_len));
+
+			if (index >= 0) {
+				backend_index = index;
+				backend = bpf_map_lookup_elem(&rr_backends, &backend_index);
+				if (backend && backend->in_use) {
+					count(RR_STAT_QUIC_ROUTED);
+					/* The flow label of an IPv6 output still comes from the 5-tuple's hash. */
+					if (backend->ipv6)
+						hash = six ? flow_hash6(&key6, cfg->hash_seed) : flow_hash(&key, cfg->hash_seed);
+					goto chosen;
+				}
+				backend = NULL;
+			}
+		}
+		if (flags & RR_OPT_NO_CONNS) {
+			conn = NULL;    /* an entry left from before the option: never read or written */
+			goto table;
+		}
+	}
+	if (!conn_looked_up)
+		conn = find_conn(six, &key, &key6);
+	/* Read after the lookup: nothing then waits on it across the call. */
+	now = clock_ns();
 
 	if (conn) {
 		__u32 index = conn->backend_index;
@@ -291,14 +321,23 @@ int rr_balance(struct xdp_md *ctx)
 			backend_index = index;
 			hash = conn->flow_hash;
 			conn->last_seen_ns = now;
+			if (cache && !stamped) {
+				conn->svc_index = svc_index;
+				conn->svc_table_size = table_size;
+				conn->svc_flags = flags;
+				conn->svc_gen = gen;
+			}
 			count(RR_STAT_CONN_HIT);
 		}
 	}
 	if (!backend) {
+table:
 		if (table_size == 0)
 			return drop(RR_DROP_NO_BACKEND);
 		hash = six ? flow_hash6(&key6, cfg->hash_seed) : flow_hash(&key, cfg->hash_seed);
-		__u32 slot = hash % table_size + svc_index * cfg->table_stride;
+		__u32 slot_of = (flags & RR_OPT_HASH_MASK) == 0 ? hash :
+				six ? slot_hash6(&key6, flags, cfg->hash_seed, hash) : slot_hash(&key, flags, cfg->hash_seed, hash);
+		__u32 slot = slot_of % table_size + svc_index * cfg->table_stride;
 		__u32 *index = bpf_map_lookup_elem(&rr_maglev, &slot);
 
 		if (!index)
@@ -308,11 +347,18 @@ int rr_balance(struct xdp_md *ctx)
 		if (!backend || !backend->in_use)
 			return drop(RR_DROP_NO_BACKEND);
 		/* Written before the neighbour check, as core/balancer.py does: the flow belongs to this
-		 * backend even while its next hop is being resolved. */
+		 * backend even while its next hop is being resolved. Never for a service without a
+		 * connection table. */
+		if (flags & RR_OPT_NO_CONNS)
+			goto chosen;
 		struct rr_conn fresh = {
 			.backend_index = backend_index,
 			.flow_hash = hash,
 			.last_seen_ns = now,
+			.svc_gen = gen,
+			.svc_index = svc_index,
+			.svc_table_size = table_size,
+			.svc_flags = flags,
 		};
 		long err;
 
@@ -327,6 +373,7 @@ int rr_balance(struct xdp_md *ctx)
 		if (!conn && !err)
 			count(RR_STAT_CONN_INSERT);
 	}
+chosen:
 	if (!backend->has_mac)
 		return drop(RR_DROP_NO_NEIGHBOUR);
 
@@ -334,14 +381,13 @@ int rr_balance(struct xdp_md *ctx)
 	int out6 = backend->ipv6;
 	__u32 out_l3 = out6 ? IP6_LEN : IP4_LEN;
 
-	/* Only an IPv6 output can be longer than its input (an IPv4 one never is): WIRE.md section 8. */
-	if (out6 && IP6_LEN + OUT_GRE_LEN + inner_len > cfg->mtu)
-		return drop(RR_DROP_OUTPUT_TOO_BIG);
+	/* Longer than the path toward the backend takes (the device's MTU or its route's): 8b. */
+	if (out_l3 + OUT_GRE_LEN + inner_len > backend->mtu)
+		return rr_too_big(ctx, inner_at, six, backend->mtu - out_l3 - OUT_GRE_LEN);
 	/* Cut what follows the inner packet (outer padding, bytes past either packet's length), then move
 	 * the start so exactly the new headers precede the inner packet, which stays in place. */
-	__u32 in_hdr = ETH_LEN + l3_len + gre_len;
-	int tail = (int)frame_len - (int)(in_hdr + inner_len);
-	int head = (int)in_hdr - (int)(ETH_LEN + out_l3 + OUT_GRE_LEN);
+	int tail = (int)frame_len - (int)(inner_at + inner_len);
+	int head = (int)inner_at - (int)(ETH_LEN + out_l3 + OUT_GRE_LEN);
 
 	if (tail > 0 && bpf_xdp_adjust_tail(ctx, -tail))
 		return drop(RR_DROP_TX_FAILED);

@@ -27,6 +27,7 @@ may mix them (docs/WIRE.md section 10 names the IPv6 ranges refused). The file f
     protocol = "tcp"                # tcp | udp | any; default tcp with a port, any without
     port = 80                       # 0 = every port
     backends = ["10.2.0.1", { address = "2001:db8:2::2", weight = 2 }]
+    hash = "5-tuple"                # + connection_table, answer_ping, quic: service_options.py
     [services.health]
     type = "tcp"                    # tcp | http | none
     port = 80                       # 0 = the service's port
@@ -59,9 +60,9 @@ from rusty_rail.core.constants import (
     DEFAULT_TABLE_SIZE,
     MAX_CONN_CAPACITY,
     MAX_TABLE_SIZE,
-    MAX_WEIGHT,
 )
 from rusty_rail.core.maglev import is_prime
+from rusty_rail.core.options import ENVIRONMENT_OPTIONS, ServiceOptions
 from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceProtocol
 from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode, default_workers
 
@@ -108,6 +109,8 @@ class BackendSpec:
     """Where the re-encapsulated packets go (IPv4 or IPv6: the outer header's family is the backend's)."""
     weight: int = 1
     """Maglev turns per round (0: drained from the start: listed, no new flows)."""
+    server_id: int | None = None
+    """The server ID its QUIC connection IDs carry (a service with quic = true; service_options.py)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class ServiceSpec:
     backends: tuple[BackendSpec, ...]
     health: HealthSpec = HealthSpec()
     route: RouteSpec = RouteSpec()
+    options: ServiceOptions = ServiceOptions()
+    """hash, connection_table, answer_ping, quic (service_options.py; docs/WIRE.md section 11)."""
 
 
 @dataclass(frozen=True)
@@ -291,8 +296,8 @@ def _metrics(value: Any, name: str) -> str:
 
 _TOP_KEYS = {"device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
              "connection_capacity", "pin_root", "services", "bgp"}
-_SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health", "announce", "communities", "med"}
-_BACKEND_KEYS = {"address", "weight"}
+_SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health", "announce", "communities", "med", "hash",
+                 "connection_table", "answer_ping", "quic"}
 _HEALTH_KEYS = {"type", "port", "path", "interval", "timeout", "rise", "fall"}
 
 
@@ -307,16 +312,6 @@ def _table(value: Any, path: str, allowed: set[str]) -> Mapping[str, Any]:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _backend(value: Any, path: str) -> BackendSpec:
-    if isinstance(value, str):
-        return BackendSpec(_address(value, path))
-    table = _table(value, path, _BACKEND_KEYS)
-    if "address" not in table:
-        raise _fail(_join(path, "address"), "missing")
-    weight = _int(table.get("weight", 1), _join(path, "weight"), 0, MAX_WEIGHT)
-    return BackendSpec(_address(table["address"], _join(path, "address")), weight)
 
 
 def _health(value: Any, path: str, service_port: int) -> HealthSpec:
@@ -343,23 +338,9 @@ def _health(value: Any, path: str, service_port: int) -> HealthSpec:
     return HealthSpec(kind, port, path_value, interval, timeout, rise, fall)
 
 
-def _backends(raw: Any, path: str) -> tuple[BackendSpec, ...]:
-    if not isinstance(raw, list):
-        raise _fail(path, f"{_show(raw)} is not a list")
-    backends: list[BackendSpec] = []
-    seen: dict[Address, int] = {}
-    for i, item in enumerate(raw):
-        where = f"{path}[{i}]"
-        backend = _backend(item, where)
-        if backend.address in seen:
-            raise _fail(where, f"{backend.address} is already {path.rsplit('.', 1)[-1]}[{seen[backend.address]}]")
-        seen[backend.address] = i
-        backends.append(backend)
-    return tuple(backends)
-
-
 def _service(value: Any, path: str) -> ServiceSpec:
-    from rusty_rail.control.bgp_config import parse_route  # it builds on this module's validators
+    from rusty_rail.control.bgp_config import parse_route  # they build on this module's validators
+    from rusty_rail.control.service_options import parse_backends, parse_options
 
     table = _table(value, path, _SERVICE_KEYS)
     if "vip" not in table:
@@ -369,18 +350,19 @@ def _service(value: Any, path: str) -> ServiceSpec:
             if key in table and table[key] not in ("any", 0):
                 raise _fail(_join(path, key), f"{_show(table[key])}: the catch-all service (vip \"*\") covers "
                             "every protocol and port")
-        backends = _backends(table.get("backends", []), _join(path, "backends"))
+        backends = parse_backends(table.get("backends", []), _join(path, "backends"))
         return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), _join(path, "health"), 0),
-                           parse_route(table, path, catch_all=True))
+                           parse_route(table, path, catch_all=True), parse_options(table, path, ServiceProtocol.ANY, backends))
     vip = _address(table["vip"], _join(path, "vip"))
     port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
     protocol_text = _choice(table.get("protocol", "tcp" if port else "any"), _join(path, "protocol"), ("tcp", "udp", "any"))
     protocol = ServiceProtocol[protocol_text.upper()]
     if protocol == ServiceProtocol.ANY and port:
         raise _fail(_join(path, "port"), f"{port} needs protocol \"tcp\" or \"udp\" (protocol \"any\" means every port: 0)")
-    backends = _backends(table.get("backends", []), _join(path, "backends"))
+    backends = parse_backends(table.get("backends", []), _join(path, "backends"))
     health = _health(table.get("health", {}), _join(path, "health"), port)
-    return ServiceSpec(ServiceKey(vip, protocol, port), backends, health, parse_route(table, path, catch_all=False))
+    return ServiceSpec(ServiceKey(vip, protocol, port), backends, health, parse_route(table, path, catch_all=False),
+                       parse_options(table, path, protocol, backends))
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -470,7 +452,7 @@ def from_environment(env: Mapping[str, str] | None = None) -> Config:
     if not raw_targets:
         raise _fail("RR_TARGET_IPS", "is not set")
     targets = parse_targets(raw_targets)
-    service = ServiceSpec(ServiceKey.catch_all(), tuple(BackendSpec(t) for t in targets))
+    service = ServiceSpec(ServiceKey.catch_all(), tuple(BackendSpec(t) for t in targets), options=ENVIRONMENT_OPTIONS)
     return _common(present, names=ENVIRONMENT.__getitem__, services=(service,), control_socket_default=None)
 
 

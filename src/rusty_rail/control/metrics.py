@@ -72,6 +72,12 @@ class PlaneCollector(Collector):
         yield CounterMetricFamily("rusty_rail_connection_evictions", "Connection entries evicted because the table was full",
                                   value=c["connection_evictions"])
         yield CounterMetricFamily("rusty_rail_table_rebuilds", "Maglev table rebuilds", value=c["table_rebuilds"])
+        options = CounterMetricFamily("rusty_rail_option_packets", "Packets the per-service options handled: answers "
+                                      "sent (icmp_echo_replies, icmp_too_big), QUIC forwards by server ID (quic_routed)",
+                                      labels=["kind"])
+        for kind, count in sorted(c.get("options", {}).items()):
+            options.add_metric([kind], count)
+        yield options
         control = status["control"]
         yield CounterMetricFamily("rusty_rail_config_reloads", "Configuration reloads applied", value=control["reloads"])
         yield CounterMetricFamily("rusty_rail_config_reload_failures", "Configuration reloads rejected", value=control["reload_failures"])

@@ -39,6 +39,7 @@ from rusty_rail.control.health import Target
 from rusty_rail.core.address import Address, as_address, with_port
 from rusty_rail.core.constants import MAX_WEIGHT
 from rusty_rail.core.flow import FlowKey
+from rusty_rail.core.options import ServiceOptions
 from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceMatcher
 from rusty_rail.dataplane import DataplaneState, Engine, StateBuilder
 
@@ -71,6 +72,7 @@ class ServiceState:
     health: HealthSpec
     backends: dict[Address, BackendState] = field(default_factory=dict)
     route: RouteSpec = RouteSpec()
+    options: ServiceOptions = ServiceOptions()
 
     @property
     def name(self) -> str:
@@ -102,7 +104,7 @@ def _services_from(config: Config, health: Mapping[HealthKey, tuple[bool, str]] 
     health = health or {}
     services: dict[ServiceKey, ServiceState] = {}
     for spec in config.services:
-        state = ServiceState(spec.key, spec.health, route=spec.route)
+        state = ServiceState(spec.key, spec.health, route=spec.route, options=spec.options)
         for b in spec.backends:
             healthy, reason = health.get((spec.key, b.address), (True, ""))
             state.backends[b.address] = BackendState(b.address, b.weight, healthy=healthy, health_reason=reason)
@@ -155,7 +157,7 @@ class ControlPlane:
         state = self._builder.build({
             key: {b.address: w for b in service.backends.values() if (w := b.served_weight) is not None}
             for key, service in self._services.items()
-        })
+        }, {key: service.options for key, service in self._services.items()})
         if self._applied is not None and state.same_services(self._applied):
             return
         self.engine.apply(state)
@@ -195,7 +197,8 @@ class ControlPlane:
 
     def _copy(self) -> dict[ServiceKey, ServiceState]:
         return {
-            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()}, s.route)
+            k: ServiceState(s.key, s.health, {a: dataclasses.replace(b) for a, b in s.backends.items()}, s.route,
+                            s.options)
             for k, s in self._services.items()
         }
 
@@ -374,6 +377,7 @@ class ControlPlane:
                 "health": {"type": state.health.type.value, **(
                     {k: getattr(state.health, k) for k in ("port", "path", "interval", "timeout", "rise", "fall")}
                     if checked else {})},
+                "options": _options_view(state.options),
                 "packets": sum(b["packets"] for b in backends),
                 "bytes": sum(b["bytes"] for b in backends),
                 "backends": backends,
@@ -396,6 +400,7 @@ class ControlPlane:
                 "connections": counters.connections,
                 "connection_evictions": counters.connection_evictions,
                 "table_rebuilds": self.tables_built,
+                "options": dict(counters.options),
             },
             "engine_counters": dict(counters.engine),
             "control": control,
@@ -405,6 +410,15 @@ class ControlPlane:
 def _check_weight(weight: int) -> None:
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
         raise ControlError(f"weight {weight!r} is not a whole number in 0..{MAX_WEIGHT}")
+
+
+def _options_view(options: ServiceOptions) -> dict[str, Any]:
+    """A service's options as the file writes them (status, ctl)."""
+    view: dict[str, Any] = {"hash": options.hash.text, "connection_table": options.connection_table,
+                            "answer_ping": options.answer_ping, "quic": options.quic}
+    if options.quic:
+        view["server_ids"] = {str(as_address(b)): sid for b, sid in options.server_ids}
+    return view
 
 
 def _proto_name(protocol: int) -> str:

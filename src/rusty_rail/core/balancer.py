@@ -20,8 +20,11 @@ from rusty_rail.core.conntrack import ConnectionTable
 from rusty_rail.core.constants import DEFAULT_MTU, RR_HASH_SEED
 from rusty_rail.core.flow import FlowKey, inner6_flow_key, inner_flow_key
 from rusty_rail.core.flowhash import flow_hash
+from rusty_rail.core.icmp import (answers_too_big, answers_too_big6, echo_reply, echo_reply6, echo_request6_at,
+                                  echo_request_at, too_big, too_big6)
+from rusty_rail.core.options import IcmpLimit, TokenBucket, hashed_key, quic_server_id
 from rusty_rail.core.service import Pool, Service, ServiceKey, ServiceMatcher
-from rusty_rail.core.verdict import PASS, Drop, DropReason, Forward, Verdict
+from rusty_rail.core.verdict import PASS, Drop, DropReason, Forward, Reply, Verdict
 
 _GRE = 47
 _OUT_TTL = 64
@@ -40,8 +43,9 @@ class Balancer:
     balancer is never an open relay; the environment form is one catch-all service (core/service.py).
 
     `local_address` (IPv4) and `local_address6` are the outer sources toward backends of each family
-    (None: the device has none, and no backend of that family may be served); `mtu` is the device's
-    (docs/WIRE.md section 8: OUTPUT_TOO_BIG). Backends are ints of either family (core/address.py).
+    (None: the device has none, and no backend of that family may be served); `mtu` is the device's,
+    which a backend's route may lower (set_neighbour; docs/WIRE.md section 8b: too big); `icmp_limit`
+    bounds the "too big" answers. Backends are ints of either family (core/address.py).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class Balancer:
         *,
         local_address6: AddressLike | None = None,
         mtu: int = DEFAULT_MTU,
+        icmp_limit: IcmpLimit = IcmpLimit(),
     ) -> None:
         if len(local_mac) != 6:
             raise ValueError("local_mac must be 6 bytes")
@@ -61,17 +66,30 @@ class Balancer:
         self.local_address6 = None if local_address6 is None else IPv6Address(as_address(local_address6))
         self.local_mac = bytes(local_mac)
         self.mtu = mtu
+        self.icmp_limit = icmp_limit
+        self._icmp_bucket = TokenBucket(icmp_limit)
+        self._route_mtus: dict[int, int] = {}
+        """Backends whose route sets an MTU (set_neighbour): the path toward them, when below `mtu`."""
+        self.min_mtu = mtu
+        """The lowest MTU toward any backend whose next hop is known (the AF_PACKET array path's bound)."""
         self.hash_seed = hash_seed
         self.connections = connections if connections is not None else ConnectionTable()
         self._macs: dict[int, bytes] = {}
-        self._prefixes: dict[int, tuple[bytes, bytes, int]] = {}
-        """IPv4 backends whose next hop is known: (Ethernet header, addresses, checksum sum of fixed fields)."""
-        self._prefixes6: dict[int, tuple[bytes, bytes]] = {}
-        """IPv6 backends whose next hop is known: (Ethernet header, addresses)."""
+        self._prefixes: dict[int, tuple[bytes, bytes, int, int]] = {}
+        """IPv4 backends whose next hop is known: (Ethernet header, addresses, checksum sum of fixed fields,
+        the MTU toward it)."""
+        self._prefixes6: dict[int, tuple[bytes, bytes, int]] = {}
+        """IPv6 backends whose next hop is known: (Ethernet header, addresses, the MTU toward it)."""
         self.forwarded = 0
         self.forwarded6 = 0
         """Of `forwarded`, those whose inner packet is IPv6 (docs/WIRE.md section 9)."""
         self.passed = 0
+        self.echo_replies = 0
+        """Echo requests to a service with answer_ping answered (docs/WIRE.md section 11.3)."""
+        self.too_big_replies = 0
+        """ICMP "fragmentation needed" / ICMPv6 "packet too big" answers sent (section 8b)."""
+        self.quic_routed = 0
+        """QUIC packets forwarded by the server ID of their connection ID (section 11.4)."""
         self.drops = [0] * (max(DropReason) + 1)
         self._pools: dict[ServiceKey, Pool] = {}
         self._matcher: ServiceMatcher[Pool] = ServiceMatcher({})
@@ -124,23 +142,41 @@ class Balancer:
         """The pool of the service a flow key belongs to (the rule: core/service.py)."""
         return self._matcher.match(key)
 
-    def set_neighbour(self, backend: AddressLike, mac: bytes | None) -> None:
-        """The Ethernet address of `backend`'s next hop, or None while it is unknown."""
+    def set_neighbour(self, backend: AddressLike, mac: bytes | None, mtu: int | None = None) -> None:
+        """The Ethernet address of `backend`'s next hop, or None while it is unknown; `mtu`: the MTU its
+        route sets (None: none; the device's `mtu` applies, and caps a larger one)."""
         backend = address_int(backend)
+        if mtu:
+            self._route_mtus[backend] = mtu
+        else:
+            self._route_mtus.pop(backend, None)
         if mac is None:
             self._macs.pop(backend, None)
             self._prefixes.pop(backend, None)
             self._prefixes6.pop(backend, None)
-            return
-        if len(mac) != 6:
-            raise ValueError("mac must be 6 bytes")
-        self._macs[backend] = bytes(mac)
-        if is_ipv6(backend):
-            if self.local_address6 is not None:
-                self._prefixes6[backend] = (bytes(mac) + self.local_mac + b"\x86\xdd",
-                                            self.local_address6.packed + backend.to_bytes(16, "big"))
-        elif self.local_address is not None:
-            self._prefixes[backend] = self._output_prefix(backend, bytes(mac))
+        else:
+            if len(mac) != 6:
+                raise ValueError("mac must be 6 bytes")
+            self._macs[backend] = bytes(mac)
+            path_mtu = self.backend_mtu(backend)
+            if is_ipv6(backend):
+                if self.local_address6 is not None:
+                    self._prefixes6[backend] = (bytes(mac) + self.local_mac + b"\x86\xdd",
+                                                self.local_address6.packed + backend.to_bytes(16, "big"), path_mtu)
+            elif self.local_address is not None:
+                self._prefixes[backend] = (*self._output_prefix(backend, bytes(mac)), path_mtu)
+        self.min_mtu = min((self.backend_mtu(b) for b in self._macs), default=self.mtu)
+
+    def backend_mtu(self, backend: AddressLike) -> int:
+        """The largest IP packet the device may send toward `backend`: the device's MTU, or its route's when
+        lower (docs/WIRE.md section 8b)."""
+        route = self._route_mtus.get(address_int(backend))
+        return self.mtu if route is None else min(route, self.mtu)
+
+    @property
+    def route_mtus(self) -> Mapping[int, int]:
+        """Backend -> the MTU its route sets, for those whose route sets one (read-only view)."""
+        return MappingProxyType(self._route_mtus)
 
     def neighbour(self, backend: AddressLike) -> bytes | None:
         return self._macs.get(address_int(backend))
@@ -254,17 +290,32 @@ class Balancer:
             key = found  # type: ignore[assignment]
             tos = ((inner[0] & 0x0F) << 4) | (inner[1] >> 4)
 
-        # -- 7: the flow's service and backend.
+        # -- 7: the flow's service and backend; 11: its options.
         pool = self._matcher.match(key)
         if pool is None:
             return self._drop(DropReason.NO_SERVICE)
-        backend = self.connections.lookup(key, now)
-        if backend is None or backend not in pool.backend_set:
-            slots = pool.slot_backend
-            if not slots:
+        proto = key[-4]
+        if (proto == 1 or proto == 58) and pool.answer_ping:  # an echo request: answered here (11.3)
+            if six:
+                if echo_request6_at(inner):
+                    self.echo_replies += 1
+                    return self._reply(frame, echo_reply6(inner), six)
+            elif echo_request_at(inner, inner_ihl):
+                self.echo_replies += 1
+                return self._reply(frame, echo_reply(inner, inner_ihl), six)
+        if pool.plain:
+            backend = self.connections.lookup(key, now)
+            if backend is None or backend not in pool.backend_set:
+                slots = pool.slot_backend
+                if not slots:
+                    return self._drop(DropReason.NO_BACKEND)
+                backend = slots[flow_hash(key, self.hash_seed) % len(slots)]
+                self.connections.insert(key, backend, now)
+        else:
+            chosen = self._choose(pool, key, inner, 40 if six else inner_ihl, six, now)
+            if chosen is None:
                 return self._drop(DropReason.NO_BACKEND)
-            backend = slots[flow_hash(key, self.hash_seed) % len(slots)]
-            self.connections.insert(key, backend, now)
+            backend = chosen
 
         # -- 8: the output, in the backend's family.
         prefix = self._prefixes.get(backend)
@@ -273,9 +324,11 @@ class Balancer:
             if prefix6 is None:
                 self.drops[DropReason.NO_NEIGHBOUR] += 1
                 return Drop(DropReason.NO_NEIGHBOUR, backend)
-            return self._forward6(prefix6, key, tos, inner, inner_total, six, pool, backend)
-        out_total = 24 + inner_total  # never longer than the input: no MTU check (WIRE.md section 8)
-        ethernet, addresses, fixed_sum = prefix
+            return self._forward6(frame, prefix6, key, tos, inner, inner_total, six, pool, backend, now)
+        out_total = 24 + inner_total
+        ethernet, addresses, fixed_sum, mtu = prefix
+        if out_total > mtu:
+            return self._too_big(frame, inner, six, 0 if six else inner_ihl, mtu - 24, now)
         s = fixed_sum + ((0x45 << 8) | tos) + out_total
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
@@ -287,13 +340,13 @@ class Balancer:
         pool.bytes[backend] += inner_total
         return Forward(ethernet + header + addresses + _GRE_OUT[six] + inner, backend)
 
-    def _forward6(self, prefix: tuple[bytes, bytes], key: bytes, tc: int, inner: bytes, inner_total: int,
-                  six: bool, pool: Pool, backend: int) -> Verdict:
+    def _forward6(self, frame: bytes, prefix: tuple[bytes, bytes, int], key: bytes, tc: int, inner: bytes,
+                  inner_total: int, six: bool, pool: Pool, backend: int, now: float) -> Verdict:
         """docs/WIRE.md section 8 toward an IPv6 backend: version 6, the inner TOS / traffic class, the
         flow label from the flow hash (RFC 6438), payload length, next header 47, hop limit 64."""
-        if 44 + inner_total > self.mtu:
-            return self._drop(DropReason.OUTPUT_TOO_BIG)
-        ethernet, addresses = prefix
+        ethernet, addresses, mtu = prefix
+        if 44 + inner_total > mtu:
+            return self._too_big(frame, inner, six, 0 if six else (inner[0] & 0x0F) * 4, mtu - 44, now)
         first = 0x60000000 | tc << 20 | (flow_hash(key, self.hash_seed) & 0xFFFFF)
         header = _IP6_FIXED.pack(first, 4 + inner_total, _GRE, _OUT_TTL)
         self.forwarded += 1
@@ -302,6 +355,45 @@ class Balancer:
         pool.packets[backend] += 1
         pool.bytes[backend] += inner_total
         return Forward(ethernet + header + addresses + _GRE_OUT[six] + inner, backend)
+
+    def _choose(self, pool: Pool, key: bytes, inner: bytes, l4: int, six: bool, now: float) -> int | None:
+        """docs/WIRE.md section 7 under the service's options (section 11): a QUIC short header's server
+        ID, then the connection table (unless the service has none), then the slot of the service's hash
+        fields. `l4`: where the transport header starts in `inner` (40 for IPv6: only a UDP header right
+        after the fixed header is read for QUIC). None: no backend (NO_BACKEND)."""
+        options = pool.service.options
+        if options.quic and key[-4] == 17 and (inner[6] == 17 if six else not ((inner[6] << 8) | inner[7]) & 0x3FFF):
+            backend = pool.server_backend.get(quic_server_id(inner[l4 + 8 : l4 + 12]))  # type: ignore[arg-type]
+            if backend is not None:
+                self.quic_routed += 1
+                return backend
+        table = options.connection_table
+        if table:
+            backend = self.connections.lookup(key, now)
+            if backend is not None and backend in pool.backend_set:
+                return backend
+        slots = pool.slot_backend
+        if not slots:
+            return None
+        backend = slots[flow_hash(hashed_key(key, options.hash), self.hash_seed) % len(slots)]
+        if table:
+            self.connections.insert(key, backend, now)
+        return backend
+
+    def _reply(self, frame: bytes, packet: bytes, six: bool) -> Reply:
+        """An answer of the balancer's own (section 11): plain IP back to the frame's sender (the router)."""
+        return Reply(frame[6:12] + self.local_mac + (b"\x86\xdd" if six else b"\x08\x00") + packet)
+
+    def _too_big(self, frame: bytes, inner: bytes, six: bool, ihl: int, usable: int, now: float) -> Verdict:
+        """docs/WIRE.md section 8b: the output toward the backend would be longer than the MTU toward it.
+        Answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" carrying `usable` (that MTU
+        less the encapsulation) when the packet may be answered and the token bucket allows; else dropped."""
+        if not (answers_too_big6(inner) if six else answers_too_big(inner, ihl)):
+            return self._drop(DropReason.OUTPUT_TOO_BIG)
+        if not self._icmp_bucket.take(now):
+            return self._drop(DropReason.ICMP_RATE_LIMITED)
+        self.too_big_replies += 1
+        return self._reply(frame, too_big6(inner, usable) if six else too_big(inner, usable), six)
 
     # -- inspection -------------------------------------------------------------------------------
 
@@ -313,7 +405,9 @@ class Balancer:
                               self.hash_seed)
 
     def counters(self) -> dict[str, int]:
-        out = {"forwarded": self.forwarded, "forwarded_ipv6": self.forwarded6, "passed": self.passed}
+        out = {"forwarded": self.forwarded, "forwarded_ipv6": self.forwarded6, "passed": self.passed,
+               "icmp_echo_replies": self.echo_replies, "icmp_too_big": self.too_big_replies,
+               "quic_routed": self.quic_routed}
         for reason in DropReason:
             out[f"drop_{reason.name.lower()}"] = self.drops[reason]
         out["connections"] = len(self.connections)
@@ -334,10 +428,11 @@ def explain_choice(service: Service | None, key: bytes, remembered: int | None,
     if service is None:
         return None, "no service matches"
     backends = service.table.backends
-    if remembered is not None and any(int(b) == remembered for b in backends):
+    options = service.options
+    if remembered is not None and options.connection_table and any(int(b) == remembered for b in backends):
         return as_address(remembered), "connection entry"
     slots = service.table.slots
     if not len(slots):
         return None, "no backends"
-    slot = flow_hash(key, hash_seed) % len(slots)
+    slot = flow_hash(hashed_key(key, options.hash), hash_seed) % len(slots)
     return backends[int(slots[slot])], f"table slot {slot}"

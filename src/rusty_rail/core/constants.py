@@ -34,6 +34,12 @@ GRE6_OVERHEAD = 44
 DEFAULT_MTU = 1500
 """The device MTU a Balancer assumes when it is not told (Ethernet's); engines read the device's."""
 
+ICMP_TOO_BIG_RATE = 1000
+"""ICMP "fragmentation needed" / ICMPv6 "packet too big" answers per second, per CPU (XDP) or worker
+(AF_PACKET): Linux's net.ipv4.icmp_msgs_per_sec default (docs/WIRE.md section 8b)."""
+ICMP_TOO_BIG_BURST = 50
+"""Answers at once before the rate applies: Linux's net.ipv4.icmp_msgs_burst default."""
+
 BPFFS = "/sys/fs/bpf"
 """Where the BPF filesystem is mounted by convention."""
 DEFAULT_PIN_ROOT = BPFFS + "/rusty_rail"

@@ -34,6 +34,7 @@ from typing import Generic, TypeVar
 from rusty_rail.core.address import Address, as_address, split_host_port, with_port
 from rusty_rail.core.flow import FLOW_KEY_LEN
 from rusty_rail.core.maglev import MaglevTable
+from rusty_rail.core.options import ServiceOptions
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -196,12 +197,13 @@ def _match_group(key: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Service:
-    """What a data plane serves for one service: its key and its Maglev table (built by the control
-    plane; data planes never build tables). The table lists every backend that keeps its established
-    flows, drained ones (weight 0, no slots) included."""
+    """What a data plane serves for one service: its key, its Maglev table (built by the control
+    plane; data planes never build tables) and its options (core/options.py). The table lists every
+    backend that keeps its established flows, drained ones (weight 0, no slots) included."""
 
     key: ServiceKey
     table: MaglevTable
+    options: ServiceOptions = ServiceOptions()
 
     @property
     def backends(self) -> tuple[Address, ...]:
@@ -219,6 +221,12 @@ class Pool:
     """Slot -> backend address: the table resolved once, so a packet costs one list index."""
     packets: dict[int, int] = field(default_factory=dict)
     bytes: dict[int, int] = field(default_factory=dict)
+    plain: bool = True
+    """The service's options leave a TCP/UDP decision as the default one (ServiceOptions.plain): the
+    decision's shortest path, and the only pools the AF_PACKET engine's array path serves."""
+    answer_ping: bool = True
+    server_backend: dict[int, int] = field(default_factory=dict)
+    """QUIC server ID -> backend, for the listed backends that have one."""
 
     @classmethod
     def of(cls, service: Service, previous: Pool | None = None) -> Pool:
@@ -226,7 +234,10 @@ class Pool:
         addresses = [int(b) for b in service.table.backends]
         indices = service.table.slots
         slots = [addresses[i] for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
-        pool = cls(service, frozenset(addresses), slots)
+        options = service.options
+        listed = frozenset(addresses)
+        servers = {sid: b for sid, b in options.server_backends().items() if b in listed} if options.quic else {}
+        pool = cls(service, listed, slots, plain=options.plain, answer_ping=options.answer_ping, server_backend=servers)
         for backend in addresses:
             pool.packets[backend] = previous.packets.get(backend, 0) if previous else 0
             pool.bytes[backend] = previous.bytes.get(backend, 0) if previous else 0

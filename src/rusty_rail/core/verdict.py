@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 
 class DropReason(IntEnum):
-    """docs/WIRE.md section 9; the numbers index the XDP program's counters too (19..22 and 26 are its
-    other counters there, bpf/rr_structs.h). TX_REFUSED is counted by the engines from the device, never
+    """docs/WIRE.md section 9; the numbers index the XDP program's counters too (19..22, 26 and 28..30 are
+    its other counters there, bpf/rr_structs.h). TX_REFUSED is counted by the engines from the device, never
     by the decision or the program."""
 
     OUTER_BAD_IHL = 1
@@ -35,12 +35,20 @@ class DropReason(IntEnum):
     """Sent out of the device, which refused to transmit it (its tx_dropped; engines/device.py)."""
     INNER_EXT_HEADERS = 24
     OUTPUT_TOO_BIG = 25
+    """Too big for the MTU toward its backend, and not answered: an IPv4 packet without DF, an ICMP error,
+    a later fragment (docs/WIRE.md section 8b)."""
+    # 26 and 28-30 index the XDP program's other counters (bpf/rr_structs.h).
+    ICMP_RATE_LIMITED = 27
+    """Too big and to be answered, but this CPU's (worker's) ICMP token bucket was empty."""
 
 
 class Action(IntEnum):
     FORWARD = 0
     PASS = 1
     DROP = 2
+    REPLY = 3
+    """Answered by the balancer itself: an ICMP message sent back out of the device toward the frame's
+    sender (docs/WIRE.md section 11), not to a backend."""
 
 
 class Forward(NamedTuple):
@@ -53,6 +61,14 @@ class Forward(NamedTuple):
     frame: bytes
     backend: int
     action = Action.FORWARD  # not annotated: a class attribute, not a field
+
+
+class Reply(NamedTuple):
+    """Send `frame`, the balancer's own answer (an echo reply, a "too big"), out of the device toward the
+    router the input came from. A NamedTuple for the same reason as Forward."""
+
+    frame: bytes
+    action = Action.REPLY  # not annotated: a class attribute, not a field
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +86,6 @@ class Drop:
     action = Action.DROP
 
 
-Verdict = Forward | Pass | Drop
+Verdict = Forward | Reply | Pass | Drop
 
 PASS = Pass()

@@ -120,6 +120,10 @@ class Counters:
     """Of `forwarded`, the frames whose inner packet is IPv6 (docs/WIRE.md section 9): figures per family."""
     connections_ipv6: int = 0
     """Of `connections`, the IPv6 flows' entries."""
+    options: Mapping[str, int] = field(default_factory=dict)
+    """The per-service options' figures (docs/WIRE.md section 11): icmp_echo_replies and icmp_too_big
+    (answers the engine sent back toward the router, not in `forwarded`), quic_routed (of `forwarded`,
+    those whose backend came from a QUIC server ID)."""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""What the control plane wants a data plane to serve: services with their finished Maglev tables.
+"""What the control plane wants a data plane to serve: services with their finished Maglev tables and
+their options.
 
 Tables are built here, for the control plane, and nowhere else: an engine receives a `DataplaneState`
 and only copies it (into a Balancer, or into BPF maps). `StateBuilder` rebuilds only the tables of
 services whose backends or weights changed, so a drain in one service does not cost every other
-service a table build.
+service a table build; an options change alone builds none.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from rusty_rail.core.address import Address, canonical_key
 from rusty_rail.core.constants import DEFAULT_TABLE_SIZE
 from rusty_rail.core.maglev import build_table
+from rusty_rail.core.options import ServiceOptions
 from rusty_rail.core.service import Service, ServiceKey
 
 Weights = Mapping[Address, int]
@@ -39,7 +41,7 @@ class DataplaneState:
 
 @dataclass
 class StateBuilder:
-    """Turns wanted weights per service into a `DataplaneState`, reusing unchanged tables."""
+    """Turns wanted weights (and options) per service into a `DataplaneState`, reusing unchanged tables."""
 
     table_size: int = DEFAULT_TABLE_SIZE
     tables_built: int = 0
@@ -47,16 +49,21 @@ class StateBuilder:
     _cache: dict[ServiceKey, tuple[tuple[tuple[Address, int], ...], Service]] = field(default_factory=dict)
     _generation: int = 0
 
-    def build(self, wanted: Mapping[ServiceKey, Weights]) -> DataplaneState:
+    def build(self, wanted: Mapping[ServiceKey, Weights],
+              options: Mapping[ServiceKey, ServiceOptions] | None = None) -> DataplaneState:
+        """The state serving `wanted`, each service with its `options` (absent: the defaults)."""
         services = []
         cache: dict[ServiceKey, tuple[tuple[tuple[Address, int], ...], Service]] = {}
         for key in sorted(wanted):
             weights = tuple(sorted(wanted[key].items(), key=lambda item: canonical_key(item[0])))
             cached = self._cache.get(key)
+            wanted_options = (options or {}).get(key, ServiceOptions())
             if cached is not None and cached[0] == weights:
                 service = cached[1]
+                if service.options != wanted_options:
+                    service = Service(key, service.table, wanted_options)
             else:
-                service = Service(key, build_table([b for b, _ in weights], self.table_size, dict(weights)))
+                service = Service(key, build_table([b for b, _ in weights], self.table_size, dict(weights)), wanted_options)
                 self.tables_built += 1
             cache[key] = (weights, service)
             services.append(service)

@@ -10,6 +10,10 @@ finds the MAC. We never write a MAC into the table ourselves.
 Our own transmissions never confirm a neighbour, so REACHABLE entries decay to STALE; STALE is still a
 usable MAC, but we also send NTF_USE for it so the kernel re-probes (DELAY -> PROBE) and notices a backend
 whose MAC changed.
+
+The same route lookup gives the MTU of the path toward the backend when the route sets one (RTA_METRICS'
+RTAX_MTU: `ip route add ... mtu N`, or a path MTU the kernel learnt): the engines answer "too big" by
+it (docs/WIRE.md section 8b).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class DeviceError(EngineError):
 
 
 class NeighbourSink(Protocol):
-    def set_neighbour(self, backend: int, mac: bytes | None) -> None: ...
+    def set_neighbour(self, backend: int, mac: bytes | None, mtu: int | None = None) -> None: ...
 
 
 def _mac(text: str) -> bytes:
@@ -127,8 +131,10 @@ class NeighbourResolver:
             raise
         self.ifindex, self.mac = self.info.ifindex, self.info.mac
         self.address, self.address6, self.mtu = self.info.address, self.info.address6, self.info.mtu
-        self.known: dict[int, bytes | None] = {}
-        """Last answer per backend, so refresh() only calls set_neighbour on a change."""
+        self.known: dict[int, tuple[bytes | None, int | None]] = {}
+        """Last answer per backend (MAC, route MTU), so refresh() only calls set_neighbour on a change."""
+        self.route_mtus: dict[int, int] = {}
+        """Backends whose route sets an MTU, as the last lookup found it."""
         self.unroutable: set[int] = set()
         """Backends whose route leaves through another device (we can only send out of ours)."""
 
@@ -145,6 +151,12 @@ class NeighbourResolver:
         route = routes[0]
         if route.get_attr("RTA_OIF") != self.ifindex or route.get("type", 1) != 1:  # RTN_UNICAST
             return None
+        metrics = route.get_attr("RTA_METRICS")
+        mtu = metrics.get_attr("RTAX_MTU") if metrics is not None else None
+        if mtu:
+            self.route_mtus[backend] = mtu
+        else:
+            self.route_mtus.pop(backend, None)
         gateway = route.get_attr("RTA_GATEWAY")
         return ip_address(gateway) if gateway else target
 
@@ -184,14 +196,15 @@ class NeighbourResolver:
         return mac
 
     def refresh(self, backends: Iterable[int], sink: NeighbourSink) -> int:
-        """Resolve every backend; call sink.set_neighbour for each answer that changed. Returns changes."""
+        """Resolve every backend; call sink.set_neighbour for each answer (MAC, route MTU) that changed.
+        Returns changes."""
         changes = 0
         wanted = set(backends)
         for backend in wanted:
-            mac = self.resolve(backend)
-            if backend not in self.known or self.known[backend] != mac:
-                self.known[backend] = mac
-                sink.set_neighbour(backend, mac)
+            answer = (self.resolve(backend), self.route_mtus.get(backend))
+            if backend not in self.known or self.known[backend] != answer:
+                self.known[backend] = answer
+                sink.set_neighbour(backend, *answer)
                 changes += 1
         for gone in set(self.known) - wanted:
             del self.known[gone]

@@ -20,7 +20,9 @@ at least one has slots. For those rows of the block:
   added per group.
 
 Everything else (frames to pass to the host, drops with their reasons, GRE options, IP options,
-fragments, ICMP, services without slots, IPv6) is decided by Balancer.decide, frame by frame; so are
+fragments, ICMP, services without slots, services whose options change the decision (hash fields, no
+connection table, QUIC: docs/WIRE.md section 11), outputs longer than the lowest MTU toward a backend
+(section 8b), IPv6) is decided by Balancer.decide, frame by frame; so are
 calls of fewer than `bulk_from` frames (BULK_FROM), where the arrays' cost per call is more than
 decide() per frame: at low rates, when a block holds what the block timeout (ring.py) gathered. Order: the
 connection table sees the block's packets in their order (bulk runs and per-frame decisions
@@ -92,10 +94,11 @@ def _word_sums(headers: np.ndarray) -> np.ndarray:
     return (headers.astype(np.float32) @ _WORD_WEIGHTS).astype(np.int64)
 
 
-def common_case(h: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def common_case(h: np.ndarray, lengths: np.ndarray, mtu: int = 1 << 16) -> np.ndarray:
     """Rows of `h` (the first PARSED bytes of each frame, C-contiguous; `lengths`: the frames' lengths)
-    that pass every check of docs/WIRE.md sections 1-5 the plain way (module docstring): the frames of
-    the array path."""
+    that pass every check of docs/WIRE.md sections 1-5 the plain way (module docstring), and whose output
+    fits `mtu` (the lowest MTU toward any backend: a longer one is section 8b's, decided by decide()):
+    the frames of the array path."""
     be16 = h.view(">u2")
     ok = ((h.view("<u8") & _MASK) == _VALUE).view("<u8")[:, 0] == _ALL_BYTES  # all 8 words match
     ok &= (h[:, 47] == _TCP) | (h[:, 47] == _UDP)
@@ -103,6 +106,7 @@ def common_case(h: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     inner_total = be16[:, 20].astype(np.int64)
     # GRE 4 + inner IPv4 20 + ports 4 in the inner total length; everything within the frame.
     ok &= (outer_total <= lengths - 14) & (inner_total >= 24) & (inner_total <= outer_total - 24)
+    ok &= inner_total <= mtu - 24
     # The outer header's one's complement sum (RFC 1071) is all ones exactly when the sum of its ten
     # 16-bit words is a non-zero multiple of 0xFFFF (core/checksum.py).
     header_sum = _word_sums(h[:, 14:34])
@@ -139,7 +143,7 @@ class BulkProcessor:
         if len(block) < self.bulk_from:
             return self._per_frame(block, now)
         h = block.ring.window(PARSED)[block.starts]
-        common = common_case(h, block.lengths)
+        common = common_case(h, block.lengths, self.balancer.min_mtu)
         rows = np.flatnonzero(common)
         pools, pool_of = self._services(h[rows])
         # Per row of `rows`: its pool's index in `pools`; -1: no service; -2: decided frame by frame.
@@ -187,8 +191,10 @@ class BulkProcessor:
             pool = self.balancer.pool_for(key)
             if pool is None:
                 answers[i] = -1
-            elif not pool.slot_backend or self._table(pool) is None:
-                answers[i] = -2  # NO_BACKEND unless a connection entry remains, or IPv6 backends
+            elif not pool.plain or not pool.slot_backend or self._table(pool) is None:
+                # Options that change the decision (docs/WIRE.md section 11), NO_BACKEND unless a
+                # connection entry remains, or IPv6 backends: decide() decides.
+                answers[i] = -2
             else:
                 index = index_of.get(id(pool))
                 if index is None:
@@ -237,7 +243,7 @@ class BulkProcessor:
             return choose(key_list, wanted, listed, now), {}
         chosen: list[int] = []
         decided: dict[int, bytes] = {}
-        decide, forward, m = self._decide, Action.FORWARD, block.ring.map
+        decide, forward, reply, m = self._decide, Action.FORWARD, Action.REPLY, block.ring.map
         done = 0
         for row, before in zip(per_frame.tolist(), np.searchsorted(rows, per_frame).tolist()):
             if before > done:
@@ -245,7 +251,7 @@ class BulkProcessor:
                 done = before
             start = int(block.starts[row])
             verdict = decide(m[start : start + int(block.lengths[row])], now)
-            if verdict.action is forward:
+            if verdict.action is forward or verdict.action is reply:  # a reply: the balancer's answer
                 decided[row] = verdict.frame
         if done < len(rows):
             chosen += choose(key_list[done:], wanted[done:], listed[done:], now)

@@ -80,6 +80,8 @@ class LocalBalancer:
             flows=self.flows() if walk else None,
             ready=ready,
             engine=dict(engine or {}),
+            options={"icmp_echo_replies": b.echo_replies, "icmp_too_big": b.too_big_replies,
+                     "quic_routed": b.quic_routed},
         )
 
     def flows(self) -> dict[tuple[ServiceKey, Address], int] | None:
@@ -109,6 +111,7 @@ def merge_counters(parts: list[Counters], ready: bool) -> Counters:
     backends: dict[tuple[ServiceKey, Address], tuple[int, int]] = {}
     flows: dict[tuple[ServiceKey, Address], int] | None = {}
     engine: dict[str, int] = {}
+    options: dict[str, int] = {}
     for part in parts:
         for name, n in part.drops.items():
             drops[name] = drops.get(name, 0) + n
@@ -122,6 +125,8 @@ def merge_counters(parts: list[Counters], ready: bool) -> Counters:
                 flows[key] = flows.get(key, 0) + n
         for name, n in part.engine.items():
             engine[name] = engine.get(name, 0) + n
+        for name, n in part.options.items():
+            options[name] = options.get(name, 0) + n
     return Counters(
         forwarded=sum(p.forwarded for p in parts),
         forwarded_ipv6=sum(p.forwarded_ipv6 for p in parts),
@@ -134,4 +139,5 @@ def merge_counters(parts: list[Counters], ready: bool) -> Counters:
         flows=flows,
         ready=ready,
         engine=engine,
+        options=options,
     )

@@ -114,17 +114,18 @@ def per_frame(process: FrameProcessor) -> BlockProcessor:
 
 
 def decide_blocks(balancer: Balancer) -> BlockProcessor:
-    """The balancer's verdict per frame (docs/WIRE.md); forwards are sent, in order. Drops and passes
-    need nothing from the engine: the balancer counted them, and a passed frame is the host stack's own
-    copy."""
+    """The balancer's verdict per frame (docs/WIRE.md); forwards and the balancer's own answers (Reply:
+    echo replies, "too big", section 11) are sent, in order. Drops and passes need nothing from the
+    engine: the balancer counted them, and a passed frame is the host stack's own copy."""
     # Typed loosely: a verdict is told by its action (one attribute) rather than by isinstance(), so
     # the checker cannot see that a FORWARD verdict has a frame.
     decide: Callable[[bytes, float], Any] = balancer.decide
-    forward = Action.FORWARD
+    forward, reply = Action.FORWARD, Action.REPLY
 
     def process(frames: list[bytes], now: float) -> list[bytes]:
-        # A comprehension, the fastest per-frame loop Python has; `is`: verdicts carry the enum member.
-        return [v.frame for frame in frames if (v := decide(frame, now)).action is forward]
+        # A comprehension, the fastest per-frame loop Python has; `is`: verdicts carry the enum member
+        # (a forward pays one comparison, only other verdicts a second).
+        return [v.frame for frame in frames if (a := (v := decide(frame, now)).action) is forward or a is reply]
 
     return per_frame(process)
 

@@ -157,4 +157,5 @@ def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_L
         flows=flows,
         ready=ready,
         engine={name: values[i] for i, name in m.ENGINE_STATS.items()},
+        options={name: values[i] for i, name in m.OPTION_STATS.items()},
     )

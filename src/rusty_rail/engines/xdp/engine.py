@@ -135,6 +135,8 @@ class XdpEngine:
         self._state = DataplaneState()
         self._matcher: ServiceMatcher[Service] = ServiceMatcher({})
         self._macs: dict[int, bytes] = {}
+        self._mtus: dict[int, int] = {}
+        """Backends whose route sets an MTU (docs/WIRE.md section 8b)."""
         self._address: IPv4Address | None = None
         self._address6: IPv6Address | None = None
         self._mtu = DEFAULT_MTU
@@ -287,7 +289,7 @@ class XdpEngine:
 
     def _desired(self, state: DataplaneState) -> Desired:
         return Desired(state, self._address, self._mac, dict(self._macs), timeouts=self.timeouts,
-                       local_address6=self._address6, mtu=self._mtu)
+                       local_address6=self._address6, mtu=self._mtu, mtus=dict(self._mtus))
 
     def _load(self, before: _Predecessor | None) -> XdpProgram:
         def load(reuse: int | None, reuse6: int | None = None) -> XdpProgram:
@@ -340,11 +342,15 @@ class XdpEngine:
         changes = _Changes()
         self._resolver.refresh(backends, changes)
         with self._lock:
-            for backend, mac in changes.items():
+            for backend, (mac, mtu) in changes.items():
                 if mac is None:
                     self._macs.pop(backend, None)
                 else:
                     self._macs[backend] = mac
+                if mtu:
+                    self._mtus[backend] = mtu
+                else:
+                    self._mtus.pop(backend, None)
             if changes and self.program is not None:
                 self.program.sync(self._desired(self._state))
             return sum(1 for b in backends if b not in self._macs)
@@ -380,9 +386,10 @@ class XdpEngine:
             log.info("XDP engine stopped on %s: detached", self.options.device)
 
 
-class _Changes(dict[int, "bytes | None"]):
-    """NeighbourResolver's sink: the next hops that changed in one pass."""
+class _Changes(dict[int, "tuple[bytes | None, int | None]"]):
+    """NeighbourResolver's sink: the next hops (and route MTUs) that changed in one pass."""
 
-    def set_neighbour(self, backend: int, mac: bytes | None) -> None:
-        self[backend] = mac
-        log.info("next hop of %s: %s", as_address(backend), mac.hex(":") if mac else "unresolved")
+    def set_neighbour(self, backend: int, mac: bytes | None, mtu: int | None = None) -> None:
+        self[backend] = (mac, mtu)
+        log.info("next hop of %s: %s%s", as_address(backend), mac.hex(":") if mac else "unresolved",
+                 f", route MTU {mtu}" if mtu else "")

@@ -24,11 +24,13 @@ MAP_SERVICES = "rr_services"
 MAP_SERVICES6 = "rr_services6"
 MAP_MEMBERS = "rr_members"
 MAP_BACKEND_STATS = "rr_backend_stats"
+MAP_ICMP_BUCKET = "rr_icmp_bucket"
+MAP_QUIC = "rr_quic"
 MAPS = (MAP_CONFIG, MAP_BACKENDS, MAP_MAGLEV, MAP_CONNS, MAP_CONNS6, MAP_STATS, MAP_SERVICES, MAP_SERVICES6,
-        MAP_MEMBERS, MAP_BACKEND_STATS)
+        MAP_MEMBERS, MAP_BACKEND_STATS, MAP_ICMP_BUCKET, MAP_QUIC)
 CONN_MAPS = (MAP_CONNS, MAP_CONNS6)
 """The connection tables: IPv4 keys, IPv6 keys (docs/WIRE.md section 7)."""
-PERCPU_MAPS = (MAP_STATS, MAP_BACKEND_STATS)
+PERCPU_MAPS = (MAP_STATS, MAP_BACKEND_STATS, MAP_ICMP_BUCKET)
 """Per-CPU arrays: a value is read and written for every possible CPU."""
 PROGRAM = "rr_balance"
 PASS_PROGRAM = "rr_pass"
@@ -39,6 +41,18 @@ MAX_BACKENDS = 4096
 DEFAULT_TABLE_SIZE = constants.DEFAULT_TABLE_SIZE
 DEFAULT_CONNS = constants.DEFAULT_CONN_CAPACITY
 MEMBER_WORDS = MAX_BACKENDS // 64
+MAX_QUIC_IDS = 4096
+"""rr_quic entries: (service, QUIC server ID) pairs over every service with quic = true."""
+
+# rr_config.cache_services (rr_structs.h RR_CACHE_*): families whose flows look their connection entry up
+# before their service.
+CACHE_SERVICES4 = 1
+CACHE_SERVICES6 = 2
+# rr_service.flags / rr_config.catch_all_flags (rr_structs.h RR_OPT_*): a service's options.
+OPT_HASH_MASK = 0x3  # core/options.py HashFields' values
+OPT_NO_CONNS = 0x4
+OPT_ANSWER_PING = 0x8
+OPT_QUIC = 0x10
 
 TIMEOUT_TCP, TIMEOUT_UDP, TIMEOUT_OTHER = 0, 1, 2
 
@@ -54,16 +68,21 @@ STAT_CONN_HIT = 20
 STAT_CONN_NEW = 21
 STAT_CONN_INSERT = 22  # new rr_conns / rr_conns6 entries (the lookup found none): connection_evictions
 STAT_FORWARDED_IPV6 = 26  # forwards whose inner packet is IPv6 (STAT_FORWARDED: IPv4)
+STAT_ICMP_TOO_BIG = 28  # too-big answers sent; 27 is DropReason.ICMP_RATE_LIMITED
+STAT_ICMP_ECHO = 29
+STAT_QUIC_ROUTED = 30
 STAT_MAX = 32
 ENGINE_STATS = {STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new", STAT_CONN_INSERT: "conn_insert"}
 """Figures of this engine only (Counters.engine)."""
+OPTION_STATS = {STAT_ICMP_ECHO: "icmp_echo_replies", STAT_ICMP_TOO_BIG: "icmp_too_big", STAT_QUIC_ROUTED: "quic_routed"}
+"""The per-service options' figures (Counters.options), named as core's Balancer.counters() names them."""
 
 
 def stat_names() -> dict[int, str]:
     """rr_stats index -> name: forwarded_ipv4, forwarded_ipv6, passed, drop_<reason>, conn_hit, conn_new,
     conn_insert (counters.named adds "forwarded", the sum of the first two)."""
     names = {STAT_FORWARDED: "forwarded_ipv4", STAT_PASSED: "passed", STAT_FORWARDED_IPV6: "forwarded_ipv6",
-             **ENGINE_STATS}
+             **ENGINE_STATS, **OPTION_STATS}
     for reason in DropReason:
         names[int(reason)] = f"drop_{reason.name.lower()}"
     return names
@@ -82,7 +101,12 @@ class RrConfig(ctypes.Structure):
         ("conn_timeout_ns", ctypes.c_uint64 * 3),
         ("local_addr6", ctypes.c_uint8 * 16),
         ("named_services6", ctypes.c_uint32),
-        ("mtu", ctypes.c_uint32),
+        ("catch_all_flags", ctypes.c_uint32),
+        ("icmp_period_ns", ctypes.c_uint64),
+        ("icmp_capacity_ns", ctypes.c_uint64),
+        ("services_gen", ctypes.c_uint64),
+        ("cache_services", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
     ]
 
 
@@ -93,7 +117,9 @@ class RrBackend(ctypes.Structure):
         ("has_mac", ctypes.c_uint8),
         ("in_use", ctypes.c_uint8),
         ("ipv6", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 7),
+        ("pad1", ctypes.c_uint8),
+        ("mtu", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 4),
     ]
 
 
@@ -129,6 +155,11 @@ class RrConn(ctypes.Structure):
         ("backend_index", ctypes.c_uint32),
         ("flow_hash", ctypes.c_uint32),
         ("last_seen_ns", ctypes.c_uint64),
+        ("svc_gen", ctypes.c_uint64),
+        ("svc_index", ctypes.c_uint32),
+        ("svc_table_size", ctypes.c_uint32),
+        ("svc_flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
@@ -158,6 +189,14 @@ class RrService(ctypes.Structure):
     _fields_ = [
         ("index", ctypes.c_uint32),
         ("table_size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class RrIcmpBucket(ctypes.Structure):
+    _fields_ = [
+        ("credit_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
     ]
 
 
@@ -190,11 +229,13 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "rr_service": RrService,
     "rr_clock": RrClock,
     "rr_backend_stats": RrBackendStats,
+    "rr_icmp_bucket": RrIcmpBucket,
 }
 
 KEY_SIZES = {MAP_CONFIG: 4, MAP_BACKENDS: 4, MAP_MAGLEV: 4, MAP_CONNS: ctypes.sizeof(RrFlowKey),
              MAP_CONNS6: ctypes.sizeof(RrFlowKey6), MAP_STATS: 4, MAP_SERVICES: ctypes.sizeof(RrServiceKey),
-             MAP_SERVICES6: ctypes.sizeof(RrServiceKey6), MAP_MEMBERS: 4, MAP_BACKEND_STATS: 4}
+             MAP_SERVICES6: ctypes.sizeof(RrServiceKey6), MAP_MEMBERS: 4, MAP_BACKEND_STATS: 4, MAP_ICMP_BUCKET: 4,
+             MAP_QUIC: 4}
 """Key size of every map: a write whose key holds several keys is a batch (program.XdpProgram.write)."""
 
 
@@ -224,8 +265,15 @@ def conn_map(key: bytes) -> str:
     return MAP_CONNS if len(key) == ctypes.sizeof(RrFlowKey) else MAP_CONNS6
 
 
-def make_backend(addr: AddressLike, mac: bytes | None, in_use: bool = True) -> RrBackend:
+def quic_key(service_index: int, server_id: int) -> int:
+    """rr_quic's key of a service's server ID (rr_structs.h RR_QUIC_KEY)."""
+    return service_index << 16 | server_id
+
+
+def make_backend(addr: AddressLike, mac: bytes | None, in_use: bool = True, mtu: int = 0) -> RrBackend:
+    """rr_backends' value; `mtu`: the largest IP packet toward it (0 for an unused entry)."""
     b = RrBackend()
+    b.mtu = mtu
     b.addr = (ctypes.c_uint8 * 16)(*identity(addr))
     b.ipv6 = 1 if is_ipv6(address_int(addr)) else 0
     if mac is not None:

@@ -270,9 +270,9 @@ class XdpProgram:
         return [int.from_bytes(self.lookup(m.MAP_MAGLEV, ctypes.c_uint32(start + i), 4), sys.byteorder)
                 for i in range(size)]
 
-    def service_entries(self) -> dict[bytes, tuple[int, int]]:
+    def service_entries(self) -> dict[bytes, tuple[int, int, int]]:
         """rr_services and rr_services6 as the kernel holds them: lookup entry (8 or 20 bytes) ->
-        (service index, table size)."""
+        (service index, table size, option flags)."""
         out = {}
         for name in (m.MAP_SERVICES, m.MAP_SERVICES6):
             fd = self.fds[name]
@@ -280,7 +280,7 @@ class XdpProgram:
                 raw = libbpf.map_lookup(fd, key, ctypes.sizeof(m.RrService))
                 if raw is not None:
                     value = m.RrService.from_buffer_copy(raw)
-                    out[key] = (value.index, value.table_size)
+                    out[key] = (value.index, value.table_size, value.flags)
         return out
 
     # -- the connection tables (rr_conns: IPv4 keys, rr_conns6: IPv6 keys) --------------------------
