@@ -27,13 +27,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
-from rusty_rail.bpf import bpffs, libbpf
+from rusty_rail.bpf import bpffs, build, libbpf
 
 __all__ = ["AttachMode", "Component", "DispatcherError", "XdpComponent", "available", "bpffs_dir", "components",
-           "has_dispatcher"]
+           "has_dispatcher", "kernel_refusal", "probe"]
 
 SECTION = b"xdp"
 """The ELF section of the balancer's (and xdp_pass's) program: libxdp finds the program by it."""
+OBJECT_PATH_ENV = "LIBXDP_OBJECT_PATH"
+"""libxdp's variable for where its BPF objects (xdp-dispatcher.o) are; Debian's default below."""
+DEFAULT_OBJECT_DIRS = ("/usr/lib/x86_64-linux-gnu/bpf", "/usr/lib/aarch64-linux-gnu/bpf", "/usr/lib/bpf",
+                       "/usr/local/lib/bpf")
+BPF_PROG_TYPE_EXT = 28
 BPFFS_ENV = "LIBXDP_BPFFS"
 """libxdp's variable for its bpffs (default /sys/fs/bpf): every user of one dispatcher must share it."""
 
@@ -127,6 +132,74 @@ def check_bpffs() -> None:
             f"run where the host's /sys/fs/bpf is mounted (e.g. `nsenter --net=/run/netns/NAME` instead of "
             f"`ip netns exec`, which mounts a fresh /sys), mount one (`mount -t bpf bpf {where}`), or set "
             f"{BPFFS_ENV}"))
+
+
+_kernel_refusal: str | None | bool = False  # False: not checked yet
+
+
+def _dispatcher_object() -> str | None:
+    dirs = [os.environ[OBJECT_PATH_ENV]] if os.environ.get(OBJECT_PATH_ENV) else list(DEFAULT_OBJECT_DIRS)
+    for d in dirs:
+        path = os.path.join(d, "xdp-dispatcher.o")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def kernel_refusal() -> str | None:
+    """Why this kernel refuses libxdp's dispatcher, None when it allows it; checked once, touching no device.
+
+    The same check as libxdp's own before it builds a dispatcher: load its xdp-dispatcher.o, then a
+    component as a freplace (BPF_PROG_TYPE_EXT) program on the dispatcher's first slot, prog0. Where
+    that load fails, libxdp falls back to a plain attach, which is no sharing at all (measured: kernel
+    6.18 here answers EPERM)."""
+    global _kernel_refusal
+    if _kernel_refusal is not False:
+        return _kernel_refusal  # type: ignore[return-value]
+    path = _dispatcher_object()
+    if path is None:
+        _kernel_refusal = f"libxdp's xdp-dispatcher.o is not installed (looked in {OBJECT_PATH_ENV} or " \
+                          f"{', '.join(DEFAULT_OBJECT_DIRS)}; Debian package libxdp1)"
+        return _kernel_refusal
+    lib = libbpf.lib
+    lib.libbpf_set_print.restype, lib.libbpf_set_print.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    lib.bpf_program__set_type.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.bpf_program__set_attach_target.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
+    previous = lib.libbpf_set_print(None)  # the refusal is reported in one line, not libbpf's lines
+    try:
+        with libbpf.BpfObject(path) as main, libbpf.BpfObject(str(build.object_path("xdp_pass"))) as component:
+            main.load()
+            program = component.program("rr_pass")
+            lib.bpf_program__set_type(program._ptr, BPF_PROG_TYPE_EXT)
+            lib.bpf_program__set_attach_target(program._ptr, main.program("xdp_dispatcher").fd, b"prog0")
+            component.load()
+        _kernel_refusal = None
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        _kernel_refusal = (f"the kernel refused libxdp's dispatcher: loading a component as a freplace "
+                           f"(BPF_PROG_TYPE_EXT) program on it failed with {name} ({os.strerror(exc.errno or 0)})")
+    finally:
+        lib.libbpf_set_print(previous)
+    return _kernel_refusal
+
+
+def probe(running_name: str | None = None, running_is_dispatcher: bool = False) -> tuple[bool, str]:
+    """(libxdp's dispatcher can be used on a device running `running_name` (None: nothing), why not).
+    libxdp adds a program only to a dispatcher (one it attached, or another libxdp user did), never
+    beside a program attached plainly, which it would have to replace."""
+    ok, why = available()
+    if not ok:
+        return False, why
+    refusal = kernel_refusal()
+    if refusal is not None:
+        return False, refusal
+    if running_name is not None and not running_is_dispatcher:
+        return False, (f"{running_name!r} is attached without libxdp's dispatcher, and libxdp adds programs only "
+                       f"to its dispatcher, never beside a plainly attached one")
+    if not bpffs.is_bpffs(bpffs_dir()):
+        return False, (f"libxdp keeps the dispatcher's state in a bpffs and {bpffs_dir()} is none (mount one, "
+                       f"or set {BPFFS_ENV})")
+    return True, "libxdp's dispatcher loads on this kernel"
 
 
 @dataclass(frozen=True)
