@@ -36,10 +36,12 @@ def test_attach_through_the_dispatcher_or_refuse_loudly(veth: VethPair) -> None:
         except dispatcher.DispatcherError as exc:
             assert exc.errno == errno.EOPNOTSUPP and "attach without the dispatcher" in str(exc), exc
             assert running_mode(ifindex) is None, "the fallback's plain attach was left behind"
+            assert dispatcher.kernel_refusal() is not None, "libxdp refused, yet the check says the kernel allows it"
             print(f"refused: {exc}")
             return
         try:
             assert dispatcher.has_dispatcher(ifindex)
+            assert dispatcher.kernel_refusal() is None, "libxdp built a dispatcher the check says the kernel refuses"
             assert [c.name for c in dispatcher.components(ifindex)] == ["rr_pass"]
         finally:
             component.detach()
