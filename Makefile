@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := clang llvm libbpf-dev bpftool netsniff-ng nftables iproute2 bird2
+DEB_PACKAGES := clang llvm libbpf-dev bpftool netsniff-ng nftables iproute2 bird2 iputils-ping libxdp1 xdp-tools
 # Only `make bench` needs these: the end-to-end comparison's servers, peers and load generators.
 BENCH_DEB_PACKAGES := haproxy nginx iperf3 wrk
 BPF_SRC := $(wildcard src/rusty_rail/bpf/*.c)

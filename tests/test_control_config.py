@@ -165,6 +165,23 @@ def test_xdp_mode_and_pin_root() -> None:
 ENV = {"RR_DEVICE": "eth0", "RR_TARGET_IPS": "10.2.0.1;10.2.0.2"}
 
 
+def test_xdp_dispatcher_key_and_variable() -> None:
+    """engines/xdp/hook.py: false by default; true or false in the file and the environment, else an
+    error naming the key or the variable and the value."""
+    assert loads_config(MINIMAL).xdp_dispatcher is False
+    config = loads_config("xdp_dispatcher = true\n" + MINIMAL)
+    assert config.xdp_dispatcher is True and config.engine_options().xdp_dispatcher is True
+    assert loads_config("xdp_dispatcher = false\n" + MINIMAL).engine_options().xdp_dispatcher is False
+    with pytest.raises(ConfigError, match='^xdp_dispatcher: "yes" is not true or false$'):
+        loads_config('xdp_dispatcher = "yes"\n' + MINIMAL)
+    with pytest.raises(ConfigError, match="^xdp_dispatcher: 1.5 is not true or false$"):
+        loads_config("xdp_dispatcher = 1.5\n" + MINIMAL)
+    assert from_environment({**ENV, "RR_XDP_DISPATCHER": "true"}).engine_options().xdp_dispatcher is True
+    assert from_environment({**ENV, "RR_XDP_DISPATCHER": "0"}).xdp_dispatcher is False
+    with pytest.raises(ConfigError, match='^RR_XDP_DISPATCHER: "sometimes" is not true or false$'):
+        from_environment({**ENV, "RR_XDP_DISPATCHER": "sometimes"})
+
+
 def test_the_originals_form_is_one_catch_all_service() -> None:
     config = from_environment(ENV)
     assert config.device == "eth0" and config.control_socket is None and config.metrics is None

@@ -124,3 +124,11 @@ def test_bird_socket_reads_numbered_replies(tmp_path: Path) -> None:
         sock.command("configure")
     thread.join(5)
     server.close()
+
+
+def test_tunnel_mtus_leave_room_for_the_tunnel_and_never_exceed_the_clients_links() -> None:
+    from rusty_rail.lab.topology import tunnel_mtus
+
+    assert tunnel_mtus() == (1476, 1456)
+    assert tunnel_mtus(1524) == (1500, 1480)  # Lab(core_mtu=1524): the clients' path is 1500 bytes
+    assert tunnel_mtus(9000) == (1500, 1500)

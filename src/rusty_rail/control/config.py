@@ -16,6 +16,7 @@ may mix them (docs/WIRE.md section 10 names the IPv6 ranges refused). The file f
     device = "eth0"
     engine = "auto"                 # auto | xdp | afpacket                 (RR_ENGINE)
     xdp_mode = "auto"               # auto | native | generic               (RR_XDP_MODE)
+    xdp_dispatcher = false          # true: always through libxdp's dispatcher (RR_XDP_DISPATCHER)
     table_size = 65537              # prime                                 (RR_TABLE_SIZE)
     control_socket = "/run/rusty-rail/control.sock"                       # (RR_CONTROL_SOCKET)
     metrics = "127.0.0.1:9100"      # absent = off                          (RR_METRICS)
@@ -146,6 +147,8 @@ class Config:
     """auto (XDP where it delivers, else AF_PACKET), xdp or afpacket."""
     xdp_mode: XdpMode = XdpMode.AUTO
     """How the XDP program attaches: auto, native (driver) or generic (skb)."""
+    xdp_dispatcher: bool = False
+    """Always through libxdp's dispatcher; false: only beside another's program (engines/xdp/hook.py)."""
     table_size: int = DEFAULT_TABLE_SIZE
     """Maglev table size M, a prime (the paper: M > 100 x backends for < 1% imbalance)."""
     control_socket: str | None = DEFAULT_CONTROL_SOCKET
@@ -164,10 +167,11 @@ class Config:
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(device=self.device, workers=self.workers, connection_capacity=self.connection_capacity,
-                             pin_root=self.pin_root, xdp_mode=self.xdp_mode)
+                             pin_root=self.pin_root, xdp_mode=self.xdp_mode,
+                             xdp_dispatcher=self.xdp_dispatcher)
 
 
-RESTART_FIELDS = ("device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
+RESTART_FIELDS = ("device", "engine", "xdp_mode", "xdp_dispatcher", "table_size", "control_socket", "metrics", "workers",
                   "connection_capacity", "pin_root", "bgp")
 """Fields a reload reports but does not apply: they take effect after a restart."""
 
@@ -220,6 +224,18 @@ def _str(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise _fail(name, f"{_show(value)} is not a string")
     return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    """true or false: a TOML boolean, or as text (the environment form)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise _fail(name, f"{_show(value)} is not true or false")
 
 
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
@@ -294,7 +310,7 @@ def _metrics(value: Any, name: str) -> str:
 
 # -- the file ------------------------------------------------------------------------------------------
 
-_TOP_KEYS = {"device", "engine", "xdp_mode", "table_size", "control_socket", "metrics", "workers",
+_TOP_KEYS = {"device", "engine", "xdp_mode", "xdp_dispatcher", "table_size", "control_socket", "metrics", "workers",
              "connection_capacity", "pin_root", "services", "bgp"}
 _SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health", "announce", "communities", "med", "hash",
                  "connection_table", "answer_ping", "quic"}
@@ -419,6 +435,7 @@ ENVIRONMENT = {
     "device": "RR_DEVICE",
     "engine": "RR_ENGINE",
     "xdp_mode": "RR_XDP_MODE",
+    "xdp_dispatcher": "RR_XDP_DISPATCHER",
     "table_size": "RR_TABLE_SIZE",
     "control_socket": "RR_CONTROL_SOCKET",
     "metrics": "RR_METRICS",
@@ -472,6 +489,7 @@ def _common(values: Mapping[str, Any], names: Any, services: tuple[ServiceSpec, 
         services=services,
         engine=EngineKind(get("engine", _choice, "auto", tuple(e.value for e in EngineKind))),
         xdp_mode=XdpMode(get("xdp_mode", _choice, "auto", tuple(m.value for m in XdpMode))),
+        xdp_dispatcher=get("xdp_dispatcher", _flag, False),
         table_size=get("table_size", _table_size, DEFAULT_TABLE_SIZE),
         control_socket=socket_path,
         metrics=get("metrics", _metrics, None),

@@ -85,6 +85,9 @@ class EngineOptions:
     pin_root: str = DEFAULT_PIN_ROOT
     """bpffs directory below which a hitless restart pins the XDP engine's maps."""
     xdp_mode: XdpMode = XdpMode.AUTO
+    xdp_dispatcher: bool = False
+    """Attach the XDP program through libxdp's dispatcher always (True), or only when another program
+    than ours runs on the device (False): engines/xdp/hook.py."""
     max_services: int = DEFAULT_MAX_SERVICES
     """Services the XDP maps are sized for."""
 

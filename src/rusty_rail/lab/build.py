@@ -6,6 +6,7 @@ host's namespace).
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -20,19 +21,20 @@ from .topology import (
     ROUTER_C,
     ROUTER_C6,
     ROUTER_T,
+    STANDARD_MTU,
     T_PREFIXLEN,
-    TUNNEL_MTU,
-    TUNNEL_MTU6,
     V_BRIDGE,
     V_PREFIXLEN,
     Plan,
+    tunnel_mtus,
 )
 
 IFA_F_NODAD = 0x02  # include/uapi/linux/if_addr.h: usable at once, no duplicate address detection (~1 s)
 
 
-def links(p: Plan) -> None:
-    """The two bridges in the net namespace and a veth from each host's device to its bridge."""
+def links(p: Plan, core_mtu: int = STANDARD_MTU) -> None:
+    """The two bridges in the net namespace and a veth from each host's device to its bridge; the router's
+    and the balancers' veths (both ends) with `core_mtu`."""
     bridged = [(V_BRIDGE, h) for h in (p.router, *p.balancers, *p.servers)]
     bridged += [(C_BRIDGE, h) for h in (*p.clients, p.router_c)]
     with IPRoute(netns=p.net_ns) as ipr:
@@ -43,8 +45,9 @@ def links(p: Plan) -> None:
             # The peer is created directly in the host's namespace: no link ever exists in ours.
             ipr.link("add", ifname=h.bridge_port, kind="veth",
                      peer={"ifname": h.device, "net_ns_fd": h.namespace, "address": h.mac})
+            core = h is p.router or h in p.balancers
             ipr.link("set", index=ipr.link_lookup(ifname=h.bridge_port)[0],
-                     master=ipr.link_lookup(ifname=br)[0], state="up")
+                     master=ipr.link_lookup(ifname=br)[0], state="up", mtu=core_mtu if core else STANDARD_MTU)
     # A veth delivers what an XDP program sends with XDP_TX only when its peer runs XDP too:
     # give the balancers' bridge ports an XDP_PASS program, so an XDP balancer works here.
     from ..engines.xdp import attach_pass
@@ -53,22 +56,27 @@ def links(p: Plan) -> None:
         attach_pass(lb.bridge_port, mode="native", netns=p.net_ns)
 
 
-def addresses_and_routes(p: Plan) -> None:
+def addresses_and_routes(p: Plan, core_mtu: int = STANDARD_MTU) -> None:
+    """core_mtu > 1500: the router's and the balancers' devices get it (the tunnel fits without lowering
+    the clients' path MTU, up to 1500), and the balancers' routes to the servers say 1500, their links'
+    MTU: a full-size client packet is then too big only past the balancer (WIRE.md 8b's case)."""
     v_hosts = (p.router, *p.balancers, *p.servers)
+    mtu4, mtu6 = tunnel_mtus(core_mtu)
     for h in (*p.clients, p.router_c, *v_hosts):
         plen = C_PREFIXLEN if h in (*p.clients, p.router_c) else V_PREFIXLEN
         with IPRoute(netns=h.namespace) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             idx = ipr.link_lookup(ifname=h.device)[0]
-            ipr.link("set", index=idx, state="up")
+            core = h is p.router or h in p.balancers
+            ipr.link("set", index=idx, state="up", mtu=core_mtu if core else STANDARD_MTU)
             ipr.addr("add", index=idx, address=h.address, prefixlen=plen)
             ipr.addr("add", index=idx, address=h.address6, prefixlen=PREFIXLEN6, flags=IFA_F_NODAD)
     for c in p.clients:
         with IPRoute(netns=c.namespace) as ipr:
             # Route MTUs so the client's segments still fit once the router adds its tunnel header (24
             # bytes of IPv4 + GRE; IPv6's up to 44, see TUNNEL_MTU6).
-            ipr.route("add", dst="0.0.0.0/0", gateway=ROUTER_C, metrics={"mtu": TUNNEL_MTU})
-            ipr.route("add", dst="::/0", gateway=ROUTER_C6, metrics={"mtu": TUNNEL_MTU6})
+            ipr.route("add", dst="0.0.0.0/0", gateway=ROUTER_C, metrics={"mtu": mtu4})
+            ipr.route("add", dst="::/0", gateway=ROUTER_C6, metrics={"mtu": mtu6})
     with IPRoute(netns=p.router.namespace) as ipr:
         idx = ipr.link_lookup(ifname=p.router.device)[0]
         ipr.addr("add", index=idx, address=ROUTER_T, prefixlen=T_PREFIXLEN)
@@ -86,6 +94,11 @@ def addresses_and_routes(p: Plan) -> None:
                 # Replies to clients go to the router as plain IP (DSR), never into a tunnel.
                 ipr.route("add", dst=C_NET, gateway=p.router.address)
                 ipr.route("add", dst=C6_NET, gateway=p.router.address6)
+            if h in p.balancers and core_mtu > STANDARD_MTU:
+                for server in p.servers:
+                    ipr.route("add", dst=f"{server.address}/32", oif=idx, metrics={"mtu": STANDARD_MTU})
+                    ipr.route("add", family=socket.AF_INET6, dst=f"{server.address6}/128", oif=idx,
+                              metrics={"mtu": STANDARD_MTU})
     for s in p.servers:
         with IPRoute(netns=s.namespace) as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]

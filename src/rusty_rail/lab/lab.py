@@ -50,12 +50,12 @@ from .topology import (
     ROUTER_AS,
     S6_NET,
     S_NET,
+    STANDARD_MTU,
     TOPOLOGIES,
-    TUNNEL_MTU,
-    TUNNEL_MTU6,
     Host,
     Plan,
     plan,
+    tunnel_mtus,
 )
 
 if TYPE_CHECKING:
@@ -82,10 +82,13 @@ class Lab:
     """Namespaces, links and GRE endpoints of one topology. Attributes come from the `Plan`."""
 
     def __init__(self, topology: int = 1, prefix: str = "rr-", *, direct: bool = False, bgp: bool = False,
-                 outer6: str = "ipv6", python: str = sys.executable) -> None:
+                 outer6: str = "ipv6", python: str = sys.executable, core_mtu: int = STANDARD_MTU) -> None:
         """direct=True points the router's GRE straight at the servers (no balancer): a test mode.
         bgp=True: no static routes at all; the router sends only where balancers announce (BGP).
-        outer6: the outer family of the router's tunnels for IPv6 packets, "ipv6" or "ipv4"."""
+        outer6: the outer family of the router's tunnels for IPv6 packets, "ipv6" or "ipv4".
+        core_mtu: the router's and the balancers' links on V (default 1500, as every link); larger, the
+        clients keep a 1500-byte path to the balancers and the servers' 1500 is met only past them
+        (build.addresses_and_routes): path MTU discovery through the balancer (WIRE.md 8b)."""
         if outer6 not in OUTER6:
             raise ValueError(f"outer6 must be one of {', '.join(OUTER6)}, not {outer6!r}")
         self.plan: Plan = plan(topology, _check_prefix(prefix))
@@ -93,6 +96,9 @@ class Lab:
         self.bgp = bgp
         self.outer6 = outer6
         self.python = python
+        if not STANDARD_MTU <= core_mtu <= 9000:
+            raise ValueError(f"core_mtu must be 1500-9000, not {core_mtu}")
+        self.core_mtu = core_mtu
         self.maps = _router.RouterMaps(_router.pin_dir(prefix))
         self.log_dir = RUN_DIR / prefix  # the prefix is checked above: a plain directory name
         self.bird = Bird(self.log_dir / "router-bird", self.log_dir / "bird.ctl", self.log_dir / "router-bird.log")
@@ -132,8 +138,8 @@ class Lab:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             for ns in self.plan.namespaces:
                 netns.create(ns)
-            build.links(self.plan)
-            build.addresses_and_routes(self.plan)
+            build.links(self.plan, self.core_mtu)
+            build.addresses_and_routes(self.plan, self.core_mtu)
             build.sysctls(self.plan)
             netns.offloads_off(self.router.namespace, self.router.device)
             _router.attach(self.router.namespace, self.router.device, self.maps.pins)
@@ -344,7 +350,8 @@ class Lab:
     def _start_bird(self) -> None:
         """BIRD in the router's namespace: a BGP session per balancer, no routes yet."""
         peers = [Peer(lb.name, lb.address, BALANCER_AS) for lb in self.balancers]
-        families = [Family("ipv4", S_NET, TUNNEL_MTU), Family("ipv6", S6_NET, TUNNEL_MTU6 if self.outer6 == "ipv6" else TUNNEL_MTU)]
+        mtu4, mtu6 = tunnel_mtus(self.core_mtu)
+        families = [Family("ipv4", S_NET, mtu4), Family("ipv6", S6_NET, mtu6 if self.outer6 == "ipv6" else mtu4)]
         self.bird.write_config(self.router.address, ROUTER_AS, peers, families)
         with self._log(self.bird.log_path.name) as log:
             self.popen(self.router.namespace, self.bird.argv(), stdin=subprocess.DEVNULL, stdout=log,

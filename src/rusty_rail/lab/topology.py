@@ -49,6 +49,17 @@ TUNNEL_MTU6 = 1456
 """The clients' IPv6 route MTU: room for the larger tunnel header, 40 (outer IPv6) + 4 (GRE), whichever
 outer family the router's tunnels for IPv6 use, so one client setting serves both."""
 
+STANDARD_MTU = 1500
+"""Every lab link's MTU, unless Lab(core_mtu=...) raises the router's and balancers' (tunnel_mtus)."""
+
+
+def tunnel_mtus(core_mtu: int = STANDARD_MTU) -> tuple[int, int]:
+    """The clients' (and the router's tunnel routes') IPv4 and IPv6 route MTUs when the router's and the
+    balancers' links on V have `core_mtu`: room for the tunnel's header, at most the clients' own links'."""
+    extra = core_mtu - STANDARD_MTU
+    return min(STANDARD_MTU, TUNNEL_MTU + extra), min(STANDARD_MTU, TUNNEL_MTU6 + extra)
+
+
 ROUTER_AS = 65000
 BALANCER_AS = 65001  # every balancer the same AS: their routes to a VIP are equal, and BIRD merges them
 V_BRIDGE = "brv"

@@ -22,12 +22,18 @@ only then replaces the running program atomically (XDP_FLAGS_REPLACE): the devic
 established flow keeps its backend. It then removes the pins. Whatever program runs on the device at
 start (a predecessor whose pins it cannot use or see, a killed run's leftover) is replaced the same
 way, never detached first; a plain stop detaches.
+
+Someone else's program on the device (a firewall's) is never replaced: hook.py decides, before anything
+is loaded, between a plain attach and libxdp's dispatcher (dispatcher.py), or refuses in one line; the
+attach itself replaces only a program hook.only_ours accepts. Through the dispatcher there is no hitless
+restart (hand_over refuses it): libxdp replaces a component only by building a new dispatcher.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from ipaddress import IPv4Address, IPv6Address
@@ -43,11 +49,12 @@ from rusty_rail.dataplane import (Counters, DataplaneState, EngineError, EngineK
                                   Explanation)
 from rusty_rail.engines.device import TxRefusals
 from rusty_rail.engines.neighbours import DeviceError, NeighbourResolver
-from rusty_rail.engines.xdp import counters
+from rusty_rail.engines.xdp import counters, dispatcher
 from rusty_rail.engines.xdp import maps as m
+from rusty_rail.engines.xdp.hook import HookKind, HookPlan, HookRefused, only_ours, plan_hook
 from rusty_rail.engines.xdp.mode import AttachChoice, attach_mode
 from rusty_rail.engines.xdp.planner import Desired
-from rusty_rail.engines.xdp.program import XdpProgram, running_mode
+from rusty_rail.engines.xdp.program import XdpProgram, default_object_path, running_mode
 
 __all__ = ["XdpEngine", "handover_dir"]
 
@@ -113,11 +120,16 @@ class XdpEngine:
 
     def __init__(self, options: EngineOptions, *, object_path: str | os.PathLike | None = None,
                  neighbour_interval: float = 1.0, resolving_interval: float = 0.1,
-                 timeouts: Timeouts = Timeouts(), attach: AttachChoice | None = None) -> None:
-        """`attach`: the attach mode decided already (create_engine's, for its log line); else start()
-        decides it (mode.attach_mode)."""
+                 timeouts: Timeouts = Timeouts(), attach: AttachChoice | None = None,
+                 hook: HookPlan | None = None) -> None:
+        """`attach`, `hook`: the attach mode and the way onto the device's hook decided already
+        (create_engine's, for its log line); start() decides them where not given (mode.attach_mode,
+        hook.plan_hook) and checks the hook again in any case."""
         self.options = options
         self.attach = attach
+        self.hook = hook
+        self.component: dispatcher.XdpComponent | None = None
+        """Set when attached through libxdp's dispatcher (then the program's own instance stays unattached)."""
         self.object_path = object_path
         self.neighbour_interval = neighbour_interval
         self.resolving_interval = resolving_interval
@@ -185,7 +197,17 @@ class XdpEngine:
             raise EngineError(f"XDP engine: the counters of {self.options.device} cannot be read: {exc}") from None
         # Of this namespace (the thread's now): where a predecessor left pins, and where ours would go.
         self._handover_dir = handover_dir(self.options.device, self.options.pin_root)
-        before = _Predecessor.find(self._handover_dir)
+        choice = self.attach or attach_mode(self.options)
+        try:  # before loading anything: someone else's program is never replaced
+            ifindex = socket.if_nametoindex(self.options.device)
+            self.hook = plan_hook(self.options, ifindex, choice.mode)
+        except HookRefused:
+            self.close()
+            raise
+        except OSError as exc:
+            self.close()
+            raise EngineError(f"XDP engine on {self.options.device}: {exc}") from None
+        before = _Predecessor.find(self._handover_dir) if self.hook.kind == HookKind.PLAIN else None
         try:
             self.program = self._load(before)
             if before is not None and self.adopted_connections and before.backends_fd is not None:
@@ -193,10 +215,17 @@ class XdpEngine:
             self._refresh()  # known next hops forward from the first packet
             with self._lock:
                 self.program.sync(self._desired(self._state))
-            choice = self.attach or attach_mode(self.options)
             if choice.warning:
                 log.warning("%s", choice.warning, extra={"event": "xdp_mode_loses_frames"})
-            mode = self._attach(choice.mode, before)
+            if self.hook.kind == HookKind.DISPATCHER:
+                mode = choice.mode
+                self.component = dispatcher.XdpComponent.attach_object(
+                    str(self.object_path or default_object_path()), ifindex, mode, reuse_maps=self.program.fds)
+            else:
+                mode = self._attach(choice.mode, before)
+        except HookRefused:
+            self.close()
+            raise
         except (OSError, ValueError) as exc:
             self.close()
             raise EngineError(f"XDP engine on {self.options.device}: {exc}") from None
@@ -204,10 +233,11 @@ class XdpEngine:
             if before is not None:
                 before.close()  # the pinned rr_conns lives on as ours
         self._ready = True
-        log.info("XDP engine attached (%s) on %s: %d services, %d backends",
-                 choice.why if mode == choice.mode else f"{mode} mode, the running program's", self.options.device,
-                 len(self._state.services), len(self.program.image.backend_index),
-                 extra={"event": "xdp_attached", "xdp_mode": "generic" if mode == "skb" else mode})
+        log.info("XDP engine attached (%s; %s) on %s: %d services, %d backends",
+                 choice.why if mode == choice.mode else f"{mode} mode, the running program's", self.hook.why,
+                 self.options.device, len(self._state.services), len(self.program.image.backend_index),
+                 extra={"event": "xdp_attached", "xdp_mode": "generic" if mode == "skb" else mode,
+                        "xdp_hook": self.hook.kind.value})
 
     @property
     def ready(self) -> bool:
@@ -253,6 +283,11 @@ class XdpEngine:
                 raise EngineError("the XDP program is not attached: nothing to hand over")
             if self._pinned is not None:
                 raise EngineError(f"already handed over (pins in {self._pinned})")
+            if self.component is not None:
+                raise EngineError(
+                    "no hitless restart through libxdp's dispatcher: libxdp replaces a component only by building "
+                    "a new dispatcher, never in place; stop and start instead (established flows are re-hashed), "
+                    "or run with xdp_dispatcher = false on a device no one else's XDP program uses")
             try:  # already done by a restarter asking; for SIGUSR2, this process's own view
                 bpffs.prepare(pin_root)
             except bpffs.PinRootError as exc:
@@ -317,7 +352,7 @@ class XdpEngine:
             log.warning("the XDP program on %s runs in %s mode: attaching in that mode too, to replace it "
                         "without a gap (%s mode takes effect after a stop, which detaches)", device, running, mode)
             mode = running
-        self.program.attach(device, mode=mode)
+        self.program.attach(device, mode=mode, may_replace=only_ours(device))
         replaced = self.program.replaced_program_id
         if before is not None:
             before.remove_pins()
@@ -377,8 +412,13 @@ class XdpEngine:
             program, self.program = self.program, None
             if program is None:
                 return
-            attached = program.attached_ifindex is not None
-            program.close(detach=not self.handed_over)
+            attached = program.attached_ifindex is not None or self.component is not None
+            component, self.component = self.component, None
+            try:
+                if component is not None:
+                    component.detach()  # libxdp rebuilds the dispatcher around the others' programs
+            finally:
+                program.close(detach=not self.handed_over)
         if self.handed_over:
             log.info("XDP engine handed over on %s: its program stays attached, connection table pinned in %s",
                      self.options.device, self._pinned)

@@ -18,7 +18,7 @@ import errno
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -347,12 +347,15 @@ class XdpProgram:
 
     # -- attaching --------------------------------------------------------------------------------
 
-    def attach(self, interface: str | int, mode: str = "native") -> None:
+    def attach(self, interface: str | int, mode: str = "native",
+               may_replace: Callable[[int], None] | None = None) -> None:
         """Attach to `interface` (name or ifindex, in this thread's namespace) in "native" or "skb"
-        (generic) mode. A program running there in that mode (a handover predecessor's, a killed run's
-        leftover, anyone's) is replaced atomically, XDP_FLAGS_REPLACE with its fd, so the device is never
-        without a program; replaced_program_id names it. Never detach-then-attach: a program running in
-        the other mode cannot be replaced so, and is refused (OSError EEXIST; see running_mode())."""
+        (generic) mode. A program running there in that mode is replaced atomically, XDP_FLAGS_REPLACE
+        with its fd, so the device is never without a program; replaced_program_id names it.
+        `may_replace(fd)`, when given, is asked first about exactly the program the kernel will replace (the
+        same fd goes to XDP_FLAGS_REPLACE) and raises to refuse (the engine: only ours, hook.py); without
+        it anyone's is replaced. Never detach-then-attach: a program running in the other mode cannot be
+        replaced so, and is refused (OSError EEXIST; see running_mode())."""
         ifindex, flags = _ifindex(interface), _MODES[mode]
         for _ in range(3):  # the running program may change between the query and the attach
             running = libbpf.xdp_query_id(ifindex, flags)
@@ -375,6 +378,8 @@ class XdpProgram:
                         continue  # gone meanwhile
                     raise
                 try:
+                    if may_replace is not None:
+                        may_replace(old_fd)
                     libbpf.xdp_attach(ifindex, self.prog_fd, flags, old_prog_fd=old_fd)
                 except OSError as exc:
                     if exc.errno == errno.EEXIST:
