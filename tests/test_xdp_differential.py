@@ -267,7 +267,9 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
     ipv6_frames = 0
     with XdpProgram(table_size=TABLE_SIZE, conn_capacity=1 << 16, max_services=1) as x:
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
+        # Derandomised: the coverage floors below hold for this fixed draw, so the test cannot fail on an
+        # unlucky one; the fuzz target (bench/fuzz.py, tests/test_fuzz_target.py) explores at random.
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(scenario())
         def check(case) -> None:
