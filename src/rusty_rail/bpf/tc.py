@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from . import libbpf
 from .netns import in_netns
+from .proginfo import loaded_program
 
 __all__ = ["EGRESS", "INGRESS", "TcProgram", "attach", "detach", "program_name", "query"]
 
@@ -56,16 +57,6 @@ class _TcOpts(ctypes.Structure):
 
     _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", ctypes.c_uint32),
                 ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32), ("priority", ctypes.c_uint32)]
-
-
-class _ProgInfo(ctypes.Structure):
-    """struct bpf_prog_info up to its name (uapi/linux/bpf.h); the kernel fills what info_len asks for."""
-
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
-                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
-                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
-                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
-                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
 
 
 _lib = libbpf.lib
@@ -186,9 +177,6 @@ def program_name(prog_id: int) -> str:
             return ""
         raise
     try:
-        info = _ProgInfo()
-        size = ctypes.c_uint32(ctypes.sizeof(info))
-        _call(_lib.bpf_obj_get_info_by_fd, "bpf_obj_get_info_by_fd", fd, ctypes.byref(info), ctypes.byref(size))
-        return info.name.decode(errors="replace")
+        return loaded_program(fd).name
     finally:
         os.close(fd)

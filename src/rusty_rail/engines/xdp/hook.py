@@ -23,7 +23,6 @@ bpf_obj_get_info_by_fd (libbpf), never from `ip` or `bpftool` output.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from rusty_rail.bpf import libbpf
+from rusty_rail.bpf.proginfo import loaded_program
 from rusty_rail.dataplane import EngineError, EngineOptions
 from rusty_rail.engines.xdp import dispatcher
 from rusty_rail.engines.xdp import maps as m
@@ -42,17 +42,6 @@ __all__ = ["HookKind", "HookPlan", "HookRefused", "RunningProgram", "foreign_ref
 DISPATCHER_PROGRAM = "xdp_dispatcher"
 """libxdp's dispatcher's program name."""
 BPF_PROG_TYPE_XDP = 6
-_MAX_MAPS = 64
-
-
-class _ProgInfo(ctypes.Structure):
-    """struct bpf_prog_info (linux/bpf.h) up to its name: what the kernel fills as far as asked."""
-
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
-                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
-                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
-                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
-                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
 
 
 @dataclass(frozen=True)
@@ -89,14 +78,8 @@ def _map_name(map_id: int) -> str:
 
 def program_info(fd: int) -> RunningProgram:
     """Name, tag and map names of the loaded program behind `fd`."""
-    ids = (ctypes.c_uint32 * _MAX_MAPS)()
-    info = _ProgInfo(nr_map_ids=_MAX_MAPS, map_ids=ctypes.addressof(ids))
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    if libbpf.lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
-        err = ctypes.get_errno() or errno.EINVAL
-        raise OSError(err, f"bpf_obj_get_info_by_fd: {os.strerror(err)}")
-    maps = tuple(_map_name(i) for i in ids[:min(info.nr_map_ids, _MAX_MAPS)])
-    return RunningProgram(info.id, info.name.decode(errors="replace"), bytes(info.tag).hex(), maps)
+    program = loaded_program(fd)
+    return RunningProgram(program.id, program.name, program.tag, tuple(_map_name(i) for i in program.map_ids))
 
 
 def running_program(ifindex: int) -> RunningProgram | None:
