@@ -316,6 +316,7 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
     # ID, in one frame): the golden fixtures pin it in both engines.
     assert min(option_figures[k] for k in ("icmp_too_big", "icmp_echo_replies")) >= 5, option_figures
     reached = {r.name for r in DropReason} & set(seen)
-    unreachable = {"NO_SERVICE", "TX_FAILED", "TX_REFUSED"}  # no engine produces these from a frame alone
+    unreachable = {"NO_SERVICE", "TX_FAILED", "TX_REFUSED",  # no engine produces these from a frame alone
+                   "ICMP_RATE_LIMITED"}  # the answers' bucket is unlimited here (the engines keep time apart)
     assert {"INNER_EXT_HEADERS", "OUTPUT_TOO_BIG"} <= reached, seen
     assert len(reached) >= len(DropReason) - len(unreachable) - 1, (sorted(reached), seen)
