@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,9 @@ VIP = "10.1.0.1"
 
 
 @pytest.fixture
-def pair() -> Iterator[VethPair]:
-    v = VethPair()
-    try:
-        yield v
-    finally:
-        v.close()
+def pair(veth: VethPair) -> VethPair:
+    """conftest's veth pair, under the name these tests use."""
+    return veth
 
 
 class Daemon:

@@ -17,7 +17,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,12 +39,9 @@ BPF_PROG_TYPE_XDP = 6
 
 
 @pytest.fixture
-def pair() -> Iterator[VethPair]:
-    v = VethPair()
-    try:
-        yield v
-    finally:
-        v.close()
+def pair(veth: VethPair) -> VethPair:
+    """conftest's veth pair, under the name these tests use."""
+    return veth
 
 
 def attach_foreign(v: VethPair) -> int:
