@@ -122,13 +122,13 @@ class ConnectionTable:
         chosen: list[int] = []
         append = chosen.append
         ipv6 = 0  # the change to self.ipv6: IPv6 keys (not 16 bytes) added less those removed
-        last_key, last_backends, last = None, None, [0, now]
+        prev_key, prev_backends, prev = None, None, [0, now]
         for key, backend, backends in zip(keys, proposed, listed, strict=True):
-            if key == last_key and backends is last_backends and now < last[1] and last[0] in backends:
+            if key == prev_key and backends is prev_backends and now < prev[1] and prev[0] in backends:
                 # The same flow as the packet before (a block of one flow holds runs of them): its entry
                 # was just made or refreshed to this deadline, is the most recent, and holds a backend
                 # of `backends`, so lookup() and insert() would change nothing.
-                append(last[0])
+                append(prev[0])
                 continue
             entry = get(key)
             deadline = deadlines.get(key[-4], other)  # key[-4]: the protocol, as _timeout() reads it
@@ -139,7 +139,7 @@ class ConnectionTable:
                     if entry[0] not in backends:  # insert() over an entry: rewritten, no eviction
                         entry[0] = backend
                     append(entry[0])
-                    last_key, last_backends, last = key, backends, entry
+                    prev_key, prev_backends, prev = key, backends, entry
                     continue
                 del entries[key]  # lookup(): idle too long
                 self.expirations += 1
@@ -149,8 +149,8 @@ class ConnectionTable:
                 if len(evict(last=False)[0]) != 16:
                     ipv6 -= 1
                 self.evictions += 1
-            entries[key] = last = [backend, deadline]
-            last_key, last_backends = key, backends
+            entries[key] = prev = [backend, deadline]
+            prev_key, prev_backends = key, backends
             if len(key) != 16:
                 ipv6 += 1
             append(backend)
