@@ -10,6 +10,7 @@ import json
 import itertools
 import os
 import shlex
+import signal
 import shutil
 import subprocess
 from pathlib import Path
@@ -382,3 +383,15 @@ def test_cli_up_returns_through_a_pipe(prefix: str) -> None:
     assert all(st["namespaces"][lb.namespace]["pids"] for lb in lab.balancers)  # still running, detached
     subprocess.run([*cli, "down"], check=True, timeout=60)
     assert netns.with_prefix(prefix) == [] and not lab.log_dir.exists()
+
+
+def test_stop_kills_a_process_that_ignores_sigterm() -> None:
+    """netns.stop: SIGTERM, then SIGKILL after the timeout; a process already gone is left alone."""
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)"],
+                                stdout=subprocess.PIPE)
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+    netns.stop(stubborn, timeout=0.5)
+    assert stubborn.returncode == -signal.SIGKILL
+    netns.stop(stubborn)  # already reaped: nothing to do
+    assert stubborn.returncode == -signal.SIGKILL

@@ -196,12 +196,7 @@ def path(lab: Lab, name: str) -> Iterator[str]:
             yield lab.vip
         finally:
             for p in procs:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+                netns.stop(p, 15)
             lab.reset_balancer(lb, check=False)
     elif name in ("haproxy", "nft"):
         peer = Haproxy(lab) if name == "haproxy" else NftDnat(lab)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..lab import netns
 from ..lab.lab import Lab
 from ..lab.topology import Host
 
@@ -120,13 +121,7 @@ class Servers:
 
     def stop(self) -> None:
         for p in self._procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
+            netns.stop(p)
         self._procs.clear()
         for s in self.lab.servers:
             self.lab.start_httpd(s)
@@ -174,7 +169,6 @@ class NftDnat:
     lab: Lab
 
     def start(self) -> None:
-        from ..lab import netns
 
         lb = self.lab.balancers[0]
         rules = self.lab.log_dir / "dnat.nft"
@@ -187,7 +181,6 @@ class NftDnat:
                                     f"net.ipv4.conf.{lb.device}.send_redirects": 0})
 
     def stop(self) -> None:
-        from ..lab import netns
 
         lb = self.lab.balancers[0]
         self.lab.run(lb.namespace, ["nft", "delete", "table", "ip", NAT_TABLE], check=False)

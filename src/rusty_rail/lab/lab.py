@@ -281,12 +281,7 @@ class Lab:
         p = self._httpd.pop(server.name, None)
         if p is None:
             raise LookupError(f"{server.name} has no running httpd")
-        p.terminate()
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=timeout)
+        netns.stop(p, timeout)
 
     def start_httpd(self, server: Host) -> None:
         """Start (again) a server's HTTP server; it accepts connections when this returns."""

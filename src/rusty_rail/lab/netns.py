@@ -50,6 +50,18 @@ def popen(ns: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     return subprocess.Popen([*enter, *argv], env=full_env, **kw)  # type: ignore[call-overload]
 
 
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM a process (one popen() started) and reap it; SIGKILL when it has not exited after `timeout`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def exists(ns: str) -> bool:
     return os.path.exists(f"{NETNS_DIR}/{ns}")
 
