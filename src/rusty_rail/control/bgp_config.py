@@ -1,4 +1,4 @@
-"""The `[bgp]` section and the per-service route keys, through config.py's validators (errors name the
+"""The `[bgp]` section and the per-service route keys, through config_values.py's checks (errors name the
 key path and the value, like every other key).
 
     [bgp]
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 from typing import TYPE_CHECKING, Any
 
-from rusty_rail.control.config import RouteSpec, _fail, _int, _join, _seconds, _show, _str, _table
+from rusty_rail.control import config_values as check
+from rusty_rail.control.config import RouteSpec
 from rusty_rail.core.address import Address, unusable
 
 if TYPE_CHECKING:
@@ -65,13 +66,13 @@ class BgpSpec:
 
 def _ipv4(value: Any, name: str) -> IPv4Address:
     """A router ID or a peer's address: the sessions are IPv4 (RFC 4271's BGP Identifier is 32 bits)."""
-    text = _str(value, name).strip()
+    text = check.string(value, name).strip()
     try:
         address = IPv4Address(text)
     except AddressValueError:
-        raise _fail(name, f"{_show(value)} is not an IPv4 address") from None
+        raise check.fail(name, f"{check.show(value)} is not an IPv4 address") from None
     if unusable(address):
-        raise _fail(name, f"{_show(value)} is not a unicast address")
+        raise check.fail(name, f"{check.show(value)} is not a unicast address")
     return address
 
 
@@ -80,26 +81,26 @@ def parse_route(table: Mapping[str, Any], path: str, catch_all: bool) -> RouteSp
     if catch_all:
         for key in ROUTE_KEYS & set(table):
             if key != "announce" or table[key] is not False:
-                raise _fail(_join(path, key), f"{_show(table[key])}: the catch-all service (vip \"*\") has no VIP "
+                raise check.fail(check.join(path, key), f"{check.show(table[key])}: the catch-all service (vip \"*\") has no VIP "
                             "to announce")
         return RouteSpec(announce=False)
     announce = table.get("announce", True)
     if not isinstance(announce, bool):
-        raise _fail(_join(path, "announce"), f"{_show(announce)} is not true or false")
-    med = _int(table["med"], _join(path, "med"), 0, 0xFFFFFFFF) if "med" in table else None
+        raise check.fail(check.join(path, "announce"), f"{check.show(announce)} is not true or false")
+    med = check.integer(table["med"], check.join(path, "med"), 0, 0xFFFFFFFF) if "med" in table else None
     raw = table.get("communities", [])
     if not isinstance(raw, list):
-        raise _fail(_join(path, "communities"), f"{_show(raw)} is not a list")
-    communities = tuple(_community(c, f"{_join(path, 'communities')}[{i}]") for i, c in enumerate(raw))
+        raise check.fail(check.join(path, "communities"), f"{check.show(raw)} is not a list")
+    communities = tuple(_community(c, f"{check.join(path, 'communities')}[{i}]") for i, c in enumerate(raw))
     return RouteSpec(announce, communities, med)
 
 
 def _community(value: Any, name: str) -> tuple[int, int]:
     """'65000:80' (RFC 1997: two 16-bit halves)."""
-    text = _str(value, name).strip()
+    text = check.string(value, name).strip()
     high, sep, low = text.partition(":")
     if not sep or not high.isdigit() or not low.isdigit() or int(high) > 0xFFFF or int(low) > 0xFFFF:
-        raise _fail(name, f"{_show(value)} is not a community ASN:VALUE (each 0..65535)")
+        raise check.fail(name, f"{check.show(value)} is not a community ASN:VALUE (each 0..65535)")
     return int(high), int(low)
 
 
@@ -116,7 +117,7 @@ def check_shared_vips(services: Sequence[ServiceSpec]) -> None:
         other = services[first[vip]].route
         for key in ("med", "communities"):
             if getattr(service.route, key) != getattr(other, key):
-                raise _fail(f"services[{i}].{key}", f"differs from services[{first[vip]}].{key}: both announce "
+                raise check.fail(f"services[{i}].{key}", f"differs from services[{first[vip]}].{key}: both announce "
                             f"{host_prefix(vip)}, one route")
 
 
@@ -128,40 +129,32 @@ def host_prefix(vip: Address) -> str:
 def parse_bgp(value: Any, path: str = "bgp") -> BgpSpec:
     """[bgp]. The sessions are IPv4 (router IDs and peers); they carry the IPv6 VIPs' routes too
     (multiprotocol BGP, RFC 4760), whose next hop is the device's global IPv6 address (runtime.py)."""
-    table = _table(value, path, _BGP_KEYS)
+    table = check.table(value, path, _BGP_KEYS)
     if "local_as" not in table:
-        raise _fail(_join(path, "local_as"), "missing")
-    local_as = _int(table["local_as"], _join(path, "local_as"), 1, MAX_ASN)
-    router_id = _ipv4(table["router_id"], _join(path, "router_id")) if "router_id" in table else None
-    drain = _seconds(table.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT), _join(path, "drain_timeout"))
-    raw_peers = table.get("peers", [])
-    if not isinstance(raw_peers, list) or not raw_peers:
-        raise _fail(_join(path, "peers"), "none configured (add at least one [[bgp.peers]] with address and as)")
-    peers: list[PeerSpec] = []
-    seen: dict[IPv4Address, int] = {}
-    for i, raw in enumerate(raw_peers):
-        peer = _peer(raw, f"{_join(path, 'peers')}[{i}]")
-        if peer.address in seen:
-            raise _fail(f"{_join(path, 'peers')}[{i}].address", f"{peer.address} is already peers[{seen[peer.address]}]")
-        seen[peer.address] = i
-        peers.append(peer)
+        raise check.fail(check.join(path, "local_as"), "missing")
+    local_as = check.integer(table["local_as"], check.join(path, "local_as"), 1, MAX_ASN)
+    router_id = _ipv4(table["router_id"], check.join(path, "router_id")) if "router_id" in table else None
+    drain = check.seconds(table.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT), check.join(path, "drain_timeout"))
+    peers = check.unique_list(table.get("peers", []), check.join(path, "peers"), _peer, lambda p: p.address,
+                              none="none configured (add at least one [[bgp.peers]] with address and as)",
+                              key_name="address")
     return BgpSpec(local_as, tuple(peers), router_id, drain)
 
 
 def _peer(value: Any, path: str) -> PeerSpec:
-    table = _table(value, path, _PEER_KEYS)
+    table = check.table(value, path, _PEER_KEYS)
     for key in ("address", "as"):
         if key not in table:
-            raise _fail(_join(path, key), "missing")
-    hold = _int(table.get("hold_time", DEFAULT_HOLD_TIME), _join(path, "hold_time"), 0, 0xFFFF)
+            raise check.fail(check.join(path, key), "missing")
+    hold = check.integer(table.get("hold_time", DEFAULT_HOLD_TIME), check.join(path, "hold_time"), 0, 0xFFFF)
     if hold in (1, 2):  # RFC 4271 4.2: zero, or at least three seconds
-        raise _fail(_join(path, "hold_time"), f"{hold} is not 0 or >= 3 (RFC 4271)")
+        raise check.fail(check.join(path, "hold_time"), f"{hold} is not 0 or >= 3 (RFC 4271)")
     password = None
     if "password" in table:
-        password = _str(table["password"], _join(path, "password"))
+        password = check.string(table["password"], check.join(path, "password"))
         if not 1 <= len(password.encode()) <= MAX_PASSWORD or any(c in password for c in "\"\\\n;{}"):
             # Written into the speaker's configuration: quotes, braces or semicolons would end the value.
-            raise _fail(_join(path, "password"), f"must be 1..{MAX_PASSWORD} bytes without quotes, "
+            raise check.fail(check.join(path, "password"), f"must be 1..{MAX_PASSWORD} bytes without quotes, "
                         "backslashes, braces, semicolons or newlines")
-    return PeerSpec(_ipv4(table["address"], _join(path, "address")),
-                    _int(table["as"], _join(path, "as"), 1, MAX_ASN), hold, password)
+    return PeerSpec(_ipv4(table["address"], check.join(path, "address")),
+                    check.integer(table["as"], check.join(path, "as"), 1, MAX_ASN), hold, password)

@@ -43,26 +43,23 @@ may mix them (docs/WIRE.md section 10 names the IPv6 ranges refused). The file f
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from ipaddress import AddressValueError, IPv4Address
 from typing import TYPE_CHECKING, Any
 
-from rusty_rail.core.address import Address, as_address, unusable
+from rusty_rail.control import config_values as check
+from rusty_rail.control.config_values import ConfigError
+from rusty_rail.core.address import Address
 from rusty_rail.core.constants import (
     DEFAULT_CONN_CAPACITY,
     DEFAULT_PIN_ROOT,
     DEFAULT_TABLE_SIZE,
     MAX_CONN_CAPACITY,
-    MAX_TABLE_SIZE,
 )
-from rusty_rail.core.maglev import is_prime
 from rusty_rail.core.options import ENVIRONMENT_OPTIONS, ServiceOptions
 from rusty_rail.core.service import CATCH_ALL_NAME, ServiceKey, ServiceProtocol
 from rusty_rail.dataplane import EngineKind, EngineOptions, XdpMode, default_workers
@@ -72,12 +69,6 @@ if TYPE_CHECKING:
 
 DEFAULT_CONTROL_SOCKET = "/run/rusty-rail/control.sock"
 MAX_WORKERS = 256
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,253})$")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names the key or variable and the value."""
 
 
 class HealthType(str, Enum):
@@ -176,138 +167,6 @@ RESTART_FIELDS = ("device", "engine", "xdp_mode", "xdp_dispatcher", "table_size"
 """Fields a reload reports but does not apply: they take effect after a restart."""
 
 
-# -- validators: (value as written, name as written) -> value, or ConfigError naming both -----------------
-
-
-def _show(value: Any) -> str:
-    """A value as it would be written in the file (strings quoted, booleans lower case)."""
-    if isinstance(value, (str, bool)):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "a list"
-    return str(value)
-
-
-def _fail(name: str, message: str) -> ConfigError:
-    return ConfigError(f"{name}: {message}")
-
-
-def _int(value: Any, name: str, minimum: int, maximum: int) -> int:
-    if isinstance(value, str):  # the environment form: a number written as text
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise _fail(name, f"{_show(value)} is not a whole number") from None
-    # TOML booleans are not numbers, though Python's bool is an int.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(name, f"{_show(value)} is not a whole number")
-    if value < minimum:
-        raise _fail(name, f"{value} is not >= {minimum}")
-    if value > maximum:
-        raise _fail(name, f"{value} is not <= {maximum}")
-    return value
-
-
-def _seconds(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(name, f"{_show(value)} is not a number of seconds")
-    if not math.isfinite(value) or value <= 0:
-        raise _fail(name, f"{value} is not > 0")
-    if value > 3600:
-        raise _fail(name, f"{value} is not <= 3600")
-    return float(value)
-
-
-def _str(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise _fail(name, f"{_show(value)} is not a string")
-    return value
-
-
-def _flag(value: Any, name: str) -> bool:
-    """true or false: a TOML boolean, or as text (the environment form)."""
-    if isinstance(value, bool):
-        return value
-    text = value.strip().lower() if isinstance(value, str) else None
-    if text in ("true", "1"):
-        return True
-    if text in ("false", "0"):
-        return False
-    raise _fail(name, f"{_show(value)} is not true or false")
-
-
-def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    text = _str(value, name).strip()
-    if text not in choices:
-        raise _fail(name, f"{_show(value)} is not one of {', '.join(choices)}")
-    return text
-
-
-def _device(value: Any, name: str) -> str:
-    device = _str(value, name).strip()
-    if not _IFNAME.match(device):
-        raise _fail(name, f"{_show(value)} is not an interface name")
-    return device
-
-
-def _address(value: Any, name: str) -> Address:
-    """An IPv4 or IPv6 address a VIP or a backend may have (core/address.py unusable() says which not)."""
-    text = _str(value, name).strip()
-    try:
-        address = as_address(text)
-    except ValueError:
-        raise _fail(name, f"{_show(value)} is not an IPv4 or IPv6 address") from None
-    why = unusable(address)
-    if why is not None:
-        raise _fail(name, f"{_show(value)} is {why}")
-    return address
-
-
-def _table_size(value: Any, name: str) -> int:
-    size = _int(value, name, 3, MAX_TABLE_SIZE)
-    if not is_prime(size):
-        raise _fail(name, f"{size} is not prime")
-    return size
-
-
-def _absolute_path(value: Any, name: str) -> str:
-    path = _str(value, name).strip()
-    if not os.path.isabs(path):
-        raise _fail(name, f"{_show(value)} is not an absolute path")
-    return path
-
-
-def _socket_path(value: Any, name: str) -> str:
-    path = _absolute_path(value, name)
-    if len(path.encode()) > 107:  # sun_path is 108 bytes with its terminating NUL
-        raise _fail(name, f"{_show(value)} is longer than a unix socket path may be (107 bytes)")
-    return path
-
-
-def parse_metrics_address(value: Any, name: str = "metrics") -> tuple[str, int]:
-    """'127.0.0.1:9100' -> ('127.0.0.1', 9100). The host is an IPv4 address or a host name."""
-    text = _str(value, name).strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise _fail(name, f"{_show(value)} is not host:port")
-    try:
-        IPv4Address(host)
-    except AddressValueError:
-        if not _HOSTNAME.match(host) or host.replace(".", "").isdigit():
-            raise _fail(name, f"{_show(value)}: {host!r} is not an IPv4 address or host name") from None
-    port = int(port_text)
-    if not 1 <= port <= 0xFFFF:
-        raise _fail(name, f"{_show(value)}: port {port} is not in 1..65535")
-    return host, port
-
-
-def _metrics(value: Any, name: str) -> str:
-    parse_metrics_address(value, name)
-    return str(value).strip()
-
-
 # -- the file ------------------------------------------------------------------------------------------
 
 _TOP_KEYS = {"device", "engine", "xdp_mode", "xdp_dispatcher", "table_size", "control_socket", "metrics", "workers",
@@ -317,40 +176,28 @@ _SERVICE_KEYS = {"vip", "protocol", "port", "backends", "health", "announce", "c
 _HEALTH_KEYS = {"type", "port", "path", "interval", "timeout", "rise", "fall"}
 
 
-def _table(value: Any, path: str, allowed: set[str]) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise _fail(path, f"{_show(value)} is not a table")
-    for key in value:
-        if key not in allowed:
-            raise _fail(_join(path, key), f"unknown key (expected one of {', '.join(sorted(allowed))})")
-    return value
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
 
 def _health(value: Any, path: str, service_port: int) -> HealthSpec:
-    table = _table(value, path, _HEALTH_KEYS)
-    kind = HealthType(_choice(table.get("type", "none"), _join(path, "type"), tuple(t.value for t in HealthType)))
+    table = check.table(value, path, _HEALTH_KEYS)
+    kind = HealthType(check.choice(table.get("type", "none"), check.join(path, "type"), tuple(t.value for t in HealthType)))
     defaults = HealthSpec()
-    port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
+    port = check.integer(table.get("port", 0), check.join(path, "port"), 0, 0xFFFF)
     if kind != HealthType.NONE and port == 0 and service_port == 0:
-        raise _fail(_join(path, "port"), "0 (the service's port) but the service covers every port; give a port")
+        raise check.fail(check.join(path, "port"), "0 (the service's port) but the service covers every port; give a port")
     path_value = defaults.path
     if "path" in table:
         if kind != HealthType.HTTP:
-            raise _fail(_join(path, "path"), f"{_show(table['path'])} is only for type \"http\"")
-        path_value = _str(table["path"], _join(path, "path"))
+            raise check.fail(check.join(path, "path"), f"{check.show(table['path'])} is only for type \"http\"")
+        path_value = check.string(table["path"], check.join(path, "path"))
         if not path_value.startswith("/") or any(c in path_value for c in " \r\n\t"):
-            raise _fail(_join(path, "path"), f"{_show(path_value)} is not an absolute URL path")
-    interval = _seconds(table.get("interval", defaults.interval), _join(path, "interval"))
-    timeout = _seconds(table.get("timeout", defaults.timeout), _join(path, "timeout"))
+            raise check.fail(check.join(path, "path"), f"{check.show(path_value)} is not an absolute URL path")
+    interval = check.seconds(table.get("interval", defaults.interval), check.join(path, "interval"))
+    timeout = check.seconds(table.get("timeout", defaults.timeout), check.join(path, "timeout"))
     if timeout > interval:
         # A probe still running when the next is due would overlap it; checks would pile up.
-        raise _fail(_join(path, "timeout"), f"{timeout} is not <= interval ({interval})")
-    rise = _int(table.get("rise", defaults.rise), _join(path, "rise"), 1, 100)
-    fall = _int(table.get("fall", defaults.fall), _join(path, "fall"), 1, 100)
+        raise check.fail(check.join(path, "timeout"), f"{timeout} is not <= interval ({interval})")
+    rise = check.integer(table.get("rise", defaults.rise), check.join(path, "rise"), 1, 100)
+    fall = check.integer(table.get("fall", defaults.fall), check.join(path, "fall"), 1, 100)
     return HealthSpec(kind, port, path_value, interval, timeout, rise, fall)
 
 
@@ -358,48 +205,37 @@ def _service(value: Any, path: str) -> ServiceSpec:
     from rusty_rail.control.bgp_config import parse_route  # they build on this module's validators
     from rusty_rail.control.service_options import parse_backends, parse_options
 
-    table = _table(value, path, _SERVICE_KEYS)
+    table = check.table(value, path, _SERVICE_KEYS)
     if "vip" not in table:
-        raise _fail(_join(path, "vip"), "missing")
+        raise check.fail(check.join(path, "vip"), "missing")
     if table["vip"] == CATCH_ALL_NAME:  # every VIP, protocol and port: what the environment form serves
         for key in ("protocol", "port"):
             if key in table and table[key] not in ("any", 0):
-                raise _fail(_join(path, key), f"{_show(table[key])}: the catch-all service (vip \"*\") covers "
+                raise check.fail(check.join(path, key), f"{check.show(table[key])}: the catch-all service (vip \"*\") covers "
                             "every protocol and port")
-        backends = parse_backends(table.get("backends", []), _join(path, "backends"))
-        return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), _join(path, "health"), 0),
+        backends = parse_backends(table.get("backends", []), check.join(path, "backends"))
+        return ServiceSpec(ServiceKey.catch_all(), backends, _health(table.get("health", {}), check.join(path, "health"), 0),
                            parse_route(table, path, catch_all=True), parse_options(table, path, ServiceProtocol.ANY, backends))
-    vip = _address(table["vip"], _join(path, "vip"))
-    port = _int(table.get("port", 0), _join(path, "port"), 0, 0xFFFF)
-    protocol_text = _choice(table.get("protocol", "tcp" if port else "any"), _join(path, "protocol"), ("tcp", "udp", "any"))
+    vip = check.address(table["vip"], check.join(path, "vip"))
+    port = check.integer(table.get("port", 0), check.join(path, "port"), 0, 0xFFFF)
+    protocol_text = check.choice(table.get("protocol", "tcp" if port else "any"), check.join(path, "protocol"), ("tcp", "udp", "any"))
     protocol = ServiceProtocol[protocol_text.upper()]
     if protocol == ServiceProtocol.ANY and port:
-        raise _fail(_join(path, "port"), f"{port} needs protocol \"tcp\" or \"udp\" (protocol \"any\" means every port: 0)")
-    backends = parse_backends(table.get("backends", []), _join(path, "backends"))
-    health = _health(table.get("health", {}), _join(path, "health"), port)
+        raise check.fail(check.join(path, "port"), f"{port} needs protocol \"tcp\" or \"udp\" (protocol \"any\" means every port: 0)")
+    backends = parse_backends(table.get("backends", []), check.join(path, "backends"))
+    health = _health(table.get("health", {}), check.join(path, "health"), port)
     return ServiceSpec(ServiceKey(vip, protocol, port), backends, health, parse_route(table, path, catch_all=False),
                        parse_options(table, path, protocol, backends))
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """A Config from a parsed TOML document, or ConfigError naming the first bad key."""
-    table = _table(dict(data), "", _TOP_KEYS)
+    table = check.table(dict(data), "", _TOP_KEYS)
     if "device" not in table:
-        raise _fail("device", "missing")
-    raw_services = table.get("services", [])
-    if not isinstance(raw_services, list):
-        raise _fail("services", f"{_show(raw_services)} is not a list of tables ([[services]])")
-    services: list[ServiceSpec] = []
-    seen: dict[ServiceKey, int] = {}
-    for i, raw in enumerate(raw_services):
-        service = _service(raw, f"services[{i}]")
-        if service.key in seen:
-            raise _fail(f"services[{i}]", f"{service.key} is already services[{seen[service.key]}]")
-        seen[service.key] = i
-        services.append(service)
-    if not services:
-        # Without services the balancer would drop everything (NO_SERVICE); that is never what was meant.
-        raise _fail("services", "none configured (a config file needs at least one [[services]])")
+        raise check.fail("device", "missing")
+    # Without services the balancer would drop everything (NO_SERVICE); that is never what was meant.
+    services = check.unique_list(table.get("services", []), "services", _service, lambda s: s.key,
+                                 none="none configured (a config file needs at least one [[services]])")
     from rusty_rail.control.bgp_config import check_shared_vips, parse_bgp
 
     check_shared_vips(services)
@@ -451,10 +287,10 @@ def parse_targets(value: str, name: str = "RR_TARGET_IPS") -> tuple[Address, ...
     separate too)."""
     parts = [p for p in re.split(r"[;,\s]+", value) if p]
     if not parts:
-        raise _fail(name, "lists no addresses")
-    targets = [_address(part, name) for part in parts]
+        raise check.fail(name, "lists no addresses")
+    targets = [check.address(part, name) for part in parts]
     if len(set(targets)) != len(targets):
-        raise _fail(name, "an address is listed twice")
+        raise check.fail(name, "an address is listed twice")
     return tuple(targets)
 
 
@@ -464,10 +300,10 @@ def from_environment(env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     present = {key: env[var] for key, var in ENVIRONMENT.items() if env.get(var, "").strip()}
     if "device" not in present:
-        raise _fail("RR_DEVICE", "is not set")
+        raise check.fail("RR_DEVICE", "is not set")
     raw_targets = env.get("RR_TARGET_IPS", "").strip()
     if not raw_targets:
-        raise _fail("RR_TARGET_IPS", "is not set")
+        raise check.fail("RR_TARGET_IPS", "is not set")
     targets = parse_targets(raw_targets)
     service = ServiceSpec(ServiceKey.catch_all(), tuple(BackendSpec(t) for t in targets), options=ENVIRONMENT_OPTIONS)
     return _common(present, names=ENVIRONMENT.__getitem__, services=(service,), control_socket_default=None)
@@ -483,17 +319,17 @@ def _common(values: Mapping[str, Any], names: Any, services: tuple[ServiceSpec, 
     def get(key: str, validate: Any, default: Any, *args: Any) -> Any:
         return validate(values[key], names(key), *args) if key in values else default
 
-    socket_path = get("control_socket", _socket_path, control_socket_default)
+    socket_path = get("control_socket", check.socket_path, control_socket_default)
     return Config(
-        device=_device(values["device"], names("device")),
+        device=check.device_name(values["device"], names("device")),
         services=services,
-        engine=EngineKind(get("engine", _choice, "auto", tuple(e.value for e in EngineKind))),
-        xdp_mode=XdpMode(get("xdp_mode", _choice, "auto", tuple(m.value for m in XdpMode))),
-        xdp_dispatcher=get("xdp_dispatcher", _flag, False),
-        table_size=get("table_size", _table_size, DEFAULT_TABLE_SIZE),
+        engine=EngineKind(get("engine", check.choice, "auto", tuple(e.value for e in EngineKind))),
+        xdp_mode=XdpMode(get("xdp_mode", check.choice, "auto", tuple(m.value for m in XdpMode))),
+        xdp_dispatcher=get("xdp_dispatcher", check.flag, False),
+        table_size=get("table_size", check.table_size, DEFAULT_TABLE_SIZE),
         control_socket=socket_path,
-        metrics=get("metrics", _metrics, None),
-        workers=get("workers", _int, default_workers(), 1, MAX_WORKERS),
-        connection_capacity=get("connection_capacity", _int, DEFAULT_CONN_CAPACITY, 1, MAX_CONN_CAPACITY),
-        pin_root=get("pin_root", _absolute_path, DEFAULT_PIN_ROOT),
+        metrics=get("metrics", check.metrics_address, None),
+        workers=get("workers", check.integer, default_workers(), 1, MAX_WORKERS),
+        connection_capacity=get("connection_capacity", check.integer, DEFAULT_CONN_CAPACITY, 1, MAX_CONN_CAPACITY),
+        pin_root=get("pin_root", check.absolute_path, DEFAULT_PIN_ROOT),
     )

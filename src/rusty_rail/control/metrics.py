@@ -17,7 +17,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.registry import Collector
 
 from rusty_rail.control.bgp import Announcer
-from rusty_rail.control.config import parse_metrics_address
+from rusty_rail.control.config_values import parse_metrics_address
 from rusty_rail.control.plane import ControlPlane
 
 log = logging.getLogger("rusty_rail.metrics")

@@ -1,5 +1,5 @@
 """A [[services]] table's backends and option keys (docs/WIRE.md section 11), through config.py's
-validators: errors name the key path and the value, like every other key.
+checks (config_values.py): errors name the key path and the value, like every other key.
 
     [[services]]
     vip = "10.1.0.1"
@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rusty_rail.control.config import BackendSpec, _address, _choice, _fail, _int, _join, _show, _table
-from rusty_rail.core.address import Address
+from rusty_rail.control import config_values as check
+from rusty_rail.control.config import BackendSpec
 from rusty_rail.core.constants import MAX_WEIGHT
 from rusty_rail.core.options import HashFields, ServiceOptions
 from rusty_rail.core.service import ServiceProtocol
@@ -35,40 +35,29 @@ MAX_SERVER_ID = 0xFFFF  # two bytes of QUIC-LB plaintext server ID (core/options
 def _bool(table: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
     value = table.get(key, default)
     if not isinstance(value, bool):
-        raise _fail(_join(path, key), f"{_show(value)} is not true or false")
+        raise check.fail(check.join(path, key), f"{check.show(value)} is not true or false")
     return value
 
 
 def _backend(value: Any, path: str) -> BackendSpec:
     if isinstance(value, str):
-        return BackendSpec(_address(value, path))
-    table = _table(value, path, BACKEND_KEYS)
+        return BackendSpec(check.address(value, path))
+    table = check.table(value, path, BACKEND_KEYS)
     if "address" not in table:
-        raise _fail(_join(path, "address"), "missing")
-    weight = _int(table.get("weight", 1), _join(path, "weight"), 0, MAX_WEIGHT)
-    return BackendSpec(_address(table["address"], _join(path, "address")), weight, parse_server_id(table, path))
+        raise check.fail(check.join(path, "address"), "missing")
+    weight = check.integer(table.get("weight", 1), check.join(path, "weight"), 0, MAX_WEIGHT)
+    return BackendSpec(check.address(table["address"], check.join(path, "address")), weight, parse_server_id(table, path))
 
 
 def parse_backends(raw: Any, path: str) -> tuple[BackendSpec, ...]:
-    if not isinstance(raw, list):
-        raise _fail(path, f"{_show(raw)} is not a list")
-    backends: list[BackendSpec] = []
-    seen: dict[Address, int] = {}
-    for i, item in enumerate(raw):
-        where = f"{path}[{i}]"
-        backend = _backend(item, where)
-        if backend.address in seen:
-            raise _fail(where, f"{backend.address} is already {path.rsplit('.', 1)[-1]}[{seen[backend.address]}]")
-        seen[backend.address] = i
-        backends.append(backend)
-    return tuple(backends)
+    return tuple(check.unique_list(raw, path, _backend, lambda b: b.address))
 
 
 def parse_server_id(table: Mapping[str, Any], path: str) -> int | None:
     """A backend's `server_id` (0..65535), None when it has none."""
     if "server_id" not in table:
         return None
-    return _int(table["server_id"], _join(path, "server_id"), 0, MAX_SERVER_ID)
+    return check.integer(table["server_id"], check.join(path, "server_id"), 0, MAX_SERVER_ID)
 
 
 def parse_options(table: Mapping[str, Any], path: str, protocol: ServiceProtocol,
@@ -77,24 +66,24 @@ def parse_options(table: Mapping[str, Any], path: str, protocol: ServiceProtocol
     checked against its backends' server IDs."""
     defaults = ServiceOptions()
     names = tuple(f.text for f in HashFields)
-    fields = HashFields.from_text(_choice(table.get("hash", defaults.hash.text), _join(path, "hash"), names))
+    fields = HashFields.from_text(check.choice(table.get("hash", defaults.hash.text), check.join(path, "hash"), names))
     quic = _bool(table, "quic", path, defaults.quic)
     if quic and protocol != ServiceProtocol.UDP:
-        raise _fail(_join(path, "quic"), f"true needs protocol \"udp\" (QUIC runs over UDP), not "
+        raise check.fail(check.join(path, "quic"), f"true needs protocol \"udp\" (QUIC runs over UDP), not "
                     f"\"{protocol.name.lower()}\"")
     ids: list[tuple[int, int]] = []
     seen: dict[int, int] = {}
     for i, backend in enumerate(backends):
-        where = f"{_join(path, 'backends')}[{i}]"
+        where = f"{check.join(path, 'backends')}[{i}]"
         if backend.server_id is None:
             if quic:
-                raise _fail(_join(where, "server_id"), "missing (every backend of a service with quic = true has "
+                raise check.fail(check.join(where, "server_id"), "missing (every backend of a service with quic = true has "
                             "one: the server ID its QUIC connection IDs carry)")
             continue
         if not quic:
-            raise _fail(_join(where, "server_id"), f"{backend.server_id}: only for a service with quic = true")
+            raise check.fail(check.join(where, "server_id"), f"{backend.server_id}: only for a service with quic = true")
         if backend.server_id in seen:
-            raise _fail(_join(where, "server_id"), f"{backend.server_id} is already backends[{seen[backend.server_id]}]'s")
+            raise check.fail(check.join(where, "server_id"), f"{backend.server_id} is already backends[{seen[backend.server_id]}]'s")
         seen[backend.server_id] = i
         ids.append((int(backend.address), backend.server_id))
     return ServiceOptions(hash=fields,
