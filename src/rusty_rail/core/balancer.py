@@ -333,12 +333,7 @@ class Balancer:
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
         header = _IP_FIXED.pack(0x45, tos, out_total, 0, _OUT_DF, _OUT_TTL, _GRE, ~s & 0xFFFF)
-        self.forwarded += 1
-        if six:
-            self.forwarded6 += 1
-        pool.packets[backend] += 1
-        pool.bytes[backend] += inner_total
-        return Forward(ethernet + header + addresses + _GRE_OUT[six] + inner, backend)
+        return self._forwarded(ethernet + header + addresses + _GRE_OUT[six] + inner, six, pool, backend, inner_total)
 
     def _forward6(self, frame: bytes, prefix: tuple[bytes, bytes, int], key: bytes, tc: int, inner: bytes,
                   inner_total: int, six: bool, pool: Pool, backend: int, now: float) -> Verdict:
@@ -349,12 +344,16 @@ class Balancer:
             return self._too_big(frame, inner, six, 0 if six else (inner[0] & 0x0F) * 4, mtu - 44, now)
         first = 0x60000000 | tc << 20 | (flow_hash(key, self.hash_seed) & 0xFFFFF)
         header = _IP6_FIXED.pack(first, 4 + inner_total, _GRE, _OUT_TTL)
+        return self._forwarded(ethernet + header + addresses + _GRE_OUT[six] + inner, six, pool, backend, inner_total)
+
+    def _forwarded(self, out: bytes, six: bool, pool: Pool, backend: int, inner_total: int) -> Forward:
+        """The frame out, counted (forwarded; the inner family; the backend's packets and inner bytes)."""
         self.forwarded += 1
         if six:
             self.forwarded6 += 1
         pool.packets[backend] += 1
         pool.bytes[backend] += inner_total
-        return Forward(ethernet + header + addresses + _GRE_OUT[six] + inner, backend)
+        return Forward(out, backend)
 
     def _choose(self, pool: Pool, key: bytes, inner: bytes, l4: int, six: bool, now: float) -> int | None:
         """docs/WIRE.md section 7 under the service's options (section 11): a QUIC short header's server
