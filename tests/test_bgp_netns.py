@@ -193,7 +193,7 @@ UNREACHABLE_PEER = "192.168.137.99"  # on the lab's bridge, nobody there
 
 def test_unreachable_peer_and_flapping_session(tmp_path: Path) -> None:
     """The router's static route keeps traffic on lb1 whatever BGP does; lb1's session flaps (the router
-    disables it, its speaker is killed) and one of its peers never answers: all logged and retried, the
+    disables it, its speaker stalls past the hold time, its speaker is killed) and one of its peers never answers: all logged and retried, the
     daemon keeps running, and every request through it succeeds."""
     with lab_up(3) as lab:
         lb1 = lab.balancers[0]
@@ -216,6 +216,17 @@ def test_unreachable_peer_and_flapping_session(tmp_path: Path) -> None:
                     lbs.wait_next_hops([lb1.address], timeout=20)
                     assert all(r.ok for r in pool.get()), f"flap {flap}: up again"
                 speaker = lbs.request(lb1, {"cmd": "status"})["bgp"]["speaker"]
+                # The speaker stalls past the hold time (a starved process): BIRD's hold timer expires and it
+                # drops the session; the lab's router takes the balancer back within seconds of the stall's end.
+                os.kill(speaker["pid"], signal.SIGSTOP)
+                try:
+                    lbs.wait_next_hops([], timeout=10)
+                finally:
+                    os.kill(speaker["pid"], signal.SIGCONT)
+                stalled_at = time.monotonic()
+                lbs.wait_next_hops([lb1.address], timeout=20)
+                back_after_stall = time.monotonic() - stalled_at
+                assert all(r.ok for r in pool.get())
                 os.kill(speaker["pid"], signal.SIGKILL)  # the speaker dies; the daemon starts another
                 lbs.wait_next_hops([], timeout=5)
                 assert all(r.ok for r in pool.get())
@@ -233,7 +244,8 @@ def test_unreachable_peer_and_flapping_session(tmp_path: Path) -> None:
                 (e["peer"], e["state"]) for e in logged(log_path, "bgp_session")].count((UNREACHABLE_PEER, "down")) >= 2)
             sessions = [(e["peer"], e["state"]) for e in logged(log_path, "bgp_session")]
             assert logged(log_path, "bgp_speaker_restart")
-            print(f"two flaps and a killed speaker: all 10 pooled connections served "
+            print(f"two flaps, a stalled speaker (announced again {back_after_stall:.2f} s after it went on) and a "
+                  f"killed speaker: all 10 pooled connections served "
                   f"throughout; sessions logged {dict(Counter(sessions))}; peer {UNREACHABLE_PEER} still not up")
             (report,) = lbs.stop()
             assert report["counters"]["forwarded"] > 0

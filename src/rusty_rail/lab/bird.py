@@ -88,6 +88,10 @@ def render_config(router_id: str, local_as: int, peers: Sequence[Peer], families
         # hold time 3 s (keepalive 1 s): a balancer whose host dies silently is dropped within 3 s; one
         # whose daemon dies closes its session, and is dropped at once.
         f"  hold time {hold_time};",
+        # After a session error (a hold timer that expired while a loaded box starved the speaker) BIRD
+        # refuses the balancer's new connections for its error wait time, 60 s at first by default: a
+        # lab's balancer would stay withdrawn for a minute. 1 s, growing to 10 s if errors repeat.
+        "  error wait time 1, 10;",
         "  passive on;",
         *(f"  {fam.name} {{ import filter {fam.name}_vips; export none; }};" for fam in families),
         "}",
