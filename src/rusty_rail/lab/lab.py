@@ -334,9 +334,14 @@ class Lab:
         """The address the router sends this flow's GRE to (default: to the IPv4 VIP; an IPv6 VIP's flow
         is the client's IPv6 address's): the kernel's multipath choice (router.py). For an IPv6 flow,
         the IPv6 next hop (with outer6="ipv4" the tunnel goes to the same host's IPv4 address)."""
+        return self.route_choices(client, [sport], dport, proto, vip)[0]
+
+    def route_choices(self, client: Host, sports: Sequence[int], dport: int = 80, proto: int = 6,
+                      vip: str | None = None) -> list[str | None]:
+        """route_choice() for many flows of one client at once."""
         vip = vip or self.vip
         src = client.address6 if ipaddress.ip_address(vip).version == 6 else client.address
-        return _router.route_choice(self.router.namespace, self.plan.router_c.device, src, vip, proto, sport, dport)
+        return _router.route_choices(self.router.namespace, self.plan.router_c.device, src, vip, proto, sports, dport)
 
     def balancer_by_address(self, address: str | None) -> Host | None:
         """The balancer with this address, of either family."""
