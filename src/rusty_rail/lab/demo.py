@@ -140,12 +140,12 @@ def _serve(lab: Lab, procs: list[subprocess.Popen[bytes]], requests_per_client: 
             start = time.monotonic()
             results = lab.traffic(n=requests_per_client, client=client, vip=vip)
             elapsed = time.monotonic() - start
-            for r in results:
-                if not r.ok:
-                    failures += 1
-                    continue
-                # The router's kernel picked the balancer by its multipath hash: ask it which, for this flow.
-                lb = lab.route_choice(client, r.sport or 0, vip=vip) or "?"
+            answered = [r for r in results if r.ok]
+            failures += len(results) - len(answered)
+            # The router's kernel picked the balancer by its multipath hash: ask it which, for each flow.
+            hops = lab.route_choices(client, [r.sport or 0 for r in answered], vip=vip)
+            for r, hop in zip(answered, hops):
+                lb = hop or "?"
                 per_backend[(client.name, family, r.server or "?")] += 1
                 per_balancer[(client.name, family, lb_name.get(lb, lb))] += 1
             print(f"{client.name} {family}: {len(results)} requests to {vip} in {elapsed:.1f}s "
