@@ -302,6 +302,19 @@ def test_idle_timeout(xdp) -> None:
     assert backend_of(xdp, wrapped(IP(src=CLIENT, dst=VIP) / UDP(sport=p, dport=53))) == uchoice
 
 
+def test_a_hit_never_moves_a_stamp_back(xdp) -> None:
+    """A stamp ahead of this CPU's tick (another CPU's, whose tick began later) is left as it is: a hit
+    writes the entry only when the tick has moved past its stamp (docs/WIRE.md section 7)."""
+    p = 53100
+    key = oracle_key(CLIENT, VIP, 6, p, 80)
+    other = next(b for b in BACKENDS if b != table_backend(BACKENDS, CLIENT, VIP, 6, p, 80))
+    ahead = time.monotonic_ns() + 10**9
+    xdp.write_connection(key, other, ahead)
+    assert backend_of(xdp, wrapped(tcp(p))) == other
+    assert backend_of(xdp, wrapped(tcp(p))) == other
+    assert xdp.connection(key).last_seen_ns == ahead
+
+
 def test_no_backend(xdp) -> None:
     sync(xdp, [])
     assert xdp.test_run(wrapped(tcp(1234)))[0] == XdpAction.DROP

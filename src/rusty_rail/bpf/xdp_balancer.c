@@ -320,7 +320,12 @@ int rr_balance(struct xdp_md *ctx)
 			backend = b;
 			backend_index = index;
 			hash = conn->flow_hash;
-			conn->last_seen_ns = now;
+			/* Written when the tick has moved on, never back: `now` changes once a jiffy (clock_ns),
+			 * so a flow's entry is written once a tick instead of on every packet (a write dirties its
+			 * cache line for every CPU that reads the flow), and a CPU whose tick began earlier leaves
+			 * another's later stamp. Freshness is the same rule: the stamp trails by a tick at most. */
+			if ((__s64)(now - last) > 0)
+				conn->last_seen_ns = now;
 			if (cache && !stamped) {
 				conn->svc_index = svc_index;
 				conn->svc_table_size = table_size;
