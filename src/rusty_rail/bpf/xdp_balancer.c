@@ -356,6 +356,20 @@ table:
 		 * connection table. */
 		if (flags & RR_OPT_NO_CONNS)
 			goto chosen;
+		/* The entry found (past its idle timeout, or naming a backend that left) names this very
+		 * backend and hash: a rewrite would change only its stamp and service, so those are written in
+		 * place, as a hit writes them, and the entry is the one an update would leave. An update takes
+		 * a new element from the LRU's free list under two locks: most of the miss path's cost. */
+		if (conn && conn->backend_index == backend_index && conn->flow_hash == hash &&
+		    same_backend(conn->backend_addr, backend->addr)) {
+			conn->svc_index = svc_index;
+			conn->svc_table_size = table_size;
+			conn->svc_flags = flags;
+			conn->svc_gen = gen;
+			conn->last_seen_ns = now;
+			count(RR_STAT_CONN_NEW);
+			goto chosen;
+		}
 		struct rr_conn fresh = {
 			.backend_index = backend_index,
 			.flow_hash = hash,
