@@ -7,6 +7,7 @@ Needs root (loading BPF); skipped otherwise, except in CI where conftest refuses
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import random
@@ -18,11 +19,13 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw
 
+from rusty_rail.bpf import libbpf
 from rusty_rail.core.balancer import Balancer
 from rusty_rail.core.ethernet import mac_to_bytes
 from rusty_rail.core.verdict import Action, DropReason
 from rusty_rail.dataplane import DataplaneState
 from rusty_rail.engines.xdp import XdpAction, XdpProgram, counters, default_object_path
+from rusty_rail.engines.xdp import maps as m
 from rusty_rail.engines.xdp.planner import Desired
 from tests.fixtures.golden import (
     ALL_BACKENDS,
@@ -300,6 +303,33 @@ def test_idle_timeout(xdp) -> None:
     uother = next(b for b in BACKENDS if b != uchoice)
     xdp.write_connection(ukey, uother, max(1, time.monotonic_ns() - 61 * 10**9))
     assert backend_of(xdp, wrapped(IP(src=CLIENT, dst=VIP) / UDP(sport=p, dport=53))) == uchoice
+
+
+def test_a_hit_never_moves_a_stamp_back(xdp) -> None:
+    """A stamp ahead of this CPU's tick (another CPU's, whose tick began later) is left as it is: a hit
+    writes the entry only when the tick has moved past its stamp (docs/WIRE.md section 7)."""
+    p = 53100
+    key = oracle_key(CLIENT, VIP, 6, p, 80)
+    other = next(b for b in BACKENDS if b != table_backend(BACKENDS, CLIENT, VIP, 6, p, 80))
+    ahead = time.monotonic_ns() + 10**9
+    xdp.write_connection(key, other, ahead)
+    assert backend_of(xdp, wrapped(tcp(p))) == other
+    assert backend_of(xdp, wrapped(tcp(p))) == other
+    assert xdp.connection(key).last_seen_ns == ahead
+
+
+def test_an_expired_entry_gets_its_flows_hash_back(xdp) -> None:
+    """An expired entry naming the table's backend but holding another hash is rewritten whole (the
+    in-place restamp is only for an entry that already holds what an update would write)."""
+    p = 53200
+    key = oracle_key(CLIENT, VIP, 6, p, 80)
+    choice = table_backend(BACKENDS, CLIENT, VIP, 6, p, 80)
+    conn = m.RrConn(backend_index=backend_index(xdp, choice), flow_hash=oracle_hash(key) ^ 1,
+                    last_seen_ns=max(1, time.monotonic_ns() - 301 * 10**9))
+    conn.backend_addr = (ctypes.c_uint8 * 16)(*m.identity(int(IPv4Address(choice))))
+    libbpf.map_update(xdp.fds[m.conn_map(key)], key, conn)
+    assert backend_of(xdp, wrapped(tcp(p))) == choice
+    assert xdp.connection(key).flow_hash == oracle_hash(key)
 
 
 def test_no_backend(xdp) -> None:

@@ -340,6 +340,25 @@ def test_a_flows_cached_service_gives_way_to_a_new_one(pair) -> None:
     assert_counters_agree(reference, x)
 
 
+def test_an_expired_entry_that_keeps_its_backend_is_restamped(pair) -> None:
+    """An entry past its idle timeout that the table gives the same backend is written in place (no map
+    update): it comes out as an update would leave it, stamped with the flow's service and the time."""
+    reference, x = pair
+    vip_any = svc("10.1.0.2")
+    apply(reference, x, {vip_any: ((B[0], B[1]), (1, 1))})
+    frame = wrap(tcp(45100, 80, dst="10.1.0.2"))
+    chosen = backend(reference, x, frame)
+    (entry,) = x.connections()
+    stale = time.monotonic_ns() - 301 * 10**9  # past the TCP timeout (300 s); written unstamped (svc_gen 0)
+    x.write_connection(entry.key, chosen, stale)
+    counters.reset(x)
+    assert x.test_run(frame)[0] == XdpAction.TX
+    after = stamp(x)
+    assert (after.svc_gen, after.svc_index) == (x.read_config().services_gen, x.image.service_index[vip_any])
+    assert after.last_seen_ns > stale and x.connection(entry.key).backend == IPv4Address(chosen)
+    assert nonzero(x) == {"conn_new": 1, "forwarded": 1}  # rewritten from the table, not a new entry
+
+
 def test_a_handovers_successor_never_trusts_its_predecessors_stamps() -> None:
     """A successor adopting the connection tables issues generations after every one its predecessor
     did, so the entries it adopts are looked up again (and restamped), and their flows keep their
