@@ -117,7 +117,9 @@ def transport(draw, proto: int) -> bytes:
     elif proto == 17:
         header = struct.pack("!HHHH", draw(ports), draw(ports), 8 + len(payload), 0)
     elif proto == 1:
-        icmp_type = draw(st.sampled_from([0, 3, 5, 8, 11, 12]))
+        # half of them echo requests: an answer needs one to a VIP of a service that answers pings, and
+        # at 1 in 6 some fixed draws had a single answer in 10,200 frames
+        icmp_type = draw(st.one_of(st.just(8), st.sampled_from([0, 3, 5, 11, 12])))
         header = struct.pack("!BBHI", icmp_type, draw(st.integers(0, 15)), 0, draw(st.integers(0, 2**32 - 1)))
         if icmp_type in (3, 5, 11, 12) and draw(st.booleans()):
             payload = draw(embedded())
@@ -314,6 +316,7 @@ def test_xdp_matches_python_on_random_and_malformed_frames() -> None:
     # ... and the answers' paths (a few dozen of each in a run: enough to pin them, see the counters). QUIC
     # routing is drawn too but reached only now and then (a quic service, a short header, a known server
     # ID, in one frame): the golden fixtures pin it in both engines.
+    print(f"differential: balancer answers {dict(option_figures)}")
     assert min(option_figures[k] for k in ("icmp_too_big", "icmp_echo_replies")) >= 5, option_figures
     reached = {r.name for r in DropReason} & set(seen)
     unreachable = {"NO_SERVICE", "TX_FAILED", "TX_REFUSED",  # no engine produces these from a frame alone
