@@ -13,6 +13,7 @@ import pytest
 
 from rusty_rail.bench import e2e, peers
 from rusty_rail.control.config import load_config
+from rusty_rail.lab import netns
 from rusty_rail.lab.lab import Lab
 from rusty_rail.lab.topology import plan
 
@@ -76,3 +77,16 @@ def test_unknown_path_is_refused() -> None:
 def test_missing_tools_names_debian_packages(monkeypatch) -> None:
     monkeypatch.setattr(peers.shutil, "which", lambda tool: None if tool in ("wrk", "nft") else "/usr/bin/" + tool)
     assert peers.missing_tools() == ["nftables", "wrk"]
+
+
+@pytest.mark.netns
+def test_wire_like_turns_offloads_off_and_keeps_each_flow_on_one_cpu() -> None:
+    with Lab(topology=1, prefix=f"rrb{os.getpid() % 100000}w-") as up:
+        e2e.wire_like(up)
+        p = up.plan
+        for h in (*p.clients, p.router, *p.balancers, *p.servers):
+            assert not any(netns.offload_on(p.net_ns, h.bridge_port, f) for f in e2e.WIRE_OFF), h.bridge_port
+        rps = {h.bridge_port: int(up.run(p.net_ns, ["cat", f"/sys/class/net/{h.bridge_port}/queues/rx-0/rps_cpus"])
+                                  .stdout.strip().replace(",", ""), 16) for h in (*p.clients, *p.servers)}
+        everyone = sum(1 << cpu for cpu in os.sched_getaffinity(0))
+        assert rps == {port: everyone for port in rps}
