@@ -17,7 +17,9 @@ balanced path lists only server1 for port 5201); HTTP is spread over both server
 
 Modes: "lab" is the lab as it is (veth offloads as the kernel sets them: TSO/GSO on, so a hop may
 carry 64 KB super-packets); "wire" turns TSO, GSO and GRO off on every veth in the lab, so every hop
-carries MTU-sized frames as a real wire would.
+carries MTU-sized frames as a real wire would, and keeps each flow on one CPU (flow_per_cpu). In both,
+the XDP_PASS program the lab keeps on the balancer's bridge port (for native XDP_TX) is there only
+for the path that needs it, rr-xdp (no_peer_xdp).
 
 Each round visits every path (in a rotated order, so slow drift of a shared machine's load does not
 favour one path), and every figure is a median over the rounds; the ratio is a path's median over the
@@ -195,9 +197,44 @@ def _probe(lab: Lab, host: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{host}: no HTTP answer within {timeout:.0f} s ({last})")
 
 
+NATIVE_XDP_PATHS = ("rr-xdp",)
+"""Paths that need the XDP_PASS program the lab keeps on each balancer's bridge port (lab/build.py):
+native XDP_TX on a veth delivers only to a peer that runs XDP."""
+
+
+@contextlib.contextmanager
+def no_peer_xdp(lab: Lab) -> Iterator[None]:
+    """The balancers' bridge ports without their XDP_PASS program while inside, put back on exit.
+
+    Why: with XDP on the bridge port, every frame a balancer sends (AF_PACKET, HAProxy, nft, generic
+    XDP) takes the veth's XDP receive path, which copies each frame into a page of its own
+    (skb_pp_cow_data) before the bridge sees it; a wire has nothing of the kind. Measured with perf on
+    the AF_PACKET worker in an upload (lab mode): veth_xdp_rcv 10.5% of its time, skb_pp_cow_data 7.8%."""
+    from ..engines.xdp import attach_pass, detach_all
+
+    ports = [lb.bridge_port for lb in lab.balancers]
+    for port in ports:
+        detach_all(port, netns=lab.plan.net_ns)
+    try:
+        yield
+    finally:
+        for port in ports:
+            attach_pass(port, mode="native", netns=lab.plan.net_ns)
+
+
 @contextlib.contextmanager
 def path(lab: Lab, name: str) -> Iterator[str]:
     """Set the lab up for path `name`, yield the address the client connects to, undo on exit."""
+    if name in PATHS and name not in NATIVE_XDP_PATHS:
+        with no_peer_xdp(lab), _path(lab, name) as host:
+            yield host
+    else:
+        with _path(lab, name) as host:
+            yield host
+
+
+@contextlib.contextmanager
+def _path(lab: Lab, name: str) -> Iterator[str]:
     lb = lab.balancers[0]
     if name == "direct":
         yield lab.servers[0].address
