@@ -10,9 +10,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
 from rusty_rail.bench import e2e, peers
 from rusty_rail.control.config import load_config
+from rusty_rail.engines.device import native_xdp_prog_id
 from rusty_rail.lab import netns
 from rusty_rail.lab.lab import Lab
 from rusty_rail.lab.topology import plan
@@ -80,7 +82,7 @@ def test_missing_tools_names_debian_packages(monkeypatch) -> None:
 
 
 @pytest.mark.netns
-def test_wire_like_turns_offloads_off_and_keeps_each_flow_on_one_cpu() -> None:
+def test_wire_like_and_the_bridge_ports_without_xdp() -> None:
     with Lab(topology=1, prefix=f"rrb{os.getpid() % 100000}w-") as up:
         e2e.wire_like(up)
         p = up.plan
@@ -90,3 +92,12 @@ def test_wire_like_turns_offloads_off_and_keeps_each_flow_on_one_cpu() -> None:
                                   .stdout.strip().replace(",", ""), 16) for h in (*p.clients, *p.servers)}
         everyone = sum(1 << cpu for cpu in os.sched_getaffinity(0))
         assert rps == {port: everyone for port in rps}
+
+        def bridge_port_xdp() -> list[int]:
+            with IPRoute(netns=p.net_ns) as ipr:
+                return [native_xdp_prog_id(ipr.get_links(ifname=b.bridge_port)[0]) for b in p.balancers]
+
+        assert all(bridge_port_xdp())
+        with e2e.no_peer_xdp(up):
+            assert not any(bridge_port_xdp())
+        assert all(bridge_port_xdp()), "put back for the path that needs it"
