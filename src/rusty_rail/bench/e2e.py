@@ -115,7 +115,13 @@ def flow_per_cpu(lab: Lab) -> None:
     retransmissions on the direct and GRE paths, nearly all spurious (TCPDSACKRecv 2000-2400 at the
     sender), TCPOFOQueue 2560-6890 at the receiver, with no drop counted anywhere; with RPS on these
     ports 13-32 retransmissions and TCPOFOQueue 0 on every path. Steered by the flow's hash, every later
-    hop of the flow runs on that one CPU, so it stays in order to the end."""
+    hop of the flow runs on that one CPU, so it stays in order to the end.
+
+    Not on the balancers' ports: the engines send no TCP of their own, so their forwards leave in the
+    order they came. Tried (5 rounds each, two runs): with RPS there as well, a forwarded flow whose
+    hash names the other CPU moved there at the balancer's port, and rr-xdp's upload fell from 0.934x
+    to 0.789x of the GRE path (rounds 1.03-2.18 Gbit/s), generic XDP from 0.984x to 0.915x; HAProxy,
+    a TCP sender on the balancer host, had 52 retransmissions instead of 242."""
     p = lab.plan
     mask = format(sum(1 << cpu for cpu in os.sched_getaffinity(0)), "x")
     for h in (*p.clients, *p.servers):
