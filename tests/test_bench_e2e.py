@@ -10,9 +10,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
 from rusty_rail.bench import e2e, peers
 from rusty_rail.control.config import load_config
+from rusty_rail.engines.device import native_xdp_prog_id
+from rusty_rail.lab import netns
 from rusty_rail.lab.lab import Lab
 from rusty_rail.lab.topology import plan
 
@@ -76,3 +79,25 @@ def test_unknown_path_is_refused() -> None:
 def test_missing_tools_names_debian_packages(monkeypatch) -> None:
     monkeypatch.setattr(peers.shutil, "which", lambda tool: None if tool in ("wrk", "nft") else "/usr/bin/" + tool)
     assert peers.missing_tools() == ["nftables", "wrk"]
+
+
+@pytest.mark.netns
+def test_wire_like_and_the_bridge_ports_without_xdp() -> None:
+    with Lab(topology=1, prefix=f"rrb{os.getpid() % 100000}w-") as up:
+        e2e.wire_like(up)
+        p = up.plan
+        for h in (*p.clients, p.router, *p.balancers, *p.servers):
+            assert not any(netns.offload_on(p.net_ns, h.bridge_port, f) for f in e2e.WIRE_OFF), h.bridge_port
+        rps = {h.bridge_port: int(up.run(p.net_ns, ["cat", f"/sys/class/net/{h.bridge_port}/queues/rx-0/rps_cpus"])
+                                  .stdout.strip().replace(",", ""), 16) for h in (*p.clients, *p.servers)}
+        everyone = sum(1 << cpu for cpu in os.sched_getaffinity(0))
+        assert rps == {port: everyone for port in rps}
+
+        def bridge_port_xdp() -> list[int]:
+            with IPRoute(netns=p.net_ns) as ipr:
+                return [native_xdp_prog_id(ipr.get_links(ifname=b.bridge_port)[0]) for b in p.balancers]
+
+        assert all(bridge_port_xdp())
+        with e2e.no_peer_xdp(up):
+            assert not any(bridge_port_xdp())
+        assert all(bridge_port_xdp()), "put back for the path that needs it"

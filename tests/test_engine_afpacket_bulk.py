@@ -23,7 +23,7 @@ from rusty_rail.core.service import Service, ServiceKey, ServiceProtocol
 from rusty_rail.core.verdict import Action
 from rusty_rail.dataplane import DataplaneState
 from rusty_rail.engines.afpacket.bulk import BULK_FROM, BulkProcessor, common_case, ip_checksums
-from rusty_rail.engines.afpacket.walker import RingWalker, decide_blocks
+from rusty_rail.engines.afpacket.walker import RECTANGLE_MAX, RingWalker, decide_blocks
 from tests.afpacket_netns import EngineProcess
 from tests.engine_netns import VethPair, checksum, drain, ipv4
 from tests.fixtures.golden import LB_ADDRESS, LB_ADDRESS6, LB_MAC, TABLE_SIZE, fixtures, golden_balancer, golden_services
@@ -253,6 +253,25 @@ def test_random_blocks_give_what_decide_gives(seed: int) -> None:
         counters = twin.bulk_balancer.counters()
         assert twin.bulk.bulk_frames > 0 and counters["connection_evictions"] + counters["drop_no_neighbour"] > 0
         assert counters["forwarded_ipv6"] > 0 and twin.bulk_balancer.connections.ipv6 > 0, counters
+    finally:
+        twin.close()
+
+
+def test_a_block_of_full_sized_segments_gives_what_decide_gives() -> None:
+    """Bulk TCP (nearly every segment full-sized, a few short): its payloads are copied into the TX ring
+    as one rectangle (walker.RECTANGLE_PADDING), and every byte is still decide()'s."""
+    twin = Twin(lambda: random_balancer(1000))
+    widths: list[int] = []
+    ring = twin.rings[0]
+    window = ring.window
+    ring.window = lambda width: widths.append(width) or window(width)  # type: ignore[method-assign]
+    try:
+        frames = [outer(ipv4(f"10.0.0.{i % 7 + 1}", VIP_WEB, 6, tcp(40000 + i % 7, 80, payload=bytes([i]) * (20 if i % 9 == 0 else 1300))))
+                  for i in range(60)]
+        bulk, per_frame = twin.run(frames, 0.0)
+        assert bulk == per_frame and len(bulk) > 30 and twin.bulk.bulk_frames == len(frames)
+        assert max(widths) > RECTANGLE_MAX, "the payloads went as one rectangle"
+        twin.assert_same_state()
     finally:
         twin.close()
 

@@ -71,6 +71,9 @@ def test_up_down_leaves_nothing(prefix: str, topology: int) -> None:
         assert st["logs"] == {"dir": str(lab.log_dir),
                               "files": sorted(["router-bird.log", *(f"{s.name}-httpd.log" for s in lab.servers)])}
         assert _names(_host_links()) == before, "the lab must not create links in the host namespace"
+        with IPRoute(netns=lab.plan.net_ns) as ipr:  # bursts toward a native XDP balancer queue, not drop
+            kinds = {q["index"]: q.get_attr("TCA_KIND") for q in ipr.get_qdiscs() if q["parent"] == 0xFFFFFFFF}
+            assert [kinds[ipr.link_lookup(ifname=b.bridge_port)[0]] for b in lab.balancers] == ["pfifo"] * len(lab.balancers)
     finally:
         lab.down()
     assert netns.with_prefix(prefix) == []

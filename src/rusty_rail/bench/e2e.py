@@ -17,7 +17,9 @@ balanced path lists only server1 for port 5201); HTTP is spread over both server
 
 Modes: "lab" is the lab as it is (veth offloads as the kernel sets them: TSO/GSO on, so a hop may
 carry 64 KB super-packets); "wire" turns TSO, GSO and GRO off on every veth in the lab, so every hop
-carries MTU-sized frames as a real wire would.
+carries MTU-sized frames as a real wire would, and keeps each flow on one CPU (flow_per_cpu). In both,
+the XDP_PASS program the lab keeps on the balancer's bridge port (for native XDP_TX) is there only
+for the path that needs it, rr-xdp (no_peer_xdp).
 
 Each round visits every path (in a rotated order, so slow drift of a shared machine's load does not
 favour one path), and every figure is a median over the rounds; the ratio is a path's median over the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -88,8 +91,9 @@ WIRE_OFF = ("tso", "gso", "gro")
 
 
 def wire_like(lab: Lab) -> None:
-    """TSO, GSO and GRO off on both ends of every veth in the lab (ethtool -K, in each namespace);
-    RuntimeError naming the device if one stays on."""
+    """TSO, GSO and GRO off on both ends of every veth in the lab (ethtool -K, in each namespace), and
+    every flow kept on one CPU from its first hop on (flow_per_cpu); RuntimeError naming the device if
+    an offload stays on."""
     p = lab.plan
     for h in (*p.clients, p.router_c, p.router, *p.balancers, *p.servers):
         for ns, device in ((h.namespace, h.device), (p.net_ns, h.bridge_port)):
@@ -98,6 +102,31 @@ def wire_like(lab: Lab) -> None:
                     netns.offloads_off(ns, device, (feature,))
                 if netns.offload_on(ns, device, feature):
                     raise RuntimeError(f"{ns}/{device}: {feature} stays on")
+    flow_per_cpu(lab)
+
+
+def flow_per_cpu(lab: Lab) -> None:
+    """RPS over every CPU on the bridge port where the senders' (clients', servers') frames first
+    arrive, as a NIC's RSS keeps a flow on one queue.
+
+    Why: a veth hands each frame to the backlog of the CPU that sends it, and a TCP sender sends from
+    whichever CPU runs it or handles its ACKs, so consecutive segments of one flow sit in two CPUs'
+    backlogs and overtake each other. Measured in wire-like uploads (5 s, one round each): 1770-2630
+    retransmissions on the direct and GRE paths, nearly all spurious (TCPDSACKRecv 2000-2400 at the
+    sender), TCPOFOQueue 2560-6890 at the receiver, with no drop counted anywhere; with RPS on these
+    ports 13-32 retransmissions and TCPOFOQueue 0 on every path. Steered by the flow's hash, every later
+    hop of the flow runs on that one CPU, so it stays in order to the end.
+
+    Not on the balancers' ports: the engines send no TCP of their own, so their forwards leave in the
+    order they came. Tried (5 rounds each, two runs): with RPS there as well, a forwarded flow whose
+    hash names the other CPU moved there at the balancer's port, and rr-xdp's upload fell from 0.934x
+    to 0.789x of the GRE path (rounds 1.03-2.18 Gbit/s), generic XDP from 0.984x to 0.915x; HAProxy,
+    a TCP sender on the balancer host, had 52 retransmissions instead of 242."""
+    p = lab.plan
+    mask = format(sum(1 << cpu for cpu in os.sched_getaffinity(0)), "x")
+    for h in (*p.clients, *p.servers):
+        # sysfs as the namespace sees it (`ip netns exec` mounts it): the device is the lab's, not the host's
+        lab.run(p.net_ns, ["tee", f"/sys/class/net/{h.bridge_port}/queues/rx-0/rps_cpus"], input=mask)
 
 
 # -- the tools ---------------------------------------------------------------------------------------
@@ -174,9 +203,44 @@ def _probe(lab: Lab, host: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{host}: no HTTP answer within {timeout:.0f} s ({last})")
 
 
+NATIVE_XDP_PATHS = ("rr-xdp",)
+"""Paths that need the XDP_PASS program the lab keeps on each balancer's bridge port (lab/build.py):
+native XDP_TX on a veth delivers only to a peer that runs XDP."""
+
+
+@contextlib.contextmanager
+def no_peer_xdp(lab: Lab) -> Iterator[None]:
+    """The balancers' bridge ports without their XDP_PASS program while inside, put back on exit.
+
+    Why: with XDP on the bridge port, every frame a balancer sends (AF_PACKET, HAProxy, nft, generic
+    XDP) takes the veth's XDP receive path, which copies each frame into a page of its own
+    (skb_pp_cow_data) before the bridge sees it; a wire has nothing of the kind. Measured with perf on
+    the AF_PACKET worker in an upload (lab mode): veth_xdp_rcv 10.5% of its time, skb_pp_cow_data 7.8%."""
+    from ..engines.xdp import attach_pass, detach_all
+
+    ports = [lb.bridge_port for lb in lab.balancers]
+    for port in ports:
+        detach_all(port, netns=lab.plan.net_ns)
+    try:
+        yield
+    finally:
+        for port in ports:
+            attach_pass(port, mode="native", netns=lab.plan.net_ns)
+
+
 @contextlib.contextmanager
 def path(lab: Lab, name: str) -> Iterator[str]:
     """Set the lab up for path `name`, yield the address the client connects to, undo on exit."""
+    if name in PATHS and name not in NATIVE_XDP_PATHS:
+        with no_peer_xdp(lab), _path(lab, name) as host:
+            yield host
+    else:
+        with _path(lab, name) as host:
+            yield host
+
+
+@contextlib.contextmanager
+def _path(lab: Lab, name: str) -> Iterator[str]:
     lb = lab.balancers[0]
     if name == "direct":
         yield lab.servers[0].address

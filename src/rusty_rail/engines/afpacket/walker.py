@@ -51,7 +51,12 @@ BATCH_BLOCKS = 8
 """Retired RX blocks handed to the processor together, at most (see step())."""
 RECTANGLE_MAX = 256
 """Forwards whose copied bytes are all this short are copied as one (frames x longest) rectangle by
-numpy; longer ones frame by frame (a rectangle of 1500-byte rows would copy mostly padding)."""
+numpy; longer ones too when the rectangle is mostly their own bytes (RECTANGLE_PADDING), else frame by
+frame (a rectangle of 1500-byte rows for a call of short frames would copy mostly padding)."""
+RECTANGLE_PADDING = 1.5
+"""A rectangle of long rows is copied when it is at most this many times the frames' own bytes: bulk
+TCP, whose segments are nearly all full-sized. Measured for 256 frames of 1476 bytes (one in seven
+short), the copy alone: 250-420 ns a frame as a rectangle, 880-940 ns frame by frame."""
 RECTANGLE_STEP = 64
 """Rectangle widths are rounded up to this: a few ring.window() views serve every block."""
 
@@ -320,7 +325,8 @@ class RingWalker:
         ring = self.ring
         longest = int(lengths.max())
         width = -(-longest // RECTANGLE_STEP) * RECTANGLE_STEP
-        if width <= min(RECTANGLE_MAX, ring.tx_frame_size - into):
+        if width <= ring.tx_frame_size - into and (
+                width <= RECTANGLE_MAX or width * len(lengths) <= RECTANGLE_PADDING * int(lengths.sum())):
             # One rectangle: each row copies `width` bytes; what lies past a frame's own length lands in
             # its TX slot after tp_len, where nothing reads it.
             ring.tx_slots[slots, into : into + width] = ring.window(width)[at]
