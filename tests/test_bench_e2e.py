@@ -29,6 +29,7 @@ def test_balancer_config_passes_the_validators(tmp_path) -> None:
     path.write_text(e2e.balancer_config(lab(), "xdp", "generic"))
     config = load_config(path)
     assert (config.engine.value, config.xdp_mode.value) == ("xdp", "generic")
+    assert config.control_socket == str(lab().log_dir / "rr-bench.sock")  # not the default a host's daemon holds
     ports = {s.key.port: [str(b.address) for b in s.backends] for s in config.services}
     assert ports == {80: ["192.168.137.21", "192.168.137.22"], 5201: ["192.168.137.21"]}
 

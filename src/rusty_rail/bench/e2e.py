@@ -66,12 +66,14 @@ class Settings:
 
 
 def balancer_config(lab: Lab, engine: str, xdp_mode: str) -> str:
-    """The configuration file of a Rusty Rail path: HTTP over both servers, iperf3 to server1."""
+    """The configuration file of a Rusty Rail path: HTTP over both servers, iperf3 to server1. Its control
+    socket is the lab's, not the default one a daemon of the host (or a test) may hold."""
     lb, servers = lab.balancers[0], lab.servers
     http = ", ".join(f'"{s.address}"' for s in servers)
     return f"""device = "{lb.device}"
 engine = "{engine}"
 xdp_mode = "{xdp_mode}"
+control_socket = "{lab.log_dir / 'rr-bench.sock'}"
 
 [[services]]
 vip = "{lab.vip}"
