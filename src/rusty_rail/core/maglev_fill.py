@@ -102,13 +102,28 @@ class _Rounds(_Fill):
     TAIL_STEP = 0.3        # ... in steps of this share of the slots left
     LAST_ROUND_STEP = 0.5  # in the last round, DA handles this share of the slots left at a time
 
+    STAGE_TURNS = 2000     # rounds go in stages of about this many turns (a 30th of the table at
+    STAGE_SHARE = 30       # most: collisions grow with turns**2 / M) ...
+    STAGE_ROUNDS = 10      # ... when that makes this many rounds at least (pools of 200 or fewer)
+    STAGE_FILL = 0.98      # ... while the table is less full than this
+    STAGE_PY = 48          # a stage's last losing turns (at most) go one at a time
+    STAGE_SPARE = 10       # list entries per backend beyond its turns (for losses: 8 seen at most)
+
     def run(self) -> np.ndarray:
         M, N = self.M, self.N
         self.skip32 = self.skip.astype(np.int32)
         tail = min(M % N or N, self.TAIL)
         t = 0
         self.cur = self.offset.astype(np.int32)  # each backend's next position, as a slot
+        rounds = min(self.STAGE_TURNS, M // self.STAGE_SHARE) // N
+        staged = min(self.STAGE_FILL * M, M - N - tail) if rounds >= self.STAGE_ROUNDS else 0
+        retry = 0  # after a stage that could not be done, the next try is a stage's length later
         while t < M - tail:
+            if retry <= t < staged - rounds * N and t % N == 0:
+                if self.stage(t, rounds):
+                    t += rounds * N
+                    continue
+                retry = t + rounds * N
             n = min(N - t % N, M - tail - t)
             if M - t <= N:  # last round: many collisions, so shorter steps keep cascades short
                 n = min(n, max(1, int(self.LAST_ROUND_STEP * (M - t))))
@@ -119,6 +134,120 @@ class _Rounds(_Fill):
             self.by_position(t, n)
             t += n
         return self.claim
+
+    def stage(self, t0: int, rounds: int) -> bool:
+        """Rounds t0 / N .. + rounds - 1 together, by deferred acceptance over each backend's list of
+        the slots empty at t0: turn (i, r) proposes to i's entries from the r-th on. A turn that
+        loses moves one entry on and pushes the backend's later turns along (a backend's turns hold
+        entries in order; each old slot falls to the predecessor). False, with nothing changed, when
+        a list turns out too short: the caller then goes round by round."""
+        M, N, claim = self.M, self.N, self.claim
+        cand, count = self.stage_lists(rounds + self.STAGE_SPARE, (M - t0) / M)
+        if count.min() < rounds:
+            return False
+        first = np.cumsum(count, dtype=np.int32) - count  # where backend i's entries begin in `cand`
+        # rank[i, r]: the entry turn (i, r) proposes to; turn (i, r) is t0 + r * N + i
+        order = np.arange(rounds, dtype=np.int32)
+        rank = np.repeat(order[None, :], N, 0)
+        flat = rank.ravel()
+        at_first = np.repeat(first, rounds)
+        limit = np.repeat(count, rounds)
+        turn = (order * N + t0)[None, :] + np.arange(N, dtype=np.int32)[:, None]
+        turn = turn.ravel()
+        slot = cand.take(at_first + flat)
+        np.minimum.at(claim, slot, turn)
+        lost = np.flatnonzero(claim.take(slot) != turn)
+        touched = np.zeros(N, bool)
+        while len(lost):
+            if len(lost) <= self.STAGE_PY:
+                if not self.stage_finish(lost.tolist(), rank.ravel(), cand, first, count, t0, rounds):
+                    claim[cand] = _UNCLAIMED
+                    return False
+                break
+            touched[lost // rounds] = True
+            rows = np.flatnonzero(touched)
+            touched[rows] = False
+            before = rank.take(rows, 0)
+            flat[lost] += 1
+            # a backend's turns hold increasing entries: push the later ones along
+            after = rank.take(rows, 0) - order
+            np.maximum.accumulate(after, axis=1, out=after)
+            after += order
+            rank[rows] = after
+            r_at, c_at = np.nonzero(after != before)
+            movers = rows.take(r_at) * rounds + c_at
+            old, new_rank = before[r_at, c_at], after[r_at, c_at]
+            if (new_rank >= limit.take(movers)).any():
+                claim[cand] = _UNCLAIMED  # undo: every candidate was empty at t0
+                return False
+            who = turn.take(movers)
+            base = at_first.take(movers)
+            was = cand.take(base + old)
+            claim[was[claim.take(was) == who]] = _UNCLAIMED  # left behind; a predecessor takes it
+            new = cand.take(base + new_rank)
+            held = claim.take(new)
+            np.minimum.at(claim, new, who)
+            won = claim.take(new) == who
+            displaced = held[won & (held != _UNCLAIMED)] - t0  # r * N + i
+            lost = np.concatenate((movers[~won], displaced % N * rounds + displaced // N))
+        last = cand.take(first + rank[:, -1])
+        np.add(last, self.skip32, out=self.cur)
+        self.cur %= M
+        return True
+
+    def stage_lists(self, need: int, left: float) -> tuple[np.ndarray, np.ndarray]:
+        """Each backend's next empty slots in list order, backend after backend, and how many each
+        has: about `need` (with 3 sigma to spare when `left` of the slots are empty), more for a
+        backend whose next entries are mostly taken (one walking just behind another, say)."""
+        M, N = self.M, self.N
+        # a list has M distinct entries: steps beyond those would come round again
+        steps = min(self.kmax, M, int((need + 3 * (need * (1 - left)) ** 0.5) / left) + 1)
+        at = self._list_block(self.skip32, self.cur, steps)
+        free = self.claim.take(at) == _UNCLAIMED
+        count = free.sum(1, dtype=np.int32)
+        cand = at.ravel().take(np.flatnonzero(free))
+        short = np.flatnonzero(count < need)
+        if len(short) and steps < M:
+            start = at[short, -1] + self.skip32.take(short)
+            start %= M
+            more = self._list_block(self.skip32.take(short), start, min(self.kmax, M - steps, 8 * steps))
+            more_free = self.claim.take(more) == _UNCLAIMED
+            owner = np.concatenate((np.repeat(np.arange(N), count), np.repeat(short, more_free.sum(1))))
+            cand = np.concatenate((cand, more.ravel().take(np.flatnonzero(more_free))))
+            cand = cand.take(np.argsort(owner, kind="stable"))  # each backend's entries together, in order
+            count = np.bincount(owner, minlength=N).astype(np.int32)
+        return cand, count
+
+    def _list_block(self, skip: np.ndarray, start: np.ndarray, steps: int) -> np.ndarray:
+        """(rows, steps): start, start + skip, ... mod M per row (int32: (M - 1) * steps < 2**31)."""
+        at = skip[:, None] * self.steps[:steps, 0]
+        at += start[:, None]
+        at -= at // self.M * self.M
+        return at
+
+    def stage_finish(self, stack: list, rank: np.ndarray, cand: np.ndarray, first: np.ndarray,
+                     count: np.ndarray, t0: int, rounds: int) -> bool:
+        """A stage's last losing turns by deferred acceptance one at a time, one entry after another
+        (an earlier turn of the same backend reaching a later one's entry displaces it)."""
+        N, claim, empty = self.N, self.claim, int(_UNCLAIMED)
+        while stack:
+            q = stack.pop()
+            i, r = divmod(q, rounds)
+            who, base, end = t0 + r * N + i, int(first[i]), int(count[i])
+            k = int(rank[q]) + 1
+            while True:
+                if k >= end:
+                    return False
+                s = int(cand[base + k])
+                held = int(claim[s])
+                if held >= who:
+                    break
+                k += 1
+            claim[s], rank[q] = who, k
+            if held != empty:
+                d = held - t0
+                stack.append(d % N * rounds + d // N)
+        return True
 
     def round(self, t0: int, n: int) -> None:
         """Turns t0 .. t0+n-1, i.e. backends i0 .. i0+n-1 of one round (the turn is the priority)."""
