@@ -60,20 +60,23 @@ class _Fill:
             self._inverse = _modinv(self.skip, self.M)
         return self._inverse
 
-    def first_open(self, skip: np.ndarray, start: np.ndarray, before: np.ndarray, k: int) -> np.ndarray:
+    def first_open(self, skip: np.ndarray, start: np.ndarray, before: np.ndarray, k: int,
+                   go_on: bool = True) -> np.ndarray:
         """Per row: the first slot of start, start + skip, ... whose claim time is >= `before`
-        (empty, or held by a later turn), k steps at a time (int32 arrays)."""
+        (empty, or held by a later turn), k steps at a time (int32 arrays). With go_on False, a row
+        with none within k steps gets the last slot it looked at (held by an earlier turn)."""
         k = min(k, self.kmax)
         cols = max(1, self.BLOCK // k)
         if len(start) <= cols:
-            return self._first_open(skip, start, before, k)
+            return self._first_open(skip, start, before, k, go_on)
         out = np.empty(len(start), np.int32)
         for c in range(0, len(start), cols):
             part = slice(c, c + cols)
-            out[part] = self._first_open(skip[part], start[part], before[part], k)
+            out[part] = self._first_open(skip[part], start[part], before[part], k, go_on)
         return out
 
-    def _first_open(self, skip: np.ndarray, start: np.ndarray, before: np.ndarray, k: int) -> np.ndarray:
+    def _first_open(self, skip: np.ndarray, start: np.ndarray, before: np.ndarray, k: int,
+                    go_on: bool) -> np.ndarray:
         M, n = self.M, len(start)
         slots = skip * self.steps[:k]
         slots += start
@@ -86,10 +89,14 @@ class _Fill:
         if not hit.all():
             # no open slot within k steps: go on from the block's end with longer blocks
             miss = (~hit).nonzero()[0]
+            last = slots[-1].take(miss)
+            if not go_on:
+                out[miss] = last
+                return out
             sk = skip.take(miss)
-            resume = slots[-1].take(miss) + sk
-            resume %= M
-            out[miss] = self.first_open(sk, resume, before.take(miss), 4 * k)
+            last += sk
+            last %= M
+            out[miss] = self.first_open(sk, last, before.take(miss), 4 * k)
         return out
 
 
@@ -256,7 +263,9 @@ class _Rounds(_Fill):
         skip = self.skip32[i0:i0 + n]
         k = int(self.HIT * M / (M - t0)) + 1
         turn = np.arange(t0, t0 + n, dtype=np.int32)
-        slot = self.first_open(skip, self.cur[i0:i0 + n], turn, k)
+        # a turn with no open slot within k steps proposes to the last slot it saw, whose earlier
+        # holder keeps it: it goes on with the turns that lose, in one scan with them
+        slot = self.first_open(skip, self.cur[i0:i0 + n], turn, k, go_on=False)
         np.minimum.at(claim, slot, turn)
         moving = (claim.take(slot) < turn).nonzero()[0]
         probes = M / (M - t0)  # list entries a moving turn looks at, about
@@ -269,13 +278,14 @@ class _Rounds(_Fill):
             sk, who = skip.take(moving), turn.take(moving)
             start = slot.take(moving) + sk
             start %= M
-            new = self.first_open(sk, start, who, k)
+            new = self.first_open(sk, start, who, k, go_on=False)
             slot[moving] = new
             held = claim.take(new)
             np.minimum.at(claim, new, who)
             lost = claim.take(new) < who
             displaced = held[(held != _UNCLAIMED) & ~lost] - t0
             moving = np.concatenate((moving[lost], displaced))
+            k *= 2
         slot += skip
         slot %= M
         self.cur[i0:i0 + n] = slot
