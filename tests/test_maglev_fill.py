@@ -99,3 +99,17 @@ def test_stage_lists_look_further_for_a_backend_whose_next_entries_are_taken() -
     assert cand[:first].tolist() == listed[100:100 + first].tolist()
     others = (offset[1] + skip[1] * np.arange(count[1])) % size
     assert cand[first:first + count[1]].tolist() == others.tolist()
+
+
+@pytest.mark.parametrize("candidates", [1, 16])
+def test_the_last_turns_one_by_one_match_the_oracle(monkeypatch: pytest.MonkeyPatch, candidates: int) -> None:
+    """The last round's last turns take their nearest free slots in turn; with one candidate at
+    hand most of them find it taken and look at their whole row."""
+    monkeypatch.setattr(maglev_fill._Rounds, "CANDIDATES", candidates)
+    calls = []
+    last_turns = maglev_fill._Rounds.last_turns
+    monkeypatch.setattr(maglev_fill._Rounds, "last_turns", lambda self, t0: calls.append(t0) or last_turns(self, t0))
+    backends = [str(IPv4Address(0x0A500001 + 5 * i)) for i in range(150)]
+    table = build_table(backends, size=4099)  # 4099 % 150 = 49 turns in the last round
+    assert [str(table.backends[i]) for i in table.slots.tolist()] == oracle_maglev(backends, 4099)
+    assert calls == [4099 - 49]

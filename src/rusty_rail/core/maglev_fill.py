@@ -105,8 +105,8 @@ class _Rounds(_Fill):
 
     HIT = 2.0              # scan block = HIT expected gaps between empty slots
     PY_PROBES = 64         # moving turns whose scans take about this many probes: finished in Python
-    TAIL = 256             # the last round's last turns (at most) go to the position matrix
-    TAIL_STEP = 0.3        # ... in steps of this share of the slots left
+    TAIL = 256             # the last round's last turns (at most) go one by one on the position matrix
+    CANDIDATES = 16        # ... each with its nearest this many empty slots at hand
     LAST_ROUND_STEP = 0.5  # in the last round, DA handles this share of the slots left at a time
 
     STAGE_TURNS = 2000     # rounds go in stages of about this many turns (a 30th of the table at
@@ -136,10 +136,8 @@ class _Rounds(_Fill):
                 n = min(n, max(1, int(self.LAST_ROUND_STEP * (M - t))))
             self.round(t, n)
             t += n
-        while t < M:
-            n = max(1, min(M - t, int(self.TAIL_STEP * (M - t))))
-            self.by_position(t, n)
-            t += n
+        if t < M:
+            self.last_turns(t)
         return self.claim
 
     def stage(self, t0: int, rounds: int) -> bool:
@@ -307,36 +305,39 @@ class _Rounds(_Fill):
             if held != empty:  # displaced a later turn of this round: it moves on
                 stack.append(held - t0)
 
-    def by_position(self, t0: int, n: int) -> None:
-        """Turns t0 .. t0+n-1 (backends i0.., one turn each) on the matrix of the empty slots'
-        positions relative to each backend's pointer: each turn wants its least-position slot."""
+    def last_turns(self, t0: int) -> None:
+        """Turns t0 .. M-1 (backends i0.., one turn each; as many as empty slots) one after another
+        on the matrix of the empty slots' positions relative to each backend's pointer: each turn
+        takes its least-position slot not yet taken. Every row's CANDIDATES nearest slots come
+        sorted from numpy; the loop over turns is plain Python (a few list steps per turn), and a
+        turn whose candidates are all taken looks at its whole row."""
         M = self.M
+        n = M - t0
         rows = np.arange(t0 % self.N, t0 % self.N + n)
         free = np.flatnonzero(self.claim == _UNCLAIMED)
         pos = free - self.cur[rows, None].astype(np.int64)
         pos += M
         pos *= self.inverse()[rows, None]
         pos -= pos // M * M
-        holder = np.full(len(free), n, np.int64)  # turn (0..n-1) holding each empty slot
-        want = pos.argmin(1)
-        moving = np.arange(n)
-        while True:
-            held = holder[want]
-            np.minimum.at(holder, want, moving)
-            now = holder[want]
-            lost, displaced = now != moving, (now < held) & (held < n)
-            if not (lost.any() or displaced.any()):
-                break
-            # a turn never takes a slot held by an earlier one: strike it from its row
-            pos[moving[lost], want[lost]] = M
-            pos[held[displaced], want[displaced]] = M
-            moving = np.concatenate((moving[lost], held[displaced]))
-            want = pos[moving].argmin(1)
-        got = np.flatnonzero(holder < n)
-        self.claim[free[got]] = holder[got] + t0
-        b = rows[holder[got]]
-        self.cur[b] = (free[got] + self.skip[b]) % M
-
+        width = 1 << max(1, (n - 1).bit_length())  # column numbers ride in the low bits of the key
+        key = pos * width
+        key += np.arange(n)
+        key.sort(1)
+        nearest = (key[:, :self.CANDIDATES] & (width - 1)).tolist()
+        taken = np.zeros(n, bool)
+        seen = memoryview(taken.view(np.uint8))
+        choice = []
+        for turn, candidates in enumerate(nearest):
+            for c in candidates:
+                if not seen[c]:
+                    break
+            else:
+                c = int(np.where(taken, M, pos[turn]).argmin())
+            seen[c] = 1
+            choice.append(c)
+        slot = free[choice]
+        self.claim[slot] = np.arange(t0, M, dtype=np.int32)
+        self.cur[rows] = (slot + self.skip[rows]) % M
 
 class _Chunks(_Fill):
     """Any weights: deferred acceptance over chunks of turns, with ragged per-backend slot lists."""
