@@ -107,6 +107,7 @@ class _Rounds(_Fill):
     PY_PROBES = 64         # moving turns whose scans take about this many probes: finished in Python
     TAIL = 256             # the last round's last turns (at most) go one by one on the position matrix
     CANDIDATES = 16        # ... each with its nearest this many empty slots at hand
+    CELLS = 8192           # ... from position matrices of this many entries at a time
     LAST_ROUND_STEP = 0.5  # in the last round, DA handles this share of the slots left at a time
 
     STAGE_TURNS = 2000     # rounds go in stages of about this many turns (a 30th of the table at
@@ -305,34 +306,47 @@ class _Rounds(_Fill):
             if held != empty:  # displaced a later turn of this round: it moves on
                 stack.append(held - t0)
 
+    def positions(self, free: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(rows, free): where each free slot stands in each row's list, counted from its pointer:
+        (s - cur) * skip^-1 mod M."""
+        pos = free - self.cur[rows, None].astype(np.int64)
+        pos += self.M
+        pos *= self.inverse()[rows, None]
+        pos -= pos // self.M * self.M
+        return pos
+
     def last_turns(self, t0: int) -> None:
         """Turns t0 .. M-1 (backends i0.., one turn each; as many as empty slots) one after another
         on the matrix of the empty slots' positions relative to each backend's pointer: each turn
-        takes its least-position slot not yet taken. Every row's CANDIDATES nearest slots come
-        sorted from numpy; the loop over turns is plain Python (a few list steps per turn), and a
-        turn whose candidates are all taken looks at its whole row."""
+        takes its least-position slot not yet taken. numpy sorts each row's slots by position; the
+        loop over turns is plain Python, a few list steps per turn, from the CANDIDATES nearest
+        (the rest of the row only when those are all taken)."""
         M = self.M
         n = M - t0
         rows = np.arange(t0 % self.N, t0 % self.N + n)
         free = np.flatnonzero(self.claim == _UNCLAIMED)
-        pos = free - self.cur[rows, None].astype(np.int64)
-        pos += M
-        pos *= self.inverse()[rows, None]
-        pos -= pos // M * M
         width = 1 << max(1, (n - 1).bit_length())  # column numbers ride in the low bits of the key
-        key = pos * width
-        key += np.arange(n)
-        key.sort(1)
-        nearest = (key[:, :self.CANDIDATES] & (width - 1)).tolist()
-        taken = np.zeros(n, bool)
-        seen = memoryview(taken.view(np.uint8))
+        nearest: list[list[int]] = []
+        by_row = []  # each row's columns by position
+        block = max(1, self.CELLS // n)  # rows at a time: temporaries stay small (no page faults)
+        for r in range(0, n, block):
+            key = self.positions(free, rows[r:r + block])
+            key *= width
+            key += self.cols[:n]
+            key.sort(1)
+            key &= width - 1
+            nearest += key[:, :self.CANDIDATES].tolist()
+            by_row += list(key)
+        seen = bytearray(n)
         choice = []
         for turn, candidates in enumerate(nearest):
             for c in candidates:
                 if not seen[c]:
                     break
-            else:
-                c = int(np.where(taken, M, pos[turn]).argmin())
+            else:  # all taken: the rest of the row
+                for c in by_row[turn][self.CANDIDATES:].tolist():
+                    if not seen[c]:
+                        break
             seen[c] = 1
             choice.append(c)
         slot = free[choice]
