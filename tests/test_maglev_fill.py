@@ -8,7 +8,8 @@ import pytest
 from rusty_rail.core import maglev_fill
 
 
-@pytest.mark.parametrize(("weights", "engine"), [([1] * 100, "Rounds"), ([1] * 99, "Chunks"), ([1] * 99 + [2], "Chunks")])
+@pytest.mark.parametrize(("weights", "engine"),
+                         [([1] * 100, "Rounds"), ([1] * 99, "Chunks"), ([1] * 99 + [2], "Chunks")])
 def test_unit_pools_of_round_pool_or_more_go_round_by_round(monkeypatch: pytest.MonkeyPatch, weights: list,
                                                             engine: str) -> None:
     used = []

@@ -73,7 +73,7 @@ def test_stages_of_many_rounds_match_the_oracle(monkeypatch: pytest.MonkeyPatch)
     assert seen[True] >= 20 and seen["finish"] >= 1
 
 
-def test_a_stage_whose_lists_run_short_is_undone_and_done_round_by_round(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_short_list_undoes_its_stage_and_the_rounds_do_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """No spare list entries: a turn that loses runs off its backend's list, and the stage's claims
     are taken back before the rounds do those turns again."""
     monkeypatch.setattr(Rounds, "STAGE_SPARE", 0)

@@ -2,9 +2,9 @@
 
 maglev.py's docstring says why the computations are exact (deferred acceptance with turn times as
 priorities; the position matrix of the last empty slots). Unit-weight pools of `ROUND_POOL` backends
-or more run `Rounds` (maglev_rounds.py: pools of 200 or fewer in stages of many rounds, larger ones
-one round at a time, the last turns one by one); weighted or small pools run `Chunks`
-(maglev_chunks.py). Both share the claim array and the list scan of maglev_scan.py.
+or more run `Rounds` (maglev_rounds.py: pools of up to 0.8 sqrt(M) backends in stages of 10-20
+rounds, larger ones one round at a time, the last turns one by one); weighted or small pools run
+`Chunks` (maglev_chunks.py). Both share the claim array and the list scan of maglev_scan.py.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ class Rounds(FillState):
     CELLS = 8192           # ... from position matrices of this many entries at a time
     LAST_ROUND_STEP = 0.5  # in the last round, DA handles this share of the slots left at a time
 
-    STAGE_TURNS = 2000     # rounds go in stages of about this many turns (a 30th of the table at
-    STAGE_SHARE = 30       # most: collisions grow with turns**2 / M) ...
-    STAGE_ROUNDS = 10      # ... when that makes this many rounds at least (pools of 200 or fewer)
+    STAGE_BREADTH = 64     # rounds go in stages of sqrt(64 M) turns at most (collisions grow with
+    STAGE_SHARE = 30       # turns**2 / M), a 30th of the table at most ...
+    STAGE_ROUNDS = 10, 20  # ... of this many rounds (pools of 204 or fewer at M = 65537, 647 at 655373)
     STAGE_FILL = 0.98      # ... while the table is less full than this
     STAGE_PY = 48          # a stage's last losing turns (at most) go one at a time
     STAGE_SPARE = 10       # list entries per backend beyond its turns (for losses: 8 seen at most)
@@ -32,8 +32,9 @@ class Rounds(FillState):
         tail = min(M % N or N, self.TAIL)
         t = 0
         self.cur = self.offset.astype(np.int32)  # each backend's next position, as a slot
-        rounds = min(self.STAGE_TURNS, M // self.STAGE_SHARE) // N
-        staged = min(self.STAGE_FILL * M, M - N - tail) if rounds >= self.STAGE_ROUNDS else 0
+        fewest, most = self.STAGE_ROUNDS
+        rounds = min(most, min(int((self.STAGE_BREADTH * M) ** 0.5), M // self.STAGE_SHARE) // N)
+        staged = min(self.STAGE_FILL * M, M - N - tail) if rounds >= fewest else 0
         retry = 0  # after a stage that could not be done, the next try is a stage's length later
         while t < M - tail:
             if retry <= t < staged - rounds * N and t % N == 0:
