@@ -23,7 +23,7 @@ class Rounds(FillState):
     STAGE_SHARE = 30       # turns**2 / M), a 30th of the table at most ...
     STAGE_ROUNDS = 10, 20  # ... of this many rounds (pools of 204 or fewer at M = 65537, 647 at 655373)
     STAGE_FILL = 0.98      # ... while the table is less full than this
-    STAGE_PY = 48          # a stage's last losing turns (at most) go one at a time
+    STAGE_PY = 16          # a stage's last losing turns (at most) go one at a time
     STAGE_SPARE = 10       # list entries per backend beyond its turns (for losses: 8 seen at most)
 
     def run(self) -> np.ndarray:
