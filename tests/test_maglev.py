@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import numpy as np
 import pytest
 
-from rusty_rail.core import constants, maglev, maglev_fill
+from rusty_rail.core import constants, maglev
 from rusty_rail.core.maglev import MaglevTable, build_table, canonical_backends, is_prime, permutation_params
 from tests.oracle import oracle_maglev
 
@@ -186,18 +186,6 @@ def test_the_papers_table_1() -> None:
     offset, skip = np.array([3, 0, 3]), np.array([4, 2, 1])
     slots = maglev._fill(offset, skip, np.ones(3, np.int64), 7)
     assert slots.tolist() == [1, 0, 1, 0, 2, 2, 0]
-
-
-@pytest.mark.parametrize("n", [100, 150, 1000])
-def test_both_fill_engines_give_the_same_table(n: int) -> None:
-    """Unit-weight pools of 100+ are filled round by round, others in chunks: both are exact."""
-    size = 4099
-    params = np.array([permutation_params(b, size) for b in addresses(n)], np.int64)
-    ones = np.ones(n, np.int64)
-    rounds = maglev_fill._Rounds(params[:, 0], params[:, 1], ones, size).run() % n
-    chunks = maglev_fill._Chunks(params[:, 0], params[:, 1], ones, size).run() % n
-    expected = build_table(addresses(n), size=size).slots
-    assert rounds.tolist() == chunks.tolist() == expected.tolist()
 
 
 def test_more_backends_than_slots() -> None:

@@ -1,35 +1,25 @@
-"""maglev_fill: the engines behind build_table, checked against Pseudocode 1 literally (tests/oracle.py)."""
+"""maglev_fill: which engine fills a pool (unit weights of ROUND_POOL or more: rounds), and a pool of one."""
 
 from __future__ import annotations
-
-import random
-from ipaddress import IPv4Address
 
 import numpy as np
 import pytest
 
 from rusty_rail.core import maglev_fill
-from rusty_rail.core.maglev import build_table
-from tests.oracle import oracle_maglev
 
 
-def test_round_by_round_finishes_its_last_moving_turns_in_python(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The per-turn finish must run (and agree with the oracle) on a pool filled round by round."""
-    calls = []
-    finish = maglev_fill._Rounds.finish
-
-    def counted(self, moving, *args):  # noqa: ANN001, ANN202
-        calls.append(len(moving))
-        return finish(self, moving, *args)
-
-    monkeypatch.setattr(maglev_fill._Rounds, "finish", counted)
-    rng = random.Random(9)
-    for size, n in ((4099, 150), (65537, 120)):
-        base = rng.randrange(1 << 24, 1 << 31)
-        backends = [str(IPv4Address(base + 7 * i)) for i in range(n)]
-        table = build_table(backends, size=size)
-        assert [str(table.backends[i]) for i in table.slots.tolist()] == oracle_maglev(backends, size)
-    assert calls and max(calls) >= 1
+@pytest.mark.parametrize(("weights", "engine"),
+                         [([1] * 100, "Rounds"), ([1] * 99, "Chunks"), ([1] * 99 + [2], "Chunks")])
+def test_unit_pools_of_round_pool_or_more_go_round_by_round(monkeypatch: pytest.MonkeyPatch, weights: list,
+                                                            engine: str) -> None:
+    used = []
+    for name in ("Rounds", "Chunks"):
+        cls = getattr(maglev_fill, name)
+        monkeypatch.setattr(cls, "run", lambda self, run=cls.run, name=name: used.append(name) or run(self))
+    n, size = len(weights), 4099
+    rng = np.random.default_rng(3)
+    slots = maglev_fill.fill(rng.integers(0, size, n), rng.integers(1, size, n), np.array(weights), size)
+    assert used == [engine] and np.bincount(slots, minlength=n).min() > 0
 
 
 def test_a_single_backend_takes_every_slot() -> None:

@@ -18,13 +18,17 @@ loop is sequential, so it is computed here in two exact ways, turn times standin
   one round most proposals do not collide, so a round costs a few vectorised passes.
 * A backend's pointer never passes an empty slot (it stops at the first one), so once few slots are
   left a backend's next claim is the empty slot of least position `((s - offset) * skip^-1) mod M`
-  (M is prime); the last turns are resolved on that small (turns x empty slots) matrix.
+  (M is prime); the last turns are taken one after another on that small (turns x empty slots)
+  matrix, each from its row's nearest slots sorted by numpy.
 
-The fill itself is in maglev_fill.py. Unit weights with many backends use rounds (`_Rounds`; a round's
-last few moving turns go one at a time in a plain loop); weighted or small pools use `_Chunks`, which
-runs deferred acceptance over chunks of many turns at once: a backend's turns go down one list in
-order, each taking the first slot after its predecessor's that no earlier turn holds (a running count
-along each list, iterated to its fixed point).
+The fill itself is in maglev_fill.py. Unit weights with many backends use rounds (`Rounds` in
+maglev_rounds.py; a round's last few moving turns go one at a time in a plain loop). Pools of up to
+0.8 sqrt(M) backends (204 at M = 65537) run those rounds in stages of 10 to 20: each backend's list
+of the slots empty at the stage's start, turn (i, r) proposing to its r-th entry on, a turn that
+loses pushing its backend's later turns one entry along. Weighted or small pools use `Chunks`
+(maglev_chunks.py), which runs deferred acceptance over chunks of many turns at once: a backend's
+turns go down one list in order, each taking the first slot after its predecessor's that no earlier
+turn holds (a running count along each list, iterated to its fixed point).
 """
 
 from __future__ import annotations
