@@ -153,9 +153,8 @@ class Haproxy:
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
+        if self._proc is not None:
+            netns.stop(self._proc, 10)
         self._proc = None
 
     def __post_init__(self) -> None:
@@ -169,7 +168,6 @@ class NftDnat:
     lab: Lab
 
     def start(self) -> None:
-
         lb = self.lab.balancers[0]
         rules = self.lab.log_dir / "dnat.nft"
         rules.write_text(nft_dnat_ruleset(lb, self.lab.servers))
@@ -181,7 +179,6 @@ class NftDnat:
                                     f"net.ipv4.conf.{lb.device}.send_redirects": 0})
 
     def stop(self) -> None:
-
         lb = self.lab.balancers[0]
         self.lab.run(lb.namespace, ["nft", "delete", "table", "ip", NAT_TABLE], check=False)
         netns.sysctl(lb.namespace, {"net.ipv4.ip_forward": 0})

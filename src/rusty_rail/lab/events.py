@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import netns
+
 Event = dict[str, Any]
 
 
@@ -76,13 +78,7 @@ class Events:
             return [e for e in self.events if e.get("event") == name]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
+        netns.stop(self.proc, 5)
         self._reader.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
