@@ -6,7 +6,9 @@ Programs (same process, same CPU, same 84-byte frame: Ethernet | IPv4 | GRE | IP
 - baseline: bpf/xdp_baseline.o, swaps the Ethernet addresses and returns XDP_TX (the least a
   forwarder does; includes BPF_PROG_TEST_RUN's own per-repetition cost).
 - hit:  the balancer with the flow's connection entry present (M = 65537, 3 backends), serving the
-  environment form: one catch-all service, found without a map lookup.
+  environment form: one catch-all service, found without a map lookup. After a flow's first packet in
+  a tick, a CPU's hits come from its flow cache (bpf/rr_flow_cache.h), as every repetition here does;
+  "hit in rr_conns" is the first packet's path: the cache turned off (XdpProgram.use_flow_cache).
 - miss: the balancer taking the table path every time (hash, Maglev slot, backend, LRU write).
 - hit, named service: the same flow's service given by its VIP, port and protocol: its connection entry
   names the service (stamped under rr_config.services_gen), so a hit skips the rr_services lookup.
@@ -161,6 +163,15 @@ def main() -> int:
         checks["miss_expired"] = {k: v for k, v in counters.named(x).items() if v}
         x.sync(desired)
 
+        # A hit without the CPU's flow cache: the entry looked up in rr_conns, as a flow's first
+        # packet in a tick is.
+        x.use_flow_cache(False)
+        counters.reset(x)
+        results["hit_conns"] = median_ns(lambda: timed(x.prog_fd, repeat), rounds)
+        checks["hit_conns"] = {k: v for k, v in counters.named(x).items() if v}
+        paired["hit_conns"] = paired_ratio(lambda: timed(base_fd, repeat), lambda: timed(x.prog_fd, repeat), rounds)
+        x.use_flow_cache(True)
+
         # Miss, method 2: repeat = 1, entry deleted before each run; hit and baseline measured alike.
         def singles_avg(fd: int, delete: bool) -> float:
             total = 0
@@ -236,6 +247,7 @@ def main() -> int:
     rows = [
         ("baseline (swap MACs, XDP_TX)", "baseline", f"repeat={repeat:,}"),
         ("balancer, connection HIT", "hit", f"repeat={repeat:,}"),
+        ("HIT in rr_conns, flow cache off", "hit_conns", f"repeat={repeat:,}"),
         ("balancer, HIT, named service", "hit_named", f"repeat={repeat:,}"),
         ("MISS, expired entry restamped", "miss_expired", f"repeat={repeat:,}"),
         ("HIT, hash = source-ip", "hit_source_ip", f"repeat={repeat:,}"),

@@ -41,6 +41,9 @@ CONSTANTS = {
     "RR_STAT_ICMP_TOO_BIG": m.STAT_ICMP_TOO_BIG,
     "RR_STAT_ICMP_ECHO": m.STAT_ICMP_ECHO,
     "RR_STAT_QUIC_ROUTED": m.STAT_QUIC_ROUTED,
+    "RR_STAT_FLOW_CACHE_HIT": m.STAT_FLOW_CACHE_HIT,
+    "RR_FLOW_CACHE_BITS": m.FLOW_CACHE_BITS,
+    "RR_FLOW_CACHE_OFF": m.FLOW_CACHE_OFF,
     "RR_MAX_QUIC_IDS": m.MAX_QUIC_IDS,
     "RR_OPT_HASH_MASK": m.OPT_HASH_MASK,
     "RR_OPT_NO_CONNS": m.OPT_NO_CONNS,
@@ -64,7 +67,7 @@ def c_layout(tmp_path_factory) -> dict[str, int]:
             lines.append(f'printf("{cname}.{field} %zu\\n", offsetof(struct {cname}, {field}));')
             lines.append(f'printf("{cname}.{field}.size %zu\\n", sizeof(((struct {cname} *)0)->{field}));')
     for name in CONSTANTS:
-        lines.append(f'printf("{name} %lld\\n", (long long)({name}));')
+        lines.append(f'printf("{name} %llu\\n", (unsigned long long)({name}));')
     lines += ["return 0; }"]
     work = tmp_path_factory.mktemp("layout")
     src = work / "layout.c"

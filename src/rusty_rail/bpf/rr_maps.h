@@ -40,6 +40,23 @@ struct {
 	__type(value, struct rr_clock);
 } rr_clock SEC(".maps");
 
+/* Per CPU: copies of rr_conns entries, usable for one tick (rr_flow_cache.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RR_FLOW_CACHE_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rr_flow_cache_entry);
+} rr_flow_cache SEC(".maps");
+
+/* rr_cache_gen[0]: bumped by user space after each change it makes to the maps (engines/xdp/program.py),
+ * so that no rr_flow_cache copy made before it is used. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} rr_cache_gen SEC(".maps");
+
 /* Which service with an IPv4 VIP a flow belongs to (docs/WIRE.md section 10): the 8-byte keys of
  * core/service.py's ServiceMatcher.entries. Not looked up while rr_config.named_services is 0; the
  * catch-all is not here. */

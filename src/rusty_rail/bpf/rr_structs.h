@@ -111,6 +111,21 @@ struct rr_conn {
 	__u32 pad;
 };
 
+/* rr_flow_cache, per CPU, at a flow's slot (rr_flow_cache.h): this CPU's copy of what an rr_conns or
+ * rr_conns6 hit gave the flow `key`, usable in the tick and generation it was made in. */
+struct rr_flow_cache_entry {
+	__u8 key[40];               /* the rr_flow_key (16 bytes, then unused) or rr_flow_key6 */
+	__u64 jiffies;              /* bpf_jiffies64() when made (0: never) */
+	__u64 gen;                  /* rr_cache_gen[0] then */
+	__u32 backend_index;
+	__u32 flow_hash;
+	__u32 svc_index;            /* the flow's service (its options: no QUIC) */
+	__u32 six;                  /* 1: `key` is an rr_flow_key6 */
+};
+#define RR_FLOW_CACHE_BITS 10       /* 1024 slots a CPU: 48 KiB */
+#define RR_FLOW_CACHE_SLOTS (1 << RR_FLOW_CACHE_BITS)
+#define RR_FLOW_CACHE_OFF (1ULL << 63)  /* in rr_cache_gen[0]: no copy is made or used */
+
 /* rr_clock[0], per CPU: the time of this CPU's first packet in the current jiffy. The hit path reads
  * it instead of calling bpf_ktime_get_ns() per packet (a third of the hit path's cost): connection
  * timestamps are CLOCK_MONOTONIC at tick resolution (never ahead of it, at most about a jiffy
@@ -205,6 +220,8 @@ struct rr_backend_stats {
 #define RR_STAT_ICMP_TOO_BIG 28     /* "fragmentation needed" / "packet too big" answers sent (XDP_TX) */
 #define RR_STAT_ICMP_ECHO 29        /* echo requests answered (XDP_TX) */
 #define RR_STAT_QUIC_ROUTED 30      /* forwards whose backend came from their QUIC server ID */
+#define RR_STAT_FLOW_CACHE_HIT 31   /* forwards whose backend came from a copy of an rr_conns entry
+                                     * (rr_flow_cache): the XDP engine's conn_hit is this and 20 */
 #define RR_STAT_MAX 32
 
 #define RR_EXT_HEADERS 4            /* inner IPv6 extension headers walked (core/ipv6.py EXTENSION_HEADER_LIMIT) */

@@ -19,14 +19,13 @@
  *   loop counter is precise, so the states after the loop prune against each other.
  *
  * Where the time goes (BPF_PROG_TEST_RUN, bench/xdp_test_run.py, in multiples of the bare MAC-swap
- * program; found by taking one piece out at a time): of a hit's ~2.9, the harness and the program's
- * own call ~0.9, parsing ~0.3, the connection lookup ~1.0 (a call into the kernel's hash table: jhash,
- * the bucket walk, a memcmp call; where returns pass a mitigation thunk, as SRSO's safe RET here, a
- * call and return alone costs ~0.2-0.4), the rest ~0.6 (clock, backend, member bit, output headers;
- * the three per-CPU counters ~0.2 together, one lookup for all of them no less). A new flow adds
- * murmur3 (~0.4) and the LRU insert (~5.7: an element from the free list, two locked sections). So a
- * helper call per packet is what to avoid: the clock is read once a tick (bpf_ktime_get_coarse_ns per
- * packet: +0.5), and an entry that already holds what an update would write is restamped in place.
+ * program; found by taking one piece out at a time): of a hit in rr_conns' ~2.9, the harness and the
+ * program's own call ~0.9, parsing ~0.3, the lookup ~1.0 (a call into the kernel's hash table; where
+ * returns pass a mitigation thunk, as SRSO's safe RET here, a call and return alone costs ~0.2-0.4),
+ * the rest ~0.6 (clock, backend, member bit, output headers, three per-CPU counters ~0.2). So a call
+ * per packet is what to avoid: the flow cache (rr_flow_cache.h) serves a flow's later packets in a tick
+ * without one (~1.8 in all), the clock is read once a tick, and an expired entry that already holds what
+ * an update would write is restamped in place. A new flow adds murmur3 (~0.4) and the LRU insert (~5.7).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -41,6 +40,7 @@
 #include "rr_services.h"
 #include "rr_options.h"
 #include "rr_answer.h"
+#include "rr_flow_cache.h"
 
 #define OUT_GRE_LEN 4
 
@@ -244,6 +244,18 @@ int rr_balance(struct xdp_md *ctx)
 
 	if (!cfg)
 		return drop(RR_DROP_NO_BACKEND);
+	/* This CPU's copy of the flow's entry, made in this tick (rr_flow_cache.h): the backend without
+	 * looking up the service or rr_conns. */
+	const __u8 *flow = six ? (const __u8 *)&key6 : (const __u8 *)&key;
+	struct rr_flow_cache_entry *cached = NULL;
+	__u64 cache_gen = 0;
+	__u32 backend_index = 0;
+	__u32 hash = 0;
+	__u32 svc_index = 0;
+	struct rr_backend *backend = flow_cache_backend(flow, six, &cached, &cache_gen, &backend_index, &svc_index, &hash);
+
+	if (backend)
+		goto chosen;
 	/* The flow's service gives the table, the member bitmap (section 10) and the options (11). With named
 	 * services of the flow's family, all with a connection table and without QUIC (cache_services), the
 	 * connection entry is looked up first: one stamped under the current services_gen names the service,
@@ -255,7 +267,6 @@ int rr_balance(struct xdp_md *ctx)
 	__u64 gen = 0;          /* without the cache, entries are written unstamped */
 	struct rr_service *named = NULL;
 	struct rr_conn *conn = NULL;
-	__u32 svc_index = 0;
 	__u32 table_size = 0;
 	__u32 flags = 0;
 	int conn_looked_up = 0;
@@ -279,10 +290,7 @@ int rr_balance(struct xdp_md *ctx)
 
 	/* Every value live from here to the output costs the hit path a stack spill (the program has four
 	 * callee-saved registers): the option paths recompute what they need rather than carry it. */
-	struct rr_backend *backend = NULL;
-	__u32 backend_index = 0;
 	__u8 proto = six ? key6.proto : key.proto;
-	__u32 hash = 0;
 	__u64 now = 0;
 
 	if ((flags & RR_OPT_ANSWER_PING) && (proto == IPPROTO_ICMP || proto == NH_ICMPV6)) {
@@ -342,6 +350,8 @@ int rr_balance(struct xdp_md *ctx)
 				conn->svc_flags = flags;
 				conn->svc_gen = gen;
 			}
+			if (cached && !(flags & RR_OPT_QUIC) && (proto == IPPROTO_TCP || proto == IPPROTO_UDP))
+				flow_cache_fill(cached, flow, six, cache_gen, index, hash, svc_index);
 			count(RR_STAT_CONN_HIT);
 		}
 	}

@@ -29,7 +29,7 @@ from rusty_rail.dataplane import Counters
 from rusty_rail.engines.xdp import maps as m
 from rusty_rail.engines.xdp.program import XdpProgram
 
-__all__ = ["backend_figures", "connection_evictions", "connection_summary", "read",
+__all__ = ["backend_figures", "connection_evictions", "connection_summary", "engine_figures", "read",
            "reset", "stats"]
 
 
@@ -45,6 +45,15 @@ def named(program: XdpProgram) -> dict[str, int]:
     values = stats(program)
     out = {name: values[i] for i, name in sorted(m.stat_names().items())}
     out["forwarded"] = out.pop("forwarded_ipv4") + out["forwarded_ipv6"]
+    out.update(engine_figures(values))
+    return out
+
+
+def engine_figures(values: list[int]) -> dict[str, int]:
+    """Counters.engine from rr_stats: conn_hit counts the hits a CPU's flow cache served
+    (flow_cache_hit) as well as those rr_conns did."""
+    out = {name: values[i] for i, name in m.ENGINE_STATS.items()}
+    out["conn_hit"] += out["flow_cache_hit"]
     return out
 
 
@@ -156,6 +165,6 @@ def read(program: XdpProgram, ready: bool, flow_limit: int | None = FLOW_COUNT_L
         backends=backend_figures(program),
         flows=flows,
         ready=ready,
-        engine={name: values[i] for i, name in m.ENGINE_STATS.items()},
+        engine=engine_figures(values),
         options={name: values[i] for i, name in m.OPTION_STATS.items()},
     )

@@ -26,11 +26,13 @@ MAP_MEMBERS = "rr_members"
 MAP_BACKEND_STATS = "rr_backend_stats"
 MAP_ICMP_BUCKET = "rr_icmp_bucket"
 MAP_QUIC = "rr_quic"
+MAP_FLOW_CACHE = "rr_flow_cache"
+MAP_CACHE_GEN = "rr_cache_gen"
 MAPS = (MAP_CONFIG, MAP_BACKENDS, MAP_MAGLEV, MAP_CONNS, MAP_CONNS6, MAP_STATS, MAP_SERVICES, MAP_SERVICES6,
-        MAP_MEMBERS, MAP_BACKEND_STATS, MAP_ICMP_BUCKET, MAP_QUIC)
+        MAP_MEMBERS, MAP_BACKEND_STATS, MAP_ICMP_BUCKET, MAP_QUIC, MAP_FLOW_CACHE, MAP_CACHE_GEN)
 CONN_MAPS = (MAP_CONNS, MAP_CONNS6)
 """The connection tables: IPv4 keys, IPv6 keys (docs/WIRE.md section 7)."""
-PERCPU_MAPS = (MAP_STATS, MAP_BACKEND_STATS, MAP_ICMP_BUCKET)
+PERCPU_MAPS = (MAP_STATS, MAP_BACKEND_STATS, MAP_ICMP_BUCKET, MAP_FLOW_CACHE)
 """Per-CPU arrays: a value is read and written for every possible CPU."""
 PROGRAM = "rr_balance"
 PASS_PROGRAM = "rr_pass"
@@ -71,9 +73,16 @@ STAT_FORWARDED_IPV6 = 26  # forwards whose inner packet is IPv6 (STAT_FORWARDED:
 STAT_ICMP_TOO_BIG = 28  # too-big answers sent; 27 is DropReason.ICMP_RATE_LIMITED
 STAT_ICMP_ECHO = 29
 STAT_QUIC_ROUTED = 30
+STAT_FLOW_CACHE_HIT = 31  # hits served by a CPU's copy of the entry (rr_flow_cache); 20 counts the others
 STAT_MAX = 32
-ENGINE_STATS = {STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new", STAT_CONN_INSERT: "conn_insert"}
-"""Figures of this engine only (Counters.engine)."""
+ENGINE_STATS = {STAT_CONN_HIT: "conn_hit", STAT_CONN_NEW: "conn_new", STAT_CONN_INSERT: "conn_insert",
+                STAT_FLOW_CACHE_HIT: "flow_cache_hit"}
+"""Figures of this engine only (Counters.engine); counters.engine_figures makes conn_hit count both
+kinds of hit."""
+FLOW_CACHE_BITS = 10
+"""RR_FLOW_CACHE_BITS: rr_flow_cache holds 2**10 slots per CPU."""
+FLOW_CACHE_OFF = 1 << 63
+"""RR_FLOW_CACHE_OFF: this bit set in rr_cache_gen[0] turns the flow cache off."""
 OPTION_STATS = {STAT_ICMP_ECHO: "icmp_echo_replies", STAT_ICMP_TOO_BIG: "icmp_too_big", STAT_QUIC_ROUTED: "quic_routed"}
 """The per-service options' figures (Counters.options), named as core's Balancer.counters() names them."""
 
@@ -210,6 +219,18 @@ class RrBackendStats(ctypes.Structure):
     ]
 
 
+class RrFlowCacheEntry(ctypes.Structure):
+    _fields_ = [
+        ("key", ctypes.c_uint8 * 40),
+        ("jiffies", ctypes.c_uint64),
+        ("gen", ctypes.c_uint64),
+        ("backend_index", ctypes.c_uint32),
+        ("flow_hash", ctypes.c_uint32),
+        ("svc_index", ctypes.c_uint32),
+        ("six", ctypes.c_uint32),
+    ]
+
+
 class RrClock(ctypes.Structure):
     _fields_ = [
         ("jiffies", ctypes.c_uint64),
@@ -223,6 +244,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "rr_backend": RrBackend,
     "rr_flow_key": RrFlowKey,
     "rr_flow_key6": RrFlowKey6,
+    "rr_flow_cache_entry": RrFlowCacheEntry,
     "rr_conn": RrConn,
     "rr_service_key": RrServiceKey,
     "rr_service_key6": RrServiceKey6,
@@ -235,7 +257,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 KEY_SIZES = {MAP_CONFIG: 4, MAP_BACKENDS: 4, MAP_MAGLEV: 4, MAP_CONNS: ctypes.sizeof(RrFlowKey),
              MAP_CONNS6: ctypes.sizeof(RrFlowKey6), MAP_STATS: 4, MAP_SERVICES: ctypes.sizeof(RrServiceKey),
              MAP_SERVICES6: ctypes.sizeof(RrServiceKey6), MAP_MEMBERS: 4, MAP_BACKEND_STATS: 4, MAP_ICMP_BUCKET: 4,
-             MAP_QUIC: 4}
+             MAP_QUIC: 4, MAP_FLOW_CACHE: 4, MAP_CACHE_GEN: 4}
 """Key size of every map: a write whose key holds several keys is a batch (program.XdpProgram.write)."""
 
 

@@ -182,6 +182,7 @@ class XdpProgram:
             self.conn_baseline = self.count_connections() if reused else 0
             self.conn_deleted = 0
             self.conn_inserts_reset = 0
+            self._cache_gen = 0  # rr_cache_gen[0], as loaded
         except BaseException:
             self._obj.close()
             raise
@@ -232,7 +233,26 @@ class XdpProgram:
         return taken
 
     def write(self, writes: Sequence[Write]) -> None:
-        """Execute writes in order (planner.Write: a key holding several keys is a batch)."""
+        """Execute writes in order (planner.Write: a key holding several keys is a batch), then retire
+        the CPUs' flow cache copies made before them."""
+        try:
+            self._execute(writes)
+        finally:
+            if writes:
+                self.retire_flow_cache()
+
+    def retire_flow_cache(self) -> None:
+        """Bump rr_cache_gen after a change to the maps: from then on no CPU uses a copy of a connection
+        entry made before it (bpf/rr_flow_cache.h). Only this process writes this program's maps."""
+        self._cache_gen = (self._cache_gen & ~m.FLOW_CACHE_OFF) + 1 | (self._cache_gen & m.FLOW_CACHE_OFF)
+        libbpf.map_update(self.fds[m.MAP_CACHE_GEN], ctypes.c_uint32(0), ctypes.c_uint64(self._cache_gen))
+
+    def use_flow_cache(self, on: bool) -> None:
+        """Turn the CPUs' flow cache on (as loaded) or off (benchmarks: the rr_conns path alone)."""
+        self._cache_gen = self._cache_gen & ~m.FLOW_CACHE_OFF | (0 if on else m.FLOW_CACHE_OFF)
+        self.retire_flow_cache()
+
+    def _execute(self, writes: Sequence[Write]) -> None:
         for w in writes:
             fd = self.fds[w.map]
             if w.value is None:
@@ -311,12 +331,14 @@ class XdpProgram:
         conn.backend_addr = (ctypes.c_uint8 * 16)(*m.identity(address))
         new = self.connection(key) is None
         libbpf.map_update(self.fds[m.conn_map(key)], key, conn)
+        self.retire_flow_cache()
         if new:
             self.conn_baseline += 1  # an entry the program did not insert (connection_evictions)
 
     def delete_connection(self, key: bytes) -> bool:
         """Forget one flow (benchmarks: force the next packet of it to miss). True if it was there."""
         deleted = libbpf.map_delete(self.fds[m.conn_map(key)], key)
+        self.retire_flow_cache()
         self.conn_deleted += int(deleted)
         return deleted
 
@@ -325,6 +347,7 @@ class XdpProgram:
         for name in m.CONN_MAPS:
             fd = self.fds[name]
             deleted += sum(libbpf.map_delete(fd, k) for k in libbpf.map_keys(fd, m.KEY_SIZES[name]))
+        self.retire_flow_cache()
         self.conn_deleted += deleted
         return deleted
 
