@@ -82,7 +82,8 @@ def engine_rates(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-XDP_CASES = (("baseline", "baseline\nMAC swap"), ("hit", "hit"), ("hit_named", "hit,\nnamed service"),
+XDP_CASES = (("baseline", "baseline\nMAC swap"), ("hit", "hit"), ("hit_conns", "hit in\nrr_conns"),
+             ("hit_named", "hit,\nnamed service"),
              ("miss_expired", "miss\n(expired)"), ("miss_deleted", "miss\n(deleted)"), ("hit_v6", "IPv6\nhit"),
              ("miss_expired_v6", "IPv6 miss\n(expired)"))
 

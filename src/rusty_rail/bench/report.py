@@ -18,7 +18,8 @@ PATH_LABELS = {
 }
 
 
-XDP_ROWS = (("baseline", "baseline"), ("hit", "hit"), ("hit_named", "hit named"), ("miss_expired", "miss expired"),
+XDP_ROWS = (("baseline", "baseline"), ("hit", "hit (flow cache)"), ("hit_conns", "hit in rr_conns (flow cache off)"),
+            ("hit_named", "hit named"), ("miss_expired", "miss expired"),
             ("miss_deleted", "miss deleted"), ("hit_v6", "IPv6 hit (v6 in v6)"),
             ("miss_expired_v6", "IPv6 miss expired (v6 in v6)"))
 """bench/xdp_test_run.py's cases, in the report's order: key -> label."""
@@ -201,7 +202,10 @@ def _xdp_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
            f"84-byte frame (IPv6 rows: {r.get('frame_bytes', {}).get('ipv6') or 104}-byte, GRE over IPv6 carrying IPv6 "
            f"UDP, to IPv6 backends), repeat {r['repeat']:,}, median of {r['rounds']} rounds; baseline: "
            "bpf/xdp_baseline.o (swap MACs, XDP_TX) in the same process. Paired: the baseline and the case back to "
-           "back in each round, the median of the rounds' ratios (steadier on a loaded machine).", "",
+           "back in each round, the median of the rounds' ratios (steadier on a loaded machine). Every repetition "
+           "is the same flow, so a hit after the first comes from the CPU's flow cache (docs/WIRE.md section 7), as "
+           "a flow's later packets in a tick do; \"hit in rr_conns\" is a flow's first packet in a tick: the cache "
+           "turned off, the entry looked up in the connection table.", "",
            "| path | ns/packet | x baseline | paired x baseline |", "| --- | --- | --- | --- |"]
     for key, label in XDP_ROWS:
         if key in ns:
