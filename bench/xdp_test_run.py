@@ -18,7 +18,7 @@ Programs (same process, same CPU, same 84-byte frame: Ethernet | IPv4 | GRE | IP
   naming a backend's server ID (no table either). "hit" above is the default options (answer_ping on,
   which costs a UDP flow nothing). An echo answer is not measured here: its output is plain IP, which
   the next repetition would pass.
-- IPv6 hit / miss (expired): the same measurements for an IPv6 flow: a 104-byte frame, Ethernet | IPv6 |
+- IPv6 hit / miss (expired): the same measurements for an IPv6 flow: a 124-byte frame, Ethernet | IPv6 |
   GRE | IPv6 | UDP | 18 bytes, to IPv6 backends (rr_conns6, the outer IPv6 header, the flow label from
   the entry). Its output has the same length and flow, so every repetition after the first is a hit.
 
@@ -101,7 +101,7 @@ def _ipv6(src: str, dst: str, nh: int, payload: bytes) -> bytes:
 
 
 def frame6() -> bytes:
-    """104 bytes: GRE over IPv6 carrying IPv6 UDP; the output has the same length and inner flow."""
+    """124 bytes: GRE over IPv6 carrying IPv6 UDP; the output has the same length and inner flow."""
     udp = (40000).to_bytes(2, "big") + (53).to_bytes(2, "big") + (26).to_bytes(2, "big") + b"\0\0" + b"x" * 18
     inner = _ipv6("2001:db8:c::1", "2001:db8:1::1", 17, udp)
     return LB_MAC + bytes.fromhex("020000000001") + b"\x86\xdd" + _ipv6("2001:db8:137::1", LB_ADDRESS6, 47,

@@ -199,7 +199,7 @@ def _xdp_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
         return []
     ns, ratio, paired = r["ns_per_packet"], r["ratio_to_baseline"], r.get("paired_ratio_to_baseline", {})
     out = ["## The XDP program per path (BPF_PROG_TEST_RUN)", "",
-           f"84-byte frame (IPv6 rows: {r.get('frame_bytes', {}).get('ipv6') or 104}-byte, GRE over IPv6 carrying IPv6 "
+           f"84-byte frame (IPv6 rows: {r.get('frame_bytes', {}).get('ipv6') or 124}-byte, GRE over IPv6 carrying IPv6 "
            f"UDP, to IPv6 backends), repeat {r['repeat']:,}, median of {r['rounds']} rounds; baseline: "
            "bpf/xdp_baseline.o (swap MACs, XDP_TX) in the same process. Paired: the baseline and the case back to "
            "back in each round, the median of the rounds' ratios (steadier on a loaded machine). Every repetition "
