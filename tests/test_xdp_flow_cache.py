@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from ipaddress import IPv4Address, ip_address
+from ipaddress import ip_address
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -34,7 +34,7 @@ from tests.fixtures.golden import (
     wrapped6,
 )
 from tests.oracle import oracle_key
-from tests.xdp_support import catch_all_state, desired, nonzero
+from tests.xdp_support import backend_of, catch_all_state, desired, nonzero
 
 pytestmark = [
     pytest.mark.netns,  # root only: the conftest skips these without it, and CI must run them
@@ -64,12 +64,6 @@ def xdp():
 
 def tcp_frame(sport: int) -> bytes:
     return wrapped(IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="A"))
-
-
-def backend_of(x: XdpProgram, frame: bytes) -> str:
-    action, out = x.test_run(frame)
-    assert action == XdpAction.TX, nonzero(x)
-    return str(IPv4Address(out[30:34]))
 
 
 def run(x: XdpProgram, frame: bytes, repeat: int = REPEAT) -> dict[str, int]:

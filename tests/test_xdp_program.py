@@ -46,7 +46,7 @@ from tests.fixtures.golden import (
 )
 from tests.oracle import oracle_hash, oracle_key, oracle_maglev
 from tests.services import catch_all
-from tests.xdp_support import VERDICT, backend_index, catch_all_state, desired, mirror, nonzero
+from tests.xdp_support import VERDICT, backend_index, backend_of, catch_all_state, desired, mirror, nonzero
 
 pytestmark = [
     pytest.mark.netns,  # root only: the conftest skips these without it, and CI must run them
@@ -97,12 +97,6 @@ def sync(x: XdpProgram, backends, weights=None, macs=None) -> None:
 
 def tcp(sport: int, dport: int = 80, src: str = CLIENT, dst: str = VIP, **kw):
     return IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="A", **kw)
-
-
-def backend_of(x: XdpProgram, frame: bytes) -> str:
-    action, out = x.test_run(frame)
-    assert action == XdpAction.TX, nonzero(x)
-    return str(IPv4Address(out[30:34]))
 
 
 @functools.lru_cache(maxsize=None)

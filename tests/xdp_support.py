@@ -45,5 +45,13 @@ def nonzero(program: XdpProgram) -> dict[str, int]:
     return {k: v for k, v in counters.named(program).items() if v}
 
 
+def backend_of(program: XdpProgram, frame: bytes) -> str:
+    """Where the program forwards `frame` (one BPF_PROG_TEST_RUN): the IPv4 backend the output is
+    addressed to; the run must end in XDP_TX."""
+    action, out = program.test_run(frame)
+    assert action == XdpAction.TX, nonzero(program)
+    return str(IPv4Address(out[30:34]))
+
+
 def backend_index(program: XdpProgram, backend: str | IPv4Address | IPv6Address) -> int | None:
     return program.image.backend_index.get(int(ip_address(backend)))
