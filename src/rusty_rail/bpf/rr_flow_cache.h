@@ -11,7 +11,8 @@
  * once a tick anyway); once a tick each cached flow goes to rr_conns again, which keeps the entry's stamp
  * and the LRU's order as they were without the cache. Every change from user space (a sync's writes,
  * a connection written or deleted by hand) bumps rr_cache_gen after it, so no copy outlives what it was
- * made from. Only TCP and UDP flows of services without QUIC are cached: their backend comes from the
+ * made from (a handover successor bumps its own, not its predecessor's: the old program, until replaced,
+ * may use a copy for the rest of its tick). Only TCP and UDP flows of services without QUIC are cached: their backend comes from the
  * entry alone (QUIC packets go by their server ID, echo requests may be answered here). */
 #ifndef RR_FLOW_CACHE_H
 #define RR_FLOW_CACHE_H

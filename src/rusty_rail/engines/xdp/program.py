@@ -243,7 +243,9 @@ class XdpProgram:
 
     def retire_flow_cache(self) -> None:
         """Bump rr_cache_gen after a change to the maps: from then on no CPU uses a copy of a connection
-        entry made before it (bpf/rr_flow_cache.h). Only this process writes this program's maps."""
+        entry made before it (bpf/rr_flow_cache.h). A handover successor's writes to the maps it shares
+        (rr_conns, rr_conns6, rr_backends) do not bump its predecessor's: until replaced, the old program
+        may still use a copy made in the current tick (4 ms at most, at HZ=250)."""
         self._cache_gen = (self._cache_gen & ~m.FLOW_CACHE_OFF) + 1 | (self._cache_gen & m.FLOW_CACHE_OFF)
         libbpf.map_update(self.fds[m.MAP_CACHE_GEN], ctypes.c_uint32(0), ctypes.c_uint64(self._cache_gen))
 
