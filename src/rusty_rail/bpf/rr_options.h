@@ -13,33 +13,43 @@
 #define UDP_LEN 8
 #define QUIC_INNER_AT_MAX (ETH_LEN + IP6_LEN + 16)   /* Ethernet, outer IPv6, GRE with every option */
 
-/* The slot hash of an IPv4 flow of a service with `flags` (section 11.1): `full` (the 5-tuple's) for
- * "5-tuple", else the hash of the key with the fields left out zeroed. */
+/* The fields a service with `flags` leaves out of its slot hash (section 11.1), zeroed in a copy of the
+ * flow's key: `tail` is that copy's sport, dport, proto (at the same place relative to each other in
+ * rr_flow_key and rr_flow_key6). "source-ip-port" leaves out the destination port, "source-ip" the
+ * ports and the protocol too. */
+_Static_assert(__builtin_offsetof(struct rr_flow_key, proto) - __builtin_offsetof(struct rr_flow_key, sport) == 4 &&
+	       __builtin_offsetof(struct rr_flow_key6, proto) - __builtin_offsetof(struct rr_flow_key6, sport) == 4,
+	       "leave_out() finds dport and proto from sport");
+
+static __always_inline void leave_out(__u8 *tail, __u32 flags)
+{
+	st16(tail + 2, 0);
+	if ((flags & RR_OPT_HASH_MASK) == RR_OPT_HASH_SOURCE_IP) {
+		st16(tail, 0);
+		tail[4] = 0;
+	}
+}
+
+/* The slot hash of an IPv4 flow of a service with `flags`: `full` (the 5-tuple's) for "5-tuple", else
+ * the hash of the key with the fields left out zeroed. */
 static __always_inline __u32 slot_hash(const struct rr_flow_key *key, __u32 flags, __u32 seed, __u32 full)
 {
 	struct rr_flow_key k = *key;
 
 	if (!(flags & RR_OPT_HASH_MASK))
 		return full;
-	k.dport = 0;
-	if ((flags & RR_OPT_HASH_MASK) == RR_OPT_HASH_SOURCE_IP) {
-		k.sport = 0;
-		k.proto = 0;
-	}
+	leave_out((__u8 *)&k.sport, flags);
 	return flow_hash(&k, seed);
 }
 
+/* The same for an IPv6 flow. */
 static __always_inline __u32 slot_hash6(const struct rr_flow_key6 *key, __u32 flags, __u32 seed, __u32 full)
 {
 	struct rr_flow_key6 k = *key;
 
 	if (!(flags & RR_OPT_HASH_MASK))
 		return full;
-	k.dport = 0;
-	if ((flags & RR_OPT_HASH_MASK) == RR_OPT_HASH_SOURCE_IP) {
-		k.sport = 0;
-		k.proto = 0;
-	}
+	leave_out((__u8 *)&k.sport, flags);
 	return flow_hash6(&k, seed);
 }
 
