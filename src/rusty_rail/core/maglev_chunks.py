@@ -36,10 +36,7 @@ class Chunks(FillState):
         M, total = self.M, int(k.sum())
         free = self.free
         if free is not None and total > 2 * len(rows) * len(free):
-            pos = free - ck["cur"][rows][:, None]
-            pos += M
-            pos *= self.inverse()[ck["backend"][rows]][:, None]
-            pos %= M
+            pos = self.positions(free, ck["cur"][rows], ck["backend"][rows])
             r, c = np.nonzero((pos >= lo[:, None]) & (pos < (lo + k)[:, None]))
             key = np.sort((r * M + pos[r, c]) * len(free) + c)
             return free[key % len(free)], rows[key // len(free) // M]

@@ -216,15 +216,6 @@ class Rounds(FillState):
             if held != empty:  # displaced a later turn of this round: it moves on
                 stack.append(held - t0)
 
-    def positions(self, free: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """(rows, free): where each free slot stands in each row's list, counted from its pointer:
-        (s - cur) * skip^-1 mod M."""
-        pos = free - self.cur[rows, None].astype(np.int64)
-        pos += self.M
-        pos *= self.inverse()[rows, None]
-        pos -= pos // self.M * self.M
-        return pos
-
     def last_turns(self, t0: int) -> None:
         """Turns t0 .. M-1 (backends i0.., one turn each; as many as empty slots) one after another
         on the matrix of the empty slots' positions relative to each backend's pointer: each turn
@@ -240,7 +231,8 @@ class Rounds(FillState):
         by_row = []  # each row's columns by position
         block = max(1, self.CELLS // n)  # rows at a time: temporaries stay small (no page faults)
         for r in range(0, n, block):
-            key = self.positions(free, rows[r:r + block])
+            part = rows[r:r + block]
+            key = self.positions(free, self.cur[part], part)
             key *= width
             key += self.cols[:n]
             key.sort(1)

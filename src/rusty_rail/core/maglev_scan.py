@@ -43,6 +43,15 @@ class FillState:
             self._inverse = modinv(self.skip, self.M)
         return self._inverse
 
+    def positions(self, free: np.ndarray, cur: np.ndarray, backends: np.ndarray) -> np.ndarray:
+        """(rows, free): where each free slot stands in the list of each row's backend (`backends`),
+        counted from that row's pointer `cur`: (s - cur) * skip^-1 mod M."""
+        pos = free - cur[:, None].astype(np.int64, copy=False)
+        pos += self.M
+        pos *= self.inverse()[backends, None]
+        pos -= pos // self.M * self.M
+        return pos
+
     def first_open(self, skip: np.ndarray, start: np.ndarray, before: np.ndarray, k: int,
                    go_on: bool = True) -> np.ndarray:
         """Per row: the first slot of start, start + skip, ... whose claim time is >= `before`
