@@ -182,7 +182,8 @@ class XdpProgram:
             self.conn_baseline = self.count_connections() if reused else 0
             self.conn_deleted = 0
             self.conn_inserts_reset = 0
-            self._cache_gen = 0  # rr_cache_gen[0], as loaded
+            self._cache_gen = 0  # rr_cache_gen[0] as loaded, without its RR_FLOW_CACHE_OFF bit
+            self._cache_on = True
         except BaseException:
             self._obj.close()
             raise
@@ -246,12 +247,13 @@ class XdpProgram:
         entry made before it (bpf/rr_flow_cache.h). A handover successor's writes to the maps it shares
         (rr_conns, rr_conns6, rr_backends) do not bump its predecessor's: until replaced, the old program
         may still use a copy made in the current tick (4 ms at most, at HZ=250)."""
-        self._cache_gen = (self._cache_gen & ~m.FLOW_CACHE_OFF) + 1 | (self._cache_gen & m.FLOW_CACHE_OFF)
-        libbpf.map_update(self.fds[m.MAP_CACHE_GEN], ctypes.c_uint32(0), ctypes.c_uint64(self._cache_gen))
+        self._cache_gen += 1
+        value = self._cache_gen | (0 if self._cache_on else m.FLOW_CACHE_OFF)
+        libbpf.map_update(self.fds[m.MAP_CACHE_GEN], ctypes.c_uint32(0), ctypes.c_uint64(value))
 
     def use_flow_cache(self, on: bool) -> None:
         """Turn the CPUs' flow cache on (as loaded) or off (benchmarks: the rr_conns path alone)."""
-        self._cache_gen = self._cache_gen & ~m.FLOW_CACHE_OFF | (0 if on else m.FLOW_CACHE_OFF)
+        self._cache_on = on
         self.retire_flow_cache()
 
     def _execute(self, writes: Sequence[Write]) -> None:
