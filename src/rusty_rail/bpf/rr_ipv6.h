@@ -110,12 +110,7 @@ ports:
 	copy16(key->dst, emb + 8);
 	key->proto = emb_nh;
 	if ((emb_nh == IPPROTO_TCP || emb_nh == IPPROTO_UDP) && inner_len >= at + 8 + IP6_LEN + 4) {
-		__u8 *ports = emb + IP6_LEN;
-
-		if ((void *)(ports + 4) > data_end)
-			return 0;
-		key->sport = ld16(ports + 2);
-		key->dport = ld16(ports);
+		quoted_ports(&key->sport, &key->dport, emb + IP6_LEN, data_end);
 	}
 	return 0;
 }

@@ -179,6 +179,17 @@ static __always_inline __u32 flow_hash(const struct rr_flow_key *key, __u32 seed
 	return rr_murmur3((const __u32 *)key, sizeof(*key) / 4, seed);
 }
 
+/* The ports of a packet quoted in an ICMP error (RFC 792, RFC 4443 section 2.4: the start of the packet
+ * that caused it), reversed: it travelled the other way, so its destination port is the flow's source
+ * port. Left as they are (zero) when the quote ends before them. */
+static __always_inline void quoted_ports(__u16 *sport, __u16 *dport, __u8 *ports, void *data_end)
+{
+	if ((void *)(ports + 4) > data_end)
+		return;
+	*sport = ld16(ports + 2);
+	*dport = ld16(ports);
+}
+
 static __always_inline int is_icmp_error(__u8 type)
 {
 	/* unreachable (incl. fragmentation needed), time exceeded, parameter problem */
@@ -233,12 +244,7 @@ static __always_inline int inner_flow_key(__u8 *inner, void *data_end, __u32 inn
 	key->proto = emb_proto;
 	if ((emb_proto == IPPROTO_TCP || emb_proto == IPPROTO_UDP) && !(be16_at(emb + 6) & IP_MF_OFFSET) &&
 	    inner_len >= ihl4 + 8 + emb_ihl4 + 4) {
-		__u8 *ports = emb + emb_ihl4;
-
-		if ((void *)(ports + 4) > data_end)
-			return 0;
-		key->sport = ld16(ports + 2);
-		key->dport = ld16(ports);
+		quoted_ports(&key->sport, &key->dport, emb + emb_ihl4, data_end);
 	}
 	return 0;
 }
