@@ -58,9 +58,31 @@ def test_nft_dnat_ruleset_is_accepted_by_nft() -> None:
         subprocess.run(["ip", "netns", "del", ns], check=True)
 
 
+def test_receiver_frames_are_counted_in_its_namespace() -> None:
+    """netns.rx_packets reads the device of the namespace named, not the host's: 7 frames sent into a
+    veth pair of a namespace of its own show as 7 at the peer."""
+    ns = f"rrbrx{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        # no IPv6 on the new links: their own router solicitations and MLD reports would be counted too
+        netns.sysctl(ns, {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1})
+        with IPRoute(netns=ns) as ipr:
+            ipr.link("add", ifname="rxa", kind="veth", peer="rxb")
+            for name in ("rxa", "rxb"):
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+        before = netns.rx_packets(ns, "rxb")
+        send = ("import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('rxa', 0)); "
+                "[s.send(b'\\xff' * 6 + bytes.fromhex('020000000001') + b'\\x88\\xb5' + bytes(46)) for _ in range(7)]")
+        subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", send], check=True)
+        assert netns.rx_packets(ns, "rxb") - before == 7
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
 def test_summary_medians_and_ratios() -> None:
     def rounds(*values: float) -> list[dict[str, float]]:
-        return [{"value": v, "retransmits": 10 * v, "ofo_queued": 0.0, "reorder_seen": 1.0} for v in values]
+        return [{"value": v, "retransmits": 10 * v, "ofo_queued": 0.0, "reorder_seen": 1.0, "frames_per_mb": 700.0 * v}
+                for v in values]
 
     samples = {"wire": {"direct": {"upload": rounds(2.0, 4.0, 3.0)}, "gre": {"upload": rounds(1.0, 1.5, 2.0)},
                         "rr-xdp": {"upload": rounds(1.5, 0.1, 1.5)}}}
@@ -68,7 +90,7 @@ def test_summary_medians_and_ratios() -> None:
     assert row["direct"]["median"] == 3.0 and row["direct"]["ratio_direct"] == 1.0
     assert row["gre"]["ratio_direct"] == 0.5
     assert row["rr-xdp"]["ratio_gre"] == 1.0 and (row["rr-xdp"]["min"], row["rr-xdp"]["max"]) == (0.1, 1.5)
-    assert row["rr-xdp"]["retransmits"] == 15.0
+    assert row["rr-xdp"]["retransmits"] == 15.0 and row["rr-xdp"]["frames_per_mb"] == 1050.0
 
 
 def test_unknown_path_is_refused() -> None:

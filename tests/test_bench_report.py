@@ -51,8 +51,24 @@ def test_end_to_end_table_gives_every_path_its_ratio_to_direct() -> None:
            "summary": summarise({"wire": {"direct": {"upload": rows}, "gre": {"upload": half}, "rr-xdp": {"upload": half}}})}
     text = "\n".join(report._e2e_section({"e2e": e2e}, {}))
     assert "| GRE without balancer (router -> server) | 0.50x (1, 1-1) |" in text
-    assert "| Rusty Rail, XDP (auto mode) | 1 / 0 / 0 |" in text
+    assert "| Rusty Rail, XDP (auto mode) | 1 / 0 / 0 / - |" in text  # results from before frames_per_mb
     assert report.headline({"e2e": e2e})["e2e_wire_upload_rr-xdp_ratio_direct"] == 0.5
+
+
+def test_upload_frames_per_mb_explain_haproxy_beside_the_balanced_paths() -> None:
+    def rows(value: float, frames: float) -> list[dict[str, float]]:
+        return [{"value": value, "retransmits": 0.0, "ofo_queued": 0.0, "reorder_seen": 0.0, "frames_per_mb": frames}]
+
+    paths = {"direct": rows(4.0, 705.0), "gre": rows(3.8, 712.0), "rr-xdp": rows(2.4, 713.0), "haproxy": rows(4.0, 91.0)}
+    e2e = {"rounds": 1, "seconds": 1.0, "connections": 64,
+           "summary": summarise({"lab": {p: {"upload": r} for p, r in paths.items()}})}
+    text = "\n".join(report._e2e_section({"e2e": e2e}, {}))
+    assert "| Rusty Rail, XDP (auto mode) | 0 / 0 / 0 / 713 |" in text
+    assert "server1 takes 713 through Rusty Rail XDP and 712 on the GRE path" in text
+    assert "TSO super-packets, 91 per MB" in text
+    del paths["haproxy"]  # no HAProxy in the run: nothing to explain
+    e2e["summary"] = summarise({"lab": {p: {"upload": r} for p, r in paths.items()}})
+    assert "TSO super-packets" not in "\n".join(report._e2e_section({"e2e": e2e}, {}))
 
 
 def _row(offered: float, delivered: float, ratio: float) -> dict:

@@ -25,7 +25,10 @@ Each round visits every path (in a rotated order, so slow drift of a shared mach
 favour one path), and every figure is a median over the rounds; the ratio is a path's median over the
 direct path's median of the same mode. Per iperf3 test also: the sender's TCP retransmissions, and
 the receiver's out-of-order segments (TcpExt TCPOFOQueue) and the sender's reordering detections
-(TCPSACKReorder, TCPTSReorder), so reordering on a path shows as a number.
+(TCPSACKReorder, TCPTSReorder), so reordering on a path shows as a number; and the frames the receiver's
+device took per MB received (a TSO or GRO super-packet once), which tells a path that forwards every
+segment as the router sent it (a balancer, DSR) from one whose last hop sends its own super-packets
+(a full proxy's TCP toward the server).
 """
 
 from __future__ import annotations
@@ -136,18 +139,21 @@ def flow_per_cpu(lab: Lab) -> None:
 def iperf3(lab: Lab, host: str, seconds: float, reverse: bool) -> dict[str, float]:
     client = lab.clients[0]
     argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J", *(["-R"] if reverse else [])]
-    before = _tcp_counters(lab)
+    sink = client if reverse else lab.servers[0]
+    before, frames_before = _tcp_counters(lab), netns.rx_packets(sink.namespace, sink.device)
     done = lab.run(client.namespace, argv, check=False, timeout=seconds + 30)
-    after = _tcp_counters(lab)
+    after, frames = _tcp_counters(lab), netns.rx_packets(sink.namespace, sink.device) - frames_before
     try:
         end = json.loads(done.stdout)["end"]
         received = end["sum_received"]["bits_per_second"]
+        megabytes = end["sum_received"]["bytes"] / 1e6
     except (ValueError, KeyError) as exc:
         raise RuntimeError(f"iperf3 to {host}: {done.stdout[-500:]}{done.stderr[-500:]}") from exc
     sender, receiver = (lab.servers[0].name, "client") if reverse else ("client", lab.servers[0].name)
     return {"value": received / 1e9, "retransmits": float(end["sum_sent"].get("retransmits", 0)),
             "ofo_queued": float(after[receiver]["TCPOFOQueue"] - before[receiver]["TCPOFOQueue"]),
-            "reorder_seen": float(sum(after[sender][k] - before[sender][k] for k in REORDER_COUNTERS[1:]))}
+            "reorder_seen": float(sum(after[sender][k] - before[sender][k] for k in REORDER_COUNTERS[1:])),
+            "frames_per_mb": frames / megabytes if megabytes else 0.0}
 
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
@@ -332,7 +338,7 @@ def summarise(samples: Samples) -> dict[str, dict[str, dict[str, dict[str, float
                     entry["ratio_direct"] = m / medians["direct"]
                 if "gre" in medians:
                     entry["ratio_gre"] = m / medians["gre"]
-                for side in ("retransmits", "ofo_queued", "reorder_seen", "errors"):
+                for side in ("retransmits", "ofo_queued", "reorder_seen", "frames_per_mb", "errors"):
                     if side in paths[p][test][0]:
                         entry[side] = statistics.median(r[side] for r in paths[p][test])
                 row[p] = entry

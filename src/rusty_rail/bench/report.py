@@ -280,16 +280,32 @@ def _e2e_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:
         if iperf:
             out += [f"TCP per iperf3 test ({mode}), medians: the sender's retransmissions, the receiver's segments "
                     "queued out of order (TcpExt TCPOFOQueue), the sender's reordering detections "
-                    "(TCPSACKReorder + TCPTSReorder).", "",
-                    "| path | " + " | ".join(f"{t}: retrans / out-of-order / reorder seen" for t in iperf) + " |",
-                    "| --- | " + " | ".join("---" for _ in iperf) + " |"]
+                    "(TCPSACKReorder + TCPTSReorder), and the frames the receiver's device took per MB (a TSO or "
+                    "GRO super-packet once).", "",
+                    "| path | " + " | ".join(f"{t}: retrans / out-of-order / reorder seen / frames per MB" for t in iperf)
+                    + " |", "| --- | " + " | ".join("---" for _ in iperf) + " |"]
             for p in PATHS:
                 if p in tests[iperf[0]]:
-                    out.append(f"| {PATH_LABELS[p]} | " + " | ".join(
-                        f"{tests[t][p]['retransmits']:.0f} / {tests[t][p]['ofo_queued']:.0f} / {tests[t][p]['reorder_seen']:.0f}"
-                        for t in iperf) + " |")
-            out.append("")
+                    out.append(f"| {PATH_LABELS[p]} | " + " | ".join(_tcp_cell(tests[t][p]) for t in iperf) + " |")
+            out += ["", *_upload_frames(tests.get("upload", {}))]
     return out + _img(plots, "e2e")
+
+
+def _tcp_cell(e: dict[str, float]) -> str:
+    frames = f"{e['frames_per_mb']:.0f}" if "frames_per_mb" in e else "-"  # results from before the figure
+    return f"{e['retransmits']:.0f} / {e['ofo_queued']:.0f} / {e['reorder_seen']:.0f} / {frames}"
+
+
+def _upload_frames(up: dict[str, dict[str, float]]) -> list[str]:
+    """Why a balanced upload and HAProxy's differ, in this run's frames per MB at server1."""
+    if not all("frames_per_mb" in up.get(p, {}) for p in ("rr-xdp", "gre", "haproxy")):
+        return []
+    return [f"Upload, frames per MB at server1: a balancer returns every segment to the wire as the router "
+            f"sent it, so server1 takes {up['rr-xdp']['frames_per_mb']:.0f} through Rusty Rail XDP and "
+            f"{up['gre']['frames_per_mb']:.0f} on the GRE path without a balancer; HAProxy ends the client's TCP "
+            f"and sends its own toward the server in TSO super-packets, {up['haproxy']['frames_per_mb']:.0f} per MB. "
+            "The lab's hosts share this machine's CPUs, so the balancer's hop is paid per frame on the balanced "
+            "paths, and HAProxy's server side per super-packet.", ""]
 
 
 def _reordering_section(results: dict[str, Any], plots: dict[str, str]) -> list[str]:

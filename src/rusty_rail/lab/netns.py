@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
+from pyroute2 import IPRoute
 from pyroute2 import netns as _netns
 
 from rusty_rail.bpf.netns import NETNS_DIR
@@ -102,6 +103,13 @@ def remove(ns: str, *, timeout: float = 5.0) -> None:
 def sysctl(ns: str, values: Mapping[str, str | int]) -> None:
     args = [f"{k}={v}" for k, v in values.items()]
     run(ns, ["sysctl", "-q", "-w", *args])
+
+
+def rx_packets(ns: str, device: str) -> int:
+    """What device in ns has received, in frames as its stack took them (IFLA_STATS64 rx_packets): a
+    GRO or TSO super-packet counts once, as many MTU segments' worth of bytes."""
+    with IPRoute(netns=ns) as ipr:
+        return int(ipr.get_links(ifname=device)[0].get_attr("IFLA_STATS64")["rx_packets"])
 
 
 # Legacy ethtool ioctls (include/uapi/linux/ethtool.h); the kernel maps them onto netdev features.
