@@ -66,6 +66,9 @@ def test_upload_frames_per_mb_explain_haproxy_beside_the_balanced_paths() -> Non
     assert "| Rusty Rail, XDP (auto mode) | 0 / 0 / 0 / 713 |" in text
     assert "server1 takes 713 through Rusty Rail XDP and 712 on the GRE path" in text
     assert "TSO super-packets, 91 per MB" in text
+    paths["haproxy"] = rows(1.5, 731.0)  # wire-like: HAProxy's server takes MTU frames too
+    e2e["summary"] = summarise({"wire": {p: {"upload": r} for p, r in paths.items()}})
+    assert "TSO super-packets" not in "\n".join(report._e2e_section({"e2e": e2e}, {}))
     del paths["haproxy"]  # no HAProxy in the run: nothing to explain
     e2e["summary"] = summarise({"lab": {p: {"upload": r} for p, r in paths.items()}})
     assert "TSO super-packets" not in "\n".join(report._e2e_section({"e2e": e2e}, {}))
